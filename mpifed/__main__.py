@@ -1,0 +1,3 @@
+from mpifed.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""A client's rounds: receive the model, train on its own batch(es), send its weighted update.
+
+One round, in the order it runs (E = job.train.local_steps):
+  1. broadcast  -> the model arrives in place (parameters are views of one flat buffer)
+  2. E local steps on batches drawn from this client's partition
+  3. payload = (E=1: gradient | E>1: model delta, then the BatchNorm statistics) * b_k / B
+  4. reduce     -> the server receives the sum over clients
+  5. one fixed-size row of timings and metrics -> gathered by the server for the run log
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mpifed import profiles
+from mpifed.data import ClientSampler, augment, partition
+from mpifed.runlog import ITER_FIELDS, column
+from mpifed.schedule import learning_rate
+from mpifed.session import Session
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by debug.fail_rank, to test that one failing rank ends the whole job."""
+
+
+def partitions(s: Session) -> list[np.ndarray]:
+    weights = np.array([s.profile(k).data for k in range(s.n_clients)])
+    d = s.job.data
+    return partition(s.dataset.targets, weights, d.partition, s.job.run.seed, d.alpha, d.volume_sigma)
+
+
+def run_client(s: Session) -> None:
+    job, world, model = s.job, s.world, s.model
+    client = world.rank - 1
+    profile = s.profile(client)
+    part = partitions(s)[client]
+    xs, ys = s.dataset.tensors(part)
+    xs, ys = xs.to(s.device), ys.to(s.device)
+    sampler = ClientSampler(part, job.run.seed, client)
+    batch, weight = int(s.batches[client]), s.weight(client)
+    _report_setup(s, len(part))
+
+    on_gpu = s.device.type == "cuda"
+    host = np.empty(model.size, np.float32) if on_gpu else model.flat.numpy()
+    update = torch.zeros(model.size, dtype=torch.float32, device=s.device)
+    update_host = np.empty(model.size, np.float32) if on_gpu else update.numpy()
+    local_opt = torch.optim.SGD(model.params, lr=job.optim.lr, weight_decay=job.optim.weight_decay)
+    row = np.full(len(ITER_FIELDS), np.nan)
+    nbytes = model.size * 4
+
+    for rnd in range(job.train.rounds):
+        row[:] = np.nan
+        emul = 0.0
+        start = time.perf_counter()
+        s.exchange.broadcast(host)
+        if on_gpu:
+            model.flat.copy_(torch.from_numpy(host), non_blocking=False)
+        emul += profiles.sleep(profiles.link_delay(profile, nbytes, time.perf_counter() - start))
+        t_down = time.perf_counter() - start
+
+        if job.debug.fail_rank == world.rank and job.debug.fail_round == rnd:
+            raise InjectedFault(f"debug.fail_rank = {world.rank}: failing on purpose in round {rnd}")
+
+        t0 = time.perf_counter()
+        lr = learning_rate(job.optim, rnd, job.train.rounds, s.global_batch)
+        loss = _local_steps(s, model, local_opt, lr, sampler, xs, ys, batch, rnd, update)
+        if on_gpu:
+            torch.cuda.synchronize(s.device)
+        measured = time.perf_counter() - t0
+        emul += profiles.sleep(profiles.compute_delay(profile, measured))
+        t_compute = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        grad_norm = float(update[: model.n_params].norm())
+        model.buffers_into(update)
+        update.mul_(weight)
+        if on_gpu:
+            update_host[:] = update.cpu().numpy()
+        t_encode = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        emul += profiles.sleep(profiles.link_delay(profile, nbytes, 0.0))
+        s.exchange.reduce_sum(update_host)
+        t_up = time.perf_counter() - t0
+
+        values = dict(t_down=t_down, t_compute=t_compute, t_encode=t_encode, t_up=t_up, t_emul=emul,
+                      t_iter=time.perf_counter() - start, batch=batch * job.train.local_steps,
+                      bytes_up=nbytes, bytes_down=nbytes, loss=loss, grad_norm=grad_norm)
+        for key, value in values.items():
+            row[column(key)] = value
+        s.exchange.gather_rows(row, None)
+
+
+def _local_steps(s: Session, model, local_opt, lr: float, sampler: ClientSampler, xs, ys,
+                 batch: int, rnd: int, update: torch.Tensor) -> float:
+    """E=1: the gradient of one batch into `update`. E>1: E SGD steps, the model delta into `update`.
+
+    Returns the mean loss over the local steps."""
+    job = s.job
+    steps = job.train.local_steps
+    module = model.module
+    module.train()
+    start = model.flat[: model.n_params].clone() if steps > 1 else None
+    for group in local_opt.param_groups:
+        group["lr"] = lr
+    losses = []
+    for step in range(steps):
+        pos = torch.from_numpy(sampler.next(batch)).to(s.device)
+        x, y = xs[pos], ys[pos]
+        if job.data.augment:
+            x = augment(x, job.run.seed, s.world.rank - 1, rnd * steps + step)
+        module.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(module(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+        if steps > 1:
+            local_opt.step()
+    if steps == 1:
+        model.grads_into(update)
+    else:
+        torch.sub(start, model.flat[: model.n_params], out=update[: model.n_params])
+    return float(torch.stack(losses).mean())
+
+
+def _report_setup(s: Session, data_size: int) -> None:
+    """Once, at start-up: this rank's static facts for the run log's /ranks table."""
+    p = s.profile(s.world.rank - 1)
+    s.world.comm.gather(dict(
+        role=s.world.role, host=s.world.host, device=str(s.device), profile=s.profile_names[s.world.rank - 1],
+        emulated=p.emulated, speed=p.speed, memory_budget=p.memory, bandwidth=p.bandwidth, latency=p.latency,
+        data_size=data_size, batch=int(s.batches[s.world.rank - 1])), root=0)

@@ -1,0 +1,89 @@
+"""The MPI world: ranks and roles, node-local rank -> device, thread budget, failing fast.
+
+This is the only module that touches MPI.COMM_WORLD and the process environment; everything else
+receives an explicit communicator. Rank 0 is the server; rank r >= 1 hosts client r - 1 (client ids
+are kept apart from ranks so one rank may later host several virtual clients).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from mpi4py import MPI
+
+
+@dataclass(frozen=True)
+class World:
+    comm: MPI.Intracomm
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    host: str
+    cores: int
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def role(self) -> str:
+        return "server" if self.is_server else f"client {self.rank - 1}"
+
+    @property
+    def oversubscribed(self) -> bool:
+        """More ranks on this node than cores: waiting ranks must not spin."""
+        return self.local_size > self.cores
+
+
+def init_world(comm: MPI.Intracomm | None = None) -> World:
+    comm = comm or MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    world = World(comm, comm.rank, comm.size, node.rank, node.size, socket.gethostname(), _cores())
+    node.Free()
+    return world
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def pick_device(world: World, wanted: str) -> torch.device:
+    """GPU of the node-local rank when CUDA is present (and wanted); otherwise the CPU, with a
+    share of the cores so that co-located ranks do not fight over them."""
+    if wanted != "cpu" and torch.cuda.is_available():
+        index = world.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    if wanted == "cuda":
+        raise RuntimeError(f"run.device = 'cuda' but rank {world.rank} on {world.host} sees no CUDA "
+                           f"device; use run.device = 'auto' or 'cpu', or run on GPU nodes")
+    torch.set_num_threads(max(1, world.cores // world.local_size))
+    return torch.device("cpu")
+
+
+def run_or_abort(world: World, body: Callable[[], int | None]) -> int:
+    """Run this rank's part; on any error print rank and message and abort the whole job at once.
+
+    MPI_Abort makes the launcher kill every rank, so peers blocked in a collective do not hang.
+    """
+    try:
+        return body() or 0
+    except BaseException as err:  # noqa: BLE001 - any failure on any rank must end the job
+        if isinstance(err, SystemExit) and not err.code:
+            return 0
+        detail = "".join(traceback.format_exception(err))
+        sys.stderr.write(f"{detail}mpifed: rank {world.rank} ({world.role}) on {world.host} failed: "
+                         f"{type(err).__name__}: {err}\nmpifed: aborting all {world.size} ranks\n")
+        sys.stderr.flush()
+        world.comm.Abort(1)
+        return 1

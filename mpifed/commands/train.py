@@ -1,0 +1,48 @@
+"""`mpifed train`: thin: parse options, then hand the world and the job to mpifed.train."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command("train")
+@click.option("--job", "job_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML job file (see jobs/). Without it, the embedded default job.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a job field, e.g. --set train.rounds=50 (repeatable).")
+@click.option("--name", default=None, help="Run name (same as --set run.name=NAME).")
+@click.option("--out", default=None, help="Directory of runs (same as --set run.out=DIR).")
+@click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto",
+              show_default=True, help="Rank 0's progress display.")
+@click.option("--print-job", is_flag=True, help="Print the resolved job as TOML and exit (no MPI needed).")
+def train(job_file, overrides, name, out, progress, print_job):
+    """Federated training: rank 0 serves, every other rank is a client. Launch under MPI:
+    `mpirun -n 4 mpifed train`."""
+    from mpifed.config import JobError, load_job
+
+    overrides = list(overrides)
+    overrides += [f"run.{key}={_quote(value)}" for key, value in (("name", name), ("out", out)) if value]
+    if print_job:
+        try:
+            click.echo(load_job(job_file, overrides).to_toml())
+        except JobError as err:
+            raise click.ClickException(str(err)) from None
+        return
+
+    from mpifed.cluster import init_world, run_or_abort
+    from mpifed.train import prepare, train as run_train
+
+    world = init_world()
+    try:
+        job, run_dir = prepare(world, job_file, overrides)
+    except JobError as err:
+        if world.is_server:
+            click.echo(f"mpifed: error: {err}", err=True)
+        sys.exit(2)
+    sys.exit(run_or_abort(world, lambda: run_train(world, job, run_dir, progress) and 0))
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

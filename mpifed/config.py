@@ -1,0 +1,362 @@
+"""Job configuration: nested frozen dataclasses, loaded from TOML, overridden by --set, validated.
+
+The dataclass defaults *are* the embedded default job, so `mpifed train` needs no file. Every field
+carries its documentation (unit, default, where the default comes from) in its metadata; `mpifed
+job-reference` prints them. Loading collects every problem before failing, and each message names the
+field, the value and what is allowed, so a researcher fixes a job file in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from mpifed import units
+from mpifed.models import MODELS
+
+DATASETS = ("synthetic", "cifar10", "cifar100", "mnist", "fashionmnist")
+
+
+class JobError(ValueError):
+    """A job file or override is wrong; the message lists every problem and how to fix it."""
+
+
+def opt(default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None,
+        unit: str = "") -> Any:
+    """A config field with its documentation and the checks `load_job` applies to it."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "unit": unit}
+    if isinstance(default, (dict, list, tuple)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = opt("default", "Run name; files go to <out>/<name>[-<timestamp>]/.")
+    out: str = opt("runs", "Directory that holds one sub-directory per run.")
+    timestamp: bool = opt(True, "Append -YYYYmmdd-HHMMSS to the run directory so no run overwrites another.")
+    seed: int = opt(0, "Seed of every random generator (data, partition, sampling, init, codecs).")
+    device: str = opt("auto", "auto: each client takes the GPU of its node-local rank if CUDA is present, "
+                      "else the CPU; cpu: always the CPU; cuda: require a GPU.",
+                      choices=("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = opt("synthetic", "synthetic needs no download; the others load through torchvision's own "
+                       "dataset classes from <root>.", choices=DATASETS)
+    root: str = opt("data", "Directory of torchvision datasets (e.g. data/cifar-10-batches-py).")
+    download: bool = opt(False, "Let torchvision download a missing dataset (rank 0 only, before training).")
+    partition: str = opt("iid", "How training samples are split among clients: iid shuffles evenly; dirichlet "
+                         "draws each client's label mix from Dirichlet(alpha); volume gives iid samples in "
+                         "log-normal(volume_sigma) amounts.", choices=("iid", "dirichlet", "volume"))
+    alpha: float = opt(0.5, "Dirichlet concentration for partition=dirichlet; 0.5 is the common strong-skew "
+                       "setting (Hsu et al. 2019), large values approach iid.", minimum=1e-6)
+    volume_sigma: float = opt(1.0, "Log-normal sigma of client data volumes for partition=volume.", minimum=0.0)
+    train_size: int = opt(12000, "Synthetic dataset only: number of training samples.", minimum=1)
+    test_size: int = opt(2000, "Synthetic dataset only: number of test samples.", minimum=1)
+    noise: float = opt(2.5, "Synthetic dataset only: pixel noise relative to the class signal (higher is "
+                       "harder). At 2.5 the small CNN reaches about 70% test accuracy after 100 steps of "
+                       "batch 96 and about 80% after 300 (measured), leaving room to tell methods apart.",
+                       minimum=0.0)
+    augment: bool = opt(False, "Random crop (4-pixel padding) and horizontal flip on training batches.")
+    eval_size: int = opt(0, "Evaluate on the first eval_size test samples; 0 = the whole test set.", minimum=0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = opt("cnn", "Model from the registry in mpifed/models.py.", choices=tuple(sorted(MODELS)))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rounds: int = opt(300, "Synchronous rounds (server updates).", minimum=1)
+    local_steps: int = opt(1, "E: local steps per round. 1 = FedSGD (clients send gradients, the paper's "
+                           "frequent synchronization); >1 = FedAvg (clients send model deltas).", minimum=1)
+    batch: int = opt(32, "Per-client batch size (samples), unless a client's profile sets its own.", minimum=1)
+    eval_every: int = opt(50, "Evaluate on the test set every this many rounds (and after the last); "
+                          "0 = only after the last round.", minimum=0)
+    eval_batch: int = opt(500, "Batch size of the server's evaluation passes.", minimum=1)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = opt(0.05, "Learning rate of the gradient step (server with E=1, clients with E>1).", minimum=0.0)
+    momentum: float = opt(0.9, "Server SGD momentum (E=1).", minimum=0.0)
+    nesterov: bool = opt(False, "Nesterov momentum (E=1; needs momentum > 0).")
+    weight_decay: float = opt(5e-4, "L2 weight decay; 5e-4 is the usual CIFAR ResNet setting.", minimum=0.0)
+    schedule: str = opt("cosine", "Learning-rate schedule after warmup.", choices=("constant", "step", "cosine"))
+    warmup_rounds: int = opt(0, "Linear warmup from lr/10 over this many rounds (Goyal et al. 2017).", minimum=0)
+    milestones: tuple[int, ...] = opt((), "schedule=step: rounds at which lr is multiplied by gamma.")
+    gamma: float = opt(0.1, "schedule=step: factor applied at each milestone.", minimum=0.0)
+    scale_lr: bool = opt(False, "Linear scaling rule: lr *= global_batch / base_batch (Goyal et al. 2017).")
+    base_batch: int = opt(128, "Global batch at which lr was tuned, for scale_lr.", minimum=1)
+    server_lr: float = opt(1.0, "E>1 only: server step size on the averaged model delta (1.0 = FedAvg).",
+                           minimum=0.0)
+    server_momentum: float = opt(0.0, "E>1 only: server momentum on model deltas (FedAvgM).", minimum=0.0)
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    wait: str = opt("auto", "How a rank waits for a collective: poll spins (lowest latency; right with a core "
+                    "per rank), sleep tests the request with a short back-off (frees the core for ranks that "
+                    "compute; right when ranks outnumber cores); auto picks sleep when a node has more ranks "
+                    "than cores.", choices=("auto", "poll", "sleep"))
+    chunk_mib: float = opt(256.0, "Largest piece (MiB) moved by one collective call; larger buffers travel in "
+                           "several, so models over 2 GiB work with any MPI.", minimum=1e-6)
+
+
+@dataclass(frozen=True)
+class Profile:
+    speed: float = opt(1.0, "Compute speed relative to the device (1 = native). 0.25 emulates a device 4x "
+                       "slower by sleeping 3x the measured compute time after each step.", minimum=1e-3)
+    memory: float = opt(0.0, "Memory budget in bytes ('2GiB' works); 0 = the device's own memory.",
+                        minimum=0.0, unit="bytes")
+    bandwidth: float = opt(0.0, "Link bandwidth in bytes/s ('100Mbit/s' works); 0 = the real link.",
+                           minimum=0.0, unit="rate")
+    latency: float = opt(0.0, "Extra link latency per transfer in seconds ('5ms' works).", minimum=0.0,
+                         unit="seconds")
+    data: float = opt(1.0, "Relative data volume: a client with data=2 holds twice the samples of data=1.",
+                      minimum=1e-6)
+    batch: int = opt(0, "This client's batch size; 0 = train.batch.", minimum=0)
+
+    @property
+    def emulated(self) -> bool:
+        return self.speed != 1.0 or self.memory > 0 or self.bandwidth > 0 or self.latency > 0
+
+
+@dataclass(frozen=True)
+class ClientGroup:
+    count: int = opt(1, "Number of consecutive clients in this group.", minimum=1)
+    profile: str = opt("native", "Name of a [profiles.NAME] table, or native.")
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    count: int = opt(0, "Number of clients; 0 = world size - 1, so `mpirun -n N` works for any N >= 2.",
+                     minimum=0)
+    profile: str = opt("native", "Profile of clients not covered by a group.")
+    groups: tuple[ClientGroup, ...] = opt((), "[[clients.groups]] tables, assigned to clients 0, 1, ... in order.")
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    fail_rank: int = opt(-1, "Fault injection: this rank raises an error in round fail_round (-1 = off).")
+    fail_round: int = opt(0, "Round in which fail_rank raises.", minimum=0)
+
+
+@dataclass(frozen=True)
+class Job:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(dataclasses.asdict(self))
+
+    def profile(self, name: str) -> Profile:
+        return Profile() if name == "native" else self.profiles[name]
+
+
+# --------------------------------------------------------------------------- loading
+
+_UNIT_PARSERS = {"bytes": units.parse_bytes, "rate": units.parse_rate, "seconds": units.parse_seconds}
+
+
+def _convert(tp: Any, value: Any, where: str, meta: dict, errors: list[str]) -> Any:
+    """Turn a TOML value into the field's type, or record why it can't be."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, errors)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple:
+        if not isinstance(value, list):
+            errors.append(f"{where} = {value!r}: expected a list")
+            return ()
+        return tuple(_convert(args[0], v, f"{where}[{i}]", {}, errors) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a table of named entries")
+            return {}
+        return {k: _convert(args[1], v, f"{where}.{k}", {}, errors) for k, v in value.items()}
+    if meta.get("unit"):
+        try:
+            return float(_UNIT_PARSERS[meta["unit"]](value))
+        except ValueError as err:
+            errors.append(f"{where}: {err}")
+            return 0.0
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        errors.append(f"{where} = {value!r}: expected {tp.__name__}")
+        return None
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
+    if not isinstance(data, dict):
+        errors.append(f"{where}: expected a table, got {data!r}")
+        return cls()
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errors.append(f"{_join(where, key)}: unknown field{hint}; allowed: {', '.join(known)}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        path = _join(where, name)
+        value = _convert(hints[name], data[name], path, f.metadata, errors)
+        if value is None:
+            continue
+        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+        if choices and value not in choices:
+            errors.append(f"{path} = {value!r}: must be one of {', '.join(map(str, choices))}")
+            continue
+        if minimum is not None and isinstance(value, (int, float)) and value < minimum:
+            errors.append(f"{path} = {value!r}: must be >= {minimum}")
+            continue
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.rounds=10' -> (['train', 'rounds'], 10). The value is read as TOML, else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise JobError(f"--set {text!r}: expected key=value, e.g. --set train.rounds=10")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def load_job(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
+             text: str | None = None) -> Job:
+    """Read a job (file, text, or the embedded default), apply --set overrides, validate it all."""
+    data: dict = {}
+    source = "the default job"
+    if text is not None:
+        source = "the job text"
+    elif path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise JobError(f"cannot read job file {path}: {err.strerror}; pass an existing "
+                           f"file to --job (see jobs/ for examples)") from None
+    if text is not None:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise JobError(f"{source} is not valid TOML: {err}") from None
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise JobError(f"--set {item!r}: {key} is not a table")
+        node[keys[-1]] = value
+    errors: list[str] = []
+    job = _build(Job, data, "", errors)
+    if not errors:
+        errors = check_job(job)
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise JobError(f"{source} has {len(errors)} problem(s):\n{lines}")
+    return job
+
+
+def check_job(job: Job) -> list[str]:
+    """Cross-field checks; each message names the field to change."""
+    errors = []
+    names = {"native", *job.profiles}
+    used = [("clients.profile", job.clients.profile)]
+    used += [(f"clients.groups[{i}].profile", g.profile) for i, g in enumerate(job.clients.groups)]
+    for where, name in used:
+        if name not in names:
+            errors.append(f"{where} = {name!r}: no such profile; define [profiles.{name}] or use one of "
+                          f"{', '.join(sorted(names))}")
+    grouped = sum(g.count for g in job.clients.groups)
+    if job.clients.count and grouped > job.clients.count:
+        errors.append(f"clients.groups: {grouped} clients in groups but clients.count = {job.clients.count}")
+    for name, p in job.profiles.items():
+        if p.speed > 1:
+            errors.append(f"profiles.{name}.speed = {p.speed}: emulation can only slow a device down; give "
+                          f"the fastest profile speed = 1 and the others fractions of it")
+    if job.optim.nesterov and job.optim.momentum <= 0:
+        errors.append("optim.nesterov = true needs optim.momentum > 0")
+    if list(job.optim.milestones) != sorted(set(job.optim.milestones)):
+        errors.append(f"optim.milestones = {list(job.optim.milestones)}: must be strictly increasing")
+    if job.debug.fail_rank == 0 or job.debug.fail_rank < -1:
+        errors.append(f"debug.fail_rank = {job.debug.fail_rank}: must be a client rank >= 1, or -1 for off")
+    return errors
+
+
+def resolve_clients(job: Job, world_size: int) -> list[str]:
+    """Profile name of each client, for a world of `world_size` ranks (rank 0 is the server)."""
+    n = world_size - 1
+    if n < 1:
+        raise JobError(f"mpifed needs at least 2 MPI ranks (1 server + 1 client), got {world_size}; "
+                       f"launch with e.g. `mpirun -n 4 mpifed train`")
+    if job.clients.count and job.clients.count != n:
+        raise JobError(f"the job fixes clients.count = {job.clients.count} but {world_size} ranks were "
+                       f"started (1 server + {n} clients); launch with `mpirun -n {job.clients.count + 1}` "
+                       f"or set clients.count = 0 to adapt to the world size")
+    grouped = sum(g.count for g in job.clients.groups)
+    if grouped > n:
+        raise JobError(f"clients.groups assign {grouped} clients but only {n} client ranks were started; "
+                       f"launch with `mpirun -n {grouped + 1}` or shrink the groups")
+    names = [g.profile for g in job.clients.groups for _ in range(g.count)]
+    if job.debug.fail_rank >= world_size:
+        raise JobError(f"debug.fail_rank = {job.debug.fail_rank} but the world has ranks 0..{world_size - 1}")
+    return names + [job.clients.profile] * (n - len(names))
+
+
+def job_reference() -> str:
+    """Markdown reference of every job field: its default and documentation."""
+    lines = []
+    for section in dataclasses.fields(Job):
+        cls = typing.get_type_hints(Job)[section.name]
+        if typing.get_origin(cls) is dict:
+            cls, title = typing.get_args(cls)[1], f"[profiles.NAME]"
+        else:
+            title = f"[{section.name}]"
+        lines += [f"#### `{title}`", "", "| field | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(default):
+                continue
+            doc = f.metadata.get("doc", "")
+            if f.metadata.get("choices"):
+                doc += f" One of: {', '.join(map(str, f.metadata['choices']))}."
+            lines.append(f"| `{f.name}` | `{default!r}` | {doc} |")
+        if section.name == "clients":
+            lines.append("| `groups[].count`, `groups[].profile` | | One `[[clients.groups]]` table per group. |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,242 @@
+"""Datasets, partitions among clients, and per-client batch sampling.
+
+Every dataset is held the way torchvision holds CIFAR: `data` as uint8 (N, H, W, C) and integer
+`targets`. The synthetic default is generated in that format, the real ones come from torchvision's
+own dataset classes, so one code path normalizes, partitions and samples them all. A client turns
+only its own partition into float tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mpifed.seeding import Purpose, rng, torch_generator
+
+# Per-channel mean/std of each training set (the usual published values; synthetic measured).
+_STATS = {
+    "synthetic": ((0.5, 0.5, 0.5), (0.19, 0.19, 0.19)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashionmnist": ((0.2860,), (0.3530,)),
+}
+_SYNTHETIC_DATA_SEED = 20250101  # fixed: the task stays the same when run.seed changes
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing or unreadable; the message says where the files go."""
+
+
+@dataclass
+class ImageSet:
+    """uint8 images (N, H, W, C) with int64 labels, as torchvision's CIFAR classes hold them."""
+
+    data: np.ndarray
+    targets: np.ndarray
+    num_classes: int
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def channels(self) -> int:
+        return self.data.shape[3]
+
+    def images(self, indices: np.ndarray) -> np.ndarray:
+        return self.data[indices]
+
+    def tensors(self, indices: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized float32 (n, C, 32, 32) images and int64 labels of `indices` (all if None)."""
+        if indices is None:
+            indices = np.arange(len(self))
+        x = torch.from_numpy(np.ascontiguousarray(self.images(indices))).permute(0, 3, 1, 2).float().div_(255)
+        if x.shape[-1] < 32:  # MNIST 28x28 -> 32x32, so every model sees CIFAR-sized inputs
+            pad = (32 - x.shape[-1]) // 2
+            x = F.pad(x, (pad, pad, pad, pad))
+        mean, std = _STATS[self.name]
+        x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        return x.contiguous(), torch.from_numpy(np.asarray(self.targets[indices], dtype=np.int64))
+
+
+class SyntheticSet(ImageSet):
+    """A learnable CIFAR-shaped task: each class is a few smooth colour patterns plus noise.
+
+    Class prototypes are random 4x4 colour fields upsampled to 32x32 (so a CNN finds them with a
+    few filters); each sample adds its own low-frequency distortion and pixel noise, so the task is
+    not separable at a glance and accuracy climbs over hundreds of steps rather than one. Sample i
+    comes from its own seeded stream, so a client generates only its own partition.
+    """
+
+    MODES = 3
+
+    def __init__(self, train: bool, size: int, noise: float, classes: int = 10, distort: float = 1.2):
+        self.split, self.noise, self.distort = (1 if train else 2), noise, distort
+        labels = rng(_SYNTHETIC_DATA_SEED, Purpose.SYNTHETIC, self.split)
+        targets = labels.integers(classes, size=size)
+        self.which = targets * self.MODES + labels.integers(self.MODES, size=size)
+        protos = rng(_SYNTHETIC_DATA_SEED, Purpose.SYNTHETIC, 0).standard_normal((classes * self.MODES, 3, 4, 4))
+        self.protos = _smooth(protos.astype(np.float32))
+        super().__init__(np.empty((0, 32, 32, 3), np.uint8), targets.astype(np.int64), classes, "synthetic")
+
+    def images(self, indices: np.ndarray) -> np.ndarray:
+        n = len(indices)
+        coarse = np.empty((n, 3, 4, 4), np.float32)
+        pixels = np.empty((n, 3, 32, 32), np.float32)
+        for j, i in enumerate(indices):
+            gen = rng(_SYNTHETIC_DATA_SEED, Purpose.SYNTHETIC, self.split, int(i) + 1)
+            coarse[j] = gen.standard_normal((3, 4, 4), dtype=np.float32)
+            pixels[j] = gen.standard_normal((3, 32, 32), dtype=np.float32)
+        x = self.protos[self.which[indices]] + self.distort * _smooth(coarse) + self.noise * pixels
+        return np.clip(128 + 40 * x, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def synthetic(train: bool, size: int, noise: float, classes: int = 10) -> ImageSet:
+    return SyntheticSet(train, size, noise, classes)
+
+
+def _smooth(coarse: np.ndarray) -> np.ndarray:
+    t = torch.from_numpy(coarse)
+    return F.interpolate(t, size=(32, 32), mode="bicubic", align_corners=False).numpy()
+
+
+def _torchvision_class(name: str):
+    from torchvision import datasets
+
+    return {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100,
+            "mnist": datasets.MNIST, "fashionmnist": datasets.FashionMNIST}[name]
+
+
+_WHERE = {
+    "cifar10": "<root>/cifar-10-batches-py/ (extract cifar-10-python.tar.gz into <root>)",
+    "cifar100": "<root>/cifar-100-python/ (extract cifar-100-python.tar.gz into <root>)",
+    "mnist": "<root>/MNIST/raw/ (the four uncompressed *-idx?-ubyte files)",
+    "fashionmnist": "<root>/FashionMNIST/raw/ (the four uncompressed *-idx?-ubyte files)",
+}
+
+
+def load_dataset(name: str, train: bool, root: str = "data", download: bool = False,
+                 size: int = 12000, noise: float = 2.5) -> ImageSet:
+    """Load a split. Real datasets go through torchvision's own classes (and their file checks)."""
+    if name == "synthetic":
+        return synthetic(train, size, noise)
+    cls = _torchvision_class(name)
+    try:
+        ds = cls(root=root, train=train, download=download)
+    except RuntimeError as err:
+        where = _WHERE[name].replace("<root>", str(Path(root)))
+        raise DatasetError(f"{name} ({'train' if train else 'test'} split) not found or corrupt: {err} "
+                           f"The files go in {where}; set data.root to their parent directory, or "
+                           f"data.download = true where the network allows.") from None
+    data = np.asarray(ds.data)
+    if data.ndim == 3:  # MNIST-style (N, 28, 28)
+        data = data[..., None]
+    targets = np.asarray(ds.targets, dtype=np.int64)
+    return ImageSet(data, targets, len(ds.classes), name)
+
+
+# --------------------------------------------------------------------------- partitions
+
+def partition(labels: np.ndarray, weights: np.ndarray, scheme: str, seed: int,
+              alpha: float = 0.5, volume_sigma: float = 1.0) -> list[np.ndarray]:
+    """Split sample indices among len(weights) clients; reproducible from `seed`.
+
+    weights: relative data volume of each client (its profile's `data`).
+    iid: a shuffled split in proportion to weights. volume: the same, with weights further drawn
+    from log-normal(volume_sigma). dirichlet: per class, shares drawn from Dirichlet(alpha) and
+    scaled by weights (label skew).
+    """
+    gen = rng(seed, Purpose.PARTITION)
+    weights = np.asarray(weights, dtype=np.float64)
+    n = len(labels)
+    if len(weights) > n:
+        raise ValueError(f"{len(weights)} clients but only {n} training samples; use fewer clients "
+                         f"or a larger dataset (data.train_size for synthetic)")
+    if scheme == "volume":
+        weights = weights * gen.lognormal(0.0, volume_sigma, size=len(weights))
+    if scheme in ("iid", "volume"):
+        return [np.sort(p) for p in np.split(gen.permutation(n), _cuts(n, weights))]
+    if scheme == "dirichlet":
+        return _dirichlet(labels, weights, alpha, gen)
+    raise ValueError(f"unknown partition scheme {scheme!r}; use iid, dirichlet or volume")
+
+
+def _cuts(n: int, weights: np.ndarray) -> np.ndarray:
+    """Split points with sizes proportional to weights (largest remainder), every client >= 1 sample."""
+    shares = weights / weights.sum() * n
+    sizes = np.floor(shares).astype(np.int64)
+    order = np.argsort(-(shares - sizes), kind="stable")
+    sizes[order[: n - sizes.sum()]] += 1
+    for client in np.flatnonzero(sizes == 0):
+        sizes[np.argmax(sizes)] -= 1
+        sizes[client] = 1
+    return np.cumsum(sizes)[:-1]
+
+
+def _dirichlet(labels: np.ndarray, weights: np.ndarray, alpha: float,
+               gen: np.random.Generator) -> list[np.ndarray]:
+    k = len(weights)
+    parts: list[list[np.ndarray]] = [[] for _ in range(k)]
+    for cls in np.unique(labels):
+        idx = gen.permutation(np.flatnonzero(labels == cls))
+        shares = gen.dirichlet(np.full(k, alpha)) * weights
+        cuts = np.floor(np.cumsum(shares / shares.sum())[:-1] * len(idx)).astype(np.int64)
+        for client, piece in enumerate(np.split(idx, cuts)):
+            parts[client].append(piece)
+    out = [np.sort(np.concatenate(p)) for p in parts]
+    # A client left empty by the draw takes one sample from the largest partition, so every
+    # client can train; the label skew is unchanged in any way that matters.
+    for client in range(k):
+        if len(out[client]) == 0:
+            donor = int(np.argmax([len(p) for p in out]))
+            out[client], out[donor] = out[donor][-1:], out[donor][:-1]
+    return out
+
+
+class ClientSampler:
+    """Batches drawn without replacement from a partition, epoch after epoch, reshuffled each epoch.
+
+    The only state is `cursor` (samples drawn so far), so a checkpoint stores one integer and the
+    batch size may change between rounds (the planner) without breaking reproducibility.
+    """
+
+    def __init__(self, indices: np.ndarray, seed: int, client: int, cursor: int = 0):
+        self.indices, self.seed, self.client, self.cursor = indices, seed, client, cursor
+        self._epoch, self._perm = -1, indices
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = rng(self.seed, Purpose.SAMPLE, self.client, epoch).permutation(len(self.indices))
+        return self._perm
+
+    def next(self, batch: int) -> np.ndarray:
+        """Positions (into `indices`) of the next `batch` samples."""
+        n, out = len(self.indices), []
+        while batch > 0:
+            epoch, offset = divmod(self.cursor, n)
+            take = min(batch, n - offset)
+            out.append(self._permutation(epoch)[offset: offset + take])
+            self.cursor += take
+            batch -= take
+        return np.concatenate(out)
+
+
+def augment(x: torch.Tensor, seed: int, client: int, step: int) -> torch.Tensor:
+    """Random 32x32 crop of the 4-pixel zero-padded image, and a horizontal flip with p=0.5."""
+    gen = torch_generator(seed, Purpose.AUGMENT, client, step)
+    n, size = x.shape[0], x.shape[-1]
+    padded = F.pad(x, (4, 4, 4, 4))
+    dx = torch.randint(0, 9, (n,), generator=gen)
+    dy = torch.randint(0, 9, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):
+        crop = padded[i, :, dy[i]: dy[i] + size, dx[i]: dx[i] + size]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out

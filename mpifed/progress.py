@@ -1,0 +1,51 @@
+"""Rank 0's view of a run: a live bar on a terminal, or one plain line per interval in a log file."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+
+def choose_mode(mode: str) -> str:
+    """auto: a bar when a person is likely watching (a terminal, not a batch job or CI), else lines.
+
+    Under mpirun a rank's stdout is a pipe even when the user sits at a terminal, so the check looks
+    at the environment too."""
+    if mode != "auto":
+        return mode
+    if sys.stdout.isatty():
+        return "bar"
+    interactive = os.environ.get("TERM", "dumb") != "dumb" and not os.environ.get("CI") \
+        and "SLURM_JOB_ID" not in os.environ
+    return "bar" if interactive and "PMI_RANK" in os.environ else "log"
+
+
+class Progress:
+    def __init__(self, mode: str, rounds: int, every: int):
+        self.mode, self.rounds, self.every = choose_mode(mode), rounds, max(1, every)
+        self.console = Console(force_terminal=self.mode == "bar", soft_wrap=True, highlight=False)
+        self.bar = None
+        if self.mode == "bar":
+            self.bar = RichProgress(TextColumn("round"), MofNCompleteColumn(), BarColumn(),
+                                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                                    console=self.console, refresh_per_second=4)
+            self.task = self.bar.add_task("train", total=rounds, status="")
+            self.bar.start()
+
+    def print(self, text: str) -> None:
+        if self.mode != "off":
+            self.console.print(text)
+
+    def update(self, done: int, loss: float, acc: float | None, samples: int, seconds: float) -> None:
+        status = f"loss {loss:.3f}  acc {'-' if acc is None else f'{acc:.3f}'}  {samples / seconds:,.0f} samples/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, status=status)
+        elif self.mode == "log" and (done % self.every == 0 or done == self.rounds):
+            print(f"round {done}/{self.rounds}  {status}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,112 @@
+"""The run's HDF5 log: rank 0 writes it, flushes every round, and readers may follow it live (SWMR).
+
+Layout (schema 1):
+  attrs           schema, versions (mpifed, torch, mpi4py, MPI library), job (resolved TOML),
+                  command, world_size, hosts, started (ISO time)
+  /ranks/<col>    (N,) one row per rank: role, host, device, profile, emulated, speed, memory_budget,
+                  bandwidth, latency, data_size, batch
+  /iter/<field>   (T, N) one row per round, one column per rank; ITER_FIELDS below, seconds/bytes/samples
+  /server/<name>  (T,) server-side series: SERVER_FIELDS below
+  /eval/<name>    (E,) round, test_loss, test_acc, wall
+  /models         attrs of fitted models (memory, performance) when a run fits them
+A crash loses at most the round in flight: every append is followed by a flush.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+SCHEMA = 1
+
+# Per-rank, per-round columns. Times in seconds, sizes in bytes, batch in samples.
+ITER_FIELDS = (
+    "t_down",       # receiving (client) or sending (server) the model broadcast
+    "t_compute",    # forward/backward of the local steps, emulated slow-down included
+    "t_encode",     # building the update payload (flatten, weight, compress)
+    "t_up",         # the update reduce/gather (for the server: waiting for all clients)
+    "t_decode",     # server: decode, aggregate and optimizer step
+    "t_eval",       # server: evaluation on the test set
+    "t_wait",       # straggler wait inside t_up: t_up - min over clients of t_up (server: all of t_up)
+    "t_emul",       # injected emulation delay (slower compute, slower link) included in the times above
+    "t_iter",       # the whole round on this rank
+    "t_iter_pred",  # the performance model's prediction of t_iter (NaN when no model is fitted)
+    "batch",
+    "bytes_up",
+    "bytes_down",
+    "loss",         # client: loss of its batch (before the update); server: batch-weighted mean
+    "grad_norm",    # L2 norm of this rank's update (server: of the aggregate)
+)
+SERVER_FIELDS = ("lr", "global_batch", "grad_norm", "train_loss", "wall")
+EVAL_FIELDS = ("round", "test_loss", "test_acc", "wall")
+RANK_COLUMNS = ("role", "host", "device", "profile", "emulated", "speed", "memory_budget", "bandwidth",
+                "latency", "data_size", "batch")
+
+
+def column(name: str) -> int:
+    return ITER_FIELDS.index(name)
+
+
+class RunWriter:
+    """Creates every dataset up front (SWMR forbids creating them later), then appends rows."""
+
+    def __init__(self, path: Path, attrs: dict, ranks: dict[str, list]):
+        self.file = h5py.File(path, "w", libver="latest")
+        for key, value in attrs.items():
+            self.file.attrs[key] = str(value) if isinstance(value, str) else value  # plain str: h5py
+            # cannot store str subclasses such as torch.__version__
+        self.file.attrs["schema"] = SCHEMA
+        n = len(ranks["role"])
+        group = self.file.create_group("ranks")
+        for key in RANK_COLUMNS:
+            values = ranks[key]
+            if isinstance(values[0], str):
+                group.create_dataset(key, data=np.array(values, dtype=h5py.string_dtype()))
+            else:
+                group.create_dataset(key, data=np.asarray(values))
+        self.iter = {f: self._series(f"iter/{f}", (n,)) for f in ITER_FIELDS}
+        self.server = {f: self._series(f"server/{f}", ()) for f in SERVER_FIELDS}
+        self.eval = {f: self._series(f"eval/{f}", ()) for f in EVAL_FIELDS}
+        self.file.create_group("models")
+        self.rounds = 0
+        self.evals = 0
+        self.file.swmr_mode = True
+
+    def _series(self, name: str, row: tuple) -> h5py.Dataset:
+        return self.file.create_dataset(name, shape=(0, *row), maxshape=(None, *row), dtype="f8",
+                                        chunks=(64, *row), fillvalue=np.nan)
+
+    def set_model_attrs(self, name: str, values: dict) -> None:
+        """Store a fitted model's parameters (before training: SWMR allows no new objects later)."""
+        for key, value in values.items():
+            self.file["models"].attrs[f"{name}.{key}"] = value
+
+    def append_round(self, table: np.ndarray, server: dict[str, float]) -> None:
+        t = self.rounds
+        for i, name in enumerate(ITER_FIELDS):
+            ds = self.iter[name]
+            ds.resize(t + 1, axis=0)
+            ds[t] = table[:, i]
+        for name, ds in self.server.items():
+            ds.resize(t + 1, axis=0)
+            ds[t] = server.get(name, np.nan)
+        self.rounds += 1
+        self.file.flush()
+
+    def append_eval(self, row: dict[str, float]) -> None:
+        e = self.evals
+        for name, ds in self.eval.items():
+            ds.resize(e + 1, axis=0)
+            ds[e] = row[name]
+        self.evals += 1
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def open_run(path: str | Path) -> h5py.File:
+    """Open a run log for reading; works while the run is still writing it (SWMR)."""
+    return h5py.File(path, "r", libver="latest", swmr=True)

@@ -1,0 +1,125 @@
+"""The server's rounds: broadcast the model, sum the clients' weighted updates, step, log, evaluate.
+
+Aggregation is the MPI reduction itself: each client pre-multiplies its update by b_k / B, so the
+sum the server receives is g = sum_k (b_k / B) u_k, the gradient of the union of all client batches
+(E=1) or the batch-weighted average model delta (E>1). The BatchNorm statistics, appended to each
+update, average the same way. Rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mpifed.progress import Progress
+from mpifed.runlog import ITER_FIELDS, RunWriter, column
+from mpifed.schedule import learning_rate
+from mpifed.session import Session
+
+
+def straggler_wait(t_up: np.ndarray) -> np.ndarray:
+    """Per-client time spent in the update collective beyond the quickest client's: the time it
+    waited for the slowest one (the quickest client arrived last and waited least)."""
+    return t_up - t_up.min()
+
+
+def server_optimizer(s: Session) -> torch.optim.Optimizer:
+    o = s.job.optim
+    if s.job.train.local_steps == 1:
+        return torch.optim.SGD(s.model.params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+    return torch.optim.SGD(s.model.params, lr=o.server_lr, momentum=o.server_momentum)
+
+
+def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress) -> dict:
+    job, model = s.job, s.model
+    on_gpu = s.device.type == "cuda"
+    host = np.empty(model.size, np.float32) if on_gpu else model.flat.numpy()
+    agg = torch.zeros(model.size, dtype=torch.float32, device=s.device)
+    agg_host = np.empty(model.size, np.float32) if on_gpu else agg.numpy()
+    model.attach_grads(agg[: model.n_params])
+    optimizer = server_optimizer(s)
+    test_x, test_y = s.dataset.tensors(_eval_indices(s))
+    table = np.empty((s.world.size, len(ITER_FIELDS)))
+    row = np.full(len(ITER_FIELDS), np.nan)
+    nbytes = model.size * 4
+    began = time.perf_counter()
+    last_eval: dict = {}
+
+    for rnd in range(job.train.rounds):
+        row[:] = np.nan
+        start = time.perf_counter()
+        if on_gpu:
+            host[:] = model.flat.cpu().numpy()
+        s.exchange.broadcast(host)
+        t_down = time.perf_counter() - start
+
+        t0 = time.perf_counter()
+        agg_host.fill(0.0)
+        s.exchange.reduce_sum(agg_host)
+        t_up = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if on_gpu:
+            agg.copy_(torch.from_numpy(agg_host))
+        lr = learning_rate(job.optim, rnd, job.train.rounds, s.global_batch)
+        if job.train.local_steps > 1:
+            lr = job.optim.server_lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = float(agg[: model.n_params].norm())
+        optimizer.step()
+        model.flat[model.n_params:].copy_(agg[model.n_params:])
+        t_decode = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        done = rnd + 1
+        due = done == job.train.rounds or (job.train.eval_every and done % job.train.eval_every == 0)
+        if due:
+            loss, acc = evaluate(model.module, test_x, test_y, job.train.eval_batch, s.device)
+            last_eval = dict(round=done, test_loss=loss, test_acc=acc, wall=time.perf_counter() - began)
+            writer.append_eval(last_eval)
+        t_eval = time.perf_counter() - t0
+
+        values = dict(t_down=t_down, t_up=t_up, t_decode=t_decode, t_eval=t_eval, t_wait=t_up, t_emul=0.0,
+                      t_iter=time.perf_counter() - start, batch=s.global_batch, bytes_up=nbytes * s.n_clients,
+                      bytes_down=nbytes * s.n_clients, grad_norm=grad_norm)
+        for key, value in values.items():
+            row[column(key)] = value
+        s.exchange.gather_rows(row, table)
+        table[1:, column("t_wait")] = straggler_wait(table[1:, column("t_up")])
+        batches = table[1:, column("batch")]
+        train_loss = float(np.dot(batches, table[1:, column("loss")]) / batches.sum())
+        table[0, column("loss")] = train_loss
+        writer.append_round(table, dict(lr=lr, global_batch=s.global_batch, grad_norm=grad_norm,
+                                        train_loss=train_loss, wall=time.perf_counter() - began))
+        progress.update(done, train_loss, last_eval.get("test_acc"), s.global_batch * job.train.local_steps,
+                        time.perf_counter() - start)
+
+    torch.save(model.module.state_dict(), run_dir / "model.pt")
+    return last_eval
+
+
+def _eval_indices(s: Session) -> np.ndarray:
+    n = len(s.dataset)
+    return np.arange(min(n, s.job.data.eval_size) if s.job.data.eval_size else n)
+
+
+@torch.no_grad()
+def evaluate(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int,
+             device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over (x, y), in eval mode (BatchNorm uses running stats)."""
+    module.eval()
+    total_loss, correct = 0.0, 0
+    for i in range(0, len(y), batch):
+        xb, yb = x[i: i + batch].to(device), y[i: i + batch].to(device)
+        out = module(xb)
+        total_loss += float(F.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    module.train()
+    return total_loss / len(y), correct / len(y)
+

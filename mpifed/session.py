@@ -1,0 +1,71 @@
+"""Set-up shared by the server and the clients: everything a round needs, built once, in one place.
+
+Set-up may use mpi4py's pickling lowercase calls (they run once); the per-round path may not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mpifed.cluster import World, pick_device
+from mpifed.config import Job, Profile, resolve_clients
+from mpifed.data import ImageSet, load_dataset
+from mpifed.exchange import Exchange
+from mpifed.flat import FlatModel
+from mpifed.models import build_model
+from mpifed.seeding import Purpose, forked_torch_rng
+
+
+@dataclass
+class Session:
+    world: World
+    job: Job
+    device: torch.device
+    model: FlatModel
+    exchange: Exchange
+    profile_names: list[str]       # per client
+    batches: np.ndarray            # per client, samples per local step
+    dataset: ImageSet              # train split on clients, test split on the server
+
+    @property
+    def n_clients(self) -> int:
+        return self.world.size - 1
+
+    @property
+    def global_batch(self) -> int:
+        return int(self.batches.sum())
+
+    def profile(self, client: int) -> Profile:
+        return self.job.profile(self.profile_names[client])
+
+    def weight(self, client: int) -> float:
+        """Aggregation weight b_k / B: the union of client batches is one large batch."""
+        return float(self.batches[client]) / self.global_batch
+
+
+def open_session(world: World, job: Job) -> Session:
+    names = resolve_clients(job, world.size)
+    device = pick_device(world, job.run.device)
+    dataset = _load_data(world, job)
+    with forked_torch_rng(job.run.seed, Purpose.INIT):  # same init on every rank, global RNG untouched
+        module = build_model(job.model.name, dataset.num_classes, dataset.channels)
+    model = FlatModel(module, device)
+    polite = job.comm.wait == "sleep" or (job.comm.wait == "auto" and world.oversubscribed)
+    exchange = Exchange(world.comm, polite, int(job.comm.chunk_mib * 2**20))
+    wanted = [job.profile(n).batch or job.train.batch for n in names]
+    batches = np.array(wanted, dtype=np.int64)
+    return Session(world, job, device, model, exchange, names, batches, dataset)
+
+
+def _load_data(world: World, job: Job) -> ImageSet:
+    d = job.data
+    if d.download and d.dataset != "synthetic":
+        if world.is_server:  # one download per job, before anyone reads the files
+            for split in (True, False):
+                load_dataset(d.dataset, split, d.root, download=True)
+        world.comm.Barrier()
+    size = d.train_size if not world.is_server else d.test_size
+    return load_dataset(d.dataset, train=not world.is_server, root=d.root, size=size, noise=d.noise)

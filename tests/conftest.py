@@ -1,0 +1,36 @@
+"""Shared test helpers: launching real `mpirun` jobs in a subprocess, with a timeout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+MPIRUN = shutil.which("mpirun", path=str(BIN)) or shutil.which("mpirun")
+
+# A job that trains in seconds: small synthetic data, few rounds.
+TINY = ["--set", "data.train_size=600", "--set", "data.test_size=200", "--set", "train.rounds=6",
+        "--set", "train.eval_every=3", "--set", "run.timestamp=false", "--progress", "log"]
+
+
+def mpi_run(n: int, args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`mpirun -n n <python> -m mpifed <args>`; a hang fails the test through the timeout."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not found; install the MPICH wheel: pip install -e '.[mpich]'")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [MPIRUN, "-n", str(n), sys.executable, "-m", "mpifed", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train(n: int, tmp: Path, name: str, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return mpi_run(n, ["train", *TINY, "--out", str(tmp), "--name", name, *extra], tmp, timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc

@@ -1,0 +1,73 @@
+import pytest
+
+from mpifed.config import JobError, load_job, parse_override, resolve_clients
+from mpifed import units
+
+
+def test_default_job_is_valid_and_round_trips_through_toml():
+    job = load_job()
+    assert job.model.name == "cnn" and job.clients.count == 0
+    assert load_job(text=job.to_toml()) == job
+
+
+def test_every_problem_is_listed_with_field_value_and_allowed():
+    with pytest.raises(JobError) as err:
+        load_job(overrides=["train.rounds=0", "trian.rounds=5", 'data.dataset="imagenet"', 'optim.lr="fast"'])
+    text = str(err.value)
+    assert "4 problem(s)" in text
+    assert "train.rounds = 0: must be >= 1" in text
+    assert "trian: unknown field (did you mean 'train'?)" in text
+    assert "data.dataset = 'imagenet': must be one of synthetic, cifar10" in text
+    assert "optim.lr = 'fast': expected float" in text
+
+
+def test_job_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nbatch = -3\n[profiles.slow]\nspeed = 4.0\nmemory = '2 parsecs'\n")
+    with pytest.raises(JobError) as err:
+        load_job(bad)
+    text = str(err.value)
+    assert str(bad) in text and "train.batch = -3" in text
+    assert "profiles.slow.memory" in text and "unknown size unit" in text
+    with pytest.raises(JobError, match="not valid TOML"):
+        load_job(text="[train\n")
+    with pytest.raises(JobError, match="cannot read job file"):
+        load_job(tmp_path / "missing.toml")
+
+
+def test_cross_field_checks():
+    with pytest.raises(JobError, match="no such profile"):
+        load_job(overrides=['clients.profile="gpu"'])
+    with pytest.raises(JobError, match="emulation can only slow a device down"):
+        load_job(text="[profiles.fast]\nspeed = 2.0\n")
+    with pytest.raises(JobError, match="nesterov = true needs optim.momentum > 0"):
+        load_job(overrides=["optim.nesterov=true", "optim.momentum=0"])
+
+
+def test_overrides_parse_toml_values_and_fall_back_to_strings():
+    assert parse_override("train.rounds=10") == (["train", "rounds"], 10)
+    assert parse_override("optim.milestones=[10, 20]") == (["optim", "milestones"], [10, 20])
+    assert parse_override("run.name=abc") == (["run", "name"], "abc")
+    with pytest.raises(JobError, match="expected key=value"):
+        parse_override("train.rounds")
+
+
+def test_units_in_profiles():
+    job = load_job(text='[profiles.edge]\nmemory = "2GiB"\nbandwidth = "100Mbit/s"\nlatency = "5ms"\n')
+    p = job.profiles["edge"]
+    assert (p.memory, p.bandwidth, p.latency) == (2 * 2**30, 12.5e6, 0.005)
+    assert p.emulated and not job.profile("native").emulated
+    assert units.parse_rate("1GB/s") == 1e9 and units.parse_seconds(0.5) == 0.5
+
+
+def test_clients_adapt_to_world_size_unless_fixed():
+    job = load_job(text='[[clients.groups]]\ncount = 2\nprofile = "slow"\n[profiles.slow]\nspeed = 0.5\n')
+    assert resolve_clients(job, 5) == ["slow", "slow", "native", "native"]
+    with pytest.raises(JobError, match=r"mpirun -n 3"):
+        resolve_clients(job, 2)
+    fixed = load_job(overrides=["clients.count=15"])
+    assert len(resolve_clients(fixed, 16)) == 15
+    with pytest.raises(JobError, match=r"clients.count = 15 but 4 ranks.*mpirun -n 16"):
+        resolve_clients(fixed, 4)
+    with pytest.raises(JobError, match="at least 2 MPI ranks"):
+        resolve_clients(load_job(), 1)

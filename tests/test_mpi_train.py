@@ -1,0 +1,170 @@
+"""Real `mpirun` jobs: what only MPI can show."""
+
+from __future__ import annotations
+
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ok, train
+from mpifed.config import load_job
+from mpifed.data import ClientSampler, load_dataset, partition
+from mpifed.models import build_model
+from mpifed.runlog import EVAL_FIELDS, ITER_FIELDS, RANK_COLUMNS, SERVER_FIELDS, open_run
+from mpifed.schedule import learning_rate
+from mpifed.seeding import Purpose, forked_torch_rng
+
+pytestmark = pytest.mark.mpi
+
+HETERO = ["--set", 'clients.groups=[{count = 1, profile = "big"}]', "--set", "profiles.big.batch=24",
+          "--set", "profiles.big.data=2.0", "--set", 'data.partition="dirichlet"', "--set", "train.batch=8"]
+
+
+def _state(path):
+    return torch.load(path, weights_only=True)
+
+
+class Reference:
+    """The job's clients, rebuilt in one process from the same seeds: partitions, samplers, init."""
+
+    def __init__(self, run_dir, batches):
+        self.job = job = load_job(run_dir / "job.toml")
+        data = load_dataset("synthetic", True, size=job.data.train_size, noise=job.data.noise)
+        parts = partition(data.targets, np.array([2.0, 1.0]), "dirichlet", job.run.seed, job.data.alpha)
+        self.samplers = [ClientSampler(p, job.run.seed, k) for k, p in enumerate(parts)]
+        self.tensors = [data.tensors(p) for p in parts]
+        self.batches = batches
+        with forked_torch_rng(job.run.seed, Purpose.INIT):
+            self.model = build_model("cnn", 10)
+        self.got = _state(run_dir / "model.pt")
+
+    def draw(self, client):
+        x, y = self.tensors[client]
+        pos = torch.from_numpy(self.samplers[client].next(self.batches[client]))
+        return x[pos], y[pos]
+
+    def lr(self, rnd):
+        return learning_rate(self.job.optim, rnd, self.job.train.rounds, sum(self.batches))
+
+    def assert_matches(self, model):
+        for name, want in model.state_dict().items():
+            assert torch.allclose(self.got[name], want, atol=2e-5, rtol=1e-4), name
+
+
+def test_fedsgd_equals_single_process_sgd_on_the_union_of_client_batches(tmp_path):
+    """E=1, unequal client batches (24 and 8) and label-skewed partitions: the server's model after
+    R rounds equals plain SGD (momentum, weight decay, cosine lr) on the union of the client batches."""
+    ok(train(3, tmp_path, "eq", *HETERO, "--set", "optim.nesterov=true"))
+    ref = Reference(tmp_path / "eq", [24, 8])
+    o = ref.job.optim
+    opt = torch.optim.SGD(ref.model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True,
+                          weight_decay=o.weight_decay)
+    for rnd in range(ref.job.train.rounds):
+        xs, ys = zip(*[ref.draw(k) for k in range(2)])
+        for group in opt.param_groups:
+            group["lr"] = ref.lr(rnd)
+        opt.zero_grad()
+        F.cross_entropy(ref.model(torch.cat(xs)), torch.cat(ys)).backward()
+        opt.step()
+    ref.assert_matches(ref.model)
+
+
+def test_fedavg_equals_batch_weighted_average_of_local_sgd_models(tmp_path):
+    """E=3 local SGD steps per round, server_lr 1, no server momentum: w <- sum_k (b_k/B) w_k."""
+    ok(train(3, tmp_path, "avg", *HETERO, "--set", "train.local_steps=3"))
+    ref = Reference(tmp_path / "avg", [24, 8])
+    o = ref.job.optim
+    global_state = {k: v.clone() for k, v in ref.model.state_dict().items()}
+    for rnd in range(ref.job.train.rounds):
+        locals_ = []
+        for k in range(2):
+            ref.model.load_state_dict(global_state)
+            opt = torch.optim.SGD(ref.model.parameters(), lr=ref.lr(rnd), weight_decay=o.weight_decay)
+            for _ in range(3):
+                x, y = ref.draw(k)
+                opt.zero_grad()
+                F.cross_entropy(ref.model(x), y).backward()
+                opt.step()
+            locals_.append({n: v.clone() for n, v in ref.model.state_dict().items()})
+        global_state = {n: (24 * locals_[0][n] + 8 * locals_[1][n]) / 32 for n in global_state}
+    ref.model.load_state_dict(global_state)
+    ref.assert_matches(ref.model)
+
+
+def test_same_seed_same_run_chunked_or_not_and_another_seed_differs(tmp_path):
+    """Partitions, sampling and init come from the seed alone; moving the model in 1 KiB pieces
+    (the >2 GiB path) changes nothing."""
+    ok(train(3, tmp_path, "a", *HETERO))
+    ok(train(3, tmp_path, "b", *HETERO, "--set", "comm.chunk_mib=0.001", "--set", 'comm.wait="poll"'))
+    ok(train(3, tmp_path, "c", *HETERO, "--set", "run.seed=1"))
+    a, b, c = (_state(tmp_path / n / "model.pt") for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    sizes = {n: h5py.File(tmp_path / n / "run.h5")["ranks/data_size"][1:].tolist() for n in "abc"}
+    assert sizes["a"] == sizes["b"] != sizes["c"]
+
+
+def test_run_log_layout(tmp_path):
+    proc = ok(train(4, tmp_path, "log", "--set", "profiles.slow.speed=0.5", "--set", 'profiles.slow.latency="2ms"',
+                    "--set", 'clients.groups=[{count = 1, profile = "slow"}]', "--set", "data.augment=true"))
+    assert "test accuracy" in proc.stdout
+    with open_run(tmp_path / "log" / "run.h5") as f:
+        assert f.attrs["schema"] == 1 and f.attrs["world_size"] == 4
+        assert load_job(text=f.attrs["job"]).train.rounds == 6
+        assert "MPICH" in f.attrs["mpi_library"] or "Open MPI" in f.attrs["mpi_library"]
+        assert set(f["ranks"]) == set(RANK_COLUMNS)
+        assert [r.decode() for r in f["ranks/role"][:]] == ["server", "client 0", "client 1", "client 2"]
+        assert [p.decode() for p in f["ranks/profile"][:]] == ["-", "slow", "native", "native"]
+        assert f["ranks/emulated"][:].tolist() == [False, True, False, False]
+        for name in ITER_FIELDS:
+            assert f[f"iter/{name}"].shape == (6, 4), name
+        t_iter = f["iter/t_iter"][:]
+        assert np.isfinite(t_iter).all() and (t_iter > 0).all()
+        emul = f["iter/t_emul"][:]
+        assert (emul[:, 1] > 0.002).all() and (emul[:, 2:] == 0).all()
+        assert np.isnan(f["iter/t_compute"][:, 0]).all() and (f["iter/t_compute"][:, 1:] > 0).all()
+        assert (f["iter/batch"][:, 1:] == 32).all() and (f["iter/batch"][:, 0] == 96).all()
+        assert np.isfinite(f["iter/loss"][:]).all()
+        wait = f["iter/t_wait"][:, 1:]
+        assert (wait >= 0).all() and (wait.min(axis=1) == 0).all()
+        for name in SERVER_FIELDS:
+            assert f[f"server/{name}"].shape == (6,), name
+        assert f["eval/round"][:].tolist() == [3, 6]
+        assert set(f["eval"]) == set(EVAL_FIELDS)
+        assert ((f["eval/test_acc"][:] >= 0) & (f["eval/test_acc"][:] <= 1)).all()
+
+
+def test_bad_job_fails_on_every_rank_with_the_field_named(tmp_path):
+    proc = train(3, tmp_path, "bad", "--set", "train.batch=0", "--set", "model.name=resnet7", timeout=120)
+    assert proc.returncode == 2
+    assert "train.batch = 0: must be >= 1" in proc.stderr and "model.name = 'resnet7'" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_rank_count_that_does_not_fit_the_job_fails_at_once(tmp_path):
+    proc = train(3, tmp_path, "count", "--set", "clients.count=5", timeout=120)
+    assert proc.returncode == 2
+    assert "clients.count = 5 but 3 ranks" in proc.stderr and "mpirun -n 6" in proc.stderr
+
+
+def test_missing_dataset_ends_the_job_with_where_the_files_go(tmp_path):
+    proc = train(3, tmp_path, "nodata", "--set", 'data.dataset="cifar10"', "--set", f'data.root="{tmp_path}/none"',
+                 timeout=120)
+    assert proc.returncode != 0
+    assert "cifar-10-batches-py" in proc.stderr and "DatasetError" in proc.stderr
+
+
+def test_a_client_that_raises_mid_run_ends_the_whole_job(tmp_path):
+    """Without the abort this job would run 100000 rounds and hit the timeout."""
+    began = time.monotonic()
+    proc = train(4, tmp_path, "fault", "--set", "train.rounds=100000", "--set", "debug.fail_rank=2",
+                 "--set", "debug.fail_round=3", timeout=120)
+    assert proc.returncode != 0
+    assert "rank 2 (client 1)" in proc.stderr and "InjectedFault" in proc.stderr and "round 3" in proc.stderr
+    assert time.monotonic() - began < 110
+    with open_run(tmp_path / "fault" / "run.h5") as f:  # flushed rounds survive the crash
+        assert f["iter/t_iter"].shape[0] == 3
