@@ -9,7 +9,11 @@ from __future__ import annotations
 import click
 
 from mpifed import __version__
+from mpifed.commands.bench import bench
 from mpifed.commands.info import info
+from mpifed.commands.memory import memory
+from mpifed.commands.plan import plan
+from mpifed.commands.slurm import slurm
 from mpifed.commands.train import train
 
 
@@ -31,3 +35,7 @@ def job_reference():
 
 main.add_command(train)
 main.add_command(info)
+main.add_command(bench)
+main.add_command(slurm)
+main.add_command(memory)
+main.add_command(plan)

@@ -3,7 +3,8 @@
 One round, in the order it runs (E = job.train.local_steps):
   1. broadcast  -> the model arrives in place (parameters are views of one flat buffer)
   2. E local steps on batches drawn from this client's partition
-  3. payload = (E=1: gradient | E>1: model delta, then the BatchNorm statistics) * b_k / B
+  3. payload = [E=1: gradient | E>1: model delta, BatchNorm statistics, per-layer |update|^2] * b_k / B
+     (the squared norms let the server estimate the gradient noise with no extra communication)
   4. reduce     -> the server receives the sum over clients
   5. one fixed-size row of timings and metrics -> gathered by the server for the run log
 """
@@ -27,6 +28,11 @@ class InjectedFault(RuntimeError):
     """Raised on purpose by debug.fail_rank, to test that one failing rank ends the whole job."""
 
 
+def payload_size(model) -> int:
+    """Floats in one update: parameters, float buffers, one squared norm per parameter tensor."""
+    return model.size + len(model.params)
+
+
 def partitions(s: Session) -> list[np.ndarray]:
     weights = np.array([s.profile(k).data for k in range(s.n_clients)])
     d = s.job.data
@@ -46,11 +52,11 @@ def run_client(s: Session) -> None:
 
     on_gpu = s.device.type == "cuda"
     host = np.empty(model.size, np.float32) if on_gpu else model.flat.numpy()
-    update = torch.zeros(model.size, dtype=torch.float32, device=s.device)
-    update_host = np.empty(model.size, np.float32) if on_gpu else update.numpy()
+    update = torch.zeros(payload_size(model), dtype=torch.float32, device=s.device)
+    update_host = np.empty(update.numel(), np.float32) if on_gpu else update.numpy()
     local_opt = torch.optim.SGD(model.params, lr=job.optim.lr, weight_decay=job.optim.weight_decay)
     row = np.full(len(ITER_FIELDS), np.nan)
-    nbytes = model.size * 4
+    nbytes, nbytes_up = model.size * 4, update.numel() * 4
 
     for rnd in range(job.train.rounds):
         row[:] = np.nan
@@ -75,7 +81,9 @@ def run_client(s: Session) -> None:
         t_compute = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        grad_norm = float(update[: model.n_params].norm())
+        layer_sq = update[model.size:]
+        torch.stack([v.square().sum() for v in model.param_view(update)], out=layer_sq)
+        grad_norm = float(layer_sq.sum().sqrt())
         model.buffers_into(update)
         update.mul_(weight)
         if on_gpu:
@@ -83,13 +91,13 @@ def run_client(s: Session) -> None:
         t_encode = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        emul += profiles.sleep(profiles.link_delay(profile, nbytes, 0.0))
+        emul += profiles.sleep(profiles.link_delay(profile, nbytes_up, 0.0))
         s.exchange.reduce_sum(update_host)
         t_up = time.perf_counter() - t0
 
         values = dict(t_down=t_down, t_compute=t_compute, t_encode=t_encode, t_up=t_up, t_emul=emul,
                       t_iter=time.perf_counter() - start, batch=batch * job.train.local_steps,
-                      bytes_up=nbytes, bytes_down=nbytes, loss=loss, grad_norm=grad_norm)
+                      bytes_up=nbytes_up, bytes_down=nbytes, loss=loss, grad_norm=grad_norm)
         for key, value in values.items():
             row[column(key)] = value
         s.exchange.gather_rows(row, None)

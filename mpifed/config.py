@@ -20,6 +20,7 @@ import tomli_w
 
 from mpifed import units
 from mpifed.models import MODELS
+from mpifed.scaling.policy import ScalingConfig, check_scaling
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "mnist", "fashionmnist")
 
@@ -162,6 +163,7 @@ class Job:
     comm: CommConfig = field(default_factory=CommConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     profiles: dict[str, Profile] = field(default_factory=dict)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_toml(self) -> str:
@@ -313,6 +315,7 @@ def check_job(job: Job) -> list[str]:
         errors.append("optim.nesterov = true needs optim.momentum > 0")
     if list(job.optim.milestones) != sorted(set(job.optim.milestones)):
         errors.append(f"optim.milestones = {list(job.optim.milestones)}: must be strictly increasing")
+    errors += check_scaling(job.scaling)
     if job.debug.fail_rank == 0 or job.debug.fail_rank < -1:
         errors.append(f"debug.fail_rank = {job.debug.fail_rank}: must be a client rank >= 1, or -1 for off")
     return errors
@@ -333,9 +336,18 @@ def resolve_clients(job: Job, world_size: int) -> list[str]:
         raise JobError(f"clients.groups assign {grouped} clients but only {n} client ranks were started; "
                        f"launch with `mpirun -n {grouped + 1}` or shrink the groups")
     names = [g.profile for g in job.clients.groups for _ in range(g.count)]
+    names += [job.clients.profile] * (n - len(names))
     if job.debug.fail_rank >= world_size:
         raise JobError(f"debug.fail_rank = {job.debug.fail_rank} but the world has ranks 0..{world_size - 1}")
-    return names + [job.clients.profile] * (n - len(names))
+    problems = check_scaling(job.scaling, sum(client_batches(job, names)), n)
+    if problems:
+        raise JobError(f"with {n} clients: " + "; ".join(problems))
+    return names
+
+
+def client_batches(job: Job, names: list[str]) -> list[int]:
+    """Each client's batch as the job asks for it: its profile's, else train.batch."""
+    return [job.profile(name).batch or job.train.batch for name in names]
 
 
 def job_reference() -> str:

@@ -52,7 +52,7 @@ class FlatModel:
             offset += n
 
     def buffers_into(self, out: torch.Tensor) -> None:
-        out[self.n_params:].copy_(self.flat[self.n_params:])
+        out[self.n_params: self.size].copy_(self.flat[self.n_params:])
 
     def attach_grads(self, vec: torch.Tensor) -> None:
         """Make each parameter's .grad a view into vec[:n_params], so an optimizer reads it in place."""

@@ -10,17 +10,30 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgres
 
 
 def choose_mode(mode: str) -> str:
-    """auto: a bar when a person is likely watching (a terminal, not a batch job or CI), else lines.
+    """auto: a live bar when someone watches a terminal, else one line per interval.
 
-    Under mpirun a rank's stdout is a pipe even when the user sits at a terminal, so the check looks
-    at the environment too."""
+    Under mpirun a rank's stdout is a pipe even when the user sits at a terminal, so look at the
+    launcher's stdout instead (Linux /proc; rank 0 runs on the launching host under mpirun/srun)."""
     if mode != "auto":
         return mode
-    if sys.stdout.isatty():
+    if sys.stdout.isatty() or _launcher_on_terminal():
         return "bar"
-    interactive = os.environ.get("TERM", "dumb") != "dumb" and not os.environ.get("CI") \
-        and "SLURM_JOB_ID" not in os.environ
-    return "bar" if interactive and "PMI_RANK" in os.environ else "log"
+    return "log"
+
+
+def _launcher_on_terminal() -> bool:
+    pid = os.getppid()
+    for _ in range(6):  # rank <- proxy <- mpiexec/srun, with some slack
+        try:
+            name = open(f"/proc/{pid}/comm").read().strip()
+            if name.startswith(("mpiexec", "mpirun", "srun", "orterun", "prterun")):
+                return os.path.realpath(f"/proc/{pid}/fd/1").startswith(("/dev/pts/", "/dev/tty"))
+            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid <= 1:
+            return False
+    return False
 
 
 class Progress:

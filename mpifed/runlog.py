@@ -39,7 +39,12 @@ ITER_FIELDS = (
     "loss",         # client: loss of its batch (before the update); server: batch-weighted mean
     "grad_norm",    # L2 norm of this rank's update (server: of the aggregate)
 )
-SERVER_FIELDS = ("lr", "global_batch", "grad_norm", "train_loss", "wall")
+# Server series: lr, global batch (samples), train loss (batch-weighted client mean), wall (s since
+# start), and the scaling policy's statistics (mpifed.scaling.STATS_KEYS): norm of the aggregate,
+# its relative change between windows, the critical flag, the applied scale, the gradient noise
+# scale B_simple, tr(Sigma), |G|^2 and the teacher's noise std.
+SERVER_FIELDS = ("lr", "global_batch", "train_loss", "wall", "grad_norm", "rel_change", "critical", "scale",
+                 "noise_scale", "sigma_trace", "signal_sq", "teacher_std")
 EVAL_FIELDS = ("round", "test_loss", "test_acc", "wall")
 RANK_COLUMNS = ("role", "host", "device", "profile", "emulated", "speed", "memory_budget", "bandwidth",
                 "latency", "data_size", "batch")

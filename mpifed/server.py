@@ -15,7 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mpifed.client import payload_size
 from mpifed.progress import Progress
+from mpifed.scaling import ClientRound, ServerScalingPolicy
 from mpifed.runlog import ITER_FIELDS, RunWriter, column
 from mpifed.schedule import learning_rate
 from mpifed.session import Session
@@ -39,10 +41,12 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
     job, model = s.job, s.model
     on_gpu = s.device.type == "cuda"
     host = np.empty(model.size, np.float32) if on_gpu else model.flat.numpy()
-    agg = torch.zeros(model.size, dtype=torch.float32, device=s.device)
-    agg_host = np.empty(model.size, np.float32) if on_gpu else agg.numpy()
-    model.attach_grads(agg[: model.n_params])
+    agg = torch.zeros(payload_size(model), dtype=torch.float32, device=s.device)
+    agg_host = np.empty(agg.numel(), np.float32) if on_gpu else agg.numpy()
+    grad = agg[: model.n_params]
+    model.attach_grads(grad)
     optimizer = server_optimizer(s)
+    policy = ServerScalingPolicy(job.scaling, [p.numel() for p in model.params], job.run.seed)
     test_x, test_y = s.dataset.tensors(_eval_indices(s))
     table = np.empty((s.world.size, len(ITER_FIELDS)))
     row = np.full(len(ITER_FIELDS), np.nan)
@@ -71,9 +75,13 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
             lr = job.optim.server_lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-        grad_norm = float(agg[: model.n_params].norm())
+        clients = ClientRound(s.batches.tolist(), weighted_sq=agg[model.size:] * s.global_batch)
+        scaled, stats = policy.apply(rnd, grad, clients)
+        if scaled is not grad:
+            grad.copy_(scaled)
+        grad_norm = stats["grad_norm"]
         optimizer.step()
-        model.flat[model.n_params:].copy_(agg[model.n_params:])
+        model.flat[model.n_params:].copy_(agg[model.n_params: model.size])
         t_decode = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -86,8 +94,8 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
         t_eval = time.perf_counter() - t0
 
         values = dict(t_down=t_down, t_up=t_up, t_decode=t_decode, t_eval=t_eval, t_wait=t_up, t_emul=0.0,
-                      t_iter=time.perf_counter() - start, batch=s.global_batch, bytes_up=nbytes * s.n_clients,
-                      bytes_down=nbytes * s.n_clients, grad_norm=grad_norm)
+                      t_iter=time.perf_counter() - start, batch=s.global_batch,
+                      bytes_up=agg.numel() * 4 * s.n_clients, bytes_down=nbytes * s.n_clients, grad_norm=grad_norm)
         for key, value in values.items():
             row[column(key)] = value
         s.exchange.gather_rows(row, table)
@@ -95,8 +103,8 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
         batches = table[1:, column("batch")]
         train_loss = float(np.dot(batches, table[1:, column("loss")]) / batches.sum())
         table[0, column("loss")] = train_loss
-        writer.append_round(table, dict(lr=lr, global_batch=s.global_batch, grad_norm=grad_norm,
-                                        train_loss=train_loss, wall=time.perf_counter() - began))
+        writer.append_round(table, dict(stats, lr=lr, global_batch=s.global_batch, train_loss=train_loss,
+                                        wall=time.perf_counter() - began))
         progress.update(done, train_loss, last_eval.get("test_acc"), s.global_batch * job.train.local_steps,
                         time.perf_counter() - start)
 

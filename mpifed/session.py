@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mpifed.cluster import World, pick_device
-from mpifed.config import Job, Profile, resolve_clients
+from mpifed.config import Job, Profile, client_batches, resolve_clients
 from mpifed.data import ImageSet, load_dataset
 from mpifed.exchange import Exchange
 from mpifed.flat import FlatModel
@@ -55,8 +55,7 @@ def open_session(world: World, job: Job) -> Session:
     model = FlatModel(module, device)
     polite = job.comm.wait == "sleep" or (job.comm.wait == "auto" and world.oversubscribed)
     exchange = Exchange(world.comm, polite, int(job.comm.chunk_mib * 2**20))
-    wanted = [job.profile(n).batch or job.train.batch for n in names]
-    batches = np.array(wanted, dtype=np.int64)
+    batches = np.array(client_batches(job, names), dtype=np.int64)
     return Session(world, job, device, model, exchange, names, batches, dataset)
 
 

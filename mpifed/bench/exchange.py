@@ -1,0 +1,131 @@
+"""`mpifed bench exchange`: one round's model exchange, three transports, same model, same ranks.
+
+  mpifed     Exchange.broadcast of the flat model + Exchange.reduce_sum of the flat updates
+  pickled    what many FL frameworks do: torch.save the state dict to bytes, send it to each client
+             point-to-point, torch.load it there; each client sends its serialized gradients back,
+             the server deserializes and sums them
+  bare       mpi4py's blocking Bcast + Reduce on a numpy buffer of the same bytes (the floor)
+
+The command launches `mpirun -n N` once per rank count, the ranks time every transport in turn
+(median of --rounds after a warm-up), and the ratios are printed side by side from one run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import click
+import numpy as np
+
+
+def _median_round(comm, fn, rounds: int) -> float:
+    """Median over rounds of the time from a common start until the root holds the sum."""
+    times = []
+    for i in range(rounds + 1):
+        comm.Barrier()
+        start = time.perf_counter()
+        fn()
+        elapsed = comm.bcast(time.perf_counter() - start if comm.rank == 0 else None, root=0)
+        if i:
+            times.append(elapsed)
+    return float(np.median(times))
+
+
+def _worker(models: list[str], rounds: int) -> None:
+    import torch
+    from mpi4py import MPI
+
+    from mpifed.cluster import init_world
+    from mpifed.exchange import Exchange
+    from mpifed.flat import FlatModel
+    from mpifed.models import build_model
+
+    world = init_world()
+    comm = world.comm
+    results = []
+    for name in models:
+        flat = FlatModel(build_model(name, 10))
+        buf = flat.flat.numpy()
+        update = np.ones(flat.size, np.float32)
+        exchange = Exchange(comm, polite=world.oversubscribed)
+
+        def mpifed_round():
+            exchange.broadcast(buf)
+            exchange.reduce_sum(update if comm.rank else np.zeros_like(update))
+
+        def bare_round():
+            comm.Bcast(buf, root=0)
+            if comm.rank == 0:
+                comm.Reduce(MPI.IN_PLACE, np.zeros_like(update), op=MPI.SUM, root=0)
+            else:
+                comm.Reduce(update, None, op=MPI.SUM, root=0)
+
+        module = flat.module
+        grads = {n: torch.ones_like(p) for n, p in module.named_parameters()}
+
+        def pickled_round():
+            if comm.rank == 0:
+                blob = io.BytesIO()
+                torch.save(module.state_dict(), blob)
+                data = blob.getvalue()
+                for dest in range(1, comm.size):
+                    comm.send(data, dest=dest)
+                total = {n: torch.zeros_like(g) for n, g in grads.items()}
+                for src in range(1, comm.size):
+                    received = torch.load(io.BytesIO(comm.recv(source=src)), weights_only=True)
+                    for n, g in received.items():
+                        total[n] += g
+            else:
+                state = torch.load(io.BytesIO(comm.recv(source=0)), weights_only=True)
+                module.load_state_dict(state)
+                blob = io.BytesIO()
+                torch.save(grads, blob)
+                comm.send(blob.getvalue(), dest=0)
+
+        row = dict(model=name, ranks=comm.size, mbytes=flat.size * 4 / 1e6, wait="sleep" if exchange.polite else "poll")
+        for label, fn in (("mpifed", mpifed_round), ("bare", bare_round), ("pickled", pickled_round)):
+            row[label] = _median_round(comm, fn, rounds)
+        results.append(row)
+    if comm.rank == 0:
+        print("RESULTS " + json.dumps(results), flush=True)
+
+
+@click.command("exchange")
+@click.option("--ranks", default="4,8", show_default=True, help="Comma-separated world sizes to run.")
+@click.option("--models", default="resnet18,resnet50", show_default=True, help="Comma-separated models.")
+@click.option("--rounds", default=5, show_default=True, help="Timed rounds per transport (after one warm-up).")
+@click.option("--timeout", default=900, show_default=True, help="Seconds allowed per mpirun.")
+def exchange(ranks, models, rounds, timeout):
+    """Model exchange time: mpifed vs pickled point-to-point vs bare mpi4py collectives."""
+    from rich.console import Console
+    from rich.table import Table
+
+    mpirun = shutil.which("mpirun", path=str(__import__("pathlib").Path(sys.executable).parent)) or shutil.which("mpirun")
+    if mpirun is None:
+        raise click.ClickException("mpirun not found; pip install -e '.[mpich]' or load your cluster's MPI")
+    rows = []
+    for n in [int(r) for r in ranks.split(",")]:
+        cmd = [mpirun, "-n", str(n), sys.executable, "-m", "mpifed.bench.exchange", models, str(rounds)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+        if proc.returncode or not lines:
+            raise click.ClickException(f"mpirun -n {n} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        rows += json.loads(lines[-1][len("RESULTS "):])
+    table = Table(title="one round's model exchange (broadcast + update reduction), median seconds")
+    for col in ("ranks", "model", "MB", "wait", "mpifed", "bare mpi4py", "pickled p2p",
+                "pickled / mpifed", "mpifed / bare"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["ranks"]), r["model"], f"{r['mbytes']:.1f}", r["wait"], f"{r['mpifed']:.4f}",
+                      f"{r['bare']:.4f}", f"{r['pickled']:.4f}", f"{r['pickled'] / r['mpifed']:.2f}x",
+                      f"{r['mpifed'] / r['bare']:.2f}x")
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1].split(","), int(sys.argv[2]))

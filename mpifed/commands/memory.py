@@ -1,0 +1,181 @@
+"""`mpifed memory`: predicted against measured peak memory of a training step, and the max batch.
+
+    mpifed memory --model resnet50 --dataset cifar10 --optimizer sgd --budget 16GiB --measure
+    mpifed memory --model cnn --budget 512MiB --batches 1,8,64 --measure --device cpu
+
+Predicted is the analytic walk (meta tensors, no allocation) at each batch; measured is a real
+step on the device (CUDA: max_memory_allocated; CPU: the allocator's accounting via the profiler).
+With --measure the command also fits the measured model (probes at small batches) and prints both
+models side by side with the max batch each gives for the budget.
+"""
+
+from __future__ import annotations
+
+import click
+
+#: Input shape and class count of each dataset, as the data layer feeds them (MNIST padded to 32x32).
+DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "mnist": ((1, 32, 32), 10),
+    "fashionmnist": ((1, 32, 32), 10),
+    "synthetic": ((3, 32, 32), 10),
+}
+
+#: Largest batch of the default sweep (powers of two from 1, then the max batch itself).
+SWEEP_CAP = 256
+
+
+def resolve_device(name: str):
+    """auto -> cuda if a GPU is visible, else cpu; cuda without a GPU is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA device is visible; use --device cpu or auto", param_hint="--device")
+    return torch.device(name)
+
+
+def parse_batches(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        batches = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give batch sizes as a comma list, e.g. 1,8,64",
+                                 param_hint="--batches") from None
+    if not batches or batches[0] < 1:
+        raise click.BadParameter(f"{text!r}: batch sizes must be positive", param_hint="--batches")
+    return batches
+
+
+def sweep(largest: int, cap: int = SWEEP_CAP) -> list[int]:
+    """Powers of two from 1 up to min(largest, cap), then `largest` itself if it is not above cap."""
+    batches, b = [], 1
+    while b <= min(largest, cap):
+        batches.append(b)
+        b *= 2
+    if largest <= cap and largest not in batches:
+        batches.append(largest)
+    return batches
+
+
+#: Optimizer names, as mpifed.memory.OPTIMIZERS (kept here so importing the CLI does not import torch).
+OPTIMIZERS = ("sgd", "adam", "none")
+
+
+def model_options(f):
+    """--model, --dataset, --optimizer, --budget, --device, --margin, --multiple-of (shared with bench)."""
+    for option in reversed([
+        click.option("--model", "model_name", default="resnet18", show_default=True,
+                     help="Model from the registry: cnn, resnet18, resnet50, vgg11, vgg11_bn."),
+        click.option("--dataset", type=click.Choice(sorted(DATASET_SHAPES)), default="cifar10",
+                     show_default=True, help="Sets the input shape and the class count."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True,
+                     help="sgd: one momentum buffer per parameter; adam: two; none: gradients only "
+                          "(FedSGD clients)."),
+        click.option("--budget", default=None,
+                     help="Memory budget, e.g. 2GiB, 512MiB, 16GB. Default: the device's free memory "
+                          "(CUDA) or MemAvailable (CPU)."),
+        click.option("--device", "device_name", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True, help="auto: cuda if a GPU is visible, else cpu."),
+        click.option("--margin", type=float, default=None,
+                     help="Fraction of the budget kept free. Default: mpifed.memory.DEFAULT_MARGIN (0.05)."),
+        click.option("--multiple-of", type=int, default=1, show_default=True,
+                     help="Round the max batch down to a multiple of this (e.g. 8)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def build(model_name: str, dataset: str):
+    """(model, input shape, class count); an unknown model name is a usage error."""
+    from mpifed.models import build_model
+
+    shape, classes = DATASET_SHAPES[dataset]
+    try:
+        return build_model(model_name, classes, shape[0]), shape, classes
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--model") from None
+
+
+@click.command("memory")
+@model_options
+@click.option("--batches", default=None,
+              help=f"Comma list of batch sizes to show. Default: 1, 2, 4, ... up to the max batch "
+                   f"(at most {SWEEP_CAP}), then the max batch.")
+@click.option("--measure", is_flag=True, help="Also run real steps and show the measured peak and error.")
+def memory(model_name, dataset, optimizer, budget, device_name, margin, multiple_of, batches, measure):
+    """Predict (and with --measure, measure) the peak memory of a training step; print the max batch."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from mpifed import memory as mem
+    from mpifed.units import format_bytes, parse_bytes
+
+    console = Console()
+    device = resolve_device(device_name)
+    model, shape, classes = build(model_name, dataset)
+    margin = mem.DEFAULT_MARGIN if margin is None else margin
+    try:
+        budget_bytes = mem.device_budget(device, parse_bytes(budget) if budget else 0)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--budget") from None
+    client = f"{model_name} on {device}"
+    try:
+        sizing = mem.size_client(model, shape, classes, optimizer, device, budget_bytes, 1, client,
+                                 margin=margin, multiple_of=multiple_of)
+        largest = sizing.max_batch
+    except mem.MemoryBudgetError as e:
+        console.print(f"[red]{e}[/red]")
+        largest = 0
+    analytic = mem.analytic_memory_model(model, shape, classes, optimizer, device)
+    rows = parse_batches(batches) or sweep(max(largest, 1))
+
+    table = Table(title=f"{model_name} / {dataset} / {optimizer} on {device}: peak memory of one training step")
+    for col in ("batch", "predicted", "measured", "error %"):
+        table.add_column(col, justify="right")
+    worst = 0.0
+    for b in rows:
+        predicted = mem.analytic_peak(model, shape, classes, optimizer, device, b).total
+        measured, error = "-", "-"
+        if measure:
+            try:
+                truth = mem.measured_peak(model, shape, classes, optimizer, device, b).total
+                measured = format_bytes(truth)
+                err = 100.0 * (predicted - truth) / truth
+                worst = max(worst, abs(err))
+                error = f"{err:+.2f}"
+            except torch.cuda.OutOfMemoryError:
+                measured = "OOM"
+                torch.cuda.empty_cache()
+        table.add_row(str(b), format_bytes(predicted), measured, error)
+    console.print(table)
+
+    models = [analytic]
+    if measure:
+        models.append(mem.measured_memory_model(model, shape, classes, optimizer, device))
+    summary = Table(title=f"memory models (peak(b) = max(static + b*per_sample, update + b*update_per_sample))")
+    for col in ("method", "fitted at", "static", "per sample", "update", f"max batch in {format_bytes(budget_bytes)}"):
+        summary.add_column(col, justify="right")
+    for m in models:
+        try:
+            cap = str(mem.max_batch(m, budget_bytes, margin, multiple_of, client))
+        except mem.MemoryBudgetError:
+            cap = "none fits"
+        summary.add_row(m.method, ",".join(map(str, m.fit_batches)), format_bytes(m.static_bytes),
+                        format_bytes(m.per_sample_bytes), format_bytes(m.update_bytes), cap)
+    console.print(summary)
+    if measure:
+        a, m = models
+        console.print(f"analytic vs measured model: static {_gap(a.static_bytes, m.static_bytes)}, "
+                      f"per sample {_gap(a.per_sample_bytes, m.per_sample_bytes)}; "
+                      f"largest |error| of the walk over the table: {worst:.2f}%")
+    console.print(f"max batch for budget {format_bytes(budget_bytes)} (margin {margin:.0%}, "
+                  f"multiple of {multiple_of}): [bold]{largest if largest else 'none fits'}[/bold]")
+
+
+def _gap(a: float, b: float) -> str:
+    return f"{100.0 * (a - b) / b:+.2f}%" if b else "n/a"

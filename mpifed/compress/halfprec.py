@@ -1,0 +1,78 @@
+"""fp16 / bf16: the update rounded to 16 bits (round to nearest even), summed by MPI in 16 bits.
+
+Transport decision: 16-bit payloads travel by Reduce, so the bytes on the wire are honestly 2 n per
+client per round (half of dense). MPI has no portable fp16/bf16 SUM, so the payload is a uint16 array
+of raw bit patterns and the exchange layer sums it with a user-defined MPI op that calls `combine`:
+each pairwise addition widens both operands to float32, adds, and rounds back to 16 bits (as NCCL's
+fp16 allreduce does). Each level of the reduction tree therefore adds one 16-bit rounding
+(relative 2^-11 for fp16, 2^-8 for bf16); the result depends on the tree's order, not on chance.
+
+fp16 keeps 10 mantissa bits but overflows above 65504 (the sum becomes inf and is rejected);
+bf16 keeps float32's range with 7 mantissa bits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpifed.compress.base import (
+    F32, OneShotReduce, RoundContext, as_flat_f32, check_count, check_finite, check_reduce_payload,
+    register_codec,
+)
+
+U16 = np.dtype(np.uint16)
+FORMATS = ("fp16", "bf16")
+
+
+_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def to_bits(x: np.ndarray, fmt: str) -> np.ndarray:
+    """float32 -> uint16 bit patterns of fp16 or bf16, round to nearest even (torch's vectorized
+    conversion: about 4x faster than numpy's astype(float16) on this CPU)."""
+    half = torch.from_numpy(np.require(x, F32, "CW")).to(_TORCH[fmt])
+    return half.view(torch.int16).numpy().view(U16)
+
+
+def from_bits(bits: np.ndarray, fmt: str) -> np.ndarray:
+    """uint16 bit patterns of fp16 or bf16 -> float32 (exact)."""
+    raw = torch.from_numpy(np.require(bits, U16, "CW").view(np.int16))
+    return raw.view(_TORCH[fmt]).float().numpy()
+
+
+@register_codec("fp16", format="fp16")
+@register_codec("bf16", format="bf16")
+class HalfPrecision(OneShotReduce):
+    """format: "fp16" (IEEE half) or "bf16" (bfloat16); fixed by the codec's registered name."""
+
+    payload_dtype = U16
+    native_sum = False
+
+    def __init__(self, format: str, *, error_feedback: bool | None = None):
+        super().__init__(error_feedback=error_feedback)
+        if format not in FORMATS:
+            raise ValueError(f"half-precision format must be one of {FORMATS}, got {format!r}")
+        self.format = format
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.format
+
+    def payload_nbytes(self, n: int) -> int:
+        return 2 * check_count(n)
+
+    def encode(self, x: Any, ctx: RoundContext) -> np.ndarray:
+        return to_bits(as_flat_f32(x), self.format)
+
+    def combine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return to_bits(from_bits(a, self.format) + from_bits(b, self.format), self.format)
+
+    def validate(self, payload: np.ndarray, n: int, ctx: RoundContext) -> None:
+        payload = check_reduce_payload(payload, U16, n, self.format)
+        check_finite(from_bits(payload, self.format), f"{self.format} payload")
+
+    def decode(self, payload: np.ndarray, n: int, ctx: RoundContext) -> np.ndarray:
+        return from_bits(payload, self.format)

@@ -1,0 +1,32 @@
+"""No compression: the float32 update itself, summed by MPI. The reference every codec is measured against.
+
+Bytes: 4 n per client per round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mpifed.compress.base import (
+    F32, OneShotReduce, RoundContext, as_flat_f32, check_count, check_finite, check_reduce_payload,
+    register_codec,
+)
+
+
+@register_codec("none")
+class Dense(OneShotReduce):
+    name = "none"
+
+    def payload_nbytes(self, n: int) -> int:
+        return 4 * check_count(n)
+
+    def encode(self, x: Any, ctx: RoundContext) -> np.ndarray:
+        return as_flat_f32(x).copy()
+
+    def validate(self, payload: np.ndarray, n: int, ctx: RoundContext) -> None:
+        check_finite(check_reduce_payload(payload, F32, n, "none"), "none payload")
+
+    def decode(self, payload: np.ndarray, n: int, ctx: RoundContext) -> np.ndarray:
+        return np.asarray(payload, dtype=F32).copy()

@@ -1,0 +1,24 @@
+"""Parallel performance model and batch planner (issue 4).
+
+curves.py   per-client step time vs batch, fitted from a short profile
+comm.py     alpha-beta cost of the round's collectives, fitted from a short MPI measurement
+round.py    predicted round time, throughput, bound; MdAPE of predictions vs measurements
+planner.py  per-client batches that equalise finish times; throughput-maximising global batch
+replan.py   smoothed, dead-banded re-planning when measured times drift
+profile_file.py / report.py   the JSON profile file and what `mpifed plan` prints
+"""
+
+from mpifed.perf.comm import (KINDS, CollectiveCost, CollectiveSample, CommModel, fit_collective,
+                              measure_collectives)
+from mpifed.perf.curves import ComputeCurve, profile_batches, profile_compute
+from mpifed.perf.planner import Plan, plan_batches, plan_throughput, uniform_split
+from mpifed.perf.profile_file import ClientProfile, Profile, load_profile, save_profile
+from mpifed.perf.replan import Replanner
+from mpifed.perf.round import RoundPrediction, mdape, predict_round
+
+__all__ = [
+    "KINDS", "CollectiveCost", "CollectiveSample", "CommModel", "fit_collective", "measure_collectives",
+    "ComputeCurve", "profile_batches", "profile_compute", "Plan", "plan_batches", "plan_throughput",
+    "uniform_split", "ClientProfile", "Profile", "load_profile", "save_profile", "Replanner",
+    "RoundPrediction", "mdape", "predict_round",
+]

@@ -1,0 +1,209 @@
+"""The server's per-round scaling step: statistics -> detector -> teacher noise -> step scale.
+
+The server calls `ServerScalingPolicy.apply` once per round, after aggregation and before its
+optimizer step, with the flat aggregate and what it knows about the clients (`ClientRound`). It
+gets back the gradient to hand to the optimizer and a fixed set of scalars (`STATS_KEYS`) for the
+log's /server table. Order inside a round: noise statistics (always, for the log), detector on the
+norm of the unmodified aggregate, teacher noise (if enabled and allowed in this phase), then the
+step scale, so step+teacher gives s * (g + n).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from mpifed.scaling.detector import CriticalPhaseDetector
+from mpifed.scaling.noisescale import (NoiseEstimate, NoiseScaleTracker, estimate_from_gradients,
+                                       estimate_from_norms, estimate_from_weighted_norms)
+from mpifed.scaling.step import sqrt_rule, step_scale
+from mpifed.scaling.teacher import (coordinate_variance, teacher_coefficient, teacher_generator,
+                                    teacher_noise)
+
+METHODS = ("none", "step", "teacher", "step+teacher")
+STATS_KEYS = ("grad_norm", "rel_change", "critical", "scale", "noise_scale", "sigma_trace", "signal_sq",
+              "teacher_std")
+
+
+def _knob(default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None) -> Any:
+    """A field with the metadata keys mpifed.config reads (doc, choices, minimum, unit)."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "minimum": minimum, "unit": ""})
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """The `[scaling]` table of a job. Cross-field checks: `check_scaling`."""
+
+    method: str = _knob("none", "none: aggregate used as is (statistics are still logged); step: multiply "
+                        "by `scale` outside critical phases (Tyagi 2025); teacher: add small-batch noise; "
+                        "step+teacher: both, noise first.", choices=METHODS)
+    scale: float = _knob(0.0, "Step factor s applied outside critical phases (dimensionless). 0 = the "
+                         "square-root rule sqrt(B / small_batch) of Hoffer et al. (2017), which matches "
+                         "the small batch's step noise.", minimum=0.0)
+    small_batch: int = _knob(0, "b, samples: the small batch the teacher imitates and the sqrt rule "
+                             "refers to; must be below the global batch B. 0 = unset, allowed only when "
+                             "neither needs it. No default exists in the literature: use the batch the "
+                             "small-batch baseline trains with.", minimum=0)
+    window: int = _knob(100, "Detection window, iterations. Accordion compares per-epoch gradient norms; "
+                        "100 is about one CIFAR-10 epoch at B = 512 (50000 / 512).", minimum=1)
+    threshold: float = _knob(0.5, "Relative change of the window-mean gradient norm that marks a critical "
+                             "phase; 0.5 is Accordion's (Agarwal et al., MLSys 2021) value.", minimum=0.0)
+    warmup: int = _knob(500, "Leading iterations that are always critical. 500 is about 5 CIFAR-10 epochs "
+                        "at B = 512, the 5-epoch warmup of Goyal et al. (2017) that Accordion also uses.",
+                        minimum=0)
+    only_outside_critical: bool = _knob(True, "Teacher noise only outside critical phases, where the large "
+                                        "batch is otherwise left alone; false = every iteration.")
+    per_layer: bool = _knob(True, "Teacher uses each layer's mean variance instead of the per-coordinate "
+                            "diagonal: much less noisy, and all that summable codecs (norms only) allow.")
+    noise_ema: float = _knob(0.95, "EMA decay per round of tr(Sigma) and |G|^2 for the logged noise scale; "
+                             "McCandlish et al. (2018) smooth both but give no value; 0.95 (~20 rounds) "
+                             "is this project's choice.", minimum=0.0)
+    grow_batch: bool = _knob(False, "Let the batch controller grow the global batch towards the noise "
+                             "scale, within the clients' memory limits (McCandlish et al. 2018).")
+    batch_rate: float = _knob(0.1, "Batch controller: fraction of the gap to the noise scale closed per "
+                              "round; 0.1 is this project's choice (slow next to noise_ema).", minimum=0.0)
+
+    @property
+    def uses_step(self) -> bool:
+        return self.method in ("step", "step+teacher")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.method in ("teacher", "step+teacher")
+
+
+def check_scaling(cfg: ScalingConfig, global_batch: int | None = None,
+                  clients: int | None = None) -> list[str]:
+    """Every problem with `cfg` (messages name the field), given B and K when known."""
+    errors = []
+    if cfg.method not in METHODS:
+        errors.append(f"scaling.method = {cfg.method!r}: must be one of {', '.join(METHODS)}")
+    if not (cfg.scale >= 0 and math.isfinite(cfg.scale)):
+        errors.append(f"scaling.scale = {cfg.scale!r}: must be a finite number >= 0 (0 = sqrt rule)")
+    if cfg.small_batch < 0:
+        errors.append(f"scaling.small_batch = {cfg.small_batch}: must be >= 1, or 0 when unused")
+    if cfg.window < 1:
+        errors.append(f"scaling.window = {cfg.window}: must be >= 1 (iterations)")
+    if not (cfg.threshold > 0 and math.isfinite(cfg.threshold)):
+        errors.append(f"scaling.threshold = {cfg.threshold!r}: must be a finite number > 0 (e.g. 0.5)")
+    if cfg.warmup < 0:
+        errors.append(f"scaling.warmup = {cfg.warmup}: must be >= 0 (iterations)")
+    if not 0 <= cfg.noise_ema < 1:
+        errors.append(f"scaling.noise_ema = {cfg.noise_ema!r}: must be in [0, 1)")
+    if not 0 < cfg.batch_rate <= 1:
+        errors.append(f"scaling.batch_rate = {cfg.batch_rate!r}: must be in (0, 1]")
+    needs_small = cfg.uses_teacher or (cfg.uses_step and cfg.scale == 0)
+    if needs_small and cfg.small_batch == 0:
+        why = "the teacher imitates it" if cfg.uses_teacher else "scale = 0 selects sqrt(B / small_batch)"
+        errors.append(f"scaling.small_batch is unset but method = {cfg.method!r} needs it ({why}); set it "
+                      f"to the small-batch baseline's batch" + ("" if cfg.uses_teacher else
+                                                                 ", or give scaling.scale"))
+    if needs_small and global_batch is not None and cfg.small_batch >= global_batch:
+        errors.append(f"scaling.small_batch = {cfg.small_batch} must be below the global batch "
+                      f"{global_batch}")
+    if cfg.uses_teacher and clients is not None and clients < 2:
+        errors.append(f"scaling.method = {cfg.method!r} needs >= 2 clients to estimate the gradient "
+                      f"covariance, the job has {clients}")
+    return errors
+
+
+@dataclass(frozen=True)
+class ClientRound:
+    """What the server knows about this round's clients. Give `grads` or `sq_norms` (or both).
+
+    batches: b_k, samples per client (the weights of the aggregate).
+    grads: decoded flat update of every client (gather codecs), each shaped like the aggregate.
+    sq_norms: |g_k|^2 of each client's decoded update, (K,) or (K, L) per layer (summable codecs;
+        a scalar in the metrics gather). When both are given the gradient route is used.
+    weighted_sq: sum_k b_k |g_k|^2, (L,) per layer or (1,): what the server gets when clients append
+        (b_k / B) |g_k|^2 to the update they reduce (multiply the reduced values by B).
+    """
+
+    batches: Sequence[int]
+    grads: Sequence[torch.Tensor] | None = None
+    sq_norms: torch.Tensor | Sequence[float] | None = None
+    weighted_sq: torch.Tensor | None = None
+
+
+class ServerScalingPolicy:
+    """Rank 0's scaling state: the detector, the noise-scale averages, the config.
+
+    Args:
+        cfg: the job's [scaling] table.
+        layer_sizes: numel of each parameter, in flat-buffer order (per-layer statistics).
+        seed: the job seed (run.seed); teacher noise comes from a generator seeded by
+            (seed, round, 'teacher') and nothing else.
+    """
+
+    def __init__(self, cfg: ScalingConfig, layer_sizes: Sequence[int], seed: int):
+        errors = check_scaling(cfg)
+        if errors:
+            raise ValueError("; ".join(errors))
+        if not layer_sizes or min(layer_sizes) < 1:
+            raise ValueError(f"layer_sizes {list(layer_sizes)}: need the numel (>= 1) of every parameter")
+        self.cfg, self.layer_sizes, self.seed = cfg, [int(n) for n in layer_sizes], int(seed)
+        self.detector = CriticalPhaseDetector(cfg.window, cfg.threshold, cfg.warmup)
+        self.tracker = NoiseScaleTracker(cfg.noise_ema)
+
+    def estimate(self, grad: torch.Tensor, clients: ClientRound) -> NoiseEstimate | None:
+        """This round's covariance estimate, or None when it cannot be made (one client, no data)."""
+        if len(clients.batches) < 2 or (clients.grads is None and clients.sq_norms is None
+                                        and clients.weighted_sq is None):
+            return None
+        if clients.grads is not None:
+            return estimate_from_gradients(clients.grads, clients.batches, grad, self.layer_sizes)
+        if clients.weighted_sq is not None:
+            return estimate_from_weighted_norms(clients.weighted_sq, clients.batches, grad, self.layer_sizes)
+        sq_norms = torch.as_tensor(clients.sq_norms)
+        return estimate_from_norms(sq_norms, clients.batches, grad, self.layer_sizes)
+
+    def apply(self, round_index: int, grad: torch.Tensor,
+              clients: ClientRound) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return (gradient for the optimizer, {key: float for key in STATS_KEYS}); `grad` is left as is."""
+        if grad.dim() != 1 or grad.numel() != sum(self.layer_sizes):
+            raise ValueError(f"expected the flat aggregate of {sum(self.layer_sizes)} entries, got shape "
+                             f"{tuple(grad.shape)}")
+        norm = float(torch.linalg.vector_norm(grad.double()))  # CPU-GPU sync point: the detector needs it
+        critical = self.detector.update(norm)
+        estimate = self.estimate(grad, clients)
+        big = sum(int(b) for b in clients.batches)
+        noise_scale = self.tracker.update(estimate) if estimate is not None else self.tracker.noise_scale
+        out, teacher_std = grad, 0.0
+        if self.cfg.uses_teacher and not (self.cfg.only_outside_critical and critical):
+            if estimate is None:
+                raise ValueError(f"round {round_index}: the teacher needs >= 2 clients and their gradients "
+                                 f"or squared norms; pass them in ClientRound")
+            coef = teacher_coefficient(self.cfg.small_batch, big)
+            variance = coordinate_variance(estimate, self.layer_sizes, self.cfg.per_layer, grad.numel(),
+                                           grad.device)
+            gen = teacher_generator(self.seed, round_index, grad.device)
+            out = grad + teacher_noise(variance, coef, gen).to(grad.dtype)
+            teacher_std = math.sqrt(coef * max(float(variance.double().mean()), 0.0))
+        scale = 1.0
+        if self.cfg.uses_step:
+            factor = self.cfg.scale or sqrt_rule(big, self.cfg.small_batch)
+            scale = step_scale(critical, factor)
+            if scale != 1.0:
+                out = out * scale
+        stats = {"grad_norm": norm, "rel_change": self.detector.rel_change, "critical": float(critical),
+                 "scale": scale, "noise_scale": noise_scale,
+                 "sigma_trace": estimate.trace if estimate is not None else math.nan,
+                 "signal_sq": estimate.signal_sq if estimate is not None else math.nan,
+                 "teacher_std": teacher_std}
+        return out, stats
+
+    def state_dict(self) -> dict[str, float | int | bool]:
+        """Plain numbers only, prefixed by owner, for the checkpoint's attributes."""
+        state = {f"detector.{k}": v for k, v in self.detector.state_dict().items()}
+        state.update({f"noise.{k}": v for k, v in self.tracker.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        def part(prefix: str) -> dict:
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+        self.detector.load_state_dict(part("detector."))
+        self.tracker.load_state_dict(part("noise."))

@@ -1,0 +1,42 @@
+"""The command line is an interface researchers script against: freeze it, and keep the README's
+job reference equal to what the code documents."""
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from mpifed.cli import main
+from mpifed.config import job_reference, load_job
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _options(command) -> set[str]:
+    return {opt for p in command.params for opt in p.opts}
+
+
+def test_cli_surface_is_frozen():
+    assert {"train", "info", "bench", "slurm", "job-reference"} <= set(main.commands)
+    assert _options(main.commands["train"]) == {"--job", "--set", "--name", "--out", "--progress", "--print-job"}
+    assert {"exchange"} <= set(main.commands["bench"].commands)
+
+
+def test_print_job_resolves_overrides_without_mpi(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--print-job", "--set", "train.rounds=7", "--name", "x"])
+    assert result.exit_code == 0, result.output
+    job = load_job(text=result.output)
+    assert job.train.rounds == 7 and job.run.name == "x"
+    bad = CliRunner().invoke(main, ["train", "--print-job", "--set", "train.rounds=zero"])
+    assert bad.exit_code != 0 and "train.rounds = 'zero': expected int" in bad.output
+
+
+def test_every_job_in_jobs_dir_is_valid():
+    files = sorted((ROOT / "jobs").glob("*.toml"))
+    assert len(files) >= 5
+    for path in files:
+        load_job(path)
+
+
+def test_readme_job_reference_matches_the_code():
+    readme = (ROOT / "README.md").read_text()
+    assert job_reference() in readme, "README is stale: paste the output of `mpifed job-reference`"

@@ -1,0 +1,437 @@
+"""Gradient codecs without MPI: bytes, round trips, error bounds, unbiasedness, validation, aggregation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mpifed.compress import (
+    ErrorFeedback, GatherCodec, OneShot, PayloadError, ReduceCodec, RoundContext, codec_names, make_codec,
+)
+from mpifed.compress.aggregate import aggregate, reduce_in_process
+from mpifed.compress.base import pack_uint, pack_width, packed_nbytes, unpack_uint
+from mpifed.compress.halfprec import from_bits, to_bits
+
+CTX = RoundContext(seed=3, round=5, client=2)
+LAYERS = [("conv", (8, 3, 3, 3)), ("conv.bias", (8,)), ("fc", (10, 32)), ("fc.bias", (10,))]
+N_LAYERS = sum(math.prod(s) for _, s in LAYERS)
+ONE_SHOT = [name for name in codec_names() if name != "powersgd"]
+
+
+def build(name: str, **options) -> object:
+    return make_codec(name, layers=LAYERS, **options)
+
+
+def vector(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+
+
+def wire_bytes(codec, x: np.ndarray, ctx: RoundContext = CTX) -> int:
+    """Bytes one client really sends: the encoded payload, or every payload of every phase."""
+    if isinstance(codec, ReduceCodec):
+        sent = []
+        codec.exchange(x, ctx, lambda p: (sent.append(p.nbytes), p)[1])
+        return sum(sent)
+    return codec.encode(x, ctx).nbytes
+
+
+# ---- bytes -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ONE_SHOT)
+@pytest.mark.parametrize("n", [1, 7, 8, 513, 1000, 4099])
+def test_payload_nbytes_matches_the_real_payload(name, n):
+    codec = build(name)
+    assert codec.payload_nbytes(n) == wire_bytes(codec, vector(n)), name
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4, 9])
+def test_powersgd_payload_nbytes_matches_both_phases(rank):
+    codec = build("powersgd", rank=rank)
+    assert codec.payload_nbytes(N_LAYERS) == wire_bytes(codec, vector(N_LAYERS))
+    with pytest.raises(ValueError, match="totalling"):
+        codec.payload_nbytes(N_LAYERS + 1)
+
+
+def test_topk_at_one_percent_sends_at_least_45x_fewer_bytes_than_dense():
+    n = 1_000_000
+    assert make_codec("none").payload_nbytes(n) / make_codec("topk", density=0.01).payload_nbytes(n) >= 45
+
+
+def test_transport_kinds():
+    summable = {name for name in codec_names() if build(name).summable}
+    assert summable == {"none", "fp16", "bf16", "randomk", "powersgd"}
+    for name in codec_names():
+        codec = build(name)
+        assert isinstance(codec, ReduceCodec if codec.summable else GatherCodec)
+        assert codec.name == name
+
+
+# ---- round trips and error bounds ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", codec_names())
+def test_encoding_leaves_the_update_unchanged(name):
+    codec = build(name)
+    x = vector(N_LAYERS)
+    before = x.copy()
+    if isinstance(codec, OneShot):
+        codec.encode(x, CTX)
+    codec_x = codec.exchange(x, CTX, lambda p: p, keep_own=True) if codec.summable else None
+    assert np.array_equal(x, before)
+    if codec_x is not None:
+        assert codec_x.own.shape == x.shape and codec_x.total.shape == x.shape
+
+
+def test_none_round_trip_is_exact_and_accepts_torch():
+    x = vector(1001)
+    codec = make_codec("none")
+    assert np.array_equal(codec.decode(codec.encode(torch.from_numpy(x), CTX), x.size, CTX), x)
+
+
+def bf16_reference(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bf16 -> float32 by bit arithmetic (finite x only)."""
+    bits = x.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def test_half_precision_rounds_to_nearest_even():
+    finite = np.concatenate([vector(5000) * 1e3, [0.0, -0.0, 1e-8, 1e-40, 3.0e38, 1 + 2**-8, 1 + 3 * 2**-8]])
+    x = np.concatenate([finite, [np.inf, -np.inf]]).astype(np.float32)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(from_bits(to_bits(x, "fp16"), "fp16"), x.astype(np.float16).astype(np.float32))
+    bf16 = from_bits(to_bits(x, "bf16"), "bf16")
+    assert np.array_equal(bf16[:-2], bf16_reference(x[:-2])) and np.array_equal(bf16[-2:], x[-2:])
+    assert np.isnan(from_bits(to_bits(np.array([np.nan], np.float32), "bf16"), "bf16")).all()
+
+
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.5, 1.0])
+def test_topk_keeps_the_largest_values_and_contracts(density):
+    x = vector(3000)
+    codec = make_codec("topk", density=density)
+    y = codec.decode(codec.encode(x, CTX), x.size, CTX)
+    kept = y != 0
+    k = codec.count(x.size)
+    assert kept.sum() == k and np.array_equal(y[kept], x[kept])
+    if k < x.size:
+        assert np.abs(x[~kept]).max() <= np.abs(x[kept]).min()
+    # the contraction bound that error feedback relies on: ||x - C(x)||^2 <= (1 - k/n) ||x||^2
+    assert np.sum((x - y) ** 2) <= (1 - k / x.size) * np.sum(x**2) + 1e-4
+
+
+@pytest.mark.parametrize("levels", [1, 3, 7, 127])
+def test_qsgd_error_is_within_one_level_of_the_bucket_norm(levels):
+    x = vector(2000) * np.linspace(0.01, 10, 2000, dtype=np.float32)
+    codec = make_codec("qsgd", levels=levels, bucket=128)
+    y = codec.decode(codec.encode(x, CTX), x.size, CTX)
+    grid = np.zeros(16 * 128, np.float32)
+    grid[:2000] = x
+    norms = np.repeat(np.linalg.norm(grid.reshape(16, 128), axis=1), 128)[:2000]
+    assert (np.abs(y - x) <= norms / levels * (1 + 1e-5)).all()
+    assert (np.sign(y)[y != 0] == np.sign(x)[y != 0]).all()
+
+
+def test_sign_sends_scaled_signs_per_bucket():
+    x = vector(300)
+    codec = make_codec("sign", bucket=100)
+    y = codec.decode(codec.encode(x, CTX), x.size, CTX)
+    for b in range(3):
+        part = slice(100 * b, 100 * (b + 1))
+        expected = np.where(x[part] >= 0, 1, -1) * np.abs(x[part]).mean()
+        assert np.allclose(y[part], expected, rtol=1e-6)
+    assert make_codec("efsign").error_feedback and not make_codec("sign").error_feedback
+
+
+def test_bit_packing_round_trip():
+    rng = np.random.default_rng(1)
+    for width in (1, 2, 4, 8):
+        for count in (1, 5, 8, 33):
+            codes = rng.integers(0, 2**width, count).astype(np.uint8)
+            packed = pack_uint(codes, width)
+            assert packed.nbytes == packed_nbytes(count, width)
+            assert np.array_equal(unpack_uint(packed, width, count), codes)
+    assert [pack_width(m) for m in (1, 2, 14, 15, 16, 254)] == [1, 2, 4, 4, 8, 8]
+
+
+# ---- unbiasedness (statistical, fixed seed) -------------------------------------------------
+
+def mean_z_scores(codec, x: np.ndarray, trials: int) -> np.ndarray:
+    """z-score of the mean decoded value against x, over `trials` rounds of fresh randomness."""
+    draws = np.stack([codec.decode(codec.encode(x, RoundContext(7, r, 1)), x.size, RoundContext(7, r, 1))
+                      for r in range(trials)])
+    err = draws.mean(axis=0) - x
+    se = draws.std(axis=0, ddof=1) / math.sqrt(trials)
+    return err / np.maximum(se, 1e-12)
+
+
+@pytest.mark.parametrize("name, options", [("qsgd", {"levels": 2, "bucket": 16}),
+                                           ("randomk", {"density": 0.25})])
+def test_unbiased_in_expectation(name, options):
+    x = vector(40, seed=4)
+    z = mean_z_scores(make_codec(name, **options), x, trials=3000)
+    # 40 z-scores of an unbiased estimator: |z| > 4.5 has probability ~3e-4 in total.
+    assert np.abs(z).max() < 4.5, np.abs(z).max()
+
+
+def test_the_unbiasedness_test_detects_a_biased_codec():
+    x = vector(40, seed=4)
+    z = mean_z_scores(make_codec("randomk", density=0.25, unbiased=False), x, trials=3000)
+    assert np.abs(z).max() > 10
+
+
+def test_randomness_is_keyed_by_seed_round_and_client():
+    x = vector(500)
+    qsgd = make_codec("qsgd")
+    assert np.array_equal(qsgd.encode(x, CTX), qsgd.encode(x, RoundContext(3, 5, 2)))
+    assert not np.array_equal(qsgd.encode(x, CTX), qsgd.encode(x, RoundContext(3, 5, 3)))
+    assert not np.array_equal(qsgd.encode(x, CTX), qsgd.encode(x, RoundContext(3, 6, 2)))
+    randomk = make_codec("randomk", density=0.1)
+    shared = [randomk.indices(500, RoundContext(3, 5, c)) for c in (None, 0, 1)]
+    assert all(np.array_equal(shared[0], s) for s in shared)
+    assert not np.array_equal(shared[0], randomk.indices(500, RoundContext(3, 6, 0)))
+    with pytest.raises(ValueError, match="server-side"):
+        RoundContext(3, 5).rng("qsgd")
+
+
+# ---- error feedback -------------------------------------------------------------------------
+
+def test_error_feedback_carries_exactly_what_was_dropped():
+    codec, n = make_codec("topk", density=0.05), 400
+    feedback = ErrorFeedback(n)
+    sent_total, input_total = np.zeros(n, np.float64), np.zeros(n, np.float64)
+    for r in range(6):
+        u = vector(n, seed=r)
+        ctx = RoundContext(0, r, 1)
+        xc = feedback.compensate(u)
+        sent = codec.decode(codec.encode(xc, ctx), n, ctx)
+        feedback.update(xc, sent)
+        assert np.array_equal(feedback.residual, xc - sent)
+        assert np.array_equal(feedback.residual[sent != 0], np.zeros((sent != 0).sum(), np.float32))
+        sent_total += sent
+        input_total += u
+    # nothing is lost, only delayed: everything sent plus what is held equals everything given
+    assert np.allclose(sent_total + feedback.residual, input_total, atol=1e-4)
+
+
+def test_error_feedback_rejects_a_wrong_length():
+    with pytest.raises(ValueError, match="holds 10"):
+        ErrorFeedback(10).compensate(np.zeros(11, np.float32))
+
+
+# ---- summable codecs: decode of the sum is the sum of decodes --------------------------------
+
+@pytest.mark.parametrize("name, tol", [("none", 1e-6), ("randomk", 1e-6), ("fp16", 2e-3), ("bf16", 2e-2)])
+def test_decode_of_summed_payloads_is_the_sum_of_decodes(name, tol):
+    codec, n = make_codec(name, density=0.1) if name == "randomk" else make_codec(name), 1000
+    xs = [vector(n, seed=s) for s in range(4)]
+    total, results = reduce_in_process(codec, xs, clients=[0, 1, 2, 3], seed=1, round=2, keep_own=True)
+    decodes = sum(r.own for r in results)
+    assert np.allclose(total, decodes, rtol=tol, atol=tol * np.abs(decodes).max())
+    if name == "none":
+        assert np.allclose(total, sum(xs), atol=1e-5)
+
+
+def test_powersgd_sum_is_the_sum_of_each_clients_share():
+    codec = build("powersgd", rank=2)
+    xs = [vector(N_LAYERS, seed=s) for s in range(3)]
+    total, results = reduce_in_process(codec, xs, clients=[0, 1, 2], seed=1, round=0, keep_own=True)
+    assert np.allclose(total, sum(r.own for r in results), atol=1e-4)
+    assert all(np.allclose(r.total, total, atol=1e-6) for r in results)  # Allreduce: every rank has it
+
+
+def test_powersgd_reproduces_a_matrix_of_rank_at_most_r():
+    rng = np.random.default_rng(5)
+    layers = [("w", (40, 30)), ("b", (40,))]
+    for r in (1, 3):
+        m = (rng.standard_normal((40, r)) @ rng.standard_normal((r, 30))).astype(np.float32)
+        bias = vector(40)
+        x = np.concatenate([m.reshape(-1), bias])
+        # two clients whose sum has rank r
+        total, _ = reduce_in_process(make_codec("powersgd", layers=layers, rank=r), [x / 4, 3 * x / 4],
+                                     clients=[0, 1], seed=0, round=0)
+        assert np.allclose(total[:1200].reshape(40, 30), m, atol=1e-4 * np.abs(m).max())
+        assert np.allclose(total[1200:], bias, atol=1e-6)
+
+
+def test_powersgd_warm_start_converges_to_the_best_rank_r_approximation():
+    layers = [("w", (60, 50))]
+    x = vector(3000, seed=9)
+    u, s, vt = np.linalg.svd(x.reshape(60, 50).astype(np.float64))
+    best = np.sqrt(np.sum(s[2:] ** 2))
+    codec = make_codec("powersgd", layers=layers, rank=2)
+    errors = []
+    for r in range(30):
+        total, _ = reduce_in_process(codec, [x], clients=[0], seed=0, round=r)
+        errors.append(np.linalg.norm(total - x))
+    assert errors[-1] < errors[0]
+    assert errors[-1] <= best * 1.01
+
+
+def test_powersgd_refuses_a_reduce_without_sums_for_clients():
+    codec = build("powersgd")
+    with pytest.raises(ValueError, match="Allreduce"):
+        codec.exchange(vector(N_LAYERS), CTX, lambda p: None)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+def malformed(codec, payload: np.ndarray) -> dict[str, np.ndarray]:
+    """Payload variants that must be rejected: too short, too long, NaN, inf where values live."""
+    cases = {"short": payload[:-1], "long": np.concatenate([payload, payload[:1]])}
+    for label, bad in (("nan", np.nan), ("inf", np.inf)):
+        broken = payload.copy()
+        if isinstance(codec, ReduceCodec):
+            if broken.dtype == np.uint16:
+                broken[0] = to_bits(np.array([bad], np.float32), codec.format)[0]
+            else:
+                broken[0] = bad
+        else:  # gather codecs: a float32 field sits where the codec keeps its values / scales
+            floats_at = codec.count(100) * 4 if codec.name == "topk" else 0
+            broken[floats_at:floats_at + 4] = np.array([bad], np.float32).view(np.uint8)
+        cases[label] = broken
+    return cases
+
+
+@pytest.mark.parametrize("name", ONE_SHOT)
+def test_validation_rejects_wrong_length_and_non_finite(name):
+    codec = build(name)
+    payload = codec.encode(vector(100), CTX)
+    codec.validate(payload, 100, CTX)
+    for label, bad in malformed(codec, payload).items():
+        with pytest.raises(PayloadError):
+            codec.validate(bad, 100, CTX)
+            pytest.fail(f"{name}: {label} payload accepted")
+
+
+def test_validation_rejects_bad_indices_codes_and_dtypes():
+    topk = make_codec("topk", density=0.1)
+    payload = topk.encode(vector(100), CTX)
+    idx = payload[:40].view(np.uint32)
+    for value, reason in ((100, "out of range"), (int(idx[0]), "ascending")):
+        bad = payload.copy()
+        bad[4:8] = np.array([value], np.uint32).view(np.uint8)
+        with pytest.raises(PayloadError, match=reason):
+            topk.validate(bad, 100, CTX)
+    qsgd = make_codec("qsgd", levels=1, bucket=512)  # 2-bit codes: 3 would be out of range 0..2
+    bad = qsgd.encode(vector(100), CTX)
+    bad[4] = 0xFF
+    with pytest.raises(PayloadError, match="code 3"):
+        qsgd.validate(bad, 100, CTX)
+    with pytest.raises(PayloadError, match="uint8"):
+        topk.validate(payload.view(np.float32), 100, CTX)
+    with pytest.raises(PayloadError, match="float32"):
+        make_codec("none").validate(vector(100).astype(np.float64), 100, CTX)
+
+
+# ---- aggregation ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["topk", "qsgd", "sign", "none"])
+def test_aggregate_rejects_one_bad_client_and_sums_the_rest(name):
+    codec, n = build(name), 200
+    xs = [vector(n, seed=s) for s in range(4)]
+    payloads = [codec.encode(x, RoundContext(1, 9, c)) for c, x in zip((10, 11, 12, 13), xs)]
+    payloads[2] = payloads[2][:-1]
+    total, accepted, rejections = aggregate(codec, payloads, [10, 11, 12, 13], n, seed=1, round=9)
+    assert accepted == [10, 11, 13]
+    assert [(r.client, r.round) for r in rejections] == [(12, 9)]
+    assert "client 12" in str(rejections[0]) and "round 9" in str(rejections[0])
+    expected = sum(codec.decode(p, n, RoundContext(1, 9, c)) for c, p in zip((10, 11, 13),
+                                                                             [payloads[i] for i in (0, 1, 3)]))
+    assert np.allclose(total, expected, atol=1e-6)
+
+
+def test_aggregate_reads_payloads_sliced_from_one_gatherv_buffer():
+    """Gatherv hands the server views at byte offsets, unaligned for float32 after an odd-length payload."""
+    codec, n = make_codec("topk", density=0.1), 301
+    payloads = [np.arange(3, dtype=np.uint8)] + [codec.encode(vector(n, seed=s), RoundContext(0, 0, s))
+                                                 for s in (1, 2)]
+    recv = np.concatenate(payloads)
+    displs = np.concatenate([[0], np.cumsum([p.size for p in payloads])[:-1]])
+    views = [recv[d:d + p.size] for d, p in zip(displs, payloads)]
+    total, accepted, rejections = aggregate(codec, views, [0, 1, 2], n, seed=0, round=0)
+    assert accepted == [1, 2] and rejections[0].client == 0 and "bytes, expected" in rejections[0].reason
+    assert np.array_equal(total, sum(codec.decode(p, n, CTX) for p in payloads[1:]))
+
+
+def test_aggregate_rescales_by_the_accepted_weight():
+    codec, n = make_codec("none"), 50
+    weights = [0.5, 0.25, 0.25]
+    xs = [w * np.ones(n, np.float32) for w in weights]  # each client's weighted update of ones
+    payloads = [codec.encode(x, CTX) for x in xs]
+    payloads[0] = payloads[0].copy()
+    payloads[0][7] = np.nan
+    total, accepted, rejections = aggregate(codec, payloads, [0, 1, 2], n, 0, 0, weights=weights)
+    assert accepted == [1, 2] and "non-finite" in rejections[0].reason
+    assert np.allclose(total, 1.0)
+    none_left = aggregate(codec, payloads[:1], [0], n, 0, 0, weights=weights[:1])
+    assert none_left.accepted == [] and not none_left.total.any()
+
+
+def test_aggregate_refuses_multi_phase_codecs():
+    with pytest.raises(ValueError, match="multi-phase"):
+        aggregate(build("powersgd"), [], [], N_LAYERS, 0, 0)
+
+
+# ---- registry ------------------------------------------------------------------------------------
+
+def test_make_codec_errors_name_the_fix():
+    with pytest.raises(ValueError, match="choose one of: bf16, efsign, fp16"):
+        make_codec("zip")
+    with pytest.raises(ValueError, match="its options are: density, error_feedback"):
+        make_codec("topk", rank=2)
+    with pytest.raises(ValueError, match="layer shapes"):
+        make_codec("powersgd")
+    with pytest.raises(ValueError, match="unbiased=false"):
+        make_codec("randomk", error_feedback=True)
+    for name, options in (("topk", {"density": 0}), ("qsgd", {"levels": 200}), ("sign", {"bucket": 0}),
+                          ("powersgd", {"rank": 0})):
+        with pytest.raises(ValueError):
+            build(name, **options)
+    assert all(isinstance(build(n), (OneShot, ReduceCodec)) for n in codec_names())
+
+
+# ---- benchmark ------------------------------------------------------------------------------------
+
+def test_bench_compress_runs_and_reports_checked_bytes():
+    from click.testing import CliRunner
+
+    from mpifed.bench.compress import compress, run_bench
+
+    rows = run_bench(["cnn"], ["none", "topk", "powersgd"], batch=4, classes=10, steps=1, repeats=1)
+    by_codec = {r.codec: r for r in rows}
+    n = by_codec["none"].n
+    assert by_codec["none"].nbytes == 4 * n and by_codec["none"].rel_error == 0
+    assert by_codec["topk"].dense_ratio >= 45
+    assert all(r.t_step > 0 and r.step_fraction >= 0 for r in rows)
+    result = CliRunner().invoke(compress, ["--model", "cnn", "--codec", "sign", "--batch", "2", "--steps", "1",
+                                           "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert "sign" in result.output and "30.1x" in result.output
+
+
+def test_compare_round_times_takes_medians_against_dense():
+    from mpifed.bench.compress import compare_round_times
+
+    fake = {"none": iter([1.0, 3.0, 2.0]), "topk": iter([0.5, 0.4, 9.0])}
+    codecs = {"none": make_codec("none"), "topk": make_codec("topk")}
+    times = compare_round_times(lambda codec: next(fake[codec.name]), codecs, repeats=3)
+    assert [(t.codec, t.seconds, t.vs_dense) for t in times] == [("none", 2.0, 1.0), ("topk", 0.5, 0.25)]
+    with pytest.raises(ValueError, match="baseline"):
+        compare_round_times(lambda codec: 1.0, {"topk": codecs["topk"]})
+
+
+@pytest.mark.parametrize("density", [0.0005, 0.01, 0.3])
+def test_topk_fast_selection_equals_a_full_sort_on_large_vectors(density):
+    from mpifed.compress.topk import SAMPLE, top_indices
+
+    n = 4 * SAMPLE + 12345
+    mag = np.abs(vector(n, seed=2) ** 3)
+    mag[:1000] = 0.0  # ties and structure that a strided sample must survive
+    k = math.ceil(density * n)
+    chosen = top_indices(mag, k)
+    assert chosen.size == k and np.unique(chosen).size == k
+    assert np.array_equal(np.sort(mag[chosen]), np.sort(mag)[n - k:])
+    mag[7] = np.nan  # a non-finite update takes the full path, which keeps the NaN (the server rejects it)
+    assert 7 in top_indices(mag, k)

@@ -1,0 +1,179 @@
+"""The memory model: analytic walk against real CPU steps, max-batch math, budgets and their errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from mpifed import memory as mem
+from mpifed.bench.memory import oom_search
+from mpifed.models import build_model
+
+SHAPE, CLASSES = (3, 32, 32), 10
+MiB = 2 ** 20
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return build_model("cnn", CLASSES)
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return build_model("resnet18", CLASSES)
+
+
+@pytest.fixture(scope="module")
+def cnn_analytic(cnn):
+    return mem.analytic_memory_model(cnn, SHAPE, CLASSES, "sgd", "cpu")
+
+
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / b
+
+
+def test_parse_bytes():
+    assert mem.parse_bytes("2GiB") == 2 * 2 ** 30
+    assert mem.parse_bytes("512MiB") == 512 * 2 ** 20
+    assert mem.parse_bytes("16GB") == 16 * 10 ** 9
+    with pytest.raises(ValueError, match="unknown size unit"):
+        mem.parse_bytes("3 parsecs")
+
+
+def test_cpu_ground_truth_counts_known_allocations_exactly():
+    """The profiler-based accounting the CPU ground truth rests on: a known sequence of allocations
+    and frees gives exactly the expected live peaks per phase."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        a = torch.empty(1000)  # 4000 bytes, live before the first phase
+        with record_function("mpifed.memory::forward_backward"):
+            b = torch.empty(500)  # 6000 live
+            del a  # 2000
+            c = torch.empty(250)  # 3000
+        with record_function("mpifed.memory::update"):
+            del b, c  # 0
+            d = torch.empty(100)  # 400
+        del d
+    peaks = mem._profiled_phase_peaks(prof, ("forward_backward", "update"))
+    assert peaks == {"forward_backward": 6000, "update": 3000}  # update opens with b and c live
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+def test_analytic_matches_cpu_ground_truth_cnn(cnn, batch):
+    predicted = mem.analytic_peak(cnn, SHAPE, CLASSES, "sgd", "cpu", batch).total
+    measured = mem.measured_peak(cnn, SHAPE, CLASSES, "sgd", "cpu", batch).total
+    assert relative(predicted, measured) <= 0.15, (batch, predicted, measured)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_analytic_matches_cpu_ground_truth_resnet18(resnet18, batch):
+    predicted = mem.analytic_peak(resnet18, SHAPE, CLASSES, "sgd", "cpu", batch)
+    measured = mem.measured_peak(resnet18, SHAPE, CLASSES, "sgd", "cpu", batch)
+    assert relative(predicted.total, measured.total) <= 0.15
+    assert relative(predicted.update, measured.update) <= 0.15
+
+
+def test_analytic_and_probed_models_agree_on_cnn(cnn, cnn_analytic):
+    probed = mem.measured_memory_model(cnn, SHAPE, CLASSES, "sgd", "cpu", probes=(2, 4, 8, 16))
+    assert relative(cnn_analytic.per_sample_bytes, probed.per_sample_bytes) <= 0.05
+    for batch in (16, 64, 256):  # inside and far beyond the probed range
+        assert relative(cnn_analytic.peak(batch), probed.peak(batch)) <= 0.05
+
+
+def test_linear_model_reproduces_the_walk_at_large_batches(cnn, cnn_analytic):
+    for batch in (64, 128):
+        walk = mem.analytic_peak(cnn, SHAPE, CLASSES, "sgd", "cpu", batch).total
+        assert relative(cnn_analytic.peak(batch), walk) <= 0.005
+
+
+def test_optimizer_state_is_counted(cnn):
+    param_bytes = sum(p.numel() * p.element_size() for p in cnn.parameters())
+    sgd = mem.analytic_peak(cnn, SHAPE, CLASSES, "sgd", "cpu", 64)
+    adam = mem.analytic_peak(cnn, SHAPE, CLASSES, "adam", "cpu", 64)
+    bare = mem.analytic_peak(cnn, SHAPE, CLASSES, "none", "cpu", 64)
+    # Adam holds one more parameter-sized buffer than SGD with momentum; 'none' holds neither.
+    assert adam.forward_backward - sgd.forward_backward == param_bytes
+    assert sgd.forward_backward - bare.forward_backward == param_bytes
+
+
+def test_cuda_walk_runs_without_a_gpu_and_rounds_to_blocks(cnn):
+    cuda = mem.analytic_peak(cnn, SHAPE, CLASSES, "sgd", "cuda", 16, overhead_bytes=0)
+    cpu = mem.analytic_peak(cnn, SHAPE, CLASSES, "sgd", "cpu", 16)
+    assert cuda.forward_backward % mem.CUDA_BLOCK_BYTES == 0
+    assert cpu.total <= cuda.total <= cpu.total * 1.2
+
+
+def test_max_batch_math():
+    m = mem.MemoryModel(static_bytes=100, per_sample_bytes=10, update_bytes=150,
+                        update_per_sample_bytes=1, method="analytic", device="cpu", fit_batches=(16, 32))
+    assert mem.max_batch(m, 1000, margin=0.0) == 90
+    assert mem.max_batch(m, 1000, margin=0.1) == 80
+    assert mem.max_batch(m, 1000, margin=0.05) == 85
+    assert mem.max_batch(m, 1000, margin=0.05, multiple_of=8) == 80
+    # the update phase binds when it holds more than the activations would
+    heavy = mem.MemoryModel(100, 10, 900, 1, "analytic", "cpu", (16, 32))
+    assert mem.max_batch(heavy, 1000, margin=0.05) == 50
+    with pytest.raises(ValueError, match="margin"):
+        mem.max_batch(m, 1000, margin=1.0)
+
+
+def test_max_batch_is_tight(cnn_analytic):
+    budget = 64 * MiB
+    b = mem.max_batch(cnn_analytic, budget)
+    assert cnn_analytic.peak(b) <= budget * (1 - mem.DEFAULT_MARGIN)
+    assert cnn_analytic.peak(b + 1) > budget * (1 - mem.DEFAULT_MARGIN)
+    assert cnn_analytic.peak(math.ceil(1.15 * b)) > budget
+
+
+def test_budget_below_batch_one_names_client_and_budget(resnet18):
+    with pytest.raises(mem.MemoryBudgetError) as info:
+        mem.size_client(resnet18, SHAPE, CLASSES, "sgd", "cpu", 64 * MiB, 32, client="client 3")
+    message = str(info.value)
+    assert "client 3" in message and "64.00 MiB" in message and str(64 * MiB) in message
+    assert info.value.need > 64 * MiB
+
+
+def test_requested_batch_is_capped_or_refused(cnn):
+    sizing = mem.size_client(cnn, SHAPE, CLASSES, "sgd", "cpu", 16 * MiB, 4096, client="client 1")
+    assert sizing.batch == sizing.max_batch < 4096
+    assert "client 1" in sizing.message and "capped" in sizing.message
+    with pytest.raises(mem.MemoryBudgetError, match="client 1"):
+        mem.size_client(cnn, SHAPE, CLASSES, "sgd", "cpu", 16 * MiB, 4096, client="client 1", strict=True)
+    fits = mem.size_client(cnn, SHAPE, CLASSES, "sgd", "cpu", 16 * MiB, 8, client="client 1")
+    assert fits.batch == 8 and fits.message == ""
+
+
+def test_cpu_budget_is_enforced_before_the_step_runs(cnn, cnn_analytic):
+    budget = 8 * MiB
+    guard = mem.enforce_budget("cpu", budget, cnn_analytic, "client 2")
+    largest = mem.max_batch(cnn_analytic, budget)
+    guard.check(largest)
+    steps = []
+
+    def guarded_step(batch):
+        guard.check(batch)
+        steps.append(batch)
+
+    with pytest.raises(mem.MemoryBudgetError, match="client 2"):
+        guarded_step(4 * largest)
+    assert steps == []
+
+
+def test_oom_search_finds_the_boundary():
+    result = oom_search(lambda b: b <= 37)
+    assert result.batch == 37 and result.failures >= 1
+    assert [b for b, _ in result.tried][:6] == [2, 4, 8, 16, 32, 64]
+    assert oom_search(lambda b: False).batch == 0
+
+
+def test_memory_command_prints_table_and_max_batch():
+    from mpifed.commands.memory import OPTIMIZERS, memory
+
+    assert OPTIMIZERS == mem.OPTIMIZERS
+    result = CliRunner().invoke(memory, ["--model", "cnn", "--budget", "64MiB", "--batches", "1,16",
+                                         "--measure", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "max batch for budget 64.00 MiB" in result.output and "measured" in result.output

@@ -1,0 +1,350 @@
+"""Performance model and planner: fits recover known parameters, the planner keeps its promises,
+re-planning settles. Pure tests run in-process; one test runs the MPI measurement under mpirun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mpifed.commands.plan import plan as plan_command
+from mpifed.perf import (CollectiveSample, CommModel, ComputeCurve, Profile, ClientProfile, Replanner,
+                         fit_collective, load_profile, mdape, plan_batches, plan_throughput,
+                         predict_round, profile_batches, profile_compute, save_profile, uniform_split)
+from mpifed.perf.comm import CollectiveCost, terms
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIRUN = Path(sys.executable).parent / "mpirun"
+
+
+def noisy(curve: ComputeCurve, batches, repeats: int, sigma: float, rng) -> list[tuple[int, float]]:
+    return [(b, float(curve.predict(b)) * rng.lognormal(0, sigma)) for b in batches for _ in range(repeats)]
+
+
+# ---- compute curves ---------------------------------------------------------------------------
+
+def test_curve_fit_recovers_plateau_and_line():
+    rng = np.random.default_rng(1)
+    true = ComputeCurve(a=0.005, c=1e-4, t_floor=0.02)  # knee at b = 150
+    fit = ComputeCurve.fit(noisy(true, profile_batches(1024, 11), 5, 0.03, rng))
+    assert fit.c == pytest.approx(true.c, rel=0.05)
+    assert fit.t_floor == pytest.approx(true.t_floor, rel=0.05)
+    assert fit.a == pytest.approx(true.a, abs=0.002)
+    assert fit.knee == pytest.approx(true.knee, rel=0.15)
+    assert 0.01 < fit.rel_rms < 0.06  # the 3% noise, seen through the residual
+
+
+def test_curve_fit_affine_device_has_no_plateau():
+    rng = np.random.default_rng(2)
+    true = ComputeCurve(a=0.003, c=2e-5)
+    fit = ComputeCurve.fit(noisy(true, profile_batches(512, 10), 5, 0.02, rng))
+    assert fit.a == pytest.approx(true.a, rel=0.1)
+    assert fit.c == pytest.approx(true.c, rel=0.05)
+    b = np.arange(1, 513)
+    assert np.max(np.abs(fit.predict(b) / true.predict(b) - 1)) < 0.05
+
+
+def test_curve_fit_exact_on_clean_data_and_round_trips():
+    true = ComputeCurve(a=-0.01, c=1e-3, t_floor=0.05)  # a < 0 is fine when a plateau holds it up
+    fit = ComputeCurve.fit([(b, float(true.predict(b))) for b in (1, 4, 16, 32, 64, 128, 256)])
+    assert (fit.a, fit.c, fit.t_floor) == pytest.approx((true.a, true.c, true.t_floor), rel=1e-9)
+    assert ComputeCurve.from_dict(json.loads(json.dumps(fit.to_dict()))) == fit
+
+
+def test_curve_rejects_bad_input():
+    with pytest.raises(ValueError, match="2 distinct batch sizes"):
+        ComputeCurve.fit([(8, 0.1), (8, 0.11)])
+    with pytest.raises(ValueError, match="seconds > 0"):
+        ComputeCurve.fit([(1, 0.1), (2, -1.0)])
+    with pytest.raises(ValueError, match="positive time"):
+        ComputeCurve(a=-1.0, c=0.1)
+    with pytest.raises(ValueError, match="lacks"):
+        ComputeCurve.from_dict({"a": 1.0})
+
+
+def test_max_batch_within_inverts_predict():
+    curve = ComputeCurve(a=0.002, c=3e-4, t_floor=0.01)
+    for seconds in (0.005, 0.01, 0.0101, 0.05, 0.3):
+        b = curve.max_batch_within(seconds, cap=500)
+        assert b == max([0] + [x for x in range(1, 501) if curve.predict(x) <= seconds])
+
+
+def test_profile_compute_takes_median_and_warms_up():
+    calls = []
+    fit_batches = profile_batches(64, 4)
+    assert fit_batches[0] == 1 and fit_batches[-1] == 64 and len(fit_batches) == 4
+    samples = profile_compute(calls.append, [2, 8], repeats=3, warmup=1)
+    assert calls == [2] * 4 + [8] * 4
+    assert [b for b, _ in samples] == [2, 8] and all(t > 0 for _, t in samples)
+
+
+# ---- collectives ------------------------------------------------------------------------------
+
+def test_alpha_beta_fit_recovers_known_costs():
+    rng = np.random.default_rng(3)
+    true = {"bcast": (5e-6, 2e-10), "reduce": (8e-6, 6e-10), "gatherv": (4e-6, 3e-10), "gather": (3e-6, 1e-9)}
+    samples = []
+    for kind, (alpha, beta) in true.items():
+        cost = CollectiveCost(kind, alpha, beta)
+        for p in (3, 4, 8, 16):
+            for m in np.geomspace(64, 64 << 20, 10).astype(int):
+                samples += [CollectiveSample(kind, p, int(m), cost.predict(p, m) * rng.lognormal(0, 0.03))]
+    model = fit_collective(samples)
+    for kind, (alpha, beta) in true.items():
+        assert model.costs[kind].alpha == pytest.approx(alpha, rel=0.1), kind
+        assert model.costs[kind].beta == pytest.approx(beta, rel=0.05), kind
+    assert CommModel.from_dict(json.loads(json.dumps(model.to_dict()))).costs == model.costs
+
+
+def test_alpha_beta_terms_follow_mpich_switch_points():
+    assert terms("bcast", 4, 1 << 20) == (2, 2 * (1 << 20))  # p < 8: binomial even for large messages
+    assert terms("bcast", 16, 1 << 20) == (4 + 15, 2 * 15 / 16 * (1 << 20))
+    assert terms("reduce", 4, 1024) == (2, 2048)
+    assert terms("reduce", 4, 1 << 20) == (4, 2 * 3 / 4 * (1 << 20))
+    with pytest.raises(ValueError, match="unknown collective"):
+        terms("allreduce", 4, 8)
+
+
+def test_alpha_beta_fit_never_negative():
+    # Pure bandwidth data: an unconstrained fit could give a slightly negative alpha.
+    samples = [CollectiveSample("reduce", 4, m, 1e-9 * m * 1.5) for m in (4096, 1 << 16, 1 << 20)]
+    cost = fit_collective(samples).costs["reduce"]
+    assert cost.alpha >= 0 and cost.beta > 0
+
+
+# ---- round prediction and planner ---------------------------------------------------------------
+
+def toy_comm() -> CommModel:
+    return CommModel({k: CollectiveCost(k, 2e-5, 1e-9) for k in ("bcast", "reduce", "gatherv", "gather")})
+
+
+def speeds_4x() -> list[ComputeCurve]:
+    """Four clients; the fastest runs 4x the slowest (per-sample cost 1, 2, 3, 4 x 0.1 ms)."""
+    return [ComputeCurve(a=0.004, c=f * 1e-4, t_floor=0.006) for f in (1, 2, 3, 4)]
+
+
+def test_predict_round_sums_parts_and_names_bound():
+    curves, comm = speeds_4x(), toy_comm()
+    pred = predict_round(curves, [64, 64, 64, 64], comm, 4 << 20, 4 << 20, 5, server_seconds=0.001,
+                         metrics_bytes=128)
+    expected_comm = comm.predict("bcast", 5, 4 << 20) + comm.predict("reduce", 5, 4 << 20) + \
+        comm.predict("gather", 5, 128)
+    assert pred.t_comm == pytest.approx(expected_comm)
+    assert pred.t_round == pytest.approx(float(curves[3].predict(64)) + expected_comm + 0.001)
+    assert pred.slowest_client == 3 and pred.throughput == pytest.approx(256 / pred.t_round)
+    linky = predict_round(curves, [1, 1, 1, 1], comm, 200 << 20, 200 << 20, 5)
+    assert linky.bound_by.startswith("link")
+    assert mdape([1.1, 0.9, 1.0], [1.0, 1.0, 1.0]) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("global_batch", [4, 5, 37, 400, 1000, 1500])
+def test_planner_respects_caps_and_sum_and_optimum(global_batch):
+    curves = speeds_4x()
+    caps = [600, 300, 500, 100]
+    batches = plan_batches(curves, caps, global_batch)
+    assert sum(batches) == global_batch
+    assert all(1 <= b <= cap for b, cap in zip(batches, caps))
+    slowest = max(float(c.predict(b)) for c, b in zip(curves, batches))
+    # No single move of one sample from one client to another makes the slowest client faster.
+    for i in range(4):
+        for j in range(4):
+            if i != j and batches[i] > 1 and batches[j] < caps[j]:
+                moved = list(batches)
+                moved[i] -= 1
+                moved[j] += 1
+                assert max(float(c.predict(b)) for c, b in zip(curves, moved)) >= slowest - 1e-15
+
+
+def test_planner_gives_faster_clients_more():
+    batches = plan_batches(speeds_4x(), [10_000] * 4, 2000)
+    assert batches == sorted(batches, reverse=True) and batches[0] > 3 * batches[3]
+
+
+def test_planner_errors_are_clear():
+    with pytest.raises(ValueError, match="exceeds the sum of the clients' max batches"):
+        plan_batches(speeds_4x(), [10, 10, 10, 10], 41)
+    with pytest.raises(ValueError, match="at least one sample"):
+        plan_batches(speeds_4x(), [10, 10, 10, 10], 3)
+    with pytest.raises(ValueError, match="max batch below 1"):
+        plan_batches(speeds_4x(), [10, 0, 10, 10], 12)
+
+
+def test_uniform_split_water_fills_caps():
+    assert uniform_split(10, 3) == [4, 3, 3]
+    assert uniform_split(100, 4, [10, 50, 50, 5]) == [10, 43, 42, 5]
+    assert uniform_split(115, 4, [10, 50, 50, 5]) == [10, 50, 50, 5]
+    with pytest.raises(ValueError, match="cannot split"):
+        uniform_split(116, 4, [10, 50, 50, 5])
+
+
+def test_planned_split_beats_uniform_by_1_5x_at_4x_speed_spread():
+    curves, comm = speeds_4x(), toy_comm()
+    caps, b_global = [4096] * 4, 2048
+
+    def throughput(batches):
+        return predict_round(curves, batches, comm, 1 << 20, 1 << 20, 5).throughput
+
+    ratio = throughput(plan_batches(curves, caps, b_global)) / throughput(uniform_split(b_global, 4, caps))
+    assert ratio >= 1.5
+
+
+def test_plan_throughput_picks_best_candidate_or_knee():
+    curves, comm = speeds_4x(), toy_comm()
+
+    def predict(batches):
+        return predict_round(curves, batches, comm, 1 << 20, 1 << 20, 5)
+
+    uncapped = [1 << 14] * 4
+    assert plan_throughput(curves, uncapped, predict, candidates=[256, 1024, 4096]).global_batch == 4096
+    # With equal caps, filling them all puts 512 samples on the 4x slower client: worse than 1024.
+    caps = [512] * 4
+    best = plan_throughput(curves, caps, predict)
+    by_b = {b: predict(plan_batches(curves, caps, b)).throughput for b in (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)}
+    assert best.global_batch == max(by_b, key=by_b.get) and best.global_batch < 2048
+    assert best.batches == plan_batches(curves, caps, best.global_batch)
+    knee = plan_throughput(curves, caps, predict, min_fraction=0.8)
+    assert knee.global_batch < best.global_batch
+    assert knee.prediction.throughput >= 0.8 * best.prediction.throughput
+
+
+# ---- re-planning ------------------------------------------------------------------------------
+
+def run_replanner(rep: Replanner, true: list[ComputeCurve], rounds: int, sigma: float, rng) -> list[int]:
+    """Feed noisy measured times from `true` curves; return the rounds at which batches changed."""
+    changes = []
+    for r in range(rounds):
+        measured = [float(c.predict(b)) * rng.lognormal(0, sigma) for c, b in zip(true, rep.batches)]
+        if rep.observe(measured):
+            changes.append(r)
+            assert sum(rep.batches) == 1024
+            assert all(1 <= b <= cap for b, cap in zip(rep.batches, rep.max_batches))
+    return changes
+
+
+def test_replanner_stays_put_under_stationary_noise():
+    rng = np.random.default_rng(4)
+    curves, caps = speeds_4x(), [1024] * 4
+    rep = Replanner(curves, caps, plan_batches(curves, caps, 1024))
+    assert run_replanner(rep, curves, 300, 0.05, rng) == []
+
+
+def test_replanner_adapts_to_step_change_then_settles():
+    rng = np.random.default_rng(5)
+    curves, caps = speeds_4x(), [1024] * 4
+    rep = Replanner(curves, caps, plan_batches(curves, caps, 1024))
+    slowed = [curves[0].scaled(3.0)] + curves[1:]  # client 0 becomes 3x slower (a neighbour's job)
+    changes = run_replanner(rep, slowed, 300, 0.05, rng)
+    assert changes and changes[0] < 20 and changes[-1] < 60  # adapts quickly, then stops moving
+    ideal = plan_batches(slowed, caps, 1024)
+    assert all(abs(b - i) <= 0.1 * i + 2 for b, i in zip(rep.batches, ideal))
+    before = max(float(c.predict(b)) for c, b in zip(slowed, plan_batches(curves, caps, 1024)))
+    after = max(float(c.predict(b)) for c, b in zip(slowed, rep.batches))
+    assert after < 0.8 * before
+    restored = Replanner(curves, caps, plan_batches(curves, caps, 1024))
+    restored.load_state_dict(json.loads(json.dumps(rep.state_dict())))
+    assert restored.batches == rep.batches and restored.speed == rep.speed
+
+
+def test_replanner_settles_when_curve_shape_is_wrong():
+    """Drift in the intercept only (not a pure scaling) must still converge without flapping."""
+    rng = np.random.default_rng(6)
+    curves, caps = speeds_4x(), [1024] * 4
+    true = [ComputeCurve(c.a + 0.02 * (k == 1), c.c, c.t_floor + 0.02 * (k == 1)) for k, c in enumerate(curves)]
+    rep = Replanner(curves, caps, plan_batches(curves, caps, 1024))
+    changes = run_replanner(rep, true, 400, 0.03, rng)
+    assert changes and changes[-1] < 100
+
+
+# ---- profile file and the plan command ------------------------------------------------------------
+
+def toy_profile(caps=(1200, 600, 400, 300)) -> Profile:
+    clients = tuple(ClientProfile(k, k + 1, f"emulated {k}", cap, c) for k, (c, cap) in enumerate(zip(speeds_4x(), caps)))
+    return Profile(5, 1 << 20, 1 << 20, clients, toy_comm(), metrics_bytes=128, server_seconds=0.001)
+
+
+def test_profile_file_round_trip_and_plan_command(tmp_path):
+    path = tmp_path / "prof.json"
+    save_profile(toy_profile(), path)
+    assert load_profile(path) == toy_profile()
+    result = CliRunner().invoke(plan_command, [str(path), "--global-batch", "1024"])
+    assert result.exit_code == 0, result.output
+    assert "global batch 1024" in result.output and "vs uniform split" in result.output
+    result = CliRunner().invoke(plan_command, [str(path), "--maximize"])
+    assert result.exit_code == 0 and "global batch 2500" in result.output
+    result = CliRunner().invoke(plan_command, [str(path), "--global-batch", "5000"])
+    assert result.exit_code != 0 and "exceeds the sum" in result.output
+    result = CliRunner().invoke(plan_command, [str(path)])
+    assert result.exit_code != 0 and "exactly one of" in result.output
+    path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="mpifed-profile"):
+        load_profile(path)
+
+
+# ---- under MPI ------------------------------------------------------------------------------------
+
+MPI_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from mpi4py import MPI
+    from mpifed.perf import measure_collectives
+    from mpifed.commands.profile import ProfileTarget, run_profile
+    from mpifed.perf.profile_file import save_profile
+
+    comm = MPI.COMM_WORLD
+    sizes = [64, 1 << 16, 1 << 22]
+    samples = measure_collectives(comm, sizes, repeats=3)
+
+    def make_step_fn(rank):
+        x = np.ones((64, 64))
+        def step(b):  # work grows with the batch, like a training step
+            for _ in range(b):
+                x @ x
+        return step
+
+    target = ProfileTarget(make_step_fn, lambda rank: 64, model_bytes=1 << 18, payload_bytes=1 << 18,
+                           metrics_bytes=128, device=lambda rank: f"cpu{rank}")
+    prof = run_profile(comm, target, points=4, repeats=2, warmup=1, comm_points=3, comm_repeats=2)
+    if comm.Get_rank() == 0:
+        save_profile(prof, sys.argv[1])
+        print(json.dumps([s.to_list() for s in samples]))
+    else:
+        assert samples == [] and prof is None
+""")
+
+
+@pytest.mark.mpi
+def test_measure_collectives_and_profile_under_mpirun(tmp_path):
+    if not MPIRUN.exists():
+        pytest.skip(f"no mpirun next to {sys.executable}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([str(MPIRUN), "-n", "3", sys.executable, "-c", MPI_SCRIPT, str(tmp_path / "p.json")],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [CollectiveSample.from_list(r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
+    assert {r.kind for r in rows} == {"bcast", "reduce", "gatherv", "gather"}
+    for kind in ("bcast", "reduce", "gatherv", "gather"):
+        mine = sorted((r for r in rows if r.kind == kind), key=lambda r: r.nbytes)
+        assert [r.nbytes for r in mine] == [64, 1 << 16, 1 << 22] and all(r.ranks == 3 for r in mine)
+        assert all(r.seconds > 0 for r in mine)
+        assert mine[-1].seconds > mine[0].seconds  # 4 MiB costs more than 64 B
+    prof = load_profile(tmp_path / "p.json")
+    assert prof.n_ranks == 3 and [c.rank for c in prof.clients] == [1, 2]
+    assert all(c.max_batch == 64 and c.curve.c > 0 and c.device == f"cpu{c.rank}" for c in prof.clients)
+    assert set(prof.comm.costs) == {"bcast", "reduce", "gather"}
+
+
+def test_comm_model_reads_measurements_inside_their_range():
+    samples = [CollectiveSample("bcast", 4, 1024, 1e-5), CollectiveSample("bcast", 4, 1 << 20, 4e-4),
+               CollectiveSample("bcast", 4, 1 << 22, 3e-3)]  # a protocol switch alpha-beta cannot follow
+    model = fit_collective(samples)
+    assert model.predict("bcast", 4, 1 << 20) == pytest.approx(4e-4)
+    assert 4e-4 < model.predict("bcast", 4, 2 << 20) < 3e-3
+    assert model.predict("bcast", 8, 1 << 20) == pytest.approx(model.costs["bcast"].predict(8, 1 << 20))
+    assert model.predict("bcast", 4, 1 << 24) == pytest.approx(model.costs["bcast"].predict(4, 1 << 24))
