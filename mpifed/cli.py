@@ -9,12 +9,14 @@ from __future__ import annotations
 import click
 
 from mpifed import __version__
+from mpifed.commands.analyze import analyze
 from mpifed.commands.bench import bench
 from mpifed.commands.info import info
 from mpifed.commands.memory import memory
 from mpifed.commands.plan import plan
 from mpifed.commands.slurm import slurm
 from mpifed.commands.train import train
+from mpifed.commands.watch import watch
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,3 +41,5 @@ main.add_command(bench)
 main.add_command(slurm)
 main.add_command(memory)
 main.add_command(plan)
+main.add_command(analyze)
+main.add_command(watch)

@@ -12,12 +12,17 @@ One round, in the order it runs (E = job.train.local_steps):
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mpifed import memory as mem
 from mpifed import profiles
+from mpifed.compress import make_codec
+from mpifed.memory import BudgetGuard
+from mpifed.updates import UpdateChannel
 from mpifed.data import ClientSampler, augment, partition
 from mpifed.runlog import ITER_FIELDS, column
 from mpifed.schedule import learning_rate
@@ -26,6 +31,12 @@ from mpifed.session import Session
 
 class InjectedFault(RuntimeError):
     """Raised on purpose by debug.fail_rank, to test that one failing rank ends the whole job."""
+
+
+def update_channel(s: Session, client: int | None) -> UpdateChannel:
+    layers = [(name, shape) for name, shape in s.model.layout]
+    codec = make_codec(s.job.compress.codec, layers=layers, **s.job.compress.options)
+    return UpdateChannel(codec, s.exchange, s.model.n_params, s.job.run.seed, client)
 
 
 def payload_size(model) -> int:
@@ -39,16 +50,53 @@ def partitions(s: Session) -> list[np.ndarray]:
     return partition(s.dataset.targets, weights, d.partition, s.job.run.seed, d.alpha, d.volume_sigma)
 
 
-def run_client(s: Session) -> None:
-    job, world, model = s.job, s.world, s.model
-    client = world.rank - 1
+@dataclass
+class ClientSetup:
+    """What one client prepares before the first round."""
+
+    part: np.ndarray
+    xs: torch.Tensor
+    ys: torch.Tensor
+    batch: int                  # the batch it will train with (after the memory model's cap)
+    max_batch: int              # 0 when sizing is off
+    memory: dict                # fitted memory model (static_bytes, per_sample_bytes, ...), or {}
+    message: str                # why the batch was capped, or ""
+    guard: BudgetGuard | None   # binds an emulated memory budget
+
+
+def prepare_client(s: Session) -> ClientSetup:
+    """Partition, load this client's samples, and size the batch with the memory model."""
+    job, client = s.job, s.world.rank - 1
     profile = s.profile(client)
     part = partitions(s)[client]
     xs, ys = s.dataset.tensors(part)
     xs, ys = xs.to(s.device), ys.to(s.device)
+    requested = int(s.batches[client])
+    if not job.memory.size_clients:
+        return ClientSetup(part, xs, ys, requested, 0, {}, "", None)
+    name = f"client {client} (rank {s.world.rank}, profile {s.profile_names[client]})"
+    step = mem.StepSpec(optimizer="none" if job.train.local_steps == 1 else "sgd", momentum=0.0,
+                        weight_decay=job.optim.weight_decay, keep_grads=True)
+    budget = profile.memory or mem.device_budget(s.device) // (1 if s.device.type == "cuda" else s.world.local_size)
+    # held outside the step: this client's samples, the update buffer, the E>1 start copy
+    held = xs.nbytes + ys.nbytes + 4 * payload_size(s.model) + 4 * s.model.n_params * (job.train.local_steps > 1)
+    sizing = mem.size_client(s.model.module, tuple(xs.shape[1:]), s.dataset.num_classes, step, s.device,
+                             int(budget), requested, name, strict=job.memory.strict, margin=job.memory.margin,
+                             multiple_of=job.memory.multiple_of, extra_static_bytes=int(held))
+    guard = None
+    if profile.memory and job.memory.enforce:
+        guard = mem.enforce_budget(s.device, int(profile.memory), sizing.model, name)
+    return ClientSetup(part, xs, ys, sizing.batch, sizing.max_batch, sizing.model.as_record(), sizing.message, guard)
+
+
+def run_client(s: Session, setup: ClientSetup) -> None:
+    job, world, model = s.job, s.world, s.model
+    client = world.rank - 1
+    profile = s.profile(client)
+    xs, ys, part = setup.xs, setup.ys, setup.part
     sampler = ClientSampler(part, job.run.seed, client)
     batch, weight = int(s.batches[client]), s.weight(client)
-    _report_setup(s, len(part))
+    _report_setup(s, setup)
 
     on_gpu = s.device.type == "cuda"
     host = np.empty(model.size, np.float32) if on_gpu else model.flat.numpy()
@@ -56,7 +104,10 @@ def run_client(s: Session) -> None:
     update_host = np.empty(update.numel(), np.float32) if on_gpu else update.numpy()
     local_opt = torch.optim.SGD(model.params, lr=job.optim.lr, weight_decay=job.optim.weight_decay)
     row = np.full(len(ITER_FIELDS), np.nan)
-    nbytes, nbytes_up = model.size * 4, update.numel() * 4
+    channel = update_channel(s, client)
+    n = model.n_params
+    tail = update_host[n:]  # BatchNorm statistics and per-layer squared norms, reduced densely
+    nbytes, nbytes_up = model.size * 4, channel.nbytes + tail.nbytes
 
     for rnd in range(job.train.rounds):
         row[:] = np.nan
@@ -72,6 +123,8 @@ def run_client(s: Session) -> None:
             raise InjectedFault(f"debug.fail_rank = {world.rank}: failing on purpose in round {rnd}")
 
         t0 = time.perf_counter()
+        if setup.guard is not None:
+            setup.guard.check(batch)
         lr = learning_rate(job.optim, rnd, job.train.rounds, s.global_batch)
         loss = _local_steps(s, model, local_opt, lr, sampler, xs, ys, batch, rnd, update)
         if on_gpu:
@@ -81,19 +134,22 @@ def run_client(s: Session) -> None:
         t_compute = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        layer_sq = update[model.size:]
-        torch.stack([v.square().sum() for v in model.param_view(update)], out=layer_sq)
-        grad_norm = float(layer_sq.sum().sqrt())
         model.buffers_into(update)
         update.mul_(weight)
         if on_gpu:
             update_host[:] = update.cpu().numpy()
-        t_encode = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
         emul += profiles.sleep(profiles.link_delay(profile, nbytes_up, 0.0))
-        s.exchange.reduce_sum(update_host)
-        t_up = time.perf_counter() - t0
+        hit = job.debug.corrupt_rank == world.rank and job.debug.corrupt_round == rnd
+        sent = channel.send(update_host[:n], rnd, job.debug.corrupt if hit else "")
+        # per-layer |u_k|^2 of what the server decodes, weighted like the update: the reduction
+        # then hands the server sum_k b_k |u_k|^2 / B for the noise-scale estimate
+        layer_sq = torch.stack([v.double().square().sum() for v in model.param_view(torch.from_numpy(sent))])
+        tail[model.size - n:] = (layer_sq / weight).numpy()
+        grad_norm = float(layer_sq.sum().sqrt()) / weight
+        t1 = time.perf_counter()
+        s.exchange.reduce_sum(tail)
+        t_up = channel.comm_seconds + time.perf_counter() - t1
+        t_encode = time.perf_counter() - t0 - t_up
 
         values = dict(t_down=t_down, t_compute=t_compute, t_encode=t_encode, t_up=t_up, t_emul=emul,
                       t_iter=time.perf_counter() - start, batch=batch * job.train.local_steps,
@@ -134,10 +190,12 @@ def _local_steps(s: Session, model, local_opt, lr: float, sampler: ClientSampler
     return float(torch.stack(losses).mean())
 
 
-def _report_setup(s: Session, data_size: int) -> None:
+def _report_setup(s: Session, setup: ClientSetup) -> None:
     """Once, at start-up: this rank's static facts for the run log's /ranks table."""
-    p = s.profile(s.world.rank - 1)
+    client = s.world.rank - 1
+    p = s.profile(client)
     s.world.comm.gather(dict(
-        role=s.world.role, host=s.world.host, device=str(s.device), profile=s.profile_names[s.world.rank - 1],
+        role=s.world.role, host=s.world.host, device=str(s.device), profile=s.profile_names[client],
         emulated=p.emulated, speed=p.speed, memory_budget=p.memory, bandwidth=p.bandwidth, latency=p.latency,
-        data_size=data_size, batch=int(s.batches[s.world.rank - 1])), root=0)
+        data_size=len(setup.part), requested_batch=p.batch or s.job.train.batch, max_batch=setup.max_batch,
+        batch=int(s.batches[client]), memory_model=setup.memory, message=setup.message), root=0)

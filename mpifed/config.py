@@ -115,6 +115,33 @@ class CommConfig:
 
 
 @dataclass(frozen=True)
+class CompressConfig:
+    codec: str = opt("none", "How client updates travel: none (fp32, summed by MPI reduce), fp16/bf16 "
+                     "(2 bytes a value, reduce), randomk (shared random indices, reduce), powersgd (low-rank "
+                     "factors, two allreduces), topk/qsgd/sign/efsign (gathered; the server validates and "
+                     "decodes each client's payload). Bytes per codec: `mpifed bench compress`.",
+                     choices=("none", "fp16", "bf16", "randomk", "powersgd", "topk", "qsgd", "sign", "efsign"))
+    options: dict[str, Any] = opt({}, "Codec options as a table, e.g. {density = 0.01} for topk/randomk, "
+                                    "{rank = 4} for powersgd, {levels = 7, bucket = 512} for qsgd, "
+                                    "{error_feedback = true}; each codec module documents its own.")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    size_clients: bool = opt(True, "Every client predicts its largest batch at start-up (memory model: an "
+                             "analytic walk of one training step) and trains with min(requested, max).")
+    strict: bool = opt(False, "Refuse to start (naming the client) when a requested batch does not fit, "
+                       "instead of capping it.")
+    margin: float = opt(0.05, "Fraction of a client's memory budget kept free for what the model does not "
+                        "see (allocator fragmentation, library workspaces).", minimum=0.0)
+    multiple_of: int = opt(1, "Round the max batch down to a multiple of this (8 suits tensor cores).",
+                           minimum=1)
+    enforce: bool = opt(True, "Bind emulated budgets (a profile's memory): on CUDA through the allocator's "
+                        "per-process memory fraction, everywhere by checking the predicted peak before a "
+                        "step runs.")
+
+
+@dataclass(frozen=True)
 class Profile:
     speed: float = opt(1.0, "Compute speed relative to the device (1 = native). 0.25 emulates a device 4x "
                        "slower by sleeping 3x the measured compute time after each step.", minimum=1e-3)
@@ -151,6 +178,12 @@ class ClientsConfig:
 class DebugConfig:
     fail_rank: int = opt(-1, "Fault injection: this rank raises an error in round fail_round (-1 = off).")
     fail_round: int = opt(0, "Round in which fail_rank raises.", minimum=0)
+    corrupt_rank: int = opt(-1, "Fault injection: this rank sends a malformed update in round corrupt_round "
+                            "(-1 = off); the server must reject it and go on.")
+    corrupt_round: int = opt(0, "Round in which corrupt_rank's update is malformed.", minimum=0)
+    corrupt: str = opt("garbage", "How the update is malformed: garbage (every byte 0xFF: out-of-range "
+                       "indices, NaN values), truncate (one byte short), nan (a NaN in the update).",
+                       choices=("garbage", "truncate", "nan"))
 
 
 @dataclass(frozen=True)
@@ -161,6 +194,8 @@ class Job:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     profiles: dict[str, Profile] = field(default_factory=dict)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -193,6 +228,8 @@ def _convert(tp: Any, value: Any, where: str, meta: dict, errors: list[str]) -> 
             errors.append(f"{where}: expected a table of named entries")
             return {}
         return {k: _convert(args[1], v, f"{where}.{k}", {}, errors) for k, v in value.items()}
+    if tp is Any:  # checked by whoever consumes it (e.g. make_codec for codec options)
+        return value
     if meta.get("unit"):
         try:
             return float(_UNIT_PARSERS[meta["unit"]](value))
@@ -311,6 +348,13 @@ def check_job(job: Job) -> list[str]:
         if p.speed > 1:
             errors.append(f"profiles.{name}.speed = {p.speed}: emulation can only slow a device down; give "
                           f"the fastest profile speed = 1 and the others fractions of it")
+    try:
+        from mpifed.compress import make_codec
+        make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options)
+    except (ValueError, TypeError) as err:
+        errors.append(f"compress: {err}")
+    if job.memory.margin >= 1:
+        errors.append(f"memory.margin = {job.memory.margin}: must be below 1 (a fraction of the budget)")
     if job.optim.nesterov and job.optim.momentum <= 0:
         errors.append("optim.nesterov = true needs optim.momentum > 0")
     if list(job.optim.milestones) != sorted(set(job.optim.milestones)):

@@ -41,13 +41,16 @@ class Exchange:
         """Root's `buf` into every rank's `buf` (same shape and dtype everywhere)."""
         self.wait([self.comm.Ibcast(piece, root=ROOT) for piece in self._pieces(buf)])
 
-    def reduce_sum(self, buf: np.ndarray) -> None:
-        """Elementwise sum of every rank's `buf` into root's `buf` (root contributes its own values;
-        the server passes zeros). Non-root buffers are left unchanged."""
-        if self.comm.rank == ROOT:
-            reqs = [self.comm.Ireduce(MPI.IN_PLACE, piece, op=MPI.SUM, root=ROOT) for piece in self._pieces(buf)]
+    def reduce_sum(self, buf: np.ndarray, op: MPI.Op = MPI.SUM, everyone: bool = False) -> None:
+        """Elementwise sum (or `op`) of every rank's `buf` into root's `buf`, or into every rank's
+        with `everyone` (allreduce). Root contributes its own values (the server passes zeros);
+        without `everyone`, non-root buffers are left unchanged."""
+        if everyone:
+            reqs = [self.comm.Iallreduce(MPI.IN_PLACE, piece, op=op) for piece in self._pieces(buf)]
+        elif self.comm.rank == ROOT:
+            reqs = [self.comm.Ireduce(MPI.IN_PLACE, piece, op=op, root=ROOT) for piece in self._pieces(buf)]
         else:
-            reqs = [self.comm.Ireduce(piece, None, op=MPI.SUM, root=ROOT) for piece in self._pieces(buf)]
+            reqs = [self.comm.Ireduce(piece, None, op=op, root=ROOT) for piece in self._pieces(buf)]
         self.wait(reqs)
 
     def gather_rows(self, row: np.ndarray, table: np.ndarray | None) -> None:

@@ -52,6 +52,10 @@ class Progress:
         if self.mode != "off":
             self.console.print(text)
 
+    def warn(self, text: str) -> None:
+        """Problems go to stderr whatever the display mode, so a log file keeps them."""
+        print(text, file=sys.stderr, flush=True)
+
     def update(self, done: int, loss: float, acc: float | None, samples: int, seconds: float) -> None:
         status = f"loss {loss:.3f}  acc {'-' if acc is None else f'{acc:.3f}'}  {samples / seconds:,.0f} samples/s"
         if self.bar is not None:

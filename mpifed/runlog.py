@@ -4,11 +4,13 @@ Layout (schema 1):
   attrs           schema, versions (mpifed, torch, mpi4py, MPI library), job (resolved TOML),
                   command, world_size, hosts, started (ISO time)
   /ranks/<col>    (N,) one row per rank: role, host, device, profile, emulated, speed, memory_budget,
-                  bandwidth, latency, data_size, batch
+                  bandwidth, latency, data_size, requested_batch, max_batch (memory model; 0 = not
+                  sized), batch (what it trains with; the server's row holds the global batch)
   /iter/<field>   (T, N) one row per round, one column per rank; ITER_FIELDS below, seconds/bytes/samples
   /server/<name>  (T,) server-side series: SERVER_FIELDS below
   /eval/<name>    (E,) round, test_loss, test_acc, wall
-  /models         attrs of fitted models (memory, performance) when a run fits them
+  /models         attrs of fitted models: memory.client<k>.<field> (static_bytes, per_sample_bytes,
+                  ...), and the performance model when a run fits one
 A crash loses at most the round in flight: every append is followed by a flush.
 """
 
@@ -37,7 +39,8 @@ ITER_FIELDS = (
     "bytes_up",
     "bytes_down",
     "loss",         # client: loss of its batch (before the update); server: batch-weighted mean
-    "grad_norm",    # L2 norm of this rank's update (server: of the aggregate)
+    "grad_norm",    # L2 norm of this rank's update as the server decodes it (server: of the aggregate)
+    "rejected",     # 1 when the server refused this client's payload this round (server: how many)
 )
 # Server series: lr, global batch (samples), train loss (batch-weighted client mean), wall (s since
 # start), and the scaling policy's statistics (mpifed.scaling.STATS_KEYS): norm of the aggregate,
@@ -47,7 +50,7 @@ SERVER_FIELDS = ("lr", "global_batch", "train_loss", "wall", "grad_norm", "rel_c
                  "noise_scale", "sigma_trace", "signal_sq", "teacher_std")
 EVAL_FIELDS = ("round", "test_loss", "test_acc", "wall")
 RANK_COLUMNS = ("role", "host", "device", "profile", "emulated", "speed", "memory_budget", "bandwidth",
-                "latency", "data_size", "batch")
+                "latency", "data_size", "requested_batch", "max_batch", "batch")
 
 
 def column(name: str) -> int:

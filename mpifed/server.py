@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpifed.client import payload_size
+from mpifed.client import payload_size, update_channel
 from mpifed.progress import Progress
 from mpifed.scaling import ClientRound, ServerScalingPolicy
 from mpifed.runlog import ITER_FIELDS, RunWriter, column
@@ -48,9 +48,12 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
     optimizer = server_optimizer(s)
     policy = ServerScalingPolicy(job.scaling, [p.numel() for p in model.params], job.run.seed)
     test_x, test_y = s.dataset.tensors(_eval_indices(s))
+    channel = update_channel(s, None)
+    n = model.n_params
+    weights = s.batches / s.global_batch
     table = np.empty((s.world.size, len(ITER_FIELDS)))
     row = np.full(len(ITER_FIELDS), np.nan)
-    nbytes = model.size * 4
+    nbytes, nbytes_up = model.size * 4, channel.nbytes + (agg.numel() - n) * 4
     began = time.perf_counter()
     last_eval: dict = {}
 
@@ -64,10 +67,14 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
 
         t0 = time.perf_counter()
         agg_host.fill(0.0)
-        s.exchange.reduce_sum(agg_host)
-        t_up = time.perf_counter() - t0
+        received = channel.receive(rnd, agg_host[:n], weights)
+        t1 = time.perf_counter()
+        s.exchange.reduce_sum(agg_host[n:])
+        t_up = channel.comm_seconds + time.perf_counter() - t1
+        for message in received.messages:
+            progress.warn(f"mpifed: {message}")
 
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         if on_gpu:
             agg.copy_(torch.from_numpy(agg_host))
         lr = learning_rate(job.optim, rnd, job.train.rounds, s.global_batch)
@@ -75,14 +82,15 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
             lr = job.optim.server_lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-        clients = ClientRound(s.batches.tolist(), weighted_sq=agg[model.size:] * s.global_batch)
-        scaled, stats = policy.apply(rnd, grad, clients)
-        if scaled is not grad:
-            grad.copy_(scaled)
-        grad_norm = stats["grad_norm"]
-        optimizer.step()
-        model.flat[model.n_params:].copy_(agg[model.n_params: model.size])
-        t_decode = time.perf_counter() - t0
+        stats: dict = {}
+        if received.ok:
+            clients = ClientRound(s.batches.tolist(), weighted_sq=agg[model.size:] * s.global_batch)
+            scaled, stats = policy.apply(rnd, grad, clients)
+            if scaled is not grad:
+                grad.copy_(scaled)
+            optimizer.step()
+            model.flat[n:].copy_(agg[n: model.size])
+        t_decode = time.perf_counter() - t0 - t_up
 
         t0 = time.perf_counter()
         done = rnd + 1
@@ -94,12 +102,15 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
         t_eval = time.perf_counter() - t0
 
         values = dict(t_down=t_down, t_up=t_up, t_decode=t_decode, t_eval=t_eval, t_wait=t_up, t_emul=0.0,
-                      t_iter=time.perf_counter() - start, batch=s.global_batch,
-                      bytes_up=agg.numel() * 4 * s.n_clients, bytes_down=nbytes * s.n_clients, grad_norm=grad_norm)
+                      t_iter=time.perf_counter() - start, batch=s.global_batch, rejected=len(received.rejected),
+                      bytes_up=nbytes_up * s.n_clients, bytes_down=nbytes * s.n_clients,
+                      grad_norm=stats.get("grad_norm", np.nan))
         for key, value in values.items():
             row[column(key)] = value
         s.exchange.gather_rows(row, table)
         table[1:, column("t_wait")] = straggler_wait(table[1:, column("t_up")])
+        table[1:, column("rejected")] = 0
+        table[[k + 1 for k in received.rejected], column("rejected")] = 1
         batches = table[1:, column("batch")]
         train_loss = float(np.dot(batches, table[1:, column("loss")]) / batches.sum())
         table[0, column("loss")] = train_loss

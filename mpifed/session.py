@@ -59,6 +59,13 @@ def open_session(world: World, job: Job) -> Session:
     return Session(world, job, device, model, exchange, names, batches, dataset)
 
 
+def agree_batches(s: Session, mine: int) -> None:
+    """Every rank learns every client's batch (after each sized itself): the weights b_k / B."""
+    everyone = np.zeros(s.world.size, dtype=np.int64)
+    s.exchange.wait([s.world.comm.Iallgather(np.array([mine], dtype=np.int64), everyone)])
+    s.batches = everyone[1:]
+
+
 def _load_data(world: World, job: Job) -> ImageSet:
     d = job.data
     if d.download and d.dataset != "synthetic":

@@ -17,13 +17,14 @@ import torch
 from mpi4py import MPI
 
 import mpifed
-from mpifed.client import run_client
+from mpifed.client import prepare_client, run_client
 from mpifed.cluster import World
 from mpifed.config import Job, JobError, load_job, resolve_clients
 from mpifed.progress import Progress
 from mpifed.runlog import RANK_COLUMNS, RunWriter
 from mpifed.server import run_server
-from mpifed.session import Session, open_session
+from mpifed.scaling import check_scaling
+from mpifed.session import Session, agree_batches, open_session
 
 
 def prepare(world: World, job_file: str | None, overrides: list[str]) -> tuple[Job, Path | None]:
@@ -59,17 +60,27 @@ def _make_run_dir(job: Job) -> Path:
 
 def train(world: World, job: Job, run_dir: Path | None, progress_mode: str) -> dict | None:
     s = open_session(world, job)
-    s.exchange.wait([world.comm.Ibarrier()])  # clients may load data for a while: wait politely
+    setup = None if world.is_server else prepare_client(s)  # partition, data, memory sizing
+    agree_batches(s, 0 if setup is None else setup.batch)   # waits politely while clients prepare
+    check = check_scaling(job.scaling, s.global_batch, s.n_clients)
+    if check:
+        raise JobError("after memory sizing: " + "; ".join(check))
     if not world.is_server:
-        run_client(s)
+        run_client(s, setup)
         return None
     infos = world.comm.gather(None, root=0)
     infos[0] = dict(role="server", host=world.host, device=str(s.device), profile="-", emulated=False,
                     speed=1.0, memory_budget=0.0, bandwidth=0.0, latency=0.0, data_size=len(s.dataset),
-                    batch=s.global_batch)
+                    requested_batch=0, max_batch=0, batch=s.global_batch)
     ranks = {key: [info[key] for info in infos] for key in RANK_COLUMNS}
     writer = RunWriter(run_dir / "run.h5", _attrs(world, s), ranks)
+    for k, info in enumerate(infos[1:]):
+        if info["memory_model"]:
+            writer.set_model_attrs(f"memory.client{k}", info["memory_model"])
+    messages = [info["message"] for info in infos[1:] if info["message"]]
     progress = Progress(progress_mode, job.train.rounds, job.train.eval_every or job.train.rounds)
+    for message in messages:
+        progress.print(f"mpifed: memory model: {message}")
     progress.print(f"mpifed: {s.n_clients} clients on {len(set(ranks['host']))} host(s), model {job.model.name} "
                    f"({s.model.n_params:,} parameters), global batch {s.global_batch}, log {run_dir / 'run.h5'}")
     try:

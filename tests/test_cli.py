@@ -3,6 +3,7 @@ job reference equal to what the code documents."""
 
 from pathlib import Path
 
+import click
 from click.testing import CliRunner
 
 from mpifed.cli import main
@@ -12,13 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _options(command) -> set[str]:
-    return {opt for p in command.params for opt in p.opts}
+    return {opt for p in command.params if isinstance(p, click.Option) for opt in p.opts}
 
 
 def test_cli_surface_is_frozen():
-    assert {"train", "info", "bench", "slurm", "job-reference"} <= set(main.commands)
+    assert {"train", "info", "bench", "slurm", "job-reference", "memory", "plan", "analyze", "watch"} \
+        <= set(main.commands)
     assert _options(main.commands["train"]) == {"--job", "--set", "--name", "--out", "--progress", "--print-job"}
-    assert {"exchange"} <= set(main.commands["bench"].commands)
+    assert {"exchange", "compress", "memory"} <= set(main.commands["bench"].commands)
+    assert _options(main.commands["analyze"]) == {"--out", "--json", "--no-plots"}
+    assert _options(main.commands["watch"]) == {"--interval", "--idle", "--once"}
 
 
 def test_print_job_resolves_overrides_without_mpi(tmp_path):

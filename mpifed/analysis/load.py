@@ -1,0 +1,160 @@
+"""Read a run log into plain numpy arrays, checking first that it is an mpifed log we understand.
+
+Reading is lenient about content and strict about identity: a file must carry the `schema`
+attribute and the few datasets every summary needs; any other dataset, including those later
+versions add (/server/scale, /server/critical, /server/noise_scale, ...), is loaded when present
+and simply absent otherwise. Logs of running jobs work too: they are opened with SWMR, and
+the series are cut to the rounds that every dataset already holds (the writer grows them one by one).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from mpifed.runlog import SCHEMA, open_run
+
+REQUIRED = ("ranks/role", "iter/t_iter", "iter/batch")
+
+
+class RunLogError(Exception):
+    """A path that cannot be analysed; the message says why and what to do."""
+
+
+class LogUnavailable(RunLogError):
+    """No file there yet, or one HDF5 cannot open: perhaps a job that is still creating it."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run log in memory. Series are float arrays with NaN where nothing was measured."""
+
+    path: Path
+    attrs: dict[str, object]
+    job: dict                       # the resolved job (TOML parsed), {} when the log has none
+    ranks: dict[str, np.ndarray]    # (N,) per rank; strings decoded
+    iter: dict[str, np.ndarray]     # (T, N) per round and rank
+    server: dict[str, np.ndarray]   # (T,)
+    eval: dict[str, np.ndarray]     # (E,)
+    models: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def rounds(self) -> int:
+        return self.iter["t_iter"].shape[0]
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks["role"])
+
+    @property
+    def clients(self) -> np.ndarray:
+        """Rank indices of the clients (every rank whose role is not 'server')."""
+        return np.flatnonzero(self.ranks["role"] != "server")
+
+    @property
+    def name(self) -> str:
+        """The job's run.name, else the name of the log's directory."""
+        return str(self.job.get("run", {}).get("name") or self.path.parent.name)
+
+    def series(self, group: str, name: str) -> np.ndarray | None:
+        """A dataset of /iter, /server or /eval, or None when this log does not have it."""
+        return getattr(self, group).get(name)
+
+
+def resolve(path: str | Path) -> Path:
+    """Accept a run directory for its run.h5; refuse missing paths with what to give instead."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "run.h5"
+    if not p.exists():
+        raise LogUnavailable(f"{path}: no such file; give a run's log, runs/<name>/run.h5 (or its directory)")
+    return p
+
+
+def open_log(path: str | Path) -> tuple[Path, h5py.File]:
+    """Open and check a log (SWMR, so running jobs can be read); the caller closes the file."""
+    p = resolve(path)
+    try:
+        f = open_run(p)
+    except OSError as e:
+        raise LogUnavailable(f"{p}: not an HDF5 file ({e}); give the run.h5 that `mpifed train` wrote") from None
+    try:
+        check(f, p)
+    except RunLogError:
+        f.close()
+        raise
+    return p, f
+
+
+def check(f: h5py.File, p: Path) -> None:
+    """Refuse files that are not mpifed logs, or that a newer mpifed wrote in a layout we don't know."""
+    if "schema" not in f.attrs:
+        raise RunLogError(f"{p}: not an mpifed run log (no 'schema' attribute); "
+                          f"give the run.h5 that `mpifed train` wrote")
+    schema = int(f.attrs["schema"])
+    if schema > SCHEMA:
+        raise RunLogError(f"{p}: written with log schema {schema}, but this mpifed reads schema {SCHEMA} "
+                          f"and older; upgrade mpifed (pip install -U mpifed) to analyse it")
+    missing = [name for name in REQUIRED if name not in f]
+    if missing:
+        raise RunLogError(f"{p}: not a complete mpifed run log (missing {', '.join(missing)}); "
+                          f"was it written by `mpifed train`?")
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a whole log (or a run directory holding run.h5) into a Run."""
+    p, f = open_log(path)
+    with f:
+        return read(f, p)
+
+
+def read(f: h5py.File, p: Path) -> Run:
+    """Build a Run from an open, checked log."""
+    attrs = {key: _plain(value) for key, value in f.attrs.items()}
+    try:
+        job = tomllib.loads(attrs["job"]) if isinstance(attrs.get("job"), str) else {}
+    except tomllib.TOMLDecodeError:
+        job = {}
+    ranks = {name: _column(ds) for name, ds in f["ranks"].items()}
+    iters = _group(f, "iter")
+    server = _group(f, "server")
+    rounds = min(len(a) for a in (*iters.values(), *server.values()))
+    iters = {k: v[:rounds] for k, v in iters.items()}
+    server = {k: v[:rounds] for k, v in server.items()}
+    evals = _group(f, "eval")
+    n_eval = min((len(a) for a in evals.values()), default=0)
+    evals = {k: v[:n_eval] for k, v in evals.items()}
+    models = {k: _plain(v) for k, v in f["models"].attrs.items()} if "models" in f else {}
+    return Run(path=p, attrs=attrs, job=job, ranks=ranks, iter=iters, server=server, eval=evals, models=models)
+
+
+def _group(f: h5py.File, name: str) -> dict[str, np.ndarray]:
+    if name not in f:
+        return {}
+    out = {}
+    for key, ds in f[name].items():
+        if isinstance(ds, h5py.Dataset):
+            ds.refresh()  # see rows a live writer flushed since the file was opened
+            out[key] = np.asarray(ds[()], dtype=float)
+    return out
+
+
+def _column(ds: h5py.Dataset) -> np.ndarray:
+    if h5py.check_string_dtype(ds.dtype) is not None:
+        return np.array(ds.asstr()[()], dtype=object)
+    return np.asarray(ds[()])
+
+
+def _plain(value: object) -> object:
+    """h5py attributes as plain Python values (str, int, float, list)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,141 @@
+"""How a client's update reaches the server: codec, error feedback, validation, the collectives.
+
+The update a client sends is its weighted gradient (or model delta) w_k u_k, w_k = b_k / B, as a
+flat float32 vector of the model's parameters. What travels depends on the codec (job [compress]):
+  summable codecs (none, fp16, bf16, randomk, powersgd) -> MPI reduce of equal-size payloads, the
+      server decodes the sum; a non-finite sum cannot be traced to a client, so the round's step is
+      skipped and logged.
+  other codecs (topk, qsgd, sign, efsign) -> Gatherv of byte payloads; the server validates each
+      one (length, index range, finite values), rejects the bad ones by client and round, and sums
+      the rest, rescaled to the accepted clients' share of the weight.
+BatchNorm statistics and the per-layer squared norms that feed the noise-scale estimate travel
+beside the update as a small dense tail (one more reduce).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from mpi4py import MPI
+
+from mpifed.compress import Codec, ErrorFeedback, PayloadError, RoundContext
+from mpifed.compress.aggregate import aggregate
+from mpifed.exchange import ROOT, Exchange
+
+
+def _mpi_op(codec: Codec):
+    """MPI.SUM where MPI can add the payload dtype, else the codec's own combine as a user op."""
+    if getattr(codec, "native_sum", True):
+        return MPI.SUM
+
+    def combine(inbuf, inoutbuf, datatype):
+        a = np.frombuffer(inbuf, dtype=codec.payload_dtype)
+        b = np.frombuffer(inoutbuf, dtype=codec.payload_dtype)
+        b[:] = codec.combine(a, b)
+
+    return MPI.Op.Create(combine, commute=True)
+
+
+class _Collective:
+    """The `allreduce(payload) -> sum | None` callable a summable codec's phases run through."""
+
+    def __init__(self, codec: Codec, exchange: Exchange):
+        self.exchange, self.op = exchange, _mpi_op(codec)
+        self.everyone = getattr(codec, "all_ranks_need_sum", False)
+        self.seconds = 0.0
+
+    def __call__(self, payload: np.ndarray) -> np.ndarray | None:
+        # allreduce overwrites the buffer on every rank: never hand the codec's own array to it
+        buf = np.array(payload, copy=True) if self.everyone else np.ascontiguousarray(payload)
+        t0 = time.perf_counter()
+        self.exchange.reduce_sum(buf, op=self.op, everyone=self.everyone)
+        self.seconds += time.perf_counter() - t0
+        return buf if (self.everyone or self.exchange.comm.rank == ROOT) else None
+
+
+@dataclass
+class Received:
+    """What the server got this round."""
+
+    ok: bool                                   # False: no usable update, skip the step
+    rejected: list[int] = field(default_factory=list)  # client ids whose payload was refused
+    messages: list[str] = field(default_factory=list)
+
+
+class UpdateChannel:
+    """One per rank. Clients `send`, the server `receive`, in the same order every round."""
+
+    def __init__(self, codec: Codec, exchange: Exchange, n: int, seed: int, client: int | None):
+        self.codec, self.exchange, self.n, self.seed, self.client = codec, exchange, n, seed, client
+        self.collective = _Collective(codec, exchange) if codec.summable else None
+        self._comm = 0.0
+        self.feedback = ErrorFeedback(n) if (codec.error_feedback and client is not None) else None
+
+    @property
+    def comm_seconds(self) -> float:
+        """Seconds the last send/receive spent in collectives (the rest is encoding/decoding)."""
+        return self._comm + (self.collective.seconds if self.collective else 0.0)
+
+    def _reset_clock(self) -> None:
+        self._comm = 0.0
+        if self.collective:
+            self.collective.seconds = 0.0
+
+    def _gather(self, payload: np.ndarray):
+        t0 = time.perf_counter()
+        out = self.exchange.gather_bytes(payload)
+        self._comm += time.perf_counter() - t0
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one client sends per round for the update (the codec's own count)."""
+        return self.codec.payload_nbytes(self.n)
+
+    def send(self, weighted: np.ndarray, rnd: int, corrupt: str = "") -> np.ndarray:
+        """Send this client's weighted update; return what the server will decode from it (the
+        codec's round trip, for error feedback and honest norms). `corrupt` is fault injection."""
+        self._reset_clock()
+        ctx = RoundContext(self.seed, rnd, self.client)
+        x = self.feedback.compensate(weighted) if self.feedback is not None else weighted
+        if corrupt == "nan":
+            x = x.copy()
+            x[0] = np.nan
+        if self.codec.summable:
+            try:
+                own = self.codec.exchange(x, ctx, self.collective, keep_own=True).own
+            except PayloadError:  # a multi-phase codec saw a non-finite sum on every rank
+                own = np.zeros(self.n, np.float32)
+        else:
+            payload = self.codec.encode(x, ctx)
+            own = self.codec.decode(payload, self.n, ctx)
+            if corrupt == "truncate":
+                payload = payload[:-1]
+            elif corrupt == "garbage":
+                payload = np.full_like(payload, 0xFF)
+            self._gather(payload)
+        if self.feedback is not None:
+            self.feedback.update(x, own)
+        return own
+
+    def receive(self, rnd: int, out: np.ndarray, weights: np.ndarray) -> Received:
+        """Fill `out` with the decoded sum of the clients' weighted updates."""
+        self._reset_clock()
+        ctx = RoundContext(self.seed, rnd)
+        if self.codec.summable:
+            try:
+                out[:] = self.codec.exchange(np.zeros(self.n, np.float32), ctx, self.collective).total
+            except PayloadError as err:
+                return Received(False, [], [f"round {rnd}: the summed update is not usable ({err}); a summable "
+                                            f"codec cannot say which client sent it: step skipped"])
+            return Received(True)
+        payloads = self._gather(np.zeros(0, np.uint8))[1:]
+        clients = list(range(len(payloads)))
+        result = aggregate(self.codec, payloads, clients, self.n, self.seed, rnd, weights=weights)
+        out[:] = result.total
+        messages = [str(r) for r in result.rejections]
+        if not result.accepted:
+            messages.append(f"round {rnd}: every client's update was rejected: step skipped")
+        return Received(bool(result.accepted), [r.client for r in result.rejections], messages)

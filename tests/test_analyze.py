@@ -1,0 +1,226 @@
+"""Offline analysis: `mpifed analyze`, `mpifed watch` and analysis/compare_runs.py on real logs.
+
+Two tiny real jobs (one with an emulated half-speed client) give the logs; every number the
+summary prints is checked against a value computed here straight from the HDF5 datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import ok, train
+from mpifed.analysis import load_run, summarize
+from mpifed.analysis.plots import write_plots
+from mpifed.commands.analyze import analyze
+from mpifed.commands.watch import watch
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOW = ["--set", "profiles.slow.speed=0.5", "--set", 'clients.groups=[{count = 1, profile = "slow"}]']
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("runs")
+    ok(train(3, tmp, "base"))
+    ok(train(3, tmp, "slow", *SLOW))
+    return {"base": tmp / "base" / "run.h5", "slow": tmp / "slow" / "run.h5"}
+
+
+def _invoke(command, *args: str):
+    return CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
+
+
+def _expected(path: Path) -> dict:
+    """What the summary must say, computed from the raw datasets."""
+    with h5py.File(path, "r") as f:
+        role = f["ranks/role"].asstr()[()]
+        clients = np.flatnonzero(role != "server")
+        server = int(np.flatnonzero(role == "server")[0])
+        t_iter, batch = f["iter/t_iter"][()], f["iter/batch"][()]
+        t_emul, t_wait = f["iter/t_emul"][()], f["iter/t_wait"][()]
+        pred = f["iter/t_iter_pred"][()]
+        ok_pred = np.isfinite(pred)
+        return dict(
+            rounds=t_iter.shape[0],
+            throughput=batch[:, clients].sum() / t_iter[:, server].sum(),
+            bytes_up=f["iter/bytes_up"][()][:, clients].sum(axis=1).mean(),
+            final_acc=f["eval/test_acc"][-1], best_acc=f["eval/test_acc"][()].max(),
+            wall=f["server/wall"][-1],
+            emul_share=np.nansum(t_emul, axis=0) / t_iter.sum(axis=0),
+            wait_share=np.nansum(t_wait, axis=0) / t_iter.sum(axis=0),
+            mdape=None if not ok_pred.any()
+            else 100 * np.median(np.abs(pred[ok_pred] - t_iter[ok_pred]) / t_iter[ok_pred]),
+            profiles=list(f["ranks/profile"].asstr()[()]))
+
+
+@pytest.mark.mpi
+def test_analyze_json_matches_the_log_and_shows_the_slow_client(logs, tmp_path):
+    result = _invoke(analyze, logs["base"], logs["slow"], "--json", "--out", tmp_path / "figs")
+    assert result.exit_code == 0, result.output
+    summaries = json.loads(result.output)
+    assert [s["name"] for s in summaries] == ["base", "slow"]
+    for s, key in zip(summaries, ("base", "slow")):
+        want = _expected(logs[key])
+        assert s["rounds"] == want["rounds"] == 6
+        assert s["throughput"] == pytest.approx(want["throughput"], rel=1e-9)
+        assert s["bytes_up_per_round"] == pytest.approx(want["bytes_up"])
+        assert s["accuracy"]["final"] == pytest.approx(want["final_acc"])
+        assert s["accuracy"]["best"] == pytest.approx(want["best_acc"])
+        assert s["wall_s"] == pytest.approx(want["wall"])
+        assert [r["emul_share"] for r in s["ranks"]] == pytest.approx(list(want["emul_share"]))
+        assert [r["wait_share"] for r in s["ranks"]] == pytest.approx(list(want["wait_share"]))
+        assert [r["profile"] for r in s["ranks"]] == want["profiles"]
+        if want["mdape"] is None:
+            assert s["perf_mdape"] is None and s["perf_points"] == 0
+        else:
+            assert s["perf_mdape"] == pytest.approx(want["mdape"])
+        # the phases of a round add up to the measured round on every rank
+        for r in s["ranks"]:
+            assert sum(r["mean"].values()) == pytest.approx(r["t_iter_mean"], rel=1e-6)
+    base, slow = summaries
+    slow_rank = slow["ranks"][1]
+    assert slow_rank["profile"] == "slow"
+    # the half-speed client sleeps as long as it computes: a real share of its round is emulated,
+    # while the native client next to it and every client of the base run emulate nothing
+    assert slow_rank["emul_share"] > 0.05
+    assert slow["ranks"][2]["emul_share"] == 0.0
+    assert all(r["emul_share"] == 0.0 for r in base["ranks"])
+    assert slow["client_emul_share"] > base["client_emul_share"]
+    assert set(summaries[0]["plots"]) == {str(tmp_path / "figs" / n)
+                                          for n in ("breakdown.png", "accuracy.png", "batches.png", "server.png")}
+
+
+@pytest.mark.mpi
+def test_analyze_writes_non_trivial_pngs_next_to_the_log(logs):
+    result = _invoke(analyze, logs["slow"].parent)  # a run folder works as well as its run.h5
+    assert result.exit_code == 0, result.output
+    for name in ("breakdown", "accuracy", "batches", "server"):
+        png = logs["slow"].parent / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC, name
+        assert png.stat().st_size > 8_000, name
+        rgb = mpimg.imread(png)[..., :3]
+        assert min(rgb.shape[:2]) > 300, name
+        assert rgb.std() > 0.05, f"{name}.png is (nearly) one colour"
+        # axes, text and grid are grey; only plotted data is coloured (an empty set of axes: 0 %)
+        coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2
+        assert coloured.mean() > 0.001, f"{name}.png shows no data"
+        assert f"wrote {png}" in result.output
+
+
+@pytest.mark.mpi
+def test_analyze_tables_compare_runs_side_by_side(logs, tmp_path):
+    result = _invoke(analyze, logs["base"], logs["slow"], "--out", tmp_path, "--no-plots")
+    assert result.exit_code == 0, result.output
+    assert "comparison" in result.output
+    assert "client 0 (slow)" in result.output
+    want = _expected(logs["base"])
+    assert f"{want['throughput']:,.0f} samples/s" in result.output
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.mpi
+def test_watch_once_prints_the_last_round(logs):
+    result = _invoke(watch, logs["slow"], "--once")
+    assert result.exit_code == 0, result.output
+    with h5py.File(logs["slow"], "r") as f:
+        acc, loss = f["eval/test_acc"][-1], f["server/train_loss"][-1]
+    assert result.output.startswith("round 6/6 ")
+    assert f"loss {loss:.3f}" in result.output and f"acc {acc:.3f} (round 6)" in result.output
+    assert "t_iter ms 0:" in result.output
+
+
+@pytest.mark.mpi
+def test_watch_stops_on_a_complete_run(logs):
+    result = _invoke(watch, logs["base"], "--interval", "0.1", "--idle", "30")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("round 6/6 ") and lines[1] == "run complete: 6 rounds"
+
+
+@pytest.mark.mpi
+def test_compare_runs_script_builds_a_mean_std_table(logs, tmp_path):
+    script = [sys.executable, str(ROOT / "analysis" / "compare_runs.py")]
+    runs_dir = logs["base"].parent.parent
+    by_name = subprocess.run([*script, runs_dir], capture_output=True, text=True, timeout=120)
+    assert by_name.returncode == 0, by_name.stderr
+    rows = [line for line in by_name.stdout.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| base", "| slow"]
+
+    together = subprocess.run([*script, logs["base"], logs["slow"], "--group-by", "train.rounds",
+                               "--format", "csv"], capture_output=True, text=True, timeout=120)
+    assert together.returncode == 0, together.stderr
+    header, row = together.stdout.splitlines()
+    cells = dict(zip(header.split(","), row.split(",")))
+    accs = [_expected(logs[k])["final_acc"] for k in ("base", "slow")]
+    assert cells["method"] == "train.rounds=6" and cells["runs"] == "2"
+    assert float(cells["final_acc_mean"]) == pytest.approx(np.mean(accs))
+    assert float(cells["final_acc_std"]) == pytest.approx(np.std(accs, ddof=1))
+
+    bad = subprocess.run([*script, logs["base"], "--group-by", "train.nope"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and "the job has no field 'train.nope'" in bad.stderr
+
+
+def test_unreadable_paths_give_errors_that_say_what_to_give(tmp_path):
+    missing = _invoke(analyze, tmp_path / "nope.h5")
+    assert missing.exit_code == 1 and "no such file" in missing.output and "run.h5" in missing.output
+
+    (tmp_path / "text.h5").write_text("not hdf5")
+    text = _invoke(analyze, tmp_path / "text.h5")
+    assert text.exit_code == 1 and "not an HDF5 file" in text.output
+
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.arange(3)
+    other = _invoke(analyze, tmp_path / "other.h5")
+    assert other.exit_code == 1 and "not an mpifed run log" in other.output
+
+    newer = _synthetic_log(tmp_path / "newer.h5", schema=99)
+    result = _invoke(analyze, newer)
+    assert result.exit_code == 1 and "schema 99" in result.output and "upgrade mpifed" in result.output
+
+    watched = _invoke(watch, tmp_path / "other.h5", "--once")
+    assert watched.exit_code == 1 and "not an mpifed run log" in watched.output
+
+
+def _synthetic_log(path: Path, schema: int = 1, rounds: int = 8) -> Path:
+    """A log with only the required datasets plus ones that later versions add (scale, a fitted
+    performance model's predictions), and no /eval group at all."""
+    rng = np.random.default_rng(0)
+    t_iter = 0.1 + 0.01 * rng.random((rounds, 3))
+    with h5py.File(path, "w") as f:
+        f.attrs["schema"] = schema
+        f["ranks/role"] = np.array(["server", "client 0", "client 1"], dtype=h5py.string_dtype())
+        f["iter/t_iter"] = t_iter
+        f["iter/batch"] = np.tile([96.0, 64.0, 32.0], (rounds, 1))
+        pred = t_iter * np.array([1.1, 0.8, 1.0])
+        pred[:2] = np.nan  # no prediction before the model was fitted
+        f["iter/t_iter_pred"] = pred
+        f["server/scale"] = np.linspace(1.0, 2.0, rounds)
+        f["server/critical"] = (np.arange(rounds) < 3).astype(float)
+    return path
+
+
+def test_optional_datasets_are_used_when_present_and_absent_ones_tolerated(tmp_path):
+    run = load_run(_synthetic_log(tmp_path / "run.h5"))
+    s = summarize(run)
+    # |pred - t| / t is 10 %, 20 % and 0 % on the three ranks: the median is 10 %
+    assert s.perf_mdape == pytest.approx(10.0) and s.perf_points == 6 * 3
+    assert s.throughput == pytest.approx(96 * 8 / run.iter["t_iter"][:, 0].sum())
+    assert np.isnan(s.accuracy.final) and s.accuracy.evals == 0
+    assert s.client_emul_share == 0.0 and np.isnan(s.bytes_up_per_round)
+    paths = write_plots([run], tmp_path / "figs")
+    assert {p.name for p in paths} == {"breakdown.png", "accuracy.png", "batches.png", "server.png"}
+    result = _invoke(analyze, tmp_path / "run.h5", "--json", "--no-plots")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["accuracy"]["final"] is None and data["perf_mdape"] == pytest.approx(10.0)

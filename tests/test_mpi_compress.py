@@ -1,0 +1,69 @@
+"""Compressed updates over real MPI: the aggregate matches a one-process reference, and a client's
+malformed payload is rejected by name while the job goes on."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ok, train
+from mpifed.compress import ErrorFeedback, RoundContext, make_codec
+from test_mpi_train import HETERO, Reference
+
+pytestmark = pytest.mark.mpi
+
+
+def test_topk_with_error_feedback_over_mpi_equals_the_one_process_reference(tmp_path):
+    ok(train(3, tmp_path, "topk", *HETERO, "--set", 'compress.codec="topk"',
+             "--set", "compress.options={density = 0.05, error_feedback = true}"))
+    ref = Reference(tmp_path / "topk", [24, 8])
+    o = ref.job.optim
+    model = ref.model
+    layers = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    codec = make_codec("topk", layers=layers, density=0.05, error_feedback=True)
+    n = sum(p.numel() for p in model.parameters())
+    memories = [ErrorFeedback(n), ErrorFeedback(n)]
+    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    for rnd in range(ref.job.train.rounds):
+        total = np.zeros(n, np.float32)
+        for k, w in enumerate([24 / 32, 8 / 32]):
+            x, y = ref.draw(k)
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy() * np.float32(w)
+            ctx = RoundContext(ref.job.run.seed, rnd, k)
+            compensated = memories[k].compensate(g)
+            sent = codec.decode(codec.encode(compensated, ctx), n, ctx)
+            memories[k].update(compensated, sent)
+            total += sent
+        offset = 0
+        for p in model.parameters():
+            p.grad = torch.from_numpy(total[offset: offset + p.numel()].copy()).view_as(p)
+            offset += p.numel()
+        for group in opt.param_groups:
+            group["lr"] = ref.lr(rnd)
+        opt.step()
+    ref.assert_matches(model)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncate"])
+def test_a_malformed_payload_is_rejected_by_client_and_round_and_the_job_goes_on(tmp_path, kind):
+    proc = ok(train(4, tmp_path, kind, "--set", 'compress.codec="topk"', "--set", "debug.corrupt_rank=2",
+                    "--set", "debug.corrupt_round=2", "--set", f'debug.corrupt="{kind}"'))
+    assert "round 2: rejected the update of client 1" in proc.stderr
+    with h5py.File(tmp_path / kind / "run.h5") as f:
+        rejected = f["iter/rejected"][:]
+        assert rejected[2, 2] == 1 and rejected[:, 1:].sum() == 1 and rejected[2, 0] == 1
+        assert np.isfinite(f["server/grad_norm"][:]).all()
+        assert np.isfinite(f["eval/test_loss"][:]).all()
+
+
+def test_a_nan_in_a_summed_update_skips_that_step_only(tmp_path):
+    proc = ok(train(3, tmp_path, "nan", "--set", 'compress.codec="fp16"', "--set", "debug.corrupt_rank=1",
+                    "--set", "debug.corrupt_round=1", "--set", 'debug.corrupt="nan"'))
+    assert "round 1: the summed update is not usable" in proc.stderr and "step skipped" in proc.stderr
+    with h5py.File(tmp_path / "nan" / "run.h5") as f:
+        norms = f["server/grad_norm"][:]
+        assert np.isnan(norms[1]) and np.isfinite(np.delete(norms, 1)).all()
+        assert np.isfinite(f["eval/test_loss"][:]).all()
