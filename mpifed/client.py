@@ -106,6 +106,7 @@ def run_client(s: Session, setup: ClientSetup) -> None:
     row = np.full(len(ITER_FIELDS), np.nan)
     channel = update_channel(s, client)
     n = model.n_params
+    layer_starts = np.cumsum([0] + [p.numel() for p in model.params[:-1]])
     tail = update_host[n:]  # BatchNorm statistics and per-layer squared norms, reduced densely
     nbytes, nbytes_up = model.size * 4, channel.nbytes + tail.nbytes
 
@@ -142,10 +143,14 @@ def run_client(s: Session, setup: ClientSetup) -> None:
         hit = job.debug.corrupt_rank == world.rank and job.debug.corrupt_round == rnd
         sent = channel.send(update_host[:n], rnd, job.debug.corrupt if hit else "")
         # per-layer |u_k|^2 of what the server decodes, weighted like the update: the reduction
-        # then hands the server sum_k b_k |u_k|^2 / B for the noise-scale estimate
-        layer_sq = torch.stack([v.double().square().sum() for v in model.param_view(torch.from_numpy(sent))])
-        tail[model.size - n:] = (layer_sq / weight).numpy()
-        grad_norm = float(layer_sq.sum().sqrt()) / weight
+        # then hands the server sum_k b_k |u_k|^2 / B for the noise-scale estimate. A lossless
+        # codec sends the update itself, whose norms the device computes fastest.
+        if channel.lossless:
+            layer_sq = torch.stack(torch._foreach_norm(model.param_view(update))).double().square().cpu().numpy()
+        else:
+            layer_sq = np.add.reduceat(np.square(sent, dtype=np.float64), layer_starts)
+        tail[model.size - n:] = layer_sq / weight
+        grad_norm = float(np.sqrt(layer_sq.sum())) / weight
         t1 = time.perf_counter()
         s.exchange.reduce_sum(tail)
         t_up = channel.comm_seconds + time.perf_counter() - t1

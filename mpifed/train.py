@@ -96,7 +96,7 @@ def train(world: World, job: Job, run_dir: Path | None, progress_mode: str) -> d
 def _attrs(world: World, s: Session) -> dict:
     return dict(mpifed_version=mpifed.__version__, torch_version=torch.__version__,
                 mpi4py_version=mpi4py.__version__, h5py_version=h5py.__version__,
-                mpi_library=MPI.Get_library_version().strip().splitlines()[0],
+                mpi_library=MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0],
                 job=s.job.to_toml(), command=" ".join(sys.argv), world_size=world.size,
                 started=datetime.datetime.now().isoformat(timespec="seconds"),
                 wait_mode="sleep" if s.exchange.polite else "poll",

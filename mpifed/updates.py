@@ -74,6 +74,11 @@ class UpdateChannel:
         self.feedback = ErrorFeedback(n) if (codec.error_feedback and client is not None) else None
 
     @property
+    def lossless(self) -> bool:
+        """The server decodes exactly what the client sent (codec none, no error feedback needed)."""
+        return self.codec.name == "none"
+
+    @property
     def comm_seconds(self) -> float:
         """Seconds the last send/receive spent in collectives (the rest is encoding/decoding)."""
         return self._comm + (self.collective.seconds if self.collective else 0.0)
