@@ -89,7 +89,8 @@ def prepare_client(s: Session) -> ClientSetup:
     return ClientSetup(part, xs, ys, sizing.batch, sizing.max_batch, sizing.model.as_record(), sizing.message, guard)
 
 
-def run_client(s: Session, setup: ClientSetup) -> None:
+def run_client(s: Session, setup: ClientSetup) -> bool:
+    """This client's rounds; True when a signal stopped the run early."""
     job, world, model = s.job, s.world, s.model
     client = world.rank - 1
     profile = s.profile(client)
@@ -110,7 +111,9 @@ def run_client(s: Session, setup: ClientSetup) -> None:
     tail = update_host[n:]  # BatchNorm statistics and per-layer squared norms, reduced densely
     nbytes, nbytes_up = model.size * 4, channel.nbytes + tail.nbytes
 
-    for rnd in range(job.train.rounds):
+    if s.start_round:
+        _restore_state(s, sampler, channel)
+    for rnd in range(s.start_round, job.train.rounds):
         row[:] = np.nan
         emul = 0.0
         start = time.perf_counter()
@@ -162,6 +165,28 @@ def run_client(s: Session, setup: ClientSetup) -> None:
         for key, value in values.items():
             row[column(key)] = value
         s.exchange.gather_rows(row, None)
+        stop = s.exchange.any(bool(s.stop))
+        if stop or s.checkpoint_due(rnd + 1):
+            _send_state(s, sampler, channel)
+        if stop:
+            return True
+    return False
+
+
+def _send_state(s: Session, sampler: ClientSampler, channel: UpdateChannel) -> None:
+    """This client's part of a checkpoint: its sampler cursor and its error-feedback residual."""
+    s.exchange.gather_rows(np.array([sampler.cursor], dtype=np.int64), None)
+    if channel.feedback is not None:
+        s.exchange.gather_rows(channel.feedback.residual, None)
+
+
+def _restore_state(s: Session, sampler: ClientSampler, channel: UpdateChannel) -> None:
+    """Resuming: receive the cursor and residual the checkpoint holds for this client."""
+    cursor = np.zeros(1, dtype=np.int64)
+    s.exchange.scatter_rows(None, cursor)
+    sampler.cursor = int(cursor[0])
+    if channel.feedback is not None:
+        s.exchange.scatter_rows(None, channel.feedback.residual)
 
 
 def _local_steps(s: Session, model, local_opt, lr: float, sampler: ClientSampler, xs, ys,

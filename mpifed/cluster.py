@@ -8,6 +8,7 @@ are kept apart from ranks so one rank may later host several virtual clients).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -69,6 +70,22 @@ def pick_device(world: World, wanted: str) -> torch.device:
                            f"device; use run.device = 'auto' or 'cpu', or run on GPU nodes")
     torch.set_num_threads(max(1, world.cores // world.local_size))
     return torch.device("cpu")
+
+
+class StopRequest:
+    """Set by SIGTERM or SIGUSR1 (SLURM's warning before a time limit or preemption). The handler
+    only records it; the ranks agree at the next round boundary to checkpoint and stop."""
+
+    def __init__(self):
+        self.signal = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._record)
+
+    def _record(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __bool__(self) -> bool:
+        return self.signal != 0
 
 
 def run_or_abort(world: World, body: Callable[[], int | None]) -> int:

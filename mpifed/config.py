@@ -142,6 +142,36 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = opt(0, "Write a checkpoint every this many rounds; 0 = only when SIGTERM or SIGUSR1 (what "
+                     "SLURM sends before a time limit or preemption) asks the job to stop.", minimum=0)
+    keep: int = opt(2, "Newest checkpoints kept; an older one is deleted only after a newer one is safely "
+                    "on disk.", minimum=1)
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    mode: str = opt("off", "Start-up performance model (README: Performance model). off: none. predict: each client "
+                    "times its own step at a few batch sizes, the round's collectives are timed, and every round "
+                    "logs the predicted round time t_iter_pred beside t_iter; batches as the job asks. balance: "
+                    "also re-split the job's global batch (requested batches after memory caps) so that faster "
+                    "clients take more and all finish together. maximize: choose the global batch with the best "
+                    "predicted throughput within the clients' caps.",
+                    choices=("off", "predict", "balance", "maximize"))
+    points: int = opt(4, "Batch sizes each client times at start-up (powers of two up to its profile cap). 4 "
+                      "suffices for a CPU's straight line and costs about a second with the small CNN; use 8 on "
+                      "GPUs, whose curves start with a plateau.", minimum=2)
+    repeats: int = opt(3, "Timed steps per batch size, and timed tries of the collectives; the median is kept "
+                       "(after one untimed step).", minimum=1)
+    profile_max: int = opt(0, "Largest batch a client times, samples; 0 = the job's global batch (no balanced "
+                           "split gives one client more), or for maximize the memory model's cap. Never above "
+                           "the memory cap; larger batches use the fitted line.", minimum=0)
+    min_fraction: float = opt(1.0, "maximize only: take the smallest global batch within this fraction of the "
+                              "best predicted throughput; 0.9 stops where larger batches stop paying (they cost "
+                              "generalization).", minimum=1e-6)
+
+
+@dataclass(frozen=True)
 class Profile:
     speed: float = opt(1.0, "Compute speed relative to the device (1 = native). 0.25 emulates a device 4x "
                        "slower by sleeping 3x the measured compute time after each step.", minimum=1e-3)
@@ -195,7 +225,9 @@ class Job:
     optim: OptimConfig = field(default_factory=OptimConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     profiles: dict[str, Profile] = field(default_factory=dict)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -353,6 +385,8 @@ def check_job(job: Job) -> list[str]:
         make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options)
     except (ValueError, TypeError) as err:
         errors.append(f"compress: {err}")
+    if job.plan.min_fraction > 1:
+        errors.append(f"plan.min_fraction = {job.plan.min_fraction}: must be at most 1 (a fraction of the best)")
     if job.memory.margin >= 1:
         errors.append(f"memory.margin = {job.memory.margin}: must be below 1 (a fraction of the budget)")
     if job.optim.nesterov and job.optim.momentum <= 0:

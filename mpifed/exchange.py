@@ -57,6 +57,16 @@ class Exchange:
         """Fixed-size per-rank rows into root's (size, len(row)) table."""
         self.wait([self.comm.Igather(row, table if self.comm.rank == ROOT else None, root=ROOT)])
 
+    def scatter_rows(self, table: np.ndarray | None, row: np.ndarray) -> None:
+        """Root's (size, len(row)) table, one row to each rank (used once, when resuming)."""
+        self.wait([self.comm.Iscatter(table if self.comm.rank == ROOT else None, row, root=ROOT)])
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank passes True (one tiny allreduce)."""
+        value = np.array([int(flag)], dtype=np.int64)
+        self.wait([self.comm.Iallreduce(MPI.IN_PLACE, value, op=MPI.MAX)])
+        return bool(value[0])
+
     def gather_bytes(self, payload: np.ndarray) -> list[np.ndarray] | None:
         """Variable-size uint8 payloads to root (Gatherv with explicit counts and displacements).
 

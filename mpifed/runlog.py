@@ -82,6 +82,32 @@ class RunWriter:
         self.evals = 0
         self.file.swmr_mode = True
 
+    @classmethod
+    def reopen(cls, path: Path, rounds: int, note: str, job_text: str) -> "RunWriter":
+        """Append to an existing log from round `rounds` on (resume): rows logged after the
+        checkpoint are dropped, so the log ends with no duplicated and no missing rounds."""
+        self = cls.__new__(cls)
+        self.file = h5py.File(path, "r+", libver="latest")
+        if self.file.attrs.get("schema") != SCHEMA:
+            raise ValueError(f"{path} has log schema {self.file.attrs.get('schema')}, this mpifed writes {SCHEMA}")
+        self.iter = {f: self.file[f"iter/{f}"] for f in ITER_FIELDS}
+        self.server = {f: self.file[f"server/{f}"] for f in SERVER_FIELDS}
+        self.eval = {f: self.file[f"eval/{f}"] for f in EVAL_FIELDS}
+        for ds in (*self.iter.values(), *self.server.values()):
+            ds.resize(min(rounds, ds.shape[0]), axis=0)
+        self.evals = int((self.eval["round"][:] <= rounds).sum())
+        for ds in self.eval.values():
+            ds.resize(self.evals, axis=0)
+        self.rounds = self.iter["t_iter"].shape[0]
+        if self.rounds != rounds:
+            raise ValueError(f"{path} holds {self.rounds} rounds but the checkpoint resumes at {rounds}")
+        resumes = list(self.file.attrs.get("resumes", []))
+        self.file.attrs["resumes"] = [*map(str, resumes), note]
+        self.file.attrs["job"] = job_text  # --set may have changed it (e.g. more rounds)
+        self.file.flush()
+        self.file.swmr_mode = True
+        return self
+
     def _series(self, name: str, row: tuple) -> h5py.Dataset:
         return self.file.create_dataset(name, shape=(0, *row), maxshape=(None, *row), dtype="f8",
                                         chunks=(64, *row), fillvalue=np.nan)

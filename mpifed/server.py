@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mpifed import checkpoint
 from mpifed.client import payload_size, update_channel
 from mpifed.progress import Progress
 from mpifed.scaling import ClientRound, ServerScalingPolicy
@@ -57,7 +58,10 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
     began = time.perf_counter()
     last_eval: dict = {}
 
-    for rnd in range(job.train.rounds):
+    if s.resume is not None:
+        _restore(s, optimizer, policy, channel)
+        began -= float(s.resume["wall"])  # the log's wall clock continues where it stopped
+    for rnd in range(s.start_round, job.train.rounds):
         row[:] = np.nan
         start = time.perf_counter()
         if on_gpu:
@@ -108,6 +112,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
         for key, value in values.items():
             row[column(key)] = value
         s.exchange.gather_rows(row, table)
+        table[:, column("t_iter_pred")] = s.t_iter_pred  # the round time, on every rank's row
         table[1:, column("t_wait")] = straggler_wait(table[1:, column("t_up")])
         table[1:, column("rejected")] = 0
         table[[k + 1 for k in received.rejected], column("rejected")] = 1
@@ -118,9 +123,47 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
                                         wall=time.perf_counter() - began))
         progress.update(done, train_loss, last_eval.get("test_acc"), s.global_batch * job.train.local_steps,
                         time.perf_counter() - start)
+        stop = s.exchange.any(bool(s.stop))
+        if stop or s.checkpoint_due(done):
+            path = _checkpoint(s, done, optimizer, policy, channel, run_dir, time.perf_counter() - began)
+            if stop:
+                progress.print(f"mpifed: stopped by a signal after round {done}; checkpoint {path}; "
+                               f"continue with: mpifed train --resume {run_dir}")
+                return dict(last_eval, stopped=done)
 
     torch.save(model.module.state_dict(), run_dir / "model.pt")
     return last_eval
+
+
+def _checkpoint(s: Session, done: int, optimizer, policy, channel, run_dir: Path, wall: float) -> Path:
+    """Collect every client's state and write the checkpoint for resuming at round `done`."""
+    cursors = np.zeros((s.world.size, 1), dtype=np.int64)
+    s.exchange.gather_rows(np.zeros(1, dtype=np.int64), cursors)
+    residuals = torch.zeros(0)
+    if channel.codec.error_feedback:
+        table = np.zeros((s.world.size, channel.n), dtype=np.float32)
+        s.exchange.gather_rows(np.zeros(channel.n, dtype=np.float32), table)
+        residuals = torch.from_numpy(table[1:])
+    payload = dict(round=done, identity=checkpoint.identity(s.job, s.n_clients), model=s.model.module.state_dict(),
+                   optimizer=optimizer.state_dict(), policy=policy.state_dict(),
+                   cursors=torch.from_numpy(cursors[1:, 0]), residuals=residuals, wall=wall,
+                   batches=torch.from_numpy(s.batches.copy()))
+    return checkpoint.save(run_dir, payload, s.job.checkpoint.keep)
+
+
+def _restore(s: Session, optimizer, policy, channel) -> None:
+    """Load the checkpoint into the server and hand each client its cursor and residual."""
+    state = s.resume
+    s.model.module.load_state_dict(state["model"])  # copies into the flat buffer's views
+    optimizer.load_state_dict(state["optimizer"])
+    policy.load_state_dict(state["policy"])
+    cursors = np.zeros((s.world.size, 1), dtype=np.int64)
+    cursors[1:, 0] = state["cursors"].numpy()
+    s.exchange.scatter_rows(cursors, np.zeros(1, dtype=np.int64))
+    if channel.codec.error_feedback:
+        table = np.zeros((s.world.size, channel.n), dtype=np.float32)
+        table[1:] = state["residuals"].numpy()
+        s.exchange.scatter_rows(table, np.zeros(channel.n, dtype=np.float32))
 
 
 def _eval_indices(s: Session) -> np.ndarray:

@@ -5,12 +5,12 @@ Set-up may use mpi4py's pickling lowercase calls (they run once); the per-round 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from mpifed.cluster import World, pick_device
+from mpifed.cluster import StopRequest, World, pick_device
 from mpifed.config import Job, Profile, client_batches, resolve_clients
 from mpifed.data import ImageSet, load_dataset
 from mpifed.exchange import Exchange
@@ -29,6 +29,14 @@ class Session:
     profile_names: list[str]       # per client
     batches: np.ndarray            # per client, samples per local step
     dataset: ImageSet              # train split on clients, test split on the server
+    stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM/SIGUSR1 seen by this rank
+    start_round: int = 0           # > 0 when resuming
+    resume: dict | None = None     # the checkpoint being resumed (server only)
+    t_iter_pred: float = float("nan")  # start-up plan's predicted round, s (server; NaN: no plan)
+
+    def checkpoint_due(self, done: int) -> bool:
+        every = self.job.checkpoint.every
+        return bool(every) and done % every == 0 and done < self.job.train.rounds
 
     @property
     def n_clients(self) -> int:
@@ -64,6 +72,16 @@ def agree_batches(s: Session, mine: int) -> None:
     everyone = np.zeros(s.world.size, dtype=np.int64)
     s.exchange.wait([s.world.comm.Iallgather(np.array([mine], dtype=np.int64), everyone)])
     s.batches = everyone[1:]
+
+
+def restore_batches(s: Session, state: dict | None) -> None:
+    """Resuming: train with the batches the checkpoint was written with, whatever start-up sizing
+    or planning chose this time, so the resumed rounds are those of the interrupted run."""
+    batches = np.zeros(s.n_clients, dtype=np.int64)
+    if state is not None:
+        batches[:] = state["batches"].numpy()
+    s.exchange.broadcast(batches)
+    s.batches = batches
 
 
 def _load_data(world: World, job: Job) -> ImageSet:

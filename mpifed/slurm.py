@@ -177,9 +177,17 @@ class SlurmOptions:
         return " ".join(words)
 
     def command_line(self) -> str:
-        """`mpifed train` for the job file (or, in an array, the element's `$job_file`)."""
+        """`mpifed train` for the job file (or, in an array, the element's `$job_file`). With requeue,
+        the run is named after the SLURM job id, which a requeued job keeps, and --auto-resume makes
+        the restarted script continue from the checkpoint the signal wrote."""
         job = '"$job_file"' if self.sweep is not None else shlex.quote(self.job)
-        return " ".join(["mpifed", "train", "--job", job, *map(shlex.quote, self.mpifed_args)])
+        words = ["mpifed", "train", "--job", job, *map(shlex.quote, self.mpifed_args)]
+        if self.requeue and self.sweep is None:
+            from mpifed.config import load_job
+
+            name = load_job(self.job).run.name
+            words += ["--name", f'"{name}-$SLURM_JOB_ID"', "--set", "run.timestamp=false", "--auto-resume"]
+        return " ".join(words)
 
     def fields(self) -> dict[str, object]:
         """Exactly the placeholders of `self.template`, filled from these options."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -17,33 +18,89 @@ import torch
 from mpi4py import MPI
 
 import mpifed
+from mpifed import checkpoint
 from mpifed.client import prepare_client, run_client
 from mpifed.cluster import World
 from mpifed.config import Job, JobError, load_job, resolve_clients
+from mpifed.planning import plan_startup
 from mpifed.progress import Progress
 from mpifed.runlog import RANK_COLUMNS, RunWriter
 from mpifed.server import run_server
 from mpifed.scaling import check_scaling
-from mpifed.session import Session, agree_batches, open_session
+from mpifed.session import Session, agree_batches, open_session, restore_batches
 
 
-def prepare(world: World, job_file: str | None, overrides: list[str]) -> tuple[Job, Path | None]:
-    """Rank 0 reads and validates the job and creates the run directory; every rank gets the
-    resolved job. A bad job ends every rank with the same error before any training communication."""
-    text, error, run_dir = None, None, None
+@dataclass
+class Start:
+    """Where this launch begins: a new run, or a resumed one (the checkpoint stays on rank 0)."""
+
+    run_dir: Path | None = None
+    round: int = 0
+    checkpoint: dict | None = None
+    note: str = ""
+
+
+def prepare(world: World, job_file: str | None, overrides: list[str], resume: str | None = None,
+            auto_resume: bool = False) -> tuple[Job, Start]:
+    """Rank 0 reads and validates the job (and, resuming, picks the checkpoint) and creates the run
+    directory; every rank gets the resolved job. A bad job or checkpoint ends every rank with the
+    same error before any training communication."""
+    text, error, start = None, None, Start()
     if world.is_server:
         try:
-            job = load_job(job_file, overrides)
-            resolve_clients(job, world.size)
-            run_dir = _make_run_dir(job)
-            (run_dir / "job.toml").write_text(job.to_toml())
+            if resume and job_file:
+                raise JobError("--resume continues the job stored in the run directory; drop --job (use "
+                               "--set, e.g. --set train.rounds=600, to change it)")
+            resume = resume or (_existing_run(job_file, overrides) if auto_resume else None)
+            job, start = _resume(world, resume, overrides) if resume else _new(world, job_file, overrides)
             text = job.to_toml()
-        except JobError as err:
+            (start.run_dir / "job.toml").write_text(text)
+        except (JobError, checkpoint.CheckpointError) as err:
             error = str(err)
-    text, error = world.comm.bcast((text, error), root=0)
+    text, error, first = world.comm.bcast((text, error, start.round), root=0)
     if error:
         raise JobError(error)
-    return load_job(text=text), run_dir
+    start.round = first
+    return load_job(text=text), start
+
+
+def _new(world: World, job_file: str | None, overrides: list[str]) -> tuple[Job, Start]:
+    job = load_job(job_file, overrides)
+    resolve_clients(job, world.size)
+    return job, Start(_make_run_dir(job))
+
+
+def _existing_run(job_file: str | None, overrides: list[str]) -> str | None:
+    """--auto-resume: this launch's run directory, if it already holds a checkpoint (a requeued
+    SLURM job starts its script again from the top, under the same job id)."""
+    job = load_job(job_file, overrides)
+    if job.run.timestamp:
+        raise JobError("--auto-resume needs a fixed run directory: add --set run.timestamp=false and a "
+                       "--name that is the same on every restart (e.g. the SLURM job id)")
+    run_dir = Path(job.run.out) / job.run.name
+    if checkpoint.candidates(run_dir):
+        return str(run_dir)
+    if run_dir.exists():
+        raise JobError(f"--auto-resume: {run_dir} exists but holds no checkpoint to resume; remove it or "
+                       f"choose another --name (nothing was written)")
+    return None
+
+
+def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start]:
+    run_dir = Path(resume)
+    if not (run_dir / "job.toml").is_file() or not (run_dir / "run.h5").is_file():
+        raise JobError(f"--resume {run_dir}: not an mpifed run directory (no job.toml and run.h5); give "
+                       f"the directory `mpifed train` printed, e.g. runs/default-20260101-120000")
+    job = load_job(run_dir / "job.toml", overrides)
+    resolve_clients(job, world.size)
+    path, payload, notes = checkpoint.choose(run_dir, checkpoint.identity(job, world.size - 1))
+    for note in notes:
+        print(f"mpifed: {note}", file=sys.stderr, flush=True)
+    if payload["round"] >= job.train.rounds:
+        raise JobError(f"{path} is at round {payload['round']} and the job has train.rounds = "
+                       f"{job.train.rounds}: nothing left; raise it, e.g. --set train.rounds=2000")
+    note = f"resumed at round {payload['round']} from {path.name} ({datetime.datetime.now().isoformat(timespec='seconds')})"
+    return job, Start(run_dir, payload["round"], payload, note)
 
 
 def _make_run_dir(job: Job) -> Path:
@@ -58,29 +115,43 @@ def _make_run_dir(job: Job) -> Path:
     return path
 
 
-def train(world: World, job: Job, run_dir: Path | None, progress_mode: str) -> dict | None:
+STOPPED = 3  # exit code: stopped early by SIGTERM/SIGUSR1, after writing a checkpoint
+
+
+def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
+    """Run this rank's role; return the exit code (0, or STOPPED)."""
     s = open_session(world, job)
+    s.start_round, s.resume, run_dir = start.round, start.checkpoint, start.run_dir
     setup = None if world.is_server else prepare_client(s)  # partition, data, memory sizing
+    plan = plan_startup(s, setup)  # [plan]: time steps and collectives, choose the batches
     agree_batches(s, 0 if setup is None else setup.batch)   # waits politely while clients prepare
+    if start.round:
+        restore_batches(s, start.checkpoint)
     check = check_scaling(job.scaling, s.global_batch, s.n_clients)
     if check:
         raise JobError("after memory sizing: " + "; ".join(check))
     if not world.is_server:
-        run_client(s, setup)
-        return None
+        return STOPPED if run_client(s, setup) else 0
     infos = world.comm.gather(None, root=0)
     infos[0] = dict(role="server", host=world.host, device=str(s.device), profile="-", emulated=False,
                     speed=1.0, memory_budget=0.0, bandwidth=0.0, latency=0.0, data_size=len(s.dataset),
                     requested_batch=0, max_batch=0, batch=s.global_batch)
     ranks = {key: [info[key] for info in infos] for key in RANK_COLUMNS}
-    writer = RunWriter(run_dir / "run.h5", _attrs(world, s), ranks)
-    for k, info in enumerate(infos[1:]):
-        if info["memory_model"]:
-            writer.set_model_attrs(f"memory.client{k}", info["memory_model"])
+    if start.checkpoint is not None:
+        writer = RunWriter.reopen(run_dir / "run.h5", start.round, start.note, job.to_toml())
+    else:
+        writer = RunWriter(run_dir / "run.h5", _attrs(world, s), ranks)
+        for k, info in enumerate(infos[1:]):
+            if info["memory_model"]:
+                writer.set_model_attrs(f"memory.client{k}", info["memory_model"])
+        if plan is not None:
+            plan.record(writer, run_dir)
     messages = [info["message"] for info in infos[1:] if info["message"]]
     progress = Progress(progress_mode, job.train.rounds, job.train.eval_every or job.train.rounds)
     for message in messages:
         progress.print(f"mpifed: memory model: {message}")
+    for line in plan.describe() if plan is not None else ():
+        progress.print(f"mpifed: {line}")
     progress.print(f"mpifed: {s.n_clients} clients on {len(set(ranks['host']))} host(s), model {job.model.name} "
                    f"({s.model.n_params:,} parameters), global batch {s.global_batch}, log {run_dir / 'run.h5'}")
     try:
@@ -88,9 +159,11 @@ def train(world: World, job: Job, run_dir: Path | None, progress_mode: str) -> d
     finally:
         writer.close()
         progress.close()
+    if "stopped" in final:
+        return STOPPED
     progress.print(f"mpifed: done: test accuracy {final['test_acc']:.4f}, test loss {final['test_loss']:.4f} "
                    f"after {final['round']} rounds ({final['wall']:.1f} s); model in {run_dir / 'model.pt'}")
-    return final
+    return 0
 
 
 def _attrs(world: World, s: Session) -> dict:

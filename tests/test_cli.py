@@ -19,7 +19,8 @@ def _options(command) -> set[str]:
 def test_cli_surface_is_frozen():
     assert {"train", "info", "bench", "slurm", "job-reference", "memory", "plan", "analyze", "watch"} \
         <= set(main.commands)
-    assert _options(main.commands["train"]) == {"--job", "--set", "--name", "--out", "--progress", "--print-job"}
+    assert _options(main.commands["train"]) == {"--job", "--set", "--name", "--out", "--progress", "--resume",
+                                                    "--auto-resume", "--print-job"}
     assert {"exchange", "compress", "memory"} <= set(main.commands["bench"].commands)
     assert _options(main.commands["analyze"]) == {"--out", "--json", "--no-plots"}
     assert _options(main.commands["watch"]) == {"--interval", "--idle", "--once"}

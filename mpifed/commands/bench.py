@@ -7,6 +7,7 @@ import click
 from mpifed.bench.compress import compress
 from mpifed.bench.exchange import exchange
 from mpifed.bench.memory import memory
+from mpifed.bench.plan import plan
 
 
 @click.group("bench")
@@ -17,3 +18,4 @@ def bench():
 bench.add_command(exchange)
 bench.add_command(compress)
 bench.add_command(memory)
+bench.add_command(plan)

@@ -16,10 +16,15 @@ import click
 @click.option("--out", default=None, help="Directory of runs (same as --set run.out=DIR).")
 @click.option("--progress", type=click.Choice(["auto", "bar", "log", "off"]), default="auto",
               show_default=True, help="Rank 0's progress display.")
+@click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="Continue the run in RUN_DIR from its newest checkpoint, appending to its run.h5.")
+@click.option("--auto-resume", is_flag=True,
+              help="Resume if this run's directory (run.timestamp = false) already holds a checkpoint, "
+                   "else start it: what a requeued SLURM job needs.")
 @click.option("--print-job", is_flag=True, help="Print the resolved job as TOML and exit (no MPI needed).")
-def train(job_file, overrides, name, out, progress, print_job):
+def train(job_file, overrides, name, out, progress, resume, auto_resume, print_job):
     """Federated training: rank 0 serves, every other rank is a client. Launch under MPI:
-    `mpirun -n 4 mpifed train`."""
+    `mpirun -n 4 mpifed train`. Exit code 3: stopped by SIGTERM/SIGUSR1 after writing a checkpoint."""
     from mpifed.config import JobError, load_job
 
     overrides = list(overrides)
@@ -36,12 +41,12 @@ def train(job_file, overrides, name, out, progress, print_job):
 
     world = init_world()
     try:
-        job, run_dir = prepare(world, job_file, overrides)
+        job, start = prepare(world, job_file, overrides, resume, auto_resume)
     except JobError as err:
         if world.is_server:
             click.echo(f"mpifed: error: {err}", err=True)
         sys.exit(2)
-    sys.exit(run_or_abort(world, lambda: run_train(world, job, run_dir, progress) and 0))
+    sys.exit(run_or_abort(world, lambda: run_train(world, job, start, progress)))
 
 
 def _quote(text: str) -> str:

@@ -1,0 +1,101 @@
+"""Prediction error of the start-up performance model over a sweep of real runs.
+
+Runs each configuration below as a real `mpirun` job with `[plan] mode = "predict"` (the job's
+batches, a logged prediction every round), then reads every log and reports the median absolute
+percentage error (MdAPE) of the predicted round time t_iter_pred against the server's measured
+t_iter, per configuration and over all steady rounds of all runs, with the model's terms beside
+their measurements (mpifed.analysis.prediction). Steady rounds: the first --skip rounds and the
+rounds that evaluate are left out. "floor" is the MdAPE of the run's own median round time in
+hindsight: what jitter and drift of the machine alone cost any prediction made at start-up.
+
+    python analysis/perf_sweep.py --out runs/sweep              # run all, then report (~8 min on 2 cores)
+    python analysis/perf_sweep.py --out runs/sweep --report     # report on logs already there
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mpifed.analysis import load_run
+from mpifed.analysis.prediction import WARMUP_ROUNDS, noise_floor, round_time_error, steady_rounds, terms
+from mpifed.analysis.summary import server_rank
+
+# (ranks, per-client batch, codec, heterogeneity): client counts 2/3/4, batches 16/32/64,
+# codecs none/fp16/topk, and "slow" = the first client emulates a device at half speed.
+CONFIGS = [
+    (3, 16, "none", "none"), (3, 64, "none", "none"), (3, 32, "fp16", "slow"), (3, 32, "topk", "none"),
+    (4, 16, "fp16", "none"), (4, 32, "none", "slow"), (4, 64, "topk", "slow"), (4, 64, "none", "none"),
+    (5, 16, "topk", "none"), (5, 32, "none", "none"), (5, 64, "fp16", "slow"), (5, 32, "topk", "slow"),
+]
+BASE = ["--set", "data.train_size=4000", "--set", "data.test_size=200", "--set", "train.eval_every=0",
+        "--set", "run.timestamp=false", "--set", 'plan.mode="predict"', "--progress", "off"]
+SLOW = ["--set", "profiles.slow.speed=0.5", "--set", 'clients.groups=[{count = 1, profile = "slow"}]']
+
+
+def name(ranks: int, batch: int, codec: str, hetero: str) -> str:
+    return f"n{ranks}-b{batch}-{codec}-{hetero}"
+
+
+def run_config(out: Path, rounds: int, ranks: int, batch: int, codec: str, hetero: str) -> None:
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    if mpirun is None:
+        sys.exit("mpirun not found: install the MPICH wheel (pip install -e '.[mpich]') or load an MPI")
+    args = [mpirun, "-n", str(ranks), sys.executable, "-m", "mpifed", "train", *BASE, "--out", str(out),
+            "--name", name(ranks, batch, codec, hetero), "--set", f"train.rounds={rounds}",
+            "--set", f"train.batch={batch}", "--set", f'compress.codec="{codec}"', *(SLOW if hetero == "slow" else [])]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{name(ranks, batch, codec, hetero)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def report(out: Path, skip: int) -> float:
+    """Print one line per configuration and the overall MdAPE; return the overall MdAPE (%)."""
+    print(f"{'config':<22} {'rounds':>6} {'pred ms':>8} {'meas ms':>8} {'MdAPE %':>8} {'floor %':>8}   "
+          f"terms: predicted/measured ms (bcast, slowest client, update, server)")
+    errors = []
+    for cfg in CONFIGS:
+        run = load_run(out / name(*cfg))
+        mdape, points = round_time_error(run, skip)
+        rows, r = steady_rounds(run, skip), server_rank(run)
+        pred, meas = run.iter["t_iter_pred"][rows, r], run.iter["t_iter"][rows, r]
+        errors.append(np.abs(pred - meas) / meas)
+        parts = " ".join(f"{1e3 * t.predicted:.1f}/{1e3 * t.measured:.1f}" for t in terms(run, skip)[:4])
+        print(f"{name(*cfg):<22} {points:>6} {1e3 * np.median(pred):>8.1f} {1e3 * np.median(meas):>8.1f} "
+              f"{mdape:>8.1f} {noise_floor(run, skip):>8.1f}   {parts}")
+    overall = float(100 * np.median(np.concatenate(errors)))
+    per_config = [float(100 * np.median(e)) for e in errors]
+    floor = float(np.median([noise_floor(load_run(out / name(*cfg)), skip) for cfg in CONFIGS]))
+    print(f"overall MdAPE over {sum(len(e) for e in errors)} steady rounds of {len(CONFIGS)} configurations: "
+          f"{overall:.1f}% (median of the per-configuration MdAPEs: {np.median(per_config):.1f}%, "
+          f"worst {max(per_config):.1f}%; median noise floor {floor:.1f}%); first {skip} rounds and "
+          f"evaluation rounds left out")
+    return overall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/perf-sweep"), help="directory of the sweep's runs")
+    parser.add_argument("--rounds", type=int, default=35, help="rounds per run")
+    parser.add_argument("--skip", type=int, default=WARMUP_ROUNDS, help="leading rounds left out")
+    parser.add_argument("--report", action="store_true", help="only report on the logs already in --out")
+    args = parser.parse_args()
+    if not args.report:
+        for cfg in CONFIGS:
+            if (args.out / name(*cfg)).exists():
+                sys.exit(f"{args.out / name(*cfg)} exists: choose another --out, remove it, or add --report")
+        for i, cfg in enumerate(CONFIGS, 1):
+            print(f"[{i}/{len(CONFIGS)}] {name(*cfg)}", flush=True)
+            run_config(args.out, args.rounds, *cfg)
+    report(args.out, args.skip)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""How well the start-up performance model ([plan], mpifed.planning) predicted a run's rounds, from
+the log alone: the error of the round time, and each predicted term beside its measured counterpart
+so that a bad prediction says which term is off. Pure functions of a loaded Run; no MPI, no torch.
+
+Which rounds count ("steady" rounds): the first `skip` rounds are left out (round 0 includes every
+rank arriving from start-up, the next ones the allocator and caches warming; default 3), and so are
+rounds with an evaluation (the model predicts training rounds; evaluation is logged apart as t_eval).
+The error is measured on the server's t_iter, the round as the server saw it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from mpifed.analysis.load import Run
+from mpifed.analysis.summary import perf_model_error, samples_per_round, server_rank
+
+WARMUP_ROUNDS = 3
+"""Default leading rounds left out of every comparison (see the module docstring)."""
+
+
+def steady_rounds(run: Run, skip: int = WARMUP_ROUNDS) -> np.ndarray:
+    """Indices of the rounds compared: after the first `skip`, without evaluations."""
+    rounds = np.arange(run.rounds)
+    evaluated = np.asarray(run.eval.get("round", []), dtype=float) - 1  # /eval/round is 1-based
+    return rounds[(rounds >= skip) & ~np.isin(rounds, evaluated)]
+
+
+def round_time_error(run: Run, skip: int = WARMUP_ROUNDS) -> tuple[float, int]:
+    """MdAPE (%) of the predicted against the measured server round time over the steady rounds,
+    and how many rounds had a prediction; (NaN, 0) when the run made none."""
+    rows, r = steady_rounds(run, skip), server_rank(run)
+    server_only = dataclasses.replace(run, iter={k: v[rows][:, [r]] for k, v in run.iter.items()})
+    return perf_model_error(server_only)
+
+
+def noise_floor(run: Run, skip: int = WARMUP_ROUNDS) -> float:
+    """MdAPE (%) of the best constant prediction in hindsight, the run's own median round time: what
+    round-to-round jitter and drift (e.g. other jobs on shared cores) alone cost any prediction
+    made once at start-up. A model error near it is as good as such a prediction can be."""
+    times = run.iter["t_iter"][steady_rounds(run, skip), server_rank(run)]
+    times = times[np.isfinite(times) & (times > 0)]
+    if times.size == 0:
+        return math.nan
+    return float(100.0 * np.median(np.abs(np.median(times) - times) / times))
+
+
+def steady_throughput(run: Run, skip: int = WARMUP_ROUNDS) -> float:
+    """Samples/s over the steady rounds: their samples over the sum of the server's round times."""
+    rows = steady_rounds(run, skip)
+    seconds = float(np.nansum(run.iter["t_iter"][rows, server_rank(run)]))
+    return float(samples_per_round(run)[rows].sum() / seconds) if seconds > 0 else math.nan
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One part of the round: predicted seconds and the median measured seconds over steady rounds."""
+
+    name: str
+    predicted: float
+    measured: float
+
+    @property
+    def error(self) -> float:
+        """Relative error of the prediction, in percent of the measurement."""
+        return 100.0 * (self.predicted - self.measured) / self.measured if self.measured > 0 else math.nan
+
+
+def terms(run: Run, skip: int = WARMUP_ROUNDS) -> list[Term]:
+    """The model's terms beside what the log measured ([] when the run fitted no model):
+    broadcast (server t_down), slowest client (max over clients of t_compute), update (server t_up
+    minus that slowest t_compute: encode, collectives and decode, which the model times together),
+    server (t_decode), round (server t_iter)."""
+    m = run.models
+    if "perf.round.t_round" not in m:
+        return []
+    rows, r, c = steady_rounds(run, skip), server_rank(run), run.clients
+    it = {k: v[rows] for k, v in run.iter.items()}
+    slowest = np.nanmax(it["t_compute"][:, c], axis=1)
+    med = lambda x: float(np.nanmedian(x))  # noqa: E731
+    return [Term("broadcast", float(m["perf.comm.bcast_seconds"]), med(it["t_down"][:, r])),
+            Term("slowest client", float(m["perf.round.t_compute_max"]), med(slowest)),
+            Term("update", float(m["perf.comm.up_seconds"]), med(it["t_up"][:, r] - slowest)),
+            Term("server", float(m["perf.round.t_server"]), med(it["t_decode"][:, r])),
+            Term("round", float(m["perf.round.t_round"]), med(it["t_iter"][:, r]))]

@@ -1,0 +1,246 @@
+"""Start-up performance model and batch plan (job table [plan]): one collective step, run by every
+rank after the clients have prepared (data loaded, memory caps known) and before the batches are
+agreed. With plan.mode = "off" it does nothing and sends nothing.
+
+  1. every client times its own step (mpifed.probes.client_step: its model, data, device and
+     emulated speed) at plan.points batch sizes up to its profile cap, all clients at once as in a
+     round, and fits t_k(b) = max(t_floor, a + c b) (mpifed.perf.ComputeCurve);
+  2. the server times its own step while the clients wait;
+  3. every rank times the broadcast and the update path at the round's real sizes (probes.round_comm);
+  4. rank 0 gathers the curves (pickled: set-up only), builds a perf Profile, picks the batches by
+     mode, predicts the round (mpifed.perf.predict_round) and sends each client its batch.
+
+The prediction the server logs every round as t_iter_pred (on every rank's row: a client's round
+spans the same broadcast-to-update interval, so its t_iter is the round time too) is
+
+    t_round = t_bcast + max_k [t_k(b_k) + link_k] + t_up + t_server
+
+link_k: the emulated link delays of client k's profile (latency + bytes / bandwidth, down and up).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mpifed import probes, profiles
+from mpifed.client import ClientSetup, update_channel
+from mpifed.config import JobError
+from mpifed.perf import (ClientProfile, CollectiveSample, ComputeCurve, Profile, RoundPrediction, fit_collective,
+                         plan_batches, plan_throughput, profile_compute, save_profile)
+from mpifed.perf.report import predict_for
+from mpifed.session import Session
+
+MODES = ("off", "predict", "balance", "maximize")
+WARMUP_STEPS = 1
+"""Untimed steps per batch size before the timed ones (first-touch allocation, lazy init)."""
+
+
+@dataclass(frozen=True)
+class StartupPlan:
+    """What rank 0 knows after the start-up step: the fitted profile, the batches and the prediction."""
+
+    mode: str
+    profile: Profile
+    memory_caps: list[int]      # per client, from the memory model (0 = not sized)
+    requested: list[int]        # per client, what the job asked for after the memory caps
+    batches: list[int]          # per client, what it trains with
+    prediction: RoundPrediction
+    seconds: float              # wall time of the start-up step
+
+    def model_attrs(self) -> dict[str, dict]:
+        """/models attributes: perf.client<k>, perf.comm, perf.round."""
+        p, pred = self.profile, self.prediction
+        out = {}
+        for k, c in enumerate(p.clients):
+            out[f"perf.client{k}"] = dict(c.curve.to_dict(), max_batch=c.max_batch, memory_cap=self.memory_caps[k],
+                                          requested=self.requested[k], batch=self.batches[k],
+                                          predicted_step=pred.t_clients[k], device=c.device,
+                                          profile_batches=np.array([b for b, _ in c.samples], dtype=np.int64),
+                                          profile_seconds=np.array([t for _, t in c.samples]))
+        out["perf.comm"] = dict(up=p.up, model_bytes=p.model_bytes, payload_bytes=p.payload_bytes,
+                                bcast_seconds=pred.t_collectives["bcast"], up_seconds=pred.t_collectives[p.up])
+        out["perf.round"] = dict(mode=self.mode, t_round=pred.t_round, t_compute_max=pred.t_compute_max,
+                                 t_comm=pred.t_comm, t_server=pred.t_server, slowest_client=pred.slowest_client,
+                                 bound_by=pred.bound_by, global_batch=pred.global_batch,
+                                 throughput=pred.throughput, startup_seconds=self.seconds,
+                                 batches=np.array(self.batches, dtype=np.int64))
+        return out
+
+    def describe(self) -> list[str]:
+        """Rank 0's start-up report: batches, predicted round and its parts, per-client curves."""
+        pred, p = self.prediction, self.profile
+        ms = lambda t: f"{1e3 * t:.1f}"  # noqa: E731
+        lines = [f"plan ({self.mode}, start-up profile {self.seconds:.1f} s): batches "
+                 f"{', '.join(map(str, self.batches))} (job: {', '.join(map(str, self.requested))}), "
+                 f"global batch {pred.global_batch}",
+                 f"predicted round {ms(pred.t_round)} ms = broadcast {ms(pred.t_collectives['bcast'])} + slowest "
+                 f"client {ms(pred.t_compute_max)} (client {pred.slowest_client}) + update "
+                 f"{ms(pred.t_collectives[p.up])} + server {ms(pred.t_server)}; {pred.throughput:,.0f} samples/s, "
+                 f"bound by {pred.bound_by}"]
+        for k, c in enumerate(p.clients):
+            lines.append(f"  client {k} ({c.device}): t(b) = max({ms(c.curve.t_floor)}, {ms(c.curve.a)} + "
+                         f"{1e3 * c.curve.c:.3f} b) ms (fit rms {100 * c.curve.rel_rms:.1f}%), cap {c.max_batch}, "
+                         f"step at b={self.batches[k]}: {ms(pred.t_clients[k])} ms")
+        return lines
+
+    def record(self, writer, run_dir: Path) -> None:
+        """Rank 0, new logs only: /models attributes (before the log's SWMR switch) and profile.json,
+        which `mpifed plan` reads to ask what other batches would do."""
+        for name, values in self.model_attrs().items():
+            writer.set_model_attrs(name, values)
+        save_profile(self.profile, run_dir / "profile.json")
+
+
+def startup_batches(cap: int, points: int) -> list[int]:
+    """`points` batch sizes, geometric from cap/16 to cap: where round batches lie (a balanced split
+    rarely gives a client less than a sixteenth of the largest), so the line is fitted where it is
+    used, not on batch 1, whose step is all fixed overhead."""
+    low = max(1, cap // 16)
+    return sorted({int(round(b)) for b in np.geomspace(low, cap, points)})
+
+
+def profile_cap(mode: str, memory_cap: int, global_batch: int, profile_max: int) -> int:
+    """Largest batch a client times: plan.profile_max, else the global batch (no balanced split
+    gives one client more) or, for maximize, the memory cap; never above the memory cap (0 = none)."""
+    wanted = profile_max or (memory_cap if mode == "maximize" else global_batch)
+    if wanted <= 0:
+        raise JobError("plan.mode = 'maximize' needs a largest batch: turn on memory.size_clients "
+                       "(the memory model's cap) or set plan.profile_max")
+    return min(wanted, memory_cap) if memory_cap else wanted
+
+
+def plan_cap(mode: str, memory_cap: int, global_batch: int, profiled: int) -> int:
+    """Largest batch the planner may give a client: the profiled range for maximize (no
+    extrapolation when choosing the global batch), else the memory cap and the global batch."""
+    if mode == "maximize":
+        return profiled
+    return min(memory_cap, global_batch) if memory_cap else global_batch
+
+
+def choose_batches(mode: str, profile: Profile, requested: Sequence[int], min_fraction: float) -> list[int]:
+    """predict: the job's batches; balance: the same global batch split so that all clients finish
+    together; maximize: the global batch with the best predicted throughput within the caps."""
+    if mode == "predict":
+        return [int(b) for b in requested]
+    if mode == "balance":
+        return plan_batches(profile.curves, profile.max_batches, int(sum(requested)))
+    if mode == "maximize":
+        return plan_throughput(profile.curves, profile.max_batches, lambda b: predict_for(profile, b),
+                               min_fraction=min_fraction).batches
+    raise ValueError(f"plan.mode = {mode!r}: choose one of {', '.join(MODES)}")
+
+
+def _device_label(s: Session, client: int) -> str:
+    speed = s.profile(client).speed
+    return f"{s.device}" + (f", emulated {speed:g}x" if speed < 1 else "")
+
+
+def plan_startup(s: Session, setup: ClientSetup | None) -> StartupPlan | None:
+    """The collective start-up step (see the module docstring). Clients get their planned batch in
+    setup.batch; rank 0 gets the StartupPlan and s.t_iter_pred; everyone else gets None."""
+    cfg = s.job.plan
+    if cfg.mode == "off":
+        return None
+    start = time.perf_counter()
+    comm, ex = s.world.comm, s.exchange
+    # the global batch the job would train with: requested batches after the memory caps
+    mine = np.array([0 if setup is None else setup.batch], dtype=np.int64)
+    everyone = np.zeros(s.world.size, dtype=np.int64)
+    ex.wait([comm.Iallgather(mine, everyone)])
+    global_batch = int(everyone[1:].sum())
+
+    info = None
+    if setup is not None:
+        client = s.world.rank - 1
+        cap = profile_cap(cfg.mode, setup.max_batch, global_batch, cfg.profile_max)
+        if cap < 2:
+            raise JobError(f"client {client}: the planner times at least two batch sizes, but its largest "
+                           f"batch is {cap} (memory model or plan.profile_max); give it more memory")
+        samples = profile_compute(probes.client_step(s, setup), startup_batches(cap, cfg.points),
+                                  cfg.repeats, WARMUP_STEPS)
+        info = dict(memory_cap=setup.max_batch, batch=setup.batch, samples=samples,
+                    cap=plan_cap(cfg.mode, setup.max_batch, global_batch, cap), device=_device_label(s, client))
+        ex.wait([comm.Ibarrier()])  # wait politely: the server must not spin while clients are timed
+        t_server = 0.0
+    else:
+        ex.wait([comm.Ibarrier()])
+        step = probes.server_step(s)
+        t_server = profile_compute(lambda _b: step(), [1], cfg.repeats, WARMUP_STEPS)[0][1]
+    t_bcast, t_up = probes.round_comm(s, cfg.repeats)
+    model_bytes, up_bytes = 4 * s.model.size, probes.update_bytes(s)
+    if info is not None:
+        p = s.profile(s.world.rank - 1)
+        info["link"] = profiles.link_delay(p, model_bytes, t_bcast) + profiles.link_delay(p, up_bytes, 0.0)
+    gathered = comm.gather(info, root=0)  # once, at start-up: pickling is fine here
+    batches = None
+    if s.world.is_server:
+        plan = _plan(s, gathered[1:], t_server, t_bcast, t_up, model_bytes, up_bytes, start)
+        batches = [None] + plan.batches
+    mine_planned = comm.scatter(batches, root=0)
+    if setup is not None:
+        setup.batch = int(mine_planned)
+        return None
+    s.t_iter_pred = plan.prediction.t_round
+    return plan
+
+
+def _plan(s: Session, infos: list[dict], t_server: float, t_bcast: float, t_up: float, model_bytes: int,
+          up_bytes: int, start: float) -> StartupPlan:
+    """Rank 0: fit the curves, build the Profile, choose and predict the batches."""
+    cfg, p = s.job.plan, s.world.size
+    up = "reduce" if update_channel(s, None).codec.summable else "gatherv"
+    clients = tuple(ClientProfile(k, k + 1, info["device"], int(info["cap"]),
+                                  ComputeCurve.fit(info["samples"]).shifted(info["link"]), tuple(info["samples"]))
+                    for k, info in enumerate(infos))
+    comm_model = fit_collective([CollectiveSample("bcast", p, model_bytes, t_bcast),
+                                 CollectiveSample(up, p, up_bytes, t_up)])
+    profile = Profile(p, model_bytes, up_bytes, clients, comm_model, up, 0, t_server)
+    requested = [int(info["batch"]) for info in infos]
+    try:
+        batches = choose_batches(cfg.mode, profile, requested, cfg.min_fraction)
+    except ValueError as err:
+        raise JobError(f"plan.mode = {cfg.mode!r}: {err}") from None
+    return StartupPlan(cfg.mode, profile, [int(info["memory_cap"]) for info in infos], requested, batches,
+                       predict_for(profile, batches), time.perf_counter() - start)
+
+
+def profile_target(job_path: str, overrides: Sequence[str]):
+    """The spine's side of `mpifed profile` (mpifed.commands.profile): every rank builds the job's
+    session and prepares its client as `mpifed train` does, then hands the same probes to run_profile.
+    Clients are timed up to min(memory cap, plan.profile_max): bound it with
+    `--set plan.profile_max=N` where the memory cap is large (a CPU), or the profile takes long."""
+    import click
+
+    from mpifed.client import prepare_client
+    from mpifed.cluster import init_world
+    from mpifed.commands.profile import ProfileTarget
+    from mpifed.config import load_job
+    from mpifed.runlog import ITER_FIELDS
+    from mpifed.session import agree_batches, open_session
+
+    world = init_world()
+    try:  # every rank reads the same file, so every rank stops with the same message
+        job = load_job(job_path, list(overrides))
+        if not job.memory.size_clients and not job.plan.profile_max:
+            raise JobError("mpifed profile times each client up to its memory cap: turn on "
+                           "memory.size_clients or set plan.profile_max")
+    except JobError as err:
+        raise click.ClickException(str(err)) from None
+    s = open_session(world, job)
+    setup = None if world.is_server else prepare_client(s)
+    agree_batches(s, 0 if setup is None else setup.batch)
+    cap = 0
+    if setup is not None:
+        cap = profile_cap("maximize", setup.max_batch, s.global_batch, job.plan.profile_max)
+    target = ProfileTarget(
+        make_step_fn=lambda rank: probes.client_step(s, setup), max_batch=lambda rank: cap,
+        model_bytes=4 * s.model.size, payload_bytes=probes.update_bytes(s),
+        up="reduce" if update_channel(s, None).codec.summable else "gatherv",
+        metrics_bytes=8 * len(ITER_FIELDS), device=lambda rank: _device_label(s, rank - 1),
+        server_step=probes.server_step(s) if world.is_server else None)
+    return world.comm, target

@@ -1,0 +1,90 @@
+"""Checkpoint and resume under real MPI: a signal mid-run, then --resume, ends exactly where an
+uninterrupted run ends; bad checkpoints are set aside or refused, never silently used."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import MPIRUN, TINY, mpi_run, ok, train
+
+pytestmark = pytest.mark.mpi
+
+# Error feedback (client residuals), momentum (optimizer state) and a slow emulated client, so the
+# signal lands mid-run and every kind of state must survive the restart.
+JOB = ["--set", 'compress.codec="topk"', "--set", "compress.options={density = 0.05, error_feedback = true}",
+       "--set", "profiles.slow.speed=0.25", "--set", 'clients.groups=[{count = 1, profile = "slow"}]',
+       "--set", "train.rounds=14", "--set", "train.eval_every=7"]
+
+
+def _state(path):
+    return torch.load(path, weights_only=True)
+
+
+def _rounds_logged(path) -> int:
+    try:
+        with h5py.File(path, "r", libver="latest", swmr=True) as f:
+            return f["iter/t_iter"].shape[0]
+    except (OSError, KeyError):
+        return 0
+
+
+def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path):
+    ok(train(3, tmp_path, "full", *JOB))
+
+    cmd = [MPIRUN, "-n", "3", sys.executable, "-m", "mpifed", "train", *TINY, "--out", str(tmp_path),
+           "--name", "cut", *JOB]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "cut" / "run.h5"
+    deadline = time.monotonic() + 180
+    while _rounds_logged(log) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # mpirun forwards it to every rank, as SLURM's trap does
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-3000:]
+    assert "stopped by a signal after round" in out
+    stopped = _rounds_logged(log)
+    assert 3 <= stopped < 14
+    assert (tmp_path / "cut" / "checkpoints" / f"round-{stopped:08d}.pt").exists()
+
+    ok(mpi_run(3, ["train", "--resume", str(tmp_path / "cut"), "--progress", "log"], tmp_path))
+    full, cut = _state(tmp_path / "full" / "model.pt"), _state(tmp_path / "cut" / "model.pt")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    with h5py.File(log) as f, h5py.File(tmp_path / "full" / "run.h5") as g:
+        assert f["iter/t_iter"].shape == (14, 3)
+        assert f["eval/round"][:].tolist() == [7, 14]
+        assert np.array_equal(f["iter/loss"][:], g["iter/loss"][:])  # the same rounds, once each
+        assert np.array_equal(f["iter/batch"][:], g["iter/batch"][:])
+        assert f["server/wall"][stopped] >= f["server/wall"][stopped - 1]
+        assert f"resumed at round {stopped}" in f.attrs["resumes"][0]
+
+
+def test_a_corrupt_checkpoint_is_set_aside_and_a_mismatched_one_refused(tmp_path):
+    ok(train(3, tmp_path, "ck", "--set", "checkpoint.every=3", "--set", "train.rounds=10"))
+    folder = tmp_path / "ck" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["round-00000006.pt", "round-00000009.pt"]
+
+    mismatch = mpi_run(3, ["train", "--resume", str(tmp_path / "ck"), "--set", 'compress.codec="fp16"',
+                           "--set", "train.rounds=12"], tmp_path, timeout=120)
+    assert mismatch.returncode == 2
+    assert "belongs to a different job (codec: checkpoint 'none', job 'fp16')" in mismatch.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["round-00000006.pt", "round-00000009.pt"]
+
+    (folder / "round-00000009.pt").write_bytes(b"not a checkpoint at all")
+    proc = ok(mpi_run(3, ["train", "--resume", str(tmp_path / "ck"), "--set", "train.rounds=12",
+                          "--progress", "log"], tmp_path))
+    assert "round-00000009.pt is unreadable" in proc.stderr and "moved to round-00000009.pt.corrupt" in proc.stderr
+    assert (folder / "round-00000009.pt.corrupt").read_bytes() == b"not a checkpoint at all"
+    with h5py.File(tmp_path / "ck" / "run.h5") as f:
+        assert f["iter/t_iter"].shape == (12, 3)  # rounds 6..9 logged before were replaced, not duplicated
+        assert "resumed at round 6" in f.attrs["resumes"][0]
+
+
+def test_resume_of_something_that_is_not_a_run_says_so(tmp_path):
+    proc = mpi_run(3, ["train", "--resume", str(tmp_path)], tmp_path, timeout=120)
+    assert proc.returncode == 2 and "not an mpifed run directory" in proc.stderr

@@ -1,0 +1,63 @@
+"""The start-up performance model and planner ([plan]) in real `mpirun` jobs."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import ok, train
+from mpifed.cli import main
+
+pytestmark = pytest.mark.mpi
+
+SLOW_SECOND = ["--set", "profiles.slow.speed=0.25",
+               "--set", 'clients.groups=[{count = 1, profile = "native"}, {count = 1, profile = "slow"}]']
+
+
+def _ranks(f, key):
+    return f[f"ranks/{key}"][1:].tolist()
+
+
+def test_predict_logs_a_finite_prediction_every_round_and_the_curves(tmp_path):
+    proc = ok(train(3, tmp_path, "pred", "--set", 'plan.mode="predict"', "--set", "train.batch=16"))
+    assert "mpifed: plan (predict" in proc.stdout and "predicted round" in proc.stdout
+    with h5py.File(tmp_path / "pred" / "run.h5") as f:
+        pred, meas = f["iter/t_iter_pred"][()], f["iter/t_iter"][()]
+        assert pred.shape == meas.shape == (6, 3) and np.isfinite(pred).all() and (pred > 0).all()
+        attrs = f["models"].attrs
+        assert np.allclose(pred, attrs["perf.round.t_round"])
+        assert _ranks(f, "batch") == [16, 16]                       # predict keeps the job's batches
+        for k in range(2):
+            assert attrs[f"perf.client{k}.c"] > 0
+            assert len(set(attrs[f"perf.client{k}.profile_batches"].tolist())) >= 2
+            assert (attrs[f"perf.client{k}.profile_seconds"] > 0).all()
+        assert attrs["perf.comm.bcast_seconds"] > 0 and attrs["perf.comm.up_seconds"] > 0
+    # the run's profile file answers "what if" offline
+    result = CliRunner().invoke(main, ["plan", str(tmp_path / "pred" / "profile.json"), "--global-batch", "48"])
+    assert result.exit_code == 0, result.output
+    assert "plan: global batch 48" in result.output
+
+
+def test_balance_gives_the_fast_client_more_and_keeps_the_global_batch(tmp_path):
+    ok(train(3, tmp_path, "bal", "--set", 'plan.mode="balance"', "--set", "train.batch=16", *SLOW_SECOND))
+    with h5py.File(tmp_path / "bal" / "run.h5") as f:
+        fast, slow = _ranks(f, "batch")
+        assert fast + slow == 32 and fast > 2 * slow, (fast, slow)   # 4x slower: far fewer samples
+        assert (f["iter/batch"][:, 1] == fast).all() and (f["iter/batch"][:, 2] == slow).all()
+        assert (f["server/global_batch"][()] == 32).all()
+        assert np.isfinite(f["iter/t_iter_pred"][()]).all()
+        assert f["models"].attrs["perf.round.mode"] == "balance"
+
+
+def test_balance_respects_the_memory_models_cap(tmp_path):
+    """The fast client has a tiny memory budget: the planner would give it more, the cap binds."""
+    ok(train(3, tmp_path, "cap", "--set", 'plan.mode="balance"', "--set", "train.batch=64",
+             "--set", 'profiles.tiny.memory="12MiB"', "--set", "profiles.slow.speed=0.25",
+             "--set", 'clients.groups=[{count = 1, profile = "tiny"}, {count = 1, profile = "slow"}]'))
+    with h5py.File(tmp_path / "cap" / "run.h5") as f:
+        cap = _ranks(f, "max_batch")[0]
+        assert 1 <= cap < 64
+        assert _ranks(f, "batch") == [cap, 64]   # requested after caps: [cap, 64]; the sum is kept
+        assert f["models"].attrs["perf.client0.max_batch"] == cap

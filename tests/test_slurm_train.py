@@ -1,0 +1,79 @@
+"""`mpifed train` through a rendered sbatch script on the real one-node SLURM of .ci/slurm-up:
+the job's run.h5, and SLURM's time-limit signal turning into a checkpoint that resumes."""
+
+import subprocess
+import sys
+import time
+
+import h5py
+import pytest
+
+from conftest import TINY
+from mpifed.slurm import SlurmOptions, render, submit
+from slurm_helpers import require_slurm, run_batch
+
+pytestmark = pytest.mark.slurm
+
+
+def _script(tmp_path, name, *extra):
+    job = tmp_path / "job.toml"
+    job.write_text('[model]\nname = "cnn"\n')
+    opts = SlurmOptions(job=str(job), gpus_per_node=0, ntasks=3, overcommit=True, log_dir=str(tmp_path),
+                        venv=sys.prefix, time="00:10:00",
+                        mpifed_args=(*TINY, "--out", str(tmp_path), "--name", name, *extra))
+    return render(opts.template, **opts.fields())
+
+
+def test_sbatch_of_a_rendered_script_trains_and_writes_the_run_log(tmp_path):
+    require_slurm()
+    job_id, code, logs = run_batch(_script(tmp_path, "viaslurm"), tmp_path, timeout=420)
+    assert code == 0, logs[-4000:]
+    assert "mpifed: done" in logs
+    with h5py.File(tmp_path / "viaslurm" / "run.h5") as f:
+        assert f.attrs["world_size"] == 3
+        assert f["iter/t_iter"].shape == (6, 3)
+        assert "srun" in f.attrs["command"] or "mpifed" in f.attrs["command"]
+
+
+def test_the_time_limit_signal_checkpoints_requeues_and_the_job_resumes_itself(tmp_path):
+    """SLURM's warning signal -> the ranks checkpoint and exit -> the script requeues the job -> the
+    restarted script (same job id) resumes from the checkpoint and finishes, one gap-free log."""
+    require_slurm()
+    job = tmp_path / "job.toml"
+    job.write_text('[run]\nname = "pre"\n')
+    opts = SlurmOptions(job=str(job), gpus_per_node=0, ntasks=3, overcommit=True, log_dir=str(tmp_path),
+                        venv=sys.prefix, time="00:10:00", requeue=True,
+                        mpifed_args=(*TINY, "--out", str(tmp_path), "--set", "train.rounds=40",
+                                     "--set", "profiles.s.speed=0.25", "--set", 'clients.groups=[{count = 1, profile = "s"}]'))
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(opts.template, **opts.fields()))
+    job_id, _ = submit(str(script), sbatch_args=(f"--chdir={tmp_path}",))
+    log = tmp_path / f"pre-{job_id}" / "run.h5"
+    deadline = time.monotonic() + 480
+    try:
+        while time.monotonic() < deadline and _rounds(log) < 3:
+            time.sleep(0.5)
+        # what SLURM does --signal seconds before the time limit: USR1 to the batch shell
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+        while time.monotonic() < deadline and (_rounds(log) < 40 or _queued(job_id)):
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*"))
+    assert "stopped by a signal after round" in logs and "requeueing job" in logs, logs[-4000:]
+    assert "mpifed: done" in logs, logs[-4000:]
+    with h5py.File(log) as f:
+        assert f["iter/t_iter"].shape == (40, 3)
+        assert "resumed at round" in f.attrs["resumes"][0]
+
+
+def _rounds(path) -> int:
+    try:
+        with h5py.File(path, "r", libver="latest", swmr=True) as f:
+            return f["iter/t_iter"].shape[0]
+    except (OSError, KeyError):
+        return 0
+
+
+def _queued(job_id: str) -> bool:
+    return bool(subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip())
