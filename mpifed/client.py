@@ -117,6 +117,9 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
         row[:] = np.nan
         emul = 0.0
         start = time.perf_counter()
+        if job.scaling.grow_batch:  # the server may have grown the global batch (noise scale)
+            s.exchange.broadcast(s.batches)
+            batch, weight = int(s.batches[client]), s.weight(client)
         s.exchange.broadcast(host)
         if on_gpu:
             model.flat.copy_(torch.from_numpy(host), non_blocking=False)

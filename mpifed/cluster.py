@@ -11,12 +11,16 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from mpi4py import MPI
+
+
+ABORT_GRACE_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,13 @@ def run_or_abort(world: World, body: Callable[[], int | None]) -> int:
         if isinstance(err, SystemExit) and not err.code:
             return 0
         detail = "".join(traceback.format_exception(err))
-        sys.stderr.write(f"{detail}mpifed: rank {world.rank} ({world.role}) on {world.host} failed: "
-                         f"{type(err).__name__}: {err}\nmpifed: aborting all {world.size} ranks\n")
+        message = (f"{detail}mpifed: rank {world.rank} ({world.role}) on {world.host} failed: "
+                   f"{type(err).__name__}: {err}\nmpifed: aborting all {world.size} ranks\n")
         sys.stderr.flush()
+        os.write(2, message.encode(errors="replace"))
+        # MPI_Abort makes the launcher kill every process at once, and output still in its pipes is
+        # lost: give it a moment to forward this message first (bounded: the job still ends in
+        # well under a second).
+        time.sleep(ABORT_GRACE_SECONDS)
         world.comm.Abort(1)
         return 1

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from mpifed import checkpoint
 from mpifed.client import payload_size, update_channel
 from mpifed.progress import Progress
-from mpifed.scaling import ClientRound, ServerScalingPolicy
+from mpifed.scaling import BatchController, ClientRound, ServerScalingPolicy, split_batch
 from mpifed.runlog import ITER_FIELDS, RunWriter, column
 from mpifed.schedule import learning_rate
 from mpifed.session import Session
@@ -58,12 +58,23 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
     began = time.perf_counter()
     last_eval: dict = {}
 
+    controller, caps = None, []
+    if job.scaling.grow_batch:
+        # a client's batch is bounded by its memory (0: not sized) and by its own data
+        caps = [min(int(m) if m > 0 else int(b), max(int(d), int(b)))
+                for m, b, d in zip(s.max_batches, s.batches, s.data_sizes)]
+        controller = BatchController(s.global_batch, sum(caps), job.scaling.batch_rate)
     if s.resume is not None:
         _restore(s, optimizer, policy, channel)
+        if controller is not None:
+            controller.load_state_dict(s.resume["controller"])
         began -= float(s.resume["wall"])  # the log's wall clock continues where it stopped
     for rnd in range(s.start_round, job.train.rounds):
         row[:] = np.nan
         start = time.perf_counter()
+        if controller is not None:
+            s.exchange.broadcast(s.batches)
+            weights = s.batches / s.global_batch
         if on_gpu:
             host[:] = model.flat.cpu().numpy()
         s.exchange.broadcast(host)
@@ -123,9 +134,14 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
                                         wall=time.perf_counter() - began))
         progress.update(done, train_loss, last_eval.get("test_acc"), s.global_batch * job.train.local_steps,
                         time.perf_counter() - start)
+        if controller is not None:  # the next round's batches, grown towards the noise scale
+            grown = controller.update(stats.get("noise_scale", float("nan")))
+            if grown != s.global_batch:
+                s.batches = np.array(split_batch(grown, caps), dtype=np.int64)
         stop = s.exchange.any(bool(s.stop))
         if stop or s.checkpoint_due(done):
-            path = _checkpoint(s, done, optimizer, policy, channel, run_dir, time.perf_counter() - began)
+            path = _checkpoint(s, done, optimizer, policy, channel, run_dir, time.perf_counter() - began,
+                               controller.state_dict() if controller is not None else {})
             if stop:
                 progress.print(f"mpifed: stopped by a signal after round {done}; checkpoint {path}; "
                                f"continue with: mpifed train --resume {run_dir}")
@@ -135,7 +151,8 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
     return last_eval
 
 
-def _checkpoint(s: Session, done: int, optimizer, policy, channel, run_dir: Path, wall: float) -> Path:
+def _checkpoint(s: Session, done: int, optimizer, policy, channel, run_dir: Path, wall: float,
+                controller: dict) -> Path:
     """Collect every client's state and write the checkpoint for resuming at round `done`."""
     cursors = np.zeros((s.world.size, 1), dtype=np.int64)
     s.exchange.gather_rows(np.zeros(1, dtype=np.int64), cursors)
@@ -147,7 +164,7 @@ def _checkpoint(s: Session, done: int, optimizer, policy, channel, run_dir: Path
     payload = dict(round=done, identity=checkpoint.identity(s.job, s.n_clients), model=s.model.module.state_dict(),
                    optimizer=optimizer.state_dict(), policy=policy.state_dict(),
                    cursors=torch.from_numpy(cursors[1:, 0]), residuals=residuals, wall=wall,
-                   batches=torch.from_numpy(s.batches.copy()))
+                   batches=torch.from_numpy(s.batches.copy()), controller=controller)
     return checkpoint.save(run_dir, payload, s.job.checkpoint.keep)
 
 

@@ -32,6 +32,8 @@ class Session:
     stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM/SIGUSR1 seen by this rank
     start_round: int = 0           # > 0 when resuming
     resume: dict | None = None     # the checkpoint being resumed (server only)
+    max_batches: list[int] = field(default_factory=list)  # memory-model caps (server only; 0 = unsized)
+    data_sizes: list[int] = field(default_factory=list)   # samples per client (server only)
     t_iter_pred: float = float("nan")  # start-up plan's predicted round, s (server; NaN: no plan)
 
     def checkpoint_due(self, done: int) -> bool:

@@ -18,6 +18,7 @@ import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from importlib import resources
 
 TEMPLATES = ("single-node", "multi-node", "array")
@@ -153,6 +154,15 @@ class SlurmOptions:
                          "script; move or link it to a plain path")
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.job_name):
             p.append(f"job_name={self.job_name!r}: use letters, digits and _ . + - only")
+        if self.job is not None and Path(self.job).is_file():
+            from mpifed.config import load_job  # a fixed client count must match the ranks started
+
+            count = load_job(self.job).clients.count
+            if count and self.ntasks != count + 1:
+                p.append(f"the job fixes clients.count = {count}, so it needs {count + 1} ranks, but "
+                         f"ntasks = {self.ntasks}; choose --nodes and --gpus-per-node with nodes x gpus = "
+                         f"{count} (or, on one node, --ntasks {count + 1}), or set clients.count = 0 in the "
+                         f"job to use every rank")
         return p
 
     @property
@@ -185,7 +195,7 @@ class SlurmOptions:
         if self.requeue and self.sweep is None:
             from mpifed.config import load_job
 
-            name = load_job(self.job).run.name
+            name = load_job(self.job).run.name if Path(self.job).is_file() else self.job_name
             words += ["--name", f'"{name}-$SLURM_JOB_ID"', "--set", "run.timestamp=false", "--auto-resume"]
         return " ".join(words)
 

@@ -137,6 +137,8 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
                     speed=1.0, memory_budget=0.0, bandwidth=0.0, latency=0.0, data_size=len(s.dataset),
                     requested_batch=0, max_batch=0, batch=s.global_batch)
     ranks = {key: [info[key] for info in infos] for key in RANK_COLUMNS}
+    s.max_batches = [int(info["max_batch"]) for info in infos[1:]]
+    s.data_sizes = [int(info["data_size"]) for info in infos[1:]]
     if start.checkpoint is not None:
         writer = RunWriter.reopen(run_dir / "run.h5", start.round, start.note, job.to_toml())
     else:

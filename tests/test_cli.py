@@ -36,8 +36,8 @@ def test_print_job_resolves_overrides_without_mpi(tmp_path):
 
 
 def test_every_job_in_jobs_dir_is_valid():
-    files = sorted((ROOT / "jobs").glob("*.toml"))
-    assert len(files) >= 5
+    files = sorted((ROOT / "jobs").rglob("*.toml"))
+    assert len(files) >= 13
     for path in files:
         load_job(path)
 

@@ -8,6 +8,7 @@ from mpifed.bench.compress import compress
 from mpifed.bench.exchange import exchange
 from mpifed.bench.memory import memory
 from mpifed.bench.plan import plan
+from mpifed.bench.rounds import rounds
 
 
 @click.group("bench")
@@ -19,3 +20,4 @@ bench.add_command(exchange)
 bench.add_command(compress)
 bench.add_command(memory)
 bench.add_command(plan)
+bench.add_command(rounds)

@@ -1,0 +1,97 @@
+"""`mpifed bench rounds`: one round's exchange per codec at n ranks, as a ratio to dense fp32.
+
+A round here is what a codec changes: the model broadcast plus the whole update path a training
+round runs (mpifed.updates.UpdateChannel: client encode and error feedback, the codec's collectives
+with the job's waiting mode, the server's validation and decoding). The local training step is the
+same whatever the codec, so it is left out; add it back with the step times of `mpifed bench
+compress`. Codecs are timed interleaved, one round each per repeat, so drift hits all alike.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+DEFAULT_CODECS = "none,fp16,topk,randomk,qsgd,sign,powersgd"
+
+
+def _worker(model_name: str, codec_names: list[str], repeats: int) -> None:
+    from mpifed.bench.compress import compare_round_times
+    from mpifed.cluster import init_world
+    from mpifed.compress import make_codec
+    from mpifed.exchange import Exchange
+    from mpifed.flat import FlatModel
+    from mpifed.models import build_model
+    from mpifed.updates import UpdateChannel
+
+    world = init_world()
+    flat = FlatModel(build_model(model_name, 10))
+    exchange = Exchange(world.comm, polite=world.oversubscribed)
+    n, client = flat.n_params, (None if world.is_server else world.rank - 1)
+    layers = [(name, shape) for name, shape in flat.layout]
+    gen = np.random.default_rng(world.rank)
+    update = (1e-3 * gen.standard_normal(n)).astype(np.float32)
+    out = np.zeros(n, np.float32)
+    weights = np.full(world.size - 1, 1.0 / (world.size - 1))
+    channels = {name: UpdateChannel(make_codec(name, layers=layers), exchange, n, 0, client) for name in codec_names}
+    by_codec = {id(ch.codec): ch for ch in channels.values()}
+    counter = [0]
+
+    def run_round(codec) -> float:
+        channel = by_codec[id(codec)]
+        world.comm.Barrier()
+        start = time.perf_counter()
+        exchange.broadcast(flat.flat.numpy())
+        if client is None:
+            channel.receive(counter[0], out, weights)
+        else:
+            channel.send(update, counter[0])
+        counter[0] += 1
+        return world.comm.bcast(time.perf_counter() - start, root=0)
+
+    rows = compare_round_times(run_round, {name: ch.codec for name, ch in channels.items()}, repeats)
+    if world.is_server:
+        result = [dict(codec=r.codec, seconds=r.seconds, ratio=r.vs_dense, nbytes=channels[r.codec].nbytes)
+                  for r in rows]
+        print("RESULTS " + json.dumps(dict(model=model_name, ranks=world.size, n=n, rows=result)), flush=True)
+
+
+@click.command("rounds")
+@click.option("--ranks", default=8, show_default=True, help="World size (1 server + ranks-1 clients).")
+@click.option("--model", default="resnet18", show_default=True, help="Model whose parameter vector travels.")
+@click.option("--codecs", default=DEFAULT_CODECS, show_default=True, help="Comma-separated codecs ('none' is added).")
+@click.option("--repeats", default=5, show_default=True, help="Rounds per codec; the median is reported.")
+def rounds(ranks, model, codecs, repeats):
+    """Exchange time of one round per codec at n ranks, against dense fp32, measured side by side."""
+    from rich.console import Console
+    from rich.table import Table
+
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    if mpirun is None:
+        raise click.ClickException("mpirun not found; pip install -e '.[mpich]' or load your cluster's MPI")
+    names = list(dict.fromkeys(["none", *codecs.split(",")]))
+    cmd = [mpirun, "-n", str(ranks), sys.executable, "-m", "mpifed.bench.rounds", model, ",".join(names),
+           str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    if proc.returncode or not lines:
+        raise click.ClickException(f"mpirun -n {ranks} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    res = json.loads(lines[-1][len("RESULTS "):])
+    table = Table(title=f"{res['model']} ({res['n']:,} values), {res['ranks']} ranks: model broadcast + update "
+                        f"exchange, median of {repeats} interleaved rounds")
+    for col in ("codec", "bytes/client", "seconds", "vs dense"):
+        table.add_column(col, justify="right")
+    for r in res["rows"]:
+        table.add_row(r["codec"], f"{r['nbytes']:,}", f"{r['seconds']:.4f}", f"{r['ratio']:.2f}x")
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]))
