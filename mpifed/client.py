@@ -145,7 +145,8 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
         update.mul_(weight)
         if on_gpu:
             update_host[:] = update.cpu().numpy()
-        emul += profiles.sleep(profiles.link_delay(profile, nbytes_up, 0.0))
+        link_up = profiles.sleep(profiles.link_delay(profile, nbytes_up, 0.0))  # the emulated link
+        emul += link_up
         hit = job.debug.corrupt_rank == world.rank and job.debug.corrupt_round == rnd
         sent = channel.send(update_host[:n], rnd, job.debug.corrupt if hit else "")
         # per-layer |u_k|^2 of what the server decodes, weighted like the update: the reduction
@@ -159,7 +160,7 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
         grad_norm = float(np.sqrt(layer_sq.sum())) / weight
         t1 = time.perf_counter()
         s.exchange.reduce_sum(tail)
-        t_up = channel.comm_seconds + time.perf_counter() - t1
+        t_up = link_up + channel.comm_seconds + time.perf_counter() - t1
         t_encode = time.perf_counter() - t0 - t_up
 
         values = dict(t_down=t_down, t_compute=t_compute, t_encode=t_encode, t_up=t_up, t_emul=emul,

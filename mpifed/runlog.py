@@ -28,10 +28,11 @@ ITER_FIELDS = (
     "t_down",       # receiving (client) or sending (server) the model broadcast
     "t_compute",    # forward/backward of the local steps, emulated slow-down included
     "t_encode",     # building the update payload (flatten, weight, compress)
-    "t_up",         # the update reduce/gather (for the server: waiting for all clients)
+    "t_up",         # the update reduce/gather, emulated link delay included (server: waiting for all clients)
     "t_decode",     # server: decode, aggregate and optimizer step
     "t_eval",       # server: evaluation on the test set
-    "t_wait",       # straggler wait inside t_up: t_up - min over clients of t_up (server: all of t_up)
+    "t_wait",       # straggler wait inside t_up: t_up - min over clients of t_up (server: all of t_up);
+                    # an emulated slow link's own transfer time is counted here too
     "t_emul",       # injected emulation delay (slower compute, slower link) included in the times above
     "t_iter",       # the whole round on this rank
     "t_iter_pred",  # the performance model's prediction of t_iter (NaN when no model is fitted)
