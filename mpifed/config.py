@@ -438,7 +438,7 @@ def job_reference() -> str:
     for section in dataclasses.fields(Job):
         cls = typing.get_type_hints(Job)[section.name]
         if typing.get_origin(cls) is dict:
-            cls, title = typing.get_args(cls)[1], f"[profiles.NAME]"
+            cls, title = typing.get_args(cls)[1], "[profiles.NAME]"
         else:
             title = f"[{section.name}]"
         lines += [f"#### `{title}`", "", "| field | default | meaning |", "|---|---|---|"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 
 BIN = Path(sys.executable).parent
@@ -34,3 +35,12 @@ def train(n: int, tmp: Path, name: str, *extra: str, timeout: float = 240) -> su
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     return proc
+
+
+def rounds_logged(path: Path) -> int:
+    """Rounds a (possibly still running) job has logged so far; 0 before its run.h5 exists."""
+    try:
+        with h5py.File(path, "r", libver="latest", swmr=True) as f:
+            return f["iter/t_iter"].shape[0]
+    except (OSError, KeyError):
+        return 0

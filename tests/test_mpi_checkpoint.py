@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MPIRUN, TINY, mpi_run, ok, train
+from conftest import MPIRUN, TINY, mpi_run, ok, rounds_logged, train
 
 pytestmark = pytest.mark.mpi
 
@@ -26,14 +26,6 @@ def _state(path):
     return torch.load(path, weights_only=True)
 
 
-def _rounds_logged(path) -> int:
-    try:
-        with h5py.File(path, "r", libver="latest", swmr=True) as f:
-            return f["iter/t_iter"].shape[0]
-    except (OSError, KeyError):
-        return 0
-
-
 def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path):
     ok(train(3, tmp_path, "full", *JOB))
 
@@ -42,13 +34,13 @@ def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "cut" / "run.h5"
     deadline = time.monotonic() + 180
-    while _rounds_logged(log) < 3 and time.monotonic() < deadline and proc.poll() is None:
+    while rounds_logged(log) < 3 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)  # mpirun forwards it to every rank, as SLURM's trap does
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err[-3000:]
     assert "stopped by a signal after round" in out
-    stopped = _rounds_logged(log)
+    stopped = rounds_logged(log)
     assert 3 <= stopped < 14
     assert (tmp_path / "cut" / "checkpoints" / f"round-{stopped:08d}.pt").exists()
 

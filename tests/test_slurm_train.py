@@ -8,7 +8,7 @@ import time
 import h5py
 import pytest
 
-from conftest import TINY
+from conftest import TINY, rounds_logged
 from mpifed.slurm import SlurmOptions, render, submit
 from slurm_helpers import require_slurm, run_batch
 
@@ -51,11 +51,11 @@ def test_the_time_limit_signal_checkpoints_requeues_and_the_job_resumes_itself(t
     log = tmp_path / f"pre-{job_id}" / "run.h5"
     deadline = time.monotonic() + 480
     try:
-        while time.monotonic() < deadline and _rounds(log) < 3:
+        while time.monotonic() < deadline and rounds_logged(log) < 3:
             time.sleep(0.5)
         # what SLURM does --signal seconds before the time limit: USR1 to the batch shell
         subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
-        while time.monotonic() < deadline and (_rounds(log) < 40 or _queued(job_id)):
+        while time.monotonic() < deadline and (rounds_logged(log) < 40 or _queued(job_id)):
             time.sleep(1)
     finally:
         subprocess.run(["scancel", job_id], check=False)
@@ -65,14 +65,6 @@ def test_the_time_limit_signal_checkpoints_requeues_and_the_job_resumes_itself(t
     with h5py.File(log) as f:
         assert f["iter/t_iter"].shape == (40, 3)
         assert "resumed at round" in f.attrs["resumes"][0]
-
-
-def _rounds(path) -> int:
-    try:
-        with h5py.File(path, "r", libver="latest", swmr=True) as f:
-            return f["iter/t_iter"].shape[0]
-    except (OSError, KeyError):
-        return 0
 
 
 def _queued(job_id: str) -> bool:

@@ -157,7 +157,7 @@ def memory(model_name, dataset, optimizer, budget, device_name, margin, multiple
     models = [analytic]
     if measure:
         models.append(mem.measured_memory_model(model, shape, classes, optimizer, device))
-    summary = Table(title=f"memory models (peak(b) = max(static + b*per_sample, update + b*update_per_sample))")
+    summary = Table(title="memory models (peak(b) = max(static + b*per_sample, update + b*update_per_sample))")
     for col in ("method", "fitted at", "static", "per sample", "update", f"max batch in {format_bytes(budget_bytes)}"):
         summary.add_column(col, justify="right")
     for m in models:
