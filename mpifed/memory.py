@@ -543,16 +543,21 @@ def indexed_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def _cuda_total(device: torch.device, nbytes: float, what: str) -> int:
+    """The device's total memory; a budget above it is an error naming `what`."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    if nbytes > total:
+        raise ValueError(f"{what} {format_bytes(nbytes)} exceeds {device}'s {format_bytes(total)}; lower it")
+    return total
+
+
 def device_budget(device: str | torch.device, profile_bytes: float = 0) -> int:
     """Bytes a client may use: its profile budget if set (> 0), else what the device has free
     (CUDA: free memory plus what this process's allocator already holds; CPU: MemAvailable).
     A profile budget larger than a CUDA device's total memory is an error."""
     device = indexed_device(device)
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        if profile_bytes > total:
-            raise ValueError(f"profile memory {format_bytes(profile_bytes)} exceeds {device}'s "
-                             f"{format_bytes(total)}; lower the profile's memory")
+        _cuda_total(device, profile_bytes, "profile memory")
         if profile_bytes > 0:
             return int(profile_bytes)
         free, _ = torch.cuda.mem_get_info(device)
@@ -583,10 +588,7 @@ def enforce_budget(device: str | torch.device, budget_bytes: int, model_memory: 
     device return a guard whose check(batch) runs before each step."""
     device = indexed_device(device)
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        if budget_bytes > total:
-            raise ValueError(f"{client}: budget {format_bytes(budget_bytes)} exceeds {device}'s "
-                             f"{format_bytes(total)}")
+        total = _cuda_total(device, budget_bytes, f"{client}: budget")
         torch.cuda.set_per_process_memory_fraction(budget_bytes / total, device)
     return BudgetGuard(model_memory, int(budget_bytes), client)
 

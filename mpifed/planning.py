@@ -33,7 +33,7 @@ from mpifed.config import JobError
 from mpifed.perf import (ClientProfile, CollectiveSample, ComputeCurve, Profile, RoundPrediction, fit_collective,
                          plan_batches, plan_throughput, profile_compute, save_profile)
 from mpifed.perf.report import predict_for
-from mpifed.session import Session
+from mpifed.session import Session, all_batches
 
 MODES = ("off", "predict", "balance", "maximize")
 WARMUP_STEPS = 1
@@ -149,10 +149,7 @@ def plan_startup(s: Session, setup: ClientSetup | None) -> StartupPlan | None:
     start = time.perf_counter()
     comm, ex = s.world.comm, s.exchange
     # the global batch the job would train with: requested batches after the memory caps
-    mine = np.array([0 if setup is None else setup.batch], dtype=np.int64)
-    everyone = np.zeros(s.world.size, dtype=np.int64)
-    ex.wait([comm.Iallgather(mine, everyone)])
-    global_batch = int(everyone[1:].sum())
+    global_batch = int(all_batches(s, 0 if setup is None else setup.batch).sum())
 
     info = None
     if setup is not None:

@@ -69,11 +69,16 @@ def open_session(world: World, job: Job) -> Session:
     return Session(world, job, device, model, exchange, names, batches, dataset)
 
 
-def agree_batches(s: Session, mine: int) -> None:
-    """Every rank learns every client's batch (after each sized itself): the weights b_k / B."""
+def all_batches(s: Session, mine: int) -> np.ndarray:
+    """Every client's batch, on every rank (the server passes 0)."""
     everyone = np.zeros(s.world.size, dtype=np.int64)
     s.exchange.wait([s.world.comm.Iallgather(np.array([mine], dtype=np.int64), everyone)])
-    s.batches = everyone[1:]
+    return everyone[1:]
+
+
+def agree_batches(s: Session, mine: int) -> None:
+    """Every rank learns every client's batch (after each sized itself): the weights b_k / B."""
+    s.batches = all_batches(s, mine)
 
 
 def restore_batches(s: Session, state: dict | None) -> None:

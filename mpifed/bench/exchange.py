@@ -13,14 +13,13 @@ The command launches `mpirun -n N` once per rank count, the ranks time every tra
 from __future__ import annotations
 
 import io
-import json
-import shutil
-import subprocess
 import sys
 import time
 
 import click
 import numpy as np
+
+from mpifed.bench.launch import report, run_worker
 
 
 def _median_round(comm, fn, rounds: int) -> float:
@@ -92,7 +91,7 @@ def _worker(models: list[str], rounds: int) -> None:
             row[label] = _median_round(comm, fn, rounds)
         results.append(row)
     if comm.rank == 0:
-        print("RESULTS " + json.dumps(results), flush=True)
+        report(results)
 
 
 @click.command("exchange")
@@ -105,17 +104,9 @@ def exchange(ranks, models, rounds, timeout):
     from rich.console import Console
     from rich.table import Table
 
-    mpirun = shutil.which("mpirun", path=str(__import__("pathlib").Path(sys.executable).parent)) or shutil.which("mpirun")
-    if mpirun is None:
-        raise click.ClickException("mpirun not found; pip install -e '.[mpich]' or load your cluster's MPI")
     rows = []
     for n in [int(r) for r in ranks.split(",")]:
-        cmd = [mpirun, "-n", str(n), sys.executable, "-m", "mpifed.bench.exchange", models, str(rounds)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
-        if proc.returncode or not lines:
-            raise click.ClickException(f"mpirun -n {n} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        rows += json.loads(lines[-1][len("RESULTS "):])
+        rows += run_worker(n, "mpifed.bench.exchange", [models, str(rounds)], timeout)
     table = Table(title="one round's model exchange (broadcast + update reduction), median seconds")
     for col in ("ranks", "model", "MB", "wait", "mpifed", "bare mpi4py", "pickled p2p",
                 "pickled / mpifed", "mpifed / bare"):

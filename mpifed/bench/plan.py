@@ -15,7 +15,6 @@ each log: samples over the server's round times of the steady rounds
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,16 +22,14 @@ from pathlib import Path
 
 import click
 
+from mpifed.bench.launch import mpirun
+
 HETERO = ["--set", "profiles.slow.speed=0.25", "--set", 'clients.groups=[{count = 2, profile = "slow"}]',
           "--set", 'clients.profile="native"']
 
 
 def _train(out: Path, name: str, mode: str, batch: int, rounds: int) -> None:
-    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
-    if mpirun is None:
-        raise click.ClickException("mpirun not found: install the MPICH wheel (pip install -e '.[mpich]') "
-                                   "or load your site's MPI")
-    args = [mpirun, "-n", "4", sys.executable, "-m", "mpifed", "train", "--out", str(out), "--name", name,
+    args = [mpirun(), "-n", "4", sys.executable, "-m", "mpifed", "train", "--out", str(out), "--name", name,
             "--progress", "off", "--set", "run.timestamp=false", "--set", "data.train_size=6000",
             "--set", "data.test_size=200", "--set", "train.eval_every=0", "--set", f"train.rounds={rounds}",
             "--set", f"train.batch={batch}", "--set", f'plan.mode="{mode}"', *HETERO]

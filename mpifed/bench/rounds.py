@@ -9,15 +9,13 @@ compress`. Codecs are timed interleaved, one round each per repeat, so drift hit
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import click
 import numpy as np
+
+from mpifed.bench.launch import report, run_worker
 
 DEFAULT_CODECS = "none,fp16,topk,randomk,qsgd,sign,powersgd"
 
@@ -60,7 +58,7 @@ def _worker(model_name: str, codec_names: list[str], repeats: int) -> None:
     if world.is_server:
         result = [dict(codec=r.codec, seconds=r.seconds, ratio=r.vs_dense, nbytes=channels[r.codec].nbytes)
                   for r in rows]
-        print("RESULTS " + json.dumps(dict(model=model_name, ranks=world.size, n=n, rows=result)), flush=True)
+        report(dict(model=model_name, ranks=world.size, n=n, rows=result))
 
 
 @click.command("rounds")
@@ -73,17 +71,8 @@ def rounds(ranks, model, codecs, repeats):
     from rich.console import Console
     from rich.table import Table
 
-    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
-    if mpirun is None:
-        raise click.ClickException("mpirun not found; pip install -e '.[mpich]' or load your cluster's MPI")
     names = list(dict.fromkeys(["none", *codecs.split(",")]))
-    cmd = [mpirun, "-n", str(ranks), sys.executable, "-m", "mpifed.bench.rounds", model, ",".join(names),
-           str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
-    if proc.returncode or not lines:
-        raise click.ClickException(f"mpirun -n {ranks} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    res = json.loads(lines[-1][len("RESULTS "):])
+    res = run_worker(ranks, "mpifed.bench.rounds", [model, ",".join(names), str(repeats)], timeout=1800)
     table = Table(title=f"{res['model']} ({res['n']:,} values), {res['ranks']} ranks: model broadcast + update "
                         f"exchange, median of {repeats} interleaved rounds")
     for col in ("codec", "bytes/client", "seconds", "vs dense"):
