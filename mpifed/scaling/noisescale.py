@@ -89,6 +89,12 @@ def _layer_sums(values: torch.Tensor, layer_sizes: Sequence[int] | None) -> torc
     return torch.stack([part.sum() for part in torch.split(values, list(layer_sizes))])
 
 
+def layer_squares(aggregate: torch.Tensor, layer_sizes: Sequence[int] | None) -> torch.Tensor:
+    """|g|^2 within each layer, float64 (the noise estimate subtracts large numbers: float32 sums
+    lose it). Computed once per round; the norm and the estimate both use it."""
+    return _layer_sums(aggregate.double().square(), layer_sizes)
+
+
 def estimate_from_gradients(client_grads: Sequence[torch.Tensor], batches: Sequence[int],
                             aggregate: torch.Tensor,
                             layer_sizes: Sequence[int] | None = None) -> NoiseEstimate:
@@ -136,7 +142,8 @@ def estimate_from_norms(client_sq_norms: torch.Tensor, batches: Sequence[int], a
 
 
 def estimate_from_weighted_norms(weighted_sq: torch.Tensor, batches: Sequence[int], aggregate: torch.Tensor,
-                                 layer_sizes: Sequence[int] | None = None) -> NoiseEstimate:
+                                 layer_sizes: Sequence[int] | None = None,
+                                 aggregate_sq: torch.Tensor | None = None) -> NoiseEstimate:
     """Norms route when the reduction already summed them: weighted_sq = sum_k b_k |g_k|^2, (L,) or (1,).
 
     Clients append (b_k / B) |g_k|^2 per layer to the update they reduce anyway, so the server gets
@@ -150,7 +157,9 @@ def estimate_from_weighted_norms(weighted_sq: torch.Tensor, batches: Sequence[in
     if not torch.isfinite(weighted_sq).all() or (weighted_sq < 0).any():
         raise ValueError("client squared norms must be finite and >= 0; a client diverged")
     big = sum(sizes)
-    agg_sq = _layer_sums(aggregate.double().square(), layer_sizes).cpu()
+    if aggregate_sq is None or aggregate_sq.numel() != weighted_sq.numel():
+        aggregate_sq = layer_squares(aggregate, layer_sizes)
+    agg_sq = aggregate_sq.cpu()
     layer_trace = (weighted_sq - big * agg_sq) / (len(sizes) - 1)
     return _finish(None, layer_trace, agg_sq, big)
 

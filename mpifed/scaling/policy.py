@@ -18,7 +18,7 @@ import torch
 
 from mpifed.scaling.detector import CriticalPhaseDetector
 from mpifed.scaling.noisescale import (NoiseEstimate, NoiseScaleTracker, estimate_from_gradients,
-                                       estimate_from_norms, estimate_from_weighted_norms)
+                                       estimate_from_norms, estimate_from_weighted_norms, layer_squares)
 from mpifed.scaling.step import sqrt_rule, step_scale
 from mpifed.scaling.teacher import (coordinate_variance, teacher_coefficient, teacher_generator,
                                     teacher_noise)
@@ -148,7 +148,8 @@ class ServerScalingPolicy:
         self.detector = CriticalPhaseDetector(cfg.window, cfg.threshold, cfg.warmup)
         self.tracker = NoiseScaleTracker(cfg.noise_ema)
 
-    def estimate(self, grad: torch.Tensor, clients: ClientRound) -> NoiseEstimate | None:
+    def estimate(self, grad: torch.Tensor, clients: ClientRound,
+                 layer_sq: torch.Tensor | None = None) -> NoiseEstimate | None:
         """This round's covariance estimate, or None when it cannot be made (one client, no data)."""
         if len(clients.batches) < 2 or (clients.grads is None and clients.sq_norms is None
                                         and clients.weighted_sq is None):
@@ -156,7 +157,8 @@ class ServerScalingPolicy:
         if clients.grads is not None:
             return estimate_from_gradients(clients.grads, clients.batches, grad, self.layer_sizes)
         if clients.weighted_sq is not None:
-            return estimate_from_weighted_norms(clients.weighted_sq, clients.batches, grad, self.layer_sizes)
+            return estimate_from_weighted_norms(clients.weighted_sq, clients.batches, grad, self.layer_sizes,
+                                                layer_sq)
         sq_norms = torch.as_tensor(clients.sq_norms)
         return estimate_from_norms(sq_norms, clients.batches, grad, self.layer_sizes)
 
@@ -166,9 +168,10 @@ class ServerScalingPolicy:
         if grad.dim() != 1 or grad.numel() != sum(self.layer_sizes):
             raise ValueError(f"expected the flat aggregate of {sum(self.layer_sizes)} entries, got shape "
                              f"{tuple(grad.shape)}")
-        norm = float(torch.linalg.vector_norm(grad.double()))  # CPU-GPU sync point: the detector needs it
+        layer_sq = layer_squares(grad, self.layer_sizes)  # once a round: the norm and the estimate share it
+        norm = math.sqrt(float(layer_sq.sum()))  # CPU-GPU sync point: the detector needs it
         critical = self.detector.update(norm)
-        estimate = self.estimate(grad, clients)
+        estimate = self.estimate(grad, clients, layer_sq)
         big = sum(int(b) for b in clients.batches)
         noise_scale = self.tracker.update(estimate) if estimate is not None else self.tracker.noise_scale
         out, teacher_std = grad, 0.0
