@@ -4,7 +4,8 @@ One round, in the order it runs (E = job.train.local_steps):
   1. broadcast  -> the model arrives in place (parameters are views of one flat buffer)
   2. E local steps on batches drawn from this client's partition
   3. payload = [E=1: gradient | E>1: model delta, BatchNorm statistics, per-layer |update|^2] * b_k / B
-     (the squared norms let the server estimate the gradient noise with no extra communication)
+     (the squared norms let the server estimate the gradient noise with no extra communication),
+     plus, for the per-coordinate teacher with a summable codec, (b_k / B) u_k^2 per coordinate
   4. reduce     -> the server receives the sum over clients
   5. one fixed-size row of timings and metrics -> gathered by the server for the run log
 """
@@ -44,6 +45,15 @@ def payload_size(model) -> int:
     return model.size + len(model.params)
 
 
+def coordinate_route(s: Session, channel: UpdateChannel) -> str:
+    """How the server gets sum_k (b_k / B) u_k^2 per coordinate for the per-coordinate teacher:
+    '' not needed; 'decode' the server squares what it decodes (gather codecs, no extra bytes);
+    'reduce' each client appends its n squares to the dense tail it reduces (summable codecs)."""
+    if not (s.job.scaling.uses_teacher and not s.job.scaling.per_layer):
+        return ""
+    return "reduce" if channel.codec.summable else "decode"
+
+
 def partitions(s: Session) -> list[np.ndarray]:
     weights = np.array([s.profile(k).data for k in range(s.n_clients)])
     d = s.job.data
@@ -79,14 +89,32 @@ def prepare_client(s: Session) -> ClientSetup:
                         weight_decay=job.optim.weight_decay, keep_grads=True)
     budget = profile.memory or mem.device_budget(s.device) // (1 if s.device.type == "cuda" else s.world.local_size)
     # held outside the step: this client's samples, the update buffer, the E>1 start copy
-    held = xs.nbytes + ys.nbytes + 4 * payload_size(s.model) + 4 * s.model.n_params * (job.train.local_steps > 1)
+    # (and, for the per-coordinate teacher, up to n squares)
+    per_coordinate = job.scaling.uses_teacher and not job.scaling.per_layer
+    held = (xs.nbytes + ys.nbytes + 4 * payload_size(s.model)
+            + 4 * s.model.n_params * ((job.train.local_steps > 1) + per_coordinate))
     sizing = mem.size_client(s.model.module, tuple(xs.shape[1:]), s.dataset.num_classes, step, s.device,
                              int(budget), requested, name, strict=job.memory.strict, margin=job.memory.margin,
                              multiple_of=job.memory.multiple_of, extra_static_bytes=int(held))
     guard = None
     if profile.memory and job.memory.enforce:
         guard = mem.enforce_budget(s.device, int(profile.memory), sizing.model, name)
-    return ClientSetup(part, xs, ys, sizing.batch, sizing.max_batch, sizing.model.as_record(), sizing.message, guard)
+    batch, largest, record, message = sizing.batch, sizing.max_batch, sizing.model.as_record(), sizing.message
+    if s.device.type == "cuda" and job.memory.verify:
+        def real_step(b: int) -> int:
+            return mem.measured_peak(s.model.module, tuple(xs.shape[1:]), s.dataset.num_classes, step, s.device,
+                                     b, seed=job.run.seed).total
+
+        verified = mem.verify_batch(real_step, batch, name, int(budget), sizing.model)
+        # the step alone on both sides: the measurement counts from what was allocated before it
+        record.update(verified_batch=verified.batch, verified_peak=verified.peak,
+                      predicted_peak=sizing.model.peak(verified.batch) - held)
+        if verified.failed:
+            batch = largest = verified.batch
+            message = (f"{name}: a real step at batch {verified.failed[0]} ran out of device memory although the "
+                       f"memory model predicted it fits; training with batch {batch}, which ran "
+                       f"(peak {mem.format_bytes(verified.peak)})")
+    return ClientSetup(part, xs, ys, batch, largest, record, message, guard)
 
 
 def run_client(s: Session, setup: ClientSetup) -> bool:
@@ -101,14 +129,18 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
 
     on_gpu = s.device.type == "cuda"
     host = np.empty(model.size, np.float32) if on_gpu else model.flat.numpy()
-    update = torch.zeros(payload_size(model), dtype=torch.float32, device=s.device)
+    channel = update_channel(s, client)
+    squares_reduced = coordinate_route(s, channel) == "reduce"
+    update = torch.zeros(payload_size(model) + model.n_params * squares_reduced, dtype=torch.float32,
+                         device=s.device)
     update_host = np.empty(update.numel(), np.float32) if on_gpu else update.numpy()
     local_opt = torch.optim.SGD(model.params, lr=job.optim.lr, weight_decay=job.optim.weight_decay)
     row = np.full(len(ITER_FIELDS), np.nan)
-    channel = update_channel(s, client)
     n = model.n_params
     layer_starts = np.cumsum([0] + [p.numel() for p in model.params[:-1]])
-    tail = update_host[n:]  # BatchNorm statistics and per-layer squared norms, reduced densely
+    # BatchNorm statistics, per-layer squared norms and any per-coordinate squares, reduced densely
+    tail = update_host[n:]
+    layer_sq_at = slice(model.size - n, payload_size(model) - n)
     nbytes, nbytes_up = model.size * 4, channel.nbytes + tail.nbytes
 
     if s.start_round:
@@ -156,7 +188,9 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
             layer_sq = torch.stack(torch._foreach_norm(model.param_view(update))).double().square().cpu().numpy()
         else:
             layer_sq = np.add.reduceat(np.square(sent, dtype=np.float64), layer_starts)
-        tail[model.size - n:] = layer_sq / weight
+        if squares_reduced:
+            np.divide(np.square(sent), np.float32(weight), out=tail[layer_sq_at.stop:])
+        tail[layer_sq_at] = layer_sq / weight
         grad_norm = float(np.sqrt(layer_sq.sum())) / weight
         t1 = time.perf_counter()
         s.exchange.reduce_sum(tail)

@@ -606,6 +606,38 @@ class ClientSizing:
     message: str  # empty when the requested batch fits
 
 
+@dataclass(frozen=True)
+class Verified:
+    """The outcome of `verify_batch`: the batch whose real step ran, and what it took."""
+
+    batch: int
+    peak: int                 # measured peak bytes of that step
+    failed: tuple[int, ...]   # batches that ran out of memory before it
+
+
+def verify_batch(run_step: Callable[[int], int], batch: int, client: str, budget_bytes: int,
+                 model_memory: MemoryModel, shrink: float = 0.9) -> Verified:
+    """One real training step at `batch` before the first round; on out-of-memory, retry at
+    `shrink` x the batch until a step runs. run_step(b) returns the step's measured peak bytes.
+
+    Why: the analytic walk sees what PyTorch allocates for the model, not the workspaces a library
+    picks at run time (cuDNN's convolution algorithms grow with the batch), so on CUDA a predicted
+    batch is confirmed on the device before the job relies on it, and the measured peak is logged
+    beside the prediction. Costs one step when the prediction holds."""
+    failed: list[int] = []
+    while batch >= 1:
+        try:
+            return Verified(batch, int(run_step(batch)), tuple(failed))
+        except torch.cuda.OutOfMemoryError:
+            failed.append(batch)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            batch = min(batch - 1, int(batch * shrink))
+    raise MemoryBudgetError(client, int(budget_bytes), model_memory.peak(1), 1,
+                            f"; a real step ran out of device memory at every batch tried "
+                            f"({', '.join(map(str, failed))})")
+
+
 def size_client(model: nn.Module, input_shape: Sequence[int], num_classes: int,
                 step: str | StepSpec, device: str | torch.device, budget_bytes: int,
                 requested_batch: int, client: str, strict: bool = False,

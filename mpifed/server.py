@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mpifed import checkpoint
-from mpifed.client import payload_size, update_channel
+from mpifed.client import coordinate_route, payload_size, update_channel
 from mpifed.progress import Progress
 from mpifed.scaling import BatchController, ClientRound, ServerScalingPolicy, split_batch
 from mpifed.runlog import ITER_FIELDS, RunWriter, column
@@ -42,19 +42,23 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
     job, model = s.job, s.model
     on_gpu = s.device.type == "cuda"
     host = np.empty(model.size, np.float32) if on_gpu else model.flat.numpy()
-    agg = torch.zeros(payload_size(model), dtype=torch.float32, device=s.device)
+    channel = update_channel(s, None)
+    n = model.n_params
+    route = coordinate_route(s, channel)
+    # [sum of updates | BatchNorm statistics | per-layer squares | per-coordinate squares, if any]
+    agg = torch.zeros(payload_size(model) + n * bool(route), dtype=torch.float32, device=s.device)
     agg_host = np.empty(agg.numel(), np.float32) if on_gpu else agg.numpy()
+    reduced_tail = agg_host[n: agg.numel() if route == "reduce" else payload_size(model)]
+    squares = agg_host[payload_size(model):] if route == "decode" else None
     grad = agg[: model.n_params]
     model.attach_grads(grad)
     optimizer = server_optimizer(s)
     policy = ServerScalingPolicy(job.scaling, [p.numel() for p in model.params], job.run.seed)
     test_x, test_y = s.dataset.tensors(_eval_indices(s))
-    channel = update_channel(s, None)
-    n = model.n_params
     weights = s.batches / s.global_batch
     table = np.empty((s.world.size, len(ITER_FIELDS)))
     row = np.full(len(ITER_FIELDS), np.nan)
-    nbytes, nbytes_up = model.size * 4, channel.nbytes + (agg.numel() - n) * 4
+    nbytes, nbytes_up = model.size * 4, channel.nbytes + reduced_tail.nbytes
     began = time.perf_counter()
     last_eval: dict = {}
 
@@ -82,9 +86,9 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
 
         t0 = time.perf_counter()
         agg_host.fill(0.0)
-        received = channel.receive(rnd, agg_host[:n], weights)
+        received = channel.receive(rnd, agg_host[:n], weights, squares)
         t1 = time.perf_counter()
-        s.exchange.reduce_sum(agg_host[n:])
+        s.exchange.reduce_sum(reduced_tail)
         t_up = channel.comm_seconds + time.perf_counter() - t1
         for message in received.messages:
             progress.warn(f"mpifed: {message}")
@@ -99,8 +103,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
             group["lr"] = lr
         stats: dict = {}
         if received.ok:
-            clients = ClientRound(s.batches.tolist(), weighted_sq=agg[model.size:] * s.global_batch)
-            scaled, stats = policy.apply(rnd, grad, clients)
+            scaled, stats = policy.apply(rnd, grad, _client_round(s, agg, received, route))
             if scaled is not grad:
                 grad.copy_(scaled)
             optimizer.step()
@@ -149,6 +152,17 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
 
     torch.save(model.module.state_dict(), run_dir / "model.pt")
     return last_eval
+
+
+def _client_round(s: Session, agg: torch.Tensor, received, route: str) -> ClientRound:
+    """The clients' statistics for the scaling policy, out of the reduced tail (and the decoded squares)."""
+    size, layers = s.model.size, payload_size(s.model)
+    layer_sq = agg[size: layers] * s.global_batch
+    if not route:
+        return ClientRound(s.batches.tolist(), weighted_sq=layer_sq)
+    # a rejected client is left out of the decoded sums (which are rescaled to the others' weight)
+    batches = [int(b) for k, b in enumerate(s.batches) if k not in set(received.rejected)]
+    return ClientRound(batches, weighted_sq=layer_sq, coordinate_sq=agg[layers:])
 
 
 def _checkpoint(s: Session, done: int, optimizer, policy, channel, run_dir: Path, wall: float,

@@ -125,10 +125,14 @@ class UpdateChannel:
             self.feedback.update(x, own)
         return own
 
-    def receive(self, rnd: int, out: np.ndarray, weights: np.ndarray) -> Received:
-        """Fill `out` with the decoded sum of the clients' weighted updates."""
+    def receive(self, rnd: int, out: np.ndarray, weights: np.ndarray, squares: np.ndarray | None = None) -> Received:
+        """Fill `out` with the decoded sum of the clients' weighted updates, and `squares` (gather codecs
+        only) with sum_k w_k u_k^2 per coordinate over the accepted clients (see `aggregate`)."""
         self._reset_clock()
         ctx = RoundContext(self.seed, rnd)
+        if squares is not None and self.codec.summable:
+            raise ValueError(f"codec {self.codec.name!r} is summable: the server never sees single updates, "
+                             f"so clients must reduce their squares themselves")
         if self.codec.summable:
             try:
                 out[:] = self.codec.exchange(np.zeros(self.n, np.float32), ctx, self.collective).total
@@ -138,7 +142,7 @@ class UpdateChannel:
             return Received(True)
         payloads = self._gather(np.zeros(0, np.uint8))[1:]
         clients = list(range(len(payloads)))
-        result = aggregate(self.codec, payloads, clients, self.n, self.seed, rnd, weights=weights)
+        result = aggregate(self.codec, payloads, clients, self.n, self.seed, rnd, weights=weights, squares=squares)
         out[:] = result.total
         messages = [str(r) for r in result.rejections]
         if not result.accepted:

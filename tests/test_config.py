@@ -40,8 +40,8 @@ def test_cross_field_checks():
         load_job(overrides=['clients.profile="gpu"'])
     with pytest.raises(JobError, match="emulation can only slow a device down"):
         load_job(text="[profiles.fast]\nspeed = 2.0\n")
-    with pytest.raises(JobError, match="per-coordinate teacher needs every client's full update"):
-        load_job(overrides=['scaling.method="teacher"', "scaling.small_batch=8", "scaling.per_layer=false"])
+    with pytest.raises(JobError, match="scaling.small_batch is unset"):
+        load_job(overrides=['scaling.method="teacher"', "scaling.per_layer=false"])
     with pytest.raises(JobError, match="nesterov = true needs optim.momentum > 0"):
         load_job(overrides=["optim.nesterov=true", "optim.momentum=0"])
 

@@ -162,6 +162,29 @@ def test_cpu_budget_is_enforced_before_the_step_runs(cnn, cnn_analytic):
     assert steps == []
 
 
+def test_verification_steps_down_until_a_real_step_runs(cnn_analytic):
+    """The CUDA start-up check, with a device that holds 37 samples and not the predicted 50."""
+    tried = []
+
+    def step(batch):
+        tried.append(batch)
+        if batch > 37:
+            raise torch.cuda.OutOfMemoryError(f"batch {batch} does not fit")
+        return 1000 * batch
+
+    verified = mem.verify_batch(step, 50, "client 4", 64 * MiB, cnn_analytic)
+    assert tried == [50, 45, 40, 36] and verified == mem.Verified(36, 36000, (50, 45, 40))
+    tried.clear()
+    assert mem.verify_batch(step, 12, "client 4", 64 * MiB, cnn_analytic) == mem.Verified(12, 12000, ())
+    assert tried == [12]
+
+    def never(batch):
+        raise torch.cuda.OutOfMemoryError("no memory at all")
+
+    with pytest.raises(mem.MemoryBudgetError, match=r"client 4.*64.00 MiB.*every batch tried \(3, 2, 1\)"):
+        mem.verify_batch(never, 3, "client 4", 64 * MiB, cnn_analytic)
+
+
 def test_oom_search_finds_the_boundary():
     result = oom_search(lambda b: b <= 37)
     assert result.batch == 37 and result.failures >= 1

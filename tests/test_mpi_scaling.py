@@ -1,11 +1,20 @@
-"""The scaling policy inside real MPI training: step scale exactly outside critical phases, and the
-batch controller growing the global batch towards the noise scale within the memory caps."""
+"""The scaling policy inside real MPI training: step scale exactly outside critical phases, the
+per-coordinate teacher equal to a one-process reference, and the batch controller growing the global
+batch towards the noise scale within the memory caps."""
+
+import math
 
 import h5py
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from conftest import ok, train
+from mpifed.compress import ErrorFeedback, RoundContext, make_codec
+from mpifed.scaling import estimate_from_gradients
+from mpifed.scaling.teacher import teacher_coefficient, teacher_generator, teacher_noise
+from test_mpi_train import HETERO, Reference
 
 pytestmark = pytest.mark.mpi
 
@@ -34,3 +43,52 @@ def test_the_global_batch_grows_with_the_noise_scale_within_memory_and_data(tmp_
         assert (batches <= caps).all() and (batches >= 1).all()
         assert np.array_equal(f["iter/batch"][:, 0], total)
         assert np.isfinite(f["eval/test_loss"][:]).all()
+
+
+@pytest.mark.parametrize("codec", ["none", "topk"])
+def test_per_coordinate_teacher_over_mpi_equals_the_one_process_reference(tmp_path, codec):
+    """per_layer = false: codec none reaches the server's diagonal through the clients' reduced squares,
+    top-k (a gather codec) through the server's own decodes; both must equal the teacher applied to
+    the diagonal estimated from every client's decoded gradient."""
+    options = "{density = 0.05, error_feedback = true}" if codec == "topk" else "{}"
+    ok(train(3, tmp_path, codec, *HETERO, "--set", f'compress.codec="{codec}"', "--set", f"compress.options={options}",
+             "--set", 'scaling.method="teacher"', "--set", "scaling.small_batch=4",
+             "--set", "scaling.per_layer=false", "--set", "scaling.only_outside_critical=false"))
+    ref = Reference(tmp_path / codec, [24, 8])
+    o, model, seed = ref.job.optim, ref.model, ref.job.run.seed
+    n = sum(p.numel() for p in model.parameters())
+    encoder = make_codec(codec, layers=[(k, tuple(p.shape)) for k, p in model.named_parameters()],
+                         **({"density": 0.05, "error_feedback": True} if codec == "topk" else {}))
+    memories = [ErrorFeedback(n), ErrorFeedback(n)]
+    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    stds = []
+    for rnd in range(ref.job.train.rounds):
+        decoded = []
+        for k, w in enumerate([24 / 32, 8 / 32]):
+            x, y = ref.draw(k)
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy() * np.float32(w)
+            if codec == "topk":
+                ctx = RoundContext(seed, rnd, k)
+                g = memories[k].compensate(g)
+                sent = encoder.decode(encoder.encode(g, ctx), n, ctx)
+                memories[k].update(g, sent)
+                g = sent
+            decoded.append(torch.from_numpy(g))
+        total = decoded[0] + decoded[1]
+        grads = [decoded[0] / (24 / 32), decoded[1] / (8 / 32)]
+        diag = estimate_from_gradients(grads, [24, 8], total).sigma_diag
+        coef = teacher_coefficient(4, 32)
+        stds.append(math.sqrt(coef * float(diag.clamp_min(0).double().mean())))
+        step = total + teacher_noise(diag, coef, teacher_generator(seed, rnd, torch.device("cpu")))
+        offset = 0
+        for p in model.parameters():
+            p.grad = step[offset: offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        for group in opt.param_groups:
+            group["lr"] = ref.lr(rnd)
+        opt.step()
+    with h5py.File(tmp_path / codec / "run.h5") as f:
+        assert np.allclose(f["server/teacher_std"][:], stds, rtol=1e-3)
+    ref.assert_matches(model)

@@ -17,6 +17,7 @@ import torch
 from mpifed.scaling import (BatchController, ClientRound, CriticalPhaseDetector, NoiseEstimate,
                             NoiseScaleTracker, ScalingConfig, ServerScalingPolicy, STATS_KEYS,
                             estimate_from_gradients, estimate_from_norms, split_batch)
+from mpifed.scaling.noisescale import estimate_from_coordinate_squares
 from mpifed.scaling.teacher import coordinate_variance, teacher_coefficient, teacher_generator, teacher_noise
 
 G = torch.tensor([0.3, -1.0, 0.0, 2.0, 0.5, -0.2], dtype=torch.float64)
@@ -79,6 +80,57 @@ def test_norm_route_equals_gradient_route_and_is_unbiased():
         signals.append(whole.signal_sq)
     assert_mean(torch.tensor(traces), SIGMA.sum())
     assert_mean(torch.tensor(signals), G.square().sum())
+
+
+def coordinate_squares(clients: torch.Tensor, batches: list[int]) -> torch.Tensor:
+    """sum_k (b_k / B) g_k^2 per coordinate: what the reduce (or the server's decoding) delivers."""
+    weights = torch.tensor(batches, dtype=clients.dtype) / sum(batches)
+    return torch.einsum("k,kd->d", weights, clients.square())
+
+
+def test_coordinate_route_equals_gradient_route():
+    clients, agg = synthetic_rounds(200, BATCHES, seed=12)
+    for c, a in zip(clients.float(), agg.float()):
+        full = estimate_from_gradients(list(c), BATCHES, a, LAYERS)
+        coords = estimate_from_coordinate_squares(coordinate_squares(c, BATCHES), BATCHES, a, LAYERS)
+        assert torch.allclose(coords.sigma_diag, full.sigma_diag, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(coords.layer_trace, full.layer_trace, rtol=1e-4, atol=1e-4)
+        assert coords.signal_sq == pytest.approx(full.signal_sq, rel=1e-4, abs=1e-4)
+    with pytest.raises(ValueError, match="one square per parameter"):
+        estimate_from_coordinate_squares(torch.zeros(5), BATCHES, agg[0])
+
+
+def test_server_squares_from_gathered_payloads_feed_the_coordinate_route():
+    """Gather codecs: `aggregate` squares what it decodes; with a client rejected, the statistic and
+    the total both cover the accepted clients, and the estimate uses their batches."""
+    import numpy as np
+
+    from mpifed.compress import RoundContext, make_codec
+    from mpifed.compress.aggregate import aggregate
+
+    codec = make_codec("qsgd", levels=127)
+    clients, agg = synthetic_rounds(1, BATCHES, seed=13)
+    weights = np.array(BATCHES, np.float32) / sum(BATCHES)
+    weighted = [np.ascontiguousarray((g * w).float().numpy()) for g, w in zip(clients[0], weights)]
+    payloads = [codec.encode(x, RoundContext(5, 0, k)) for k, x in enumerate(weighted)]
+    decoded = torch.stack([torch.from_numpy(codec.decode(p, 6, RoundContext(5, 0, k)) / w)
+                           for k, (p, w) in enumerate(zip(payloads, weights))])
+    squares = np.empty(6, np.float32)
+    result = aggregate(codec, payloads, range(4), 6, 5, 0, weights=weights, squares=squares)
+    assert np.allclose(squares, coordinate_squares(decoded, BATCHES).numpy(), rtol=1e-5)
+    got = estimate_from_coordinate_squares(torch.from_numpy(squares), BATCHES, torch.from_numpy(result.total))
+    want = estimate_from_gradients(list(decoded), BATCHES, torch.from_numpy(result.total))
+    assert torch.allclose(got.sigma_diag, want.sigma_diag, rtol=1e-4, atol=1e-5)
+
+    payloads[1] = payloads[1][:-1]  # truncated: rejected
+    result = aggregate(codec, payloads, range(4), 6, 5, 0, weights=weights, squares=squares)
+    kept = [0, 2, 3]
+    batches = [BATCHES[k] for k in kept]
+    assert result.accepted == kept
+    assert np.allclose(squares, coordinate_squares(decoded[kept], batches).numpy(), rtol=1e-5)
+    want = estimate_from_gradients(list(decoded[kept]), batches, torch.from_numpy(result.total))
+    got = estimate_from_coordinate_squares(torch.from_numpy(squares), batches, torch.from_numpy(result.total))
+    assert torch.allclose(got.sigma_diag, want.sigma_diag, rtol=1e-4, atol=1e-5)
 
 
 def test_compression_noise_enters_sigma_as_documented():
@@ -227,24 +279,27 @@ def test_teacher_noise_has_the_intended_variance():
     assert torch.equal(noise.float(), again) and not torch.equal(again, other)
 
 
-def _output_variance(cfg: ScalingConfig, batches: list[int], norms_only: bool, seed: int) -> torch.Tensor:
+def _output_variance(cfg: ScalingConfig, batches: list[int], route: str, seed: int) -> torch.Tensor:
     clients, agg = synthetic_rounds(3000, batches, seed=seed)
     policy = ServerScalingPolicy(cfg, LAYERS, seed=11)
     outs = []
     for t, (c, a) in enumerate(zip(clients.float(), agg.float())):
-        if norms_only:
+        if route == "norms":
             per_layer = torch.stack([c[:, :2].square().sum(1), c[:, 2:].square().sum(1)], 1)
             info = ClientRound(batches, sq_norms=per_layer.double())
+        elif route == "coordinates":
+            info = ClientRound(batches, coordinate_sq=coordinate_squares(c, batches))
         else:
             info = ClientRound(batches, grads=list(c))
         outs.append(policy.apply(t, a, info)[0])
     return torch.stack(outs).double()
 
 
-def test_teacher_output_has_small_batch_variance():
+@pytest.mark.parametrize("route", ["gradients", "coordinates"])
+def test_teacher_output_has_small_batch_variance(route):
     batches, small = [4, 4, 8, 16], 8
     cfg = ScalingConfig(method="teacher", small_batch=small, per_layer=False, only_outside_critical=False)
-    out = _output_variance(cfg, batches, norms_only=False, seed=5)
+    out = _output_variance(cfg, batches, route, seed=5)
     sq_dev = (out - G).square()  # E = Sigma / b when the teacher tops the variance up
     assert_mean(sq_dev, SIGMA / small)
     assert z_score(sq_dev, SIGMA / sum(batches)).abs().max() > 6  # without the teacher: Sigma / B
@@ -253,7 +308,7 @@ def test_teacher_output_has_small_batch_variance():
 def test_teacher_per_layer_uses_layer_mean_variance_from_norms():
     batches, small = [4, 4, 8, 16], 8
     cfg = ScalingConfig(method="teacher", small_batch=small, per_layer=True, only_outside_critical=False)
-    out = _output_variance(cfg, batches, norms_only=True, seed=6)
+    out = _output_variance(cfg, batches, "norms", seed=6)
     coef = 1 / small - 1 / sum(batches)
     layer_mean = torch.cat([SIGMA[:2].mean().repeat(2), SIGMA[2:].mean().repeat(4)])
     assert_mean((out - G).square(), SIGMA / sum(batches) + coef * layer_mean)

@@ -47,12 +47,16 @@ class Aggregate(NamedTuple):
 
 
 def aggregate(codec: OneShot, payloads: Sequence[np.ndarray], clients: Sequence[int], n: int,
-              seed: int, round: int, weights: Sequence[float] | None = None) -> Aggregate:
+              seed: int, round: int, weights: Sequence[float] | None = None,
+              squares: np.ndarray | None = None) -> Aggregate:
     """Validate, decode and sum one round's client payloads.
 
     payloads[i] came from client clients[i]. weights[i], if given, is the w_k that client applied;
     the sum is then divided by the accepted clients' total weight over all clients' total weight.
     With no payload accepted the total is zeros and `accepted` is empty: skip the step.
+    squares, if given (n float32, needs weights), receives sum_k decoded_k^2 / w_k = sum_k w_k g_k^2
+    over the accepted clients, rescaled like the total: the teacher's per-coordinate statistic,
+    taken from the decodes the server makes anyway.
     """
     if not isinstance(codec, OneShot):
         raise ValueError(f"codec {codec.name!r} is multi-phase; run it with codec.exchange, not aggregate")
@@ -60,21 +64,30 @@ def aggregate(codec: OneShot, payloads: Sequence[np.ndarray], clients: Sequence[
     if len(payloads) != len(clients) or (weights is not None and len(weights) != len(clients)):
         raise ValueError(f"aggregate got {len(payloads)} payloads for {len(clients)} clients"
                          + ("" if weights is None else f" and {len(weights)} weights"))
+    if squares is not None and (weights is None or squares.shape != (n,)):
+        raise ValueError(f"squares needs the clients' weights and shape ({n},)")
     total = np.zeros(n, dtype=F32)
+    if squares is not None:
+        squares.fill(0.0)
     accepted: list[int] = []
     rejections: list[Rejection] = []
-    for payload, client in zip(payloads, clients):
+    for i, (payload, client) in enumerate(zip(payloads, clients)):
         ctx = RoundContext(seed, round, client)
         try:
             codec.validate(payload, n, ctx)
         except PayloadError as err:
             rejections.append(Rejection(round, client, str(err)))
             continue
-        total += codec.decode(payload, n, ctx)
+        decoded = codec.decode(payload, n, ctx)
+        total += decoded
+        if squares is not None:
+            squares += np.square(decoded) / np.float32(weights[i])
         accepted.append(client)
     if weights is not None and rejections and accepted:
         share = sum(w for w, c in zip(weights, clients) if c in set(accepted))
         total *= np.float32(sum(weights) / share)
+        if squares is not None:
+            squares *= np.float32(sum(weights) / share)
     return Aggregate(total, accepted, rejections)
 
 

@@ -28,6 +28,10 @@ small batches; it equals the trace of the gradient route exactly, and it is unbi
 The signal follows from E|g|^2 = |G|^2 + tr(Sigma)/B:  |G|^2_hat = |g|^2 - tr(Sigma)_hat / B
 (unbiased, and may come out negative when the signal is buried in noise).
 
+The same identity holds per coordinate (route "coordinates"): with the (d,) sum sum_k b_k g_k^2 the
+server gets the full diagonal, Sigma_ii_hat = (sum_k b_k g_k,i^2 - B g_i^2) / (K - 1), without ever
+holding the K gradients. The per-coordinate teacher uses it.
+
 B_simple = tr(Sigma) / |G|^2 is a ratio, and a ratio of unbiased estimates is not unbiased, so (as
 McCandlish et al. do) numerator and denominator are smoothed separately and divided afterwards.
 
@@ -53,7 +57,7 @@ import torch
 class NoiseEstimate:
     """One round's estimates. Traces are sums over coordinates of per-sample variances.
 
-    sigma_diag: (d,) per-coordinate variance estimate (gradient route only, else None).
+    sigma_diag: (d,) per-coordinate variance estimate (gradient and coordinate routes, else None).
     layer_trace: (L,) float64 trace of Sigma per layer (one entry when no layer split is known).
     trace: tr(Sigma) estimate (per-sample, units of gradient^2).
     signal_sq: |G|^2 estimate (units of gradient^2); may be negative.
@@ -162,6 +166,24 @@ def estimate_from_weighted_norms(weighted_sq: torch.Tensor, batches: Sequence[in
     agg_sq = aggregate_sq.cpu()
     layer_trace = (weighted_sq - big * agg_sq) / (len(sizes) - 1)
     return _finish(None, layer_trace, agg_sq, big)
+
+
+def estimate_from_coordinate_squares(weighted_sq: torch.Tensor, batches: Sequence[int], aggregate: torch.Tensor,
+                                     layer_sizes: Sequence[int] | None = None) -> NoiseEstimate:
+    """Diagonal route without the clients' gradients: weighted_sq = sum_k (b_k / B) g_k^2, per coordinate.
+
+    The identity of the norms route holds coordinate by coordinate, sum_k b_k (g_k - g)_i^2 =
+    B (weighted_sq_i - g_i^2), so the server needs one (d,) sum, not K gradients: clients add it to
+    their reduce (summable codecs), or the server accumulates it while decoding (gather codecs).
+    The result equals `estimate_from_gradients` up to float32 rounding of the subtraction."""
+    sizes = check_batches(batches)
+    weighted_sq = torch.as_tensor(weighted_sq)
+    if weighted_sq.shape != aggregate.shape:
+        raise ValueError(f"per-coordinate squares have shape {tuple(weighted_sq.shape)}, the aggregate "
+                         f"{tuple(aggregate.shape)}: clients must send one square per parameter")
+    big = sum(sizes)
+    diag = (weighted_sq.float() - aggregate.float().square()).mul_(big / (len(sizes) - 1))
+    return _finish(diag, _layer_sums(diag, layer_sizes), _layer_sums(aggregate.double().square(), None), big)
 
 
 def _finish(diag: torch.Tensor | None, layer_trace: torch.Tensor, aggregate_sq: torch.Tensor,

@@ -17,8 +17,9 @@ from typing import Any, Sequence
 import torch
 
 from mpifed.scaling.detector import CriticalPhaseDetector
-from mpifed.scaling.noisescale import (NoiseEstimate, NoiseScaleTracker, estimate_from_gradients,
-                                       estimate_from_norms, estimate_from_weighted_norms, layer_squares)
+from mpifed.scaling.noisescale import (NoiseEstimate, NoiseScaleTracker, estimate_from_coordinate_squares,
+                                       estimate_from_gradients, estimate_from_norms,
+                                       estimate_from_weighted_norms, layer_squares)
 from mpifed.scaling.step import sqrt_rule, step_scale
 from mpifed.scaling.teacher import (coordinate_variance, teacher_coefficient, teacher_generator,
                                     teacher_noise)
@@ -56,8 +57,10 @@ class ScalingConfig:
                         minimum=0)
     only_outside_critical: bool = _knob(True, "Teacher noise only outside critical phases, where the large "
                                         "batch is otherwise left alone; false = every iteration.")
-    per_layer: bool = _knob(True, "Teacher uses each layer's mean variance instead of the per-coordinate "
-                            "diagonal: much less noisy, and all that summable codecs (norms only) allow.")
+    per_layer: bool = _knob(True, "Teacher uses each layer's mean variance; false = the per-coordinate "
+                            "diagonal, which needs sum_k b_k g_k^2 per coordinate: gather codecs give it "
+                            "for free (the server decodes every client), summable codecs add one dense "
+                            "float32 vector to each client's upload (2x the uncompressed bytes).")
     noise_ema: float = _knob(0.95, "EMA decay per round of tr(Sigma) and |G|^2 for the logged noise scale; "
                              "McCandlish et al. (2018) smooth both but give no value; 0.95 (~20 rounds) "
                              "is this project's choice.", minimum=0.0)
@@ -112,7 +115,7 @@ def check_scaling(cfg: ScalingConfig, global_batch: int | None = None,
 
 @dataclass(frozen=True)
 class ClientRound:
-    """What the server knows about this round's clients. Give `grads` or `sq_norms` (or both).
+    """What the server knows about this round's clients. Give one of the statistics below.
 
     batches: b_k, samples per client (the weights of the aggregate).
     grads: decoded flat update of every client (gather codecs), each shaped like the aggregate.
@@ -120,12 +123,15 @@ class ClientRound:
         a scalar in the metrics gather). When both are given the gradient route is used.
     weighted_sq: sum_k b_k |g_k|^2, (L,) per layer or (1,): what the server gets when clients append
         (b_k / B) |g_k|^2 to the update they reduce (multiply the reduced values by B).
+    coordinate_sq: sum_k (b_k / B) g_k^2 per coordinate, shaped like the aggregate: the full
+        diagonal without the gradients (the per-coordinate teacher). Used before the others.
     """
 
     batches: Sequence[int]
     grads: Sequence[torch.Tensor] | None = None
     sq_norms: torch.Tensor | Sequence[float] | None = None
     weighted_sq: torch.Tensor | None = None
+    coordinate_sq: torch.Tensor | None = None
 
 
 class ServerScalingPolicy:
@@ -152,8 +158,10 @@ class ServerScalingPolicy:
                  layer_sq: torch.Tensor | None = None) -> NoiseEstimate | None:
         """This round's covariance estimate, or None when it cannot be made (one client, no data)."""
         if len(clients.batches) < 2 or (clients.grads is None and clients.sq_norms is None
-                                        and clients.weighted_sq is None):
+                                        and clients.weighted_sq is None and clients.coordinate_sq is None):
             return None
+        if clients.coordinate_sq is not None:
+            return estimate_from_coordinate_squares(clients.coordinate_sq, clients.batches, grad, self.layer_sizes)
         if clients.grads is not None:
             return estimate_from_gradients(clients.grads, clients.batches, grad, self.layer_sizes)
         if clients.weighted_sq is not None:

@@ -9,7 +9,8 @@ kind of noise that Keskar et al. (2017) and Smith & Le (2018) tie to flatter min
 
 Per layer: Sigma_hat is replaced by its mean within each layer (tr_l / n_l). The per-layer trace is
 a sum over many coordinates, so it is far less noisy than one coordinate's estimate, and it is all
-the norms route provides; the price is that coordinates inside a layer get equal variance.
+the norms route provides; the price is that coordinates inside a layer get equal variance. Per coordinate (per_layer =
+false): the full diagonal, from the per-coordinate squares of `noisescale`'s coordinate route.
 
 Compression (documented approximation): with compressed uploads the server estimates Sigma from
 decoded updates g_k + c_k. For an unbiased codec whose error c_k has per-coordinate variance v_k and
@@ -55,8 +56,8 @@ def coordinate_variance(estimate: NoiseEstimate, layer_sizes: Sequence[int] | No
     """Per-coordinate Sigma for the teacher: the diagonal, or each layer's mean (float32, (d,))."""
     if not per_layer:
         if estimate.sigma_diag is None:
-            raise ValueError("scaling.per_layer = false needs every client's gradient (a gather codec); with "
-                             "a summable codec the server has only norms: set scaling.per_layer = true")
+            raise ValueError("scaling.per_layer = false needs the per-coordinate diagonal: pass the clients' "
+                             "gradients or their per-coordinate squares (ClientRound.coordinate_sq)")
         return estimate.sigma_diag.to(device=device, dtype=torch.float32)
     sizes = [numel] if layer_sizes is None else list(layer_sizes)
     if len(sizes) != estimate.layer_trace.numel():
