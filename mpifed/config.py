@@ -161,11 +161,12 @@ class PlanConfig:
                     "clients take more and all finish together. maximize: choose the global batch with the best "
                     "predicted throughput within the clients' caps.",
                     choices=("off", "predict", "balance", "maximize"))
-    points: int = opt(4, "Batch sizes each client times at start-up (powers of two up to its profile cap). 4 "
-                      "suffices for a CPU's straight line and costs about a second with the small CNN; use 8 on "
-                      "GPUs, whose curves start with a plateau.", minimum=2)
-    repeats: int = opt(3, "Timed steps per batch size, and timed tries of the collectives; the median is kept "
-                       "(after one untimed step).", minimum=1)
+    points: int = opt(4, "Batch sizes each client times at start-up, geometric from cap/16 to its profile cap, "
+                      "plus its own batch; all clients step at once in real probe rounds. 4 suffices for a CPU's "
+                      "straight line; use 8 on GPUs, whose curves start with a plateau.", minimum=2)
+    repeats: int = opt(5, "Timed probe rounds per batch size (after one untimed round); medians give the curves "
+                       "and the round's other terms, the spread of the repeats each client's jitter, which "
+                       "sets how far the slowest client lands above its curve.", minimum=1)
     profile_max: int = opt(0, "Largest batch a client times, samples; 0 = the job's global batch (no balanced "
                            "split gives one client more), or for maximize the memory model's cap. Never above "
                            "the memory cap; larger batches use the fitted line.", minimum=0)

@@ -2,20 +2,23 @@
 rank after the clients have prepared (data loaded, memory caps known) and before the batches are
 agreed. With plan.mode = "off" it does nothing and sends nothing.
 
-  1. every client times its own step (mpifed.probes.client_step: its model, data, device and
-     emulated speed) at plan.points batch sizes up to its profile cap, all clients at once as in a
-     round, and fits t_k(b) = max(t_floor, a + c b) (mpifed.perf.ComputeCurve);
-  2. the server times its own step while the clients wait;
-  3. every rank times the broadcast and the update path at the round's real sizes (probes.round_comm);
-  4. rank 0 gathers the curves (pickled: set-up only), builds a perf Profile, picks the batches by
-     mode, predicts the round (mpifed.perf.predict_round) and sends each client its batch.
+  1. all ranks run probe rounds (mpifed.probes.probe_rounds): the real broadcast, every client's
+     real step (its model, data, device and emulated speed) at once, the real update path and the
+     server's step, with each client at plan.points + 1 batch sizes (probe_grid: up to its profile
+     cap, and its own batch), plan.repeats times each;
+  2. rank 0 gathers the tables (pickled: set-up only); per client it fits t_k(b) = max(t_floor,
+     a + c b) to the median step per size and measures the spread s_k of the repeats (fit_client);
+     from the server's times it takes t_bcast, t_up and t_server (probe_terms);
+  3. rank 0 builds a perf Profile, picks the batches by mode, predicts the round
+     (mpifed.perf.predict_round) and sends each client its batch.
 
 The prediction the server logs every round as t_iter_pred (on every rank's row: a client's round
 spans the same broadcast-to-update interval, so its t_iter is the round time too) is
 
-    t_round = t_bcast + max_k [t_k(b_k) + link_k] + t_up + t_server
+    t_round = t_bcast + M + t_up + t_server,   M = median of max_k [t_k(b_k) + link_k] exp(s_k Z_k)
 
-link_k: the emulated link delays of client k's profile (latency + bytes / bandwidth, down and up).
+M is the slowest of K jittering clients (mpifed.perf.straggler), link_k the emulated link delays of
+client k's profile (latency + bytes / bandwidth, down and up).
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ from mpifed import probes, profiles
 from mpifed.client import ClientSetup, update_channel
 from mpifed.config import JobError
 from mpifed.perf import (ClientProfile, CollectiveSample, ComputeCurve, Profile, RoundPrediction, fit_collective,
-                         plan_batches, plan_throughput, profile_compute, save_profile)
+                         plan_batches, plan_throughput, save_profile)
+from mpifed.perf.straggler import spreads
 from mpifed.perf.report import predict_for
 from mpifed.session import Session, all_batches
 
 MODES = ("off", "predict", "balance", "maximize")
 WARMUP_STEPS = 1
-"""Untimed steps per batch size before the timed ones (first-touch allocation, lazy init)."""
+"""Untimed probe rounds per batch size before the timed ones (first-touch allocation, lazy init)."""
+MIN_SECONDS = 1e-6
+"""Floor of a predicted term: alpha-beta fits need a positive time (a term the overlap hid)."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,8 @@ class StartupPlan:
                  f"bound by {pred.bound_by}"]
         for k, c in enumerate(p.clients):
             lines.append(f"  client {k} ({c.device}): t(b) = max({ms(c.curve.t_floor)}, {ms(c.curve.a)} + "
-                         f"{1e3 * c.curve.c:.3f} b) ms (fit rms {100 * c.curve.rel_rms:.1f}%), cap {c.max_batch}, "
+                         f"{1e3 * c.curve.c:.3f} b) ms (fit rms {100 * c.curve.rel_rms:.1f}%, jitter "
+                         f"{100 * c.curve.spread:.0f}%), cap {c.max_batch}, "
                          f"step at b={self.batches[k]}: {ms(pred.t_clients[k])} ms")
         return lines
 
@@ -96,12 +103,42 @@ class StartupPlan:
         save_profile(self.profile, run_dir / "profile.json")
 
 
-def startup_batches(cap: int, points: int) -> list[int]:
-    """`points` batch sizes, geometric from cap/16 to cap: where round batches lie (a balanced split
-    rarely gives a client less than a sixteenth of the largest), so the line is fitted where it is
-    used, not on batch 1, whose step is all fixed overhead."""
+def probe_grid(cap: int, points: int, batch: int) -> list[int]:
+    """points + 1 batch sizes, sorted: `points` geometric from cap/16 to cap, where round batches lie
+    (a balanced split rarely gives a client less than a sixteenth of the largest), and the client's
+    own batch (at most cap), where the job will run. The line is fitted where it is used, not on
+    batch 1, whose step is all fixed overhead. Sizes may repeat on small caps: every client's grid
+    has the same length, because the probe rounds step all clients at once."""
     low = max(1, cap // 16)
-    return sorted({int(round(b)) for b in np.geomspace(low, cap, points)})
+    return sorted([int(round(b)) for b in np.geomspace(low, cap, points)] + [max(1, min(batch, cap))])
+
+
+def probe_terms(server: np.ndarray, clients: Sequence[np.ndarray]) -> tuple[float, float, float]:
+    """(t_bcast, t_up, t_server) seconds from the probe rounds' tables (probes.PROBE_COLUMNS), each the
+    median over the timed rounds, split as the run log splits a round:
+
+      t_server  the server's t_decode (decode, scaling policy, optimizer step);
+      t_bcast   the server's t_down (its broadcast);
+      t_up      the rest of the round's critical path: server t_down + t_up - the slowest client's
+                t_compute of the same round, minus t_bcast. It holds the clients' encoding, the
+                collectives and whatever part of the broadcast the clients' compute did not overlap.
+
+    The slowest client's compute is subtracted round by round, because the prediction adds it back
+    as the slowest of K draws (mpifed.perf.straggler), not as one client's median."""
+    slowest = np.max(np.column_stack([c[:, 1] for c in clients]), axis=1)
+    t_bcast = float(np.median(server[:, 2]))
+    path = float(np.median(server[:, 2] + server[:, 3] - slowest))
+    return t_bcast, max(path - t_bcast, MIN_SECONDS), float(np.median(server[:, 4]))
+
+
+def fit_client(table: np.ndarray, link: float, jitter: float) -> tuple[ComputeCurve, tuple[tuple[int, float], ...]]:
+    """Client curve from its probe rounds: the median step per batch size fitted by
+    ComputeCurve.fit, with its own jitter (mpifed.perf.straggler.spreads) and the emulated link's
+    seconds added. Returns the curve and the (batch, median seconds) samples."""
+    samples = [(int(b), float(t)) for b, t in table[:, :2]]
+    sizes = sorted({b for b, _ in samples})
+    medians = tuple((b, float(np.median([t for bb, t in samples if bb == b]))) for b in sizes)
+    return ComputeCurve.fit(medians).with_spread(jitter).shifted(link), medians
 
 
 def profile_cap(mode: str, memory_cap: int, global_batch: int, profile_max: int) -> int:
@@ -147,36 +184,24 @@ def plan_startup(s: Session, setup: ClientSetup | None) -> StartupPlan | None:
     if cfg.mode == "off":
         return None
     start = time.perf_counter()
-    comm, ex = s.world.comm, s.exchange
+    comm = s.world.comm
     # the global batch the job would train with: requested batches after the memory caps
     global_batch = int(all_batches(s, 0 if setup is None else setup.batch).sum())
-
-    info = None
+    grid, info = [], None
     if setup is not None:
         client = s.world.rank - 1
         cap = profile_cap(cfg.mode, setup.max_batch, global_batch, cfg.profile_max)
         if cap < 2:
             raise JobError(f"client {client}: the planner times at least two batch sizes, but its largest "
                            f"batch is {cap} (memory model or plan.profile_max); give it more memory")
-        samples = profile_compute(probes.client_step(s, setup), startup_batches(cap, cfg.points),
-                                  cfg.repeats, WARMUP_STEPS)
-        info = dict(memory_cap=setup.max_batch, batch=setup.batch, samples=samples,
-                    cap=plan_cap(cfg.mode, setup.max_batch, global_batch, cap), device=_device_label(s, client))
-        ex.wait([comm.Ibarrier()])  # wait politely: the server must not spin while clients are timed
-        t_server = 0.0
-    else:
-        ex.wait([comm.Ibarrier()])
-        step = probes.server_step(s)
-        t_server = profile_compute(lambda _b: step(), [1], cfg.repeats, WARMUP_STEPS)[0][1]
-    t_bcast, t_up = probes.round_comm(s, cfg.repeats)
-    model_bytes, up_bytes = 4 * s.model.size, probes.update_bytes(s)
-    if info is not None:
-        p = s.profile(s.world.rank - 1)
-        info["link"] = profiles.link_delay(p, model_bytes, t_bcast) + profiles.link_delay(p, up_bytes, 0.0)
-    gathered = comm.gather(info, root=0)  # once, at start-up: pickling is fine here
+        grid = probe_grid(cap, cfg.points, setup.batch)
+        info = dict(memory_cap=setup.max_batch, batch=setup.batch, device=_device_label(s, client),
+                    cap=plan_cap(cfg.mode, setup.max_batch, global_batch, cap))
+    table = probes.probe_rounds(s, setup, grid or [0] * (cfg.points + 1), cfg.repeats, WARMUP_STEPS)
+    gathered = comm.gather((info, table), root=0)  # once, at start-up: pickling is fine here
     batches = None
     if s.world.is_server:
-        plan = _plan(s, gathered[1:], t_server, t_bcast, t_up, model_bytes, up_bytes, start)
+        plan = _plan(s, gathered, start)
         batches = [None] + plan.batches
     mine_planned = comm.scatter(batches, root=0)
     if setup is not None:
@@ -186,17 +211,23 @@ def plan_startup(s: Session, setup: ClientSetup | None) -> StartupPlan | None:
     return plan
 
 
-def _plan(s: Session, infos: list[dict], t_server: float, t_bcast: float, t_up: float, model_bytes: int,
-          up_bytes: int, start: float) -> StartupPlan:
-    """Rank 0: fit the curves, build the Profile, choose and predict the batches."""
+def _plan(s: Session, gathered: list, start: float) -> StartupPlan:
+    """Rank 0: fit the curves and terms from the probe rounds, build the Profile, choose and predict
+    the batches."""
     cfg, p = s.job.plan, s.world.size
+    server, infos, tables = gathered[0][1], [g[0] for g in gathered[1:]], [g[1] for g in gathered[1:]]
+    t_bcast, t_up, t_server = probe_terms(server, tables)
+    model_bytes, up_bytes = 4 * s.model.size, probes.update_bytes(s)
     up = "reduce" if update_channel(s, None).codec.summable else "gatherv"
-    clients = tuple(ClientProfile(k, k + 1, info["device"], int(info["cap"]),
-                                  ComputeCurve.fit(info["samples"]).shifted(info["link"]), tuple(info["samples"]))
-                    for k, info in enumerate(infos))
+    jitter = spreads(np.column_stack([t[:, 1] for t in tables]), np.column_stack([t[:, 0] for t in tables]))
+    clients = []
+    for k, (info, table) in enumerate(zip(infos, tables)):
+        link = profiles.link_delay(s.profile(k), model_bytes, t_bcast) + profiles.link_delay(s.profile(k), up_bytes, 0.0)
+        curve, samples = fit_client(table, link, jitter[k])
+        clients.append(ClientProfile(k, k + 1, info["device"], int(info["cap"]), curve, samples))
     comm_model = fit_collective([CollectiveSample("bcast", p, model_bytes, t_bcast),
                                  CollectiveSample(up, p, up_bytes, t_up)])
-    profile = Profile(p, model_bytes, up_bytes, clients, comm_model, up, 0, t_server)
+    profile = Profile(p, model_bytes, up_bytes, tuple(clients), comm_model, up, 0, t_server)
     requested = [int(info["batch"]) for info in infos]
     try:
         batches = choose_batches(cfg.mode, profile, requested, cfg.min_fraction)

@@ -5,25 +5,26 @@
                 the emulation is part of that client's real step time.
   server_step   the server's work between the update arriving and the next round (scaling policy
                 and optimizer step), on scratch tensors so the model and its momentum stay untouched.
-  round_comm    the broadcast of the model and the whole update path (the codec's encode, its
-                collectives through mpifed.exchange with the job's waiting mode, the server's
-                decode, the dense tail), at the round's real sizes.
+  probe_rounds  whole rounds at start-up built from the two: the model's broadcast, every client's
+                step at once, the whole update path (the codec's encode, its collectives through
+                mpifed.exchange with the job's waiting mode, the server's decode, the dense tail)
+                and the server step, at the round's real sizes.
 
-Why the real update path rather than bare MPI calls (mpifed.perf.measure_collectives): rounds wait
-politely on an oversubscribed node, fp16/bf16 sums run a Python reduction operator, and gathered
-codecs validate and decode on the server; none of that is in a bare Reduce, and all of it is in the
-round time the model has to predict.
+Why whole rounds rather than bare MPI calls (mpifed.perf.measure_collectives) and a client timed
+alone: rounds wait politely on an oversubscribed node, fp16/bf16 sums run a Python reduction
+operator, gathered codecs validate and decode on the server, and K clients share the cores while
+they step; none of that is in a bare Reduce or a lone step, and all of it is in the round time the
+model has to predict.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mpi4py import MPI
 
 from mpifed import profiles
 from mpifed.client import ClientSetup, payload_size, update_channel
@@ -107,11 +108,23 @@ def update_bytes(s: Session) -> int:
     return channel.nbytes + 4 * (payload_size(s.model) - s.model.n_params)
 
 
-def round_comm(s: Session, repeats: int) -> tuple[float, float]:
-    """(broadcast seconds, update-path seconds): each the median over `repeats` (after one untimed
-    try) of the slowest rank's time, every try starting together after a barrier. Collective:
-    every rank calls it; the numbers are the same on every rank."""
-    model, comm, ex = s.model, s.world.comm, s.exchange
+PROBE_COLUMNS = ("batch", "t_compute", "t_down", "t_up", "t_decode")
+"""What probe_rounds records per timed round, named (and measured) like the run log's /iter columns:
+clients fill batch and t_compute, the server t_down, t_up and t_decode; the rest is NaN."""
+
+
+def probe_rounds(s: Session, setup: ClientSetup | None, grid: Sequence[int], repeats: int,
+                 warmup: int = 1) -> np.ndarray:
+    """Rounds of the real path at start-up: the server broadcasts, every client steps at its batch
+    grid[i] (client_step), encodes and sends through the job's update channel, the server receives,
+    decodes and runs its step (server_step). Each grid size is run `warmup` times untimed, then the
+    whole grid `repeats` times. Returns this rank's (repeats * len(grid), len(PROBE_COLUMNS)) table.
+
+    Why rounds rather than each part alone: on shared cores a client's step is as slow as the other
+    ranks make it (K clients stepping at once, the server waking to poll, a slow client's emulation
+    sleeping), and the broadcast and update overlap the clients' compute; only a round has all of
+    that. Collective: every rank calls it with grids of the same length (the server's is ignored)."""
+    model, ex = s.model, s.exchange
     client = None if s.world.is_server else s.world.rank - 1
     channel = update_channel(s, client)   # a throwaway channel: its error feedback is discarded
     n = model.n_params
@@ -121,21 +134,25 @@ def round_comm(s: Session, repeats: int) -> tuple[float, float]:
               ).astype(np.float32)
     out = np.zeros(n, np.float32)
     weights = s.batches / s.batches.sum()
-    times = np.zeros((repeats + 1, 2))
-    for i in range(repeats + 1):
-        ex.wait([comm.Ibarrier()])
+    step = server_step(s) if client is None else client_step(s, setup)
+    order = [i for i in range(len(grid)) for _ in range(warmup)] + list(range(len(grid))) * repeats
+    table = np.full((len(order), len(PROBE_COLUMNS)), np.nan)
+    for j, i in enumerate(order):
+        row = table[j]
         start = time.perf_counter()
         ex.broadcast(buf)
-        times[i, 0] = time.perf_counter() - start
-        ex.wait([comm.Ibarrier()])
-        start = time.perf_counter()
-        if client is None:
-            channel.receive(0, out, weights)
-        else:
+        t0 = time.perf_counter()
+        if client is not None:
+            step(int(grid[i]))
+            row[:2] = grid[i], time.perf_counter() - t0
             channel.send(update, 0)
+            ex.reduce_sum(tail)
+            continue
+        row[2] = t0 - start
+        channel.receive(0, out, weights)
+        t1 = time.perf_counter()
         ex.reduce_sum(tail)
-        times[i, 1] = time.perf_counter() - start
-    slowest = np.empty_like(times)
-    ex.wait([comm.Iallreduce(times, slowest, op=MPI.MAX)])
-    bcast, up = np.median(slowest[1:], axis=0)
-    return float(bcast), float(up)
+        row[3] = channel.comm_seconds + time.perf_counter() - t1
+        step()
+        row[4] = time.perf_counter() - t0 - row[3]
+    return table[len(grid) * warmup:]

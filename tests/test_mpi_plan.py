@@ -9,6 +9,8 @@ from click.testing import CliRunner
 
 from conftest import ok, train
 from mpifed.cli import main
+from mpifed.perf import load_profile, plan_batches
+from mpifed.perf.report import predict_for
 
 pytestmark = pytest.mark.mpi
 
@@ -61,3 +63,22 @@ def test_balance_respects_the_memory_models_cap(tmp_path):
         assert 1 <= cap < 64
         assert _ranks(f, "batch") == [cap, 64]   # requested after caps: [cap, 64]; the sum is kept
         assert f["models"].attrs["perf.client0.max_batch"] == cap
+
+
+def test_maximize_picks_the_best_predicted_global_batch_within_the_profiled_caps(tmp_path):
+    ok(train(3, tmp_path, "max", "--set", 'plan.mode="maximize"', "--set", "plan.profile_max=48",
+             "--set", "train.batch=8", *SLOW_SECOND))
+    profile = load_profile(tmp_path / "max" / "profile.json")
+    with h5py.File(tmp_path / "max" / "run.h5") as f:
+        batches = _ranks(f, "batch")
+        assert f["models"].attrs["perf.round.mode"] == "maximize"
+        assert (f["server/global_batch"][()] == sum(batches)).all()
+        assert (f["iter/batch"][:, 1:] == batches).all()
+        assert np.isfinite(f["iter/t_iter_pred"][()]).all()
+    assert profile.max_batches == [48, 48] and all(1 <= b <= 48 for b in batches)
+    assert batches[0] >= batches[1]                          # the 4x slower client never takes more
+    # no other candidate global batch (powers of two, the sum of the caps), split by the planner within
+    # the same caps, is predicted to be faster
+    best = predict_for(profile, batches).throughput
+    for g in (2, 4, 8, 16, 32, 64, 96):
+        assert best >= predict_for(profile, plan_batches(profile.curves, [48, 48], g)).throughput

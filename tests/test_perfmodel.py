@@ -19,6 +19,7 @@ from mpifed.perf import (CollectiveSample, CommModel, ComputeCurve, Profile, Cli
                          fit_collective, load_profile, mdape, plan_batches, plan_throughput,
                          predict_round, profile_batches, profile_compute, save_profile, uniform_split)
 from mpifed.perf.comm import CollectiveCost, terms
+from mpifed.perf.straggler import slowest_median, spreads
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIRUN = Path(sys.executable).parent / "mpirun"
@@ -142,6 +143,47 @@ def test_predict_round_sums_parts_and_names_bound():
     linky = predict_round(curves, [1, 1, 1, 1], comm, 200 << 20, 200 << 20, 5)
     assert linky.bound_by.startswith("link")
     assert mdape([1.1, 0.9, 1.0], [1.0, 1.0, 1.0]) == pytest.approx(10.0)
+
+
+def test_slowest_of_k_jittering_clients_matches_the_order_statistic():
+    # K equal clients: the median of the max solves Phi(z)^K = 1/2, z = 0.545 / 0.819 / 1.005 for K = 2 / 3 / 4
+    for k, z in ((1, 0.0), (2, 0.5449), (3, 0.8193), (4, 1.0048)):
+        assert slowest_median([0.05] * k, [0.1] * k) == pytest.approx(0.05 * np.exp(0.1 * z), rel=1e-3)
+    assert slowest_median([0.02, 0.05], [0.0, 0.0]) == 0.05            # no jitter: the plain max
+    assert slowest_median([0.01, 0.05], [0.1, 0.1]) == pytest.approx(0.05, rel=1e-6)  # a fast client adds nothing
+    # unequal clients: against a simulation of the max of lognormal steps
+    t, s = np.array([0.03, 0.04, 0.045]), np.array([0.05, 0.15, 0.1])
+    draws = (t * np.exp(s * np.random.default_rng(3).standard_normal((200_000, 3)))).max(axis=1)
+    assert slowest_median(t.tolist(), s.tolist()) == pytest.approx(np.median(draws), rel=3e-3)
+    with pytest.raises(ValueError, match="one spread per time"):
+        slowest_median([0.1, 0.2], [0.1])
+
+
+def test_spreads_recover_each_clients_own_jitter_but_not_the_shared_one():
+    rng = np.random.default_rng(4)
+    rounds, own = 3000, np.array([0.05, 0.1, 0.15])
+    batches = np.tile([[8, 16, 16], [32, 64, 64]], (rounds // 2, 1))
+    curve = ComputeCurve(a=0.003, c=2e-4)
+    shared = rng.normal(0, 0.3, (rounds, 1))             # the whole machine slowing down together
+    seconds = curve.predict(batches) * np.exp(shared + own * rng.standard_normal((rounds, 3)))
+    assert spreads(seconds, batches) == pytest.approx(own.tolist(), abs=0.006)   # not the shared 0.3
+    assert spreads(seconds[:, :1], batches[:, :1]) == [0.0]      # a lone client waits for no one
+    with pytest.raises(ValueError, match="rounds, clients"):
+        spreads(seconds[:, 0], batches[:, 0])
+    curve = ComputeCurve(0.001, 1e-4).with_spread(0.08)
+    assert ComputeCurve.from_dict(json.loads(json.dumps(curve.to_dict()))) == curve
+    assert curve.shifted(0.01).spread == curve.scaled(2).spread == 0.08
+
+
+def test_predict_round_waits_for_the_slowest_draw():
+    comm = toy_comm()
+    steady = predict_round(speeds_4x(), [64] * 4, comm, 1 << 20, 1 << 20, 5)
+    jitter = predict_round([c.with_spread(0.1) for c in speeds_4x()], [64] * 4, comm, 1 << 20, 1 << 20, 5)
+    slowest = float(speeds_4x()[3].predict(64))
+    assert steady.t_compute_max == pytest.approx(slowest)
+    assert slowest < jitter.t_compute_max < slowest * np.exp(0.1)   # above the curve, below +1 sd
+    assert jitter.t_round - steady.t_round == pytest.approx(jitter.t_compute_max - slowest)
+    assert jitter.idle()[3] == 0 and jitter.slowest_client == 3
 
 
 @pytest.mark.parametrize("global_batch", [4, 5, 37, 400, 1000, 1500])

@@ -13,7 +13,7 @@ from mpifed.analysis.prediction import round_time_error, steady_rounds, steady_t
 from mpifed.config import JobError, load_job
 from mpifed.perf import ClientProfile, CollectiveSample, ComputeCurve, Profile, fit_collective, plan_batches
 from mpifed.perf.report import predict_for
-from mpifed.planning import choose_batches, plan_cap, profile_cap, startup_batches
+from mpifed.planning import choose_batches, fit_client, plan_cap, probe_grid, probe_terms, profile_cap
 
 
 def _profile(curves, caps):
@@ -55,9 +55,38 @@ def test_profile_and_plan_caps():
     assert plan_cap("balance", 500, 96, 96) == 96 and plan_cap("balance", 0, 96, 96) == 96
 
 
-def test_startup_batches_span_a_sixteenth_of_the_cap_to_the_cap():
-    assert startup_batches(96, 4) == [6, 15, 38, 96]
-    assert startup_batches(2, 4) == [1, 2]
+def test_probe_grid_spans_a_sixteenth_of_the_cap_to_the_cap_and_holds_the_clients_batch():
+    assert probe_grid(96, 4, 32) == [6, 15, 32, 38, 96]
+    assert probe_grid(96, 4, 500) == [6, 15, 38, 96, 96]      # the batch never above the cap
+    assert probe_grid(2, 4, 2) == [1, 1, 2, 2, 2]             # same length on every client
+
+
+def _probe_tables(rng, rounds=40):
+    """Server and two client tables (probes.PROBE_COLUMNS) of rounds whose parts are known: broadcast
+    2 ms, slowest compute, then 3 ms more of update path, server 1 ms."""
+    b = np.tile([8, 32], rounds // 2)
+    steps = [ComputeCurve(0.002, 5e-4), ComputeCurve(0.001, 1e-3)]
+    compute = [c.predict(b) * rng.lognormal(0, 0.05, rounds) for c in steps]
+    nan = np.full(rounds, np.nan)
+    clients = [np.column_stack([b, t, nan, nan, nan]) for t in compute]
+    slowest = np.maximum(*compute)
+    server = np.column_stack([nan, nan, np.full(rounds, 0.002), slowest + 0.003, np.full(rounds, 0.001)])
+    return server, clients, steps
+
+
+def test_probe_terms_split_the_round_as_the_log_does():
+    server, clients, _ = _probe_tables(np.random.default_rng(5))
+    assert probe_terms(server, clients) == pytest.approx((0.002, 0.003, 0.001))
+    server[:, 3] = 0.0   # the clients' compute hid the whole update path: a positive floor, not a negative term
+    assert 0 < probe_terms(server, clients)[1] <= 1e-6
+
+
+def test_fit_client_recovers_the_curve_from_probe_rounds():
+    server, clients, steps = _probe_tables(np.random.default_rng(6), rounds=400)
+    curve, samples = fit_client(clients[1], link=0.004, jitter=0.05)
+    assert [b for b, _ in samples] == [8, 32]
+    assert curve.predict(32) == pytest.approx(steps[1].predict(32) + 0.004, rel=0.02)
+    assert curve.c == pytest.approx(1e-3, rel=0.05) and curve.spread == 0.05
 
 
 def test_plan_section_is_validated():

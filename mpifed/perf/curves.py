@@ -34,18 +34,22 @@ class ComputeCurve:
     c: marginal cost, seconds per sample (>= 0).
     t_floor: plateau, seconds (0 = no plateau).
     rel_rms: root-mean-square relative residual of the fit (0 for a curve given by hand).
+    spread: step-to-step jitter, the sd of log seconds between repeats at one batch size (0 = a
+      steady step); it sets how far the slowest of K clients lands above its curve
+      (mpifed.perf.straggler). Measured with the other clients stepping at the same time.
     """
 
     a: float
     c: float
     t_floor: float = 0.0
     rel_rms: float = 0.0
+    spread: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.a) and math.isfinite(self.c) and math.isfinite(self.t_floor)):
             raise ValueError(f"compute curve has a non-finite parameter: {self}")
-        if self.c < 0 or self.t_floor < 0:
-            raise ValueError(f"compute curve needs c >= 0 and t_floor >= 0, got {self}")
+        if self.c < 0 or self.t_floor < 0 or not self.spread >= 0:
+            raise ValueError(f"compute curve needs c >= 0, t_floor >= 0 and spread >= 0, got {self}")
         if self.predict(1) <= 0:
             raise ValueError(f"compute curve predicts {self.predict(1):.3g} s at batch 1; "
                              "a step must take positive time (raise a or t_floor)")
@@ -77,22 +81,26 @@ class ComputeCurve:
         """The same device running `factor` times slower (used to correct drift)."""
         if not factor > 0:
             raise ValueError(f"scale factor must be > 0, got {factor}")
-        return ComputeCurve(self.a * factor, self.c * factor, self.t_floor * factor, self.rel_rms)
+        return ComputeCurve(self.a * factor, self.c * factor, self.t_floor * factor, self.rel_rms, self.spread)
 
     def shifted(self, seconds: float) -> "ComputeCurve":
         """Add a batch-independent cost (e.g. encoding the update) to every step."""
         floor = self.t_floor + seconds if self.t_floor > 0 else 0.0
-        return ComputeCurve(self.a + seconds, self.c, floor, self.rel_rms)
+        return ComputeCurve(self.a + seconds, self.c, floor, self.rel_rms, self.spread)
+
+    def with_spread(self, spread: float) -> "ComputeCurve":
+        """The same curve with a measured step-to-step jitter (sd of log seconds)."""
+        return ComputeCurve(self.a, self.c, self.t_floor, self.rel_rms, spread)
 
     def to_dict(self) -> dict[str, float]:
         """Plain floats, for HDF5 attributes and the JSON profile file."""
-        return {"a": self.a, "c": self.c, "t_floor": self.t_floor, "rel_rms": self.rel_rms}
+        return {"a": self.a, "c": self.c, "t_floor": self.t_floor, "rel_rms": self.rel_rms, "spread": self.spread}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ComputeCurve":
         try:
             return cls(float(d["a"]), float(d["c"]), float(d.get("t_floor", 0.0)),
-                       float(d.get("rel_rms", 0.0)))
+                       float(d.get("rel_rms", 0.0)), float(d.get("spread", 0.0)))
         except KeyError as e:
             raise ValueError(f"compute curve entry {d!r} lacks {e}; it needs a, c (and t_floor)") from None
 

@@ -1,11 +1,14 @@
 """Predicted time of one synchronous round, and the error measure the predictions are judged by.
 
-    t_round = t_bcast(model) + max_k t_k(b_k) + t_up(payloads) + t_gather(metrics) + t_server
+    t_round = t_bcast(model) + M + t_up(payloads) + t_gather(metrics) + t_server
+    M = median of max_k t_k(b_k) exp(s_k Z_k)       (mpifed.perf.straggler)
 
 The clients run in parallel, so only the slowest one counts; everything else is serial on the
-round's critical path. t_k must cover what the client does between receiving the model and
-entering the upload collective (forward/backward and encoding): pass a curve fitted on that, or add
-the encode time with ComputeCurve.shifted().
+round's critical path. The slowest is an order statistic: each client's step jitters (spread s_k of
+its curve) and the round waits for the largest draw, so M is above max_k t_k(b_k) by about
+s * Phi^-1(2^(-1/K)) for K comparable clients. t_k covers what the client does between receiving the
+model and entering the upload (forward/backward, emulated slow-down, emulated link via
+ComputeCurve.shifted()); what follows (encoding, collectives, decoding) is in t_up.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 
 from mpifed.perf.comm import CommModel
 from mpifed.perf.curves import ComputeCurve
+from mpifed.perf.straggler import slowest_median
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class RoundPrediction:
 
     t_round: float
     t_compute_max: float
+    """Median of the slowest client's step (the order statistic M), >= max(t_clients)."""
     t_comm: float
     t_server: float
     t_clients: tuple[float, ...]
@@ -40,8 +45,9 @@ class RoundPrediction:
         return self.global_batch / self.t_round
 
     def idle(self) -> tuple[float, ...]:
-        """Seconds each client waits for the slowest one."""
-        return tuple(self.t_compute_max - t for t in self.t_clients)
+        """Seconds each client's planned step is shorter than the slowest planned step."""
+        top = max(self.t_clients)
+        return tuple(top - t for t in self.t_clients)
 
 
 def predict_round(curves: Sequence[ComputeCurve], batches: Sequence[int], comm_model: CommModel,
@@ -71,7 +77,7 @@ def predict_round(curves: Sequence[ComputeCurve], batches: Sequence[int], comm_m
     if metrics_bytes > 0:
         parts["gather"] = comm_model.predict("gather", n_ranks, metrics_bytes)
     t_comm = float(sum(parts.values()))
-    t_compute = t_clients[slowest]
+    t_compute = slowest_median(t_clients, [c.spread for c in curves])
     t_round = t_compute + t_comm + server_seconds
     worst = max(("client", t_compute), ("link", t_comm), ("server", server_seconds),
                 key=lambda kv: kv[1])[0]
