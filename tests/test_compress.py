@@ -12,7 +12,7 @@ from mpifed.compress import (
     ErrorFeedback, GatherCodec, OneShot, PayloadError, ReduceCodec, RoundContext, codec_names, make_codec,
 )
 from mpifed.compress.aggregate import aggregate, reduce_in_process
-from mpifed.compress.base import pack_uint, pack_width, packed_nbytes, unpack_uint
+from mpifed.compress.packing import BLOCK_VALUES, pack_uint, pack_width, packed_nbytes, unpack_uint
 from mpifed.compress.halfprec import from_bits, to_bits
 
 CTX = RoundContext(seed=3, round=5, client=2)
@@ -107,6 +107,27 @@ def test_half_precision_rounds_to_nearest_even():
     assert np.isnan(from_bits(to_bits(np.array([np.nan], np.float32), "bf16"), "bf16")).all()
 
 
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_half_combine_is_the_float32_sum_rounded_once_and_works_in_place(fmt):
+    # every bit pattern against every other kind: subnormals, infinities, NaNs, opposite signs
+    a = np.arange(2**16, dtype=np.uint16)
+    b = np.random.default_rng(0).permutation(a)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = from_bits(a, fmt) + from_bits(b, fmt)
+    wanted = to_bits(expected, fmt)
+    codec = make_codec(fmt)
+    a_before, b_before = a.copy(), b.copy()
+    summed = codec.combine(a, b)
+    assert np.array_equal(a, a_before) and np.array_equal(b, b_before)  # combine leaves its operands
+    nan = np.isnan(expected)
+    assert np.isnan(from_bits(summed, fmt)[nan]).all()
+    assert np.array_equal(summed[~nan], wanted[~nan])
+    codec.combine_into(np.frombuffer(a.tobytes(), np.uint16), b)  # a read-only operand is fine
+    assert np.array_equal(b[~nan], wanted[~nan])
+    with pytest.raises(ValueError, match="writable"):
+        codec.combine_into(a, np.frombuffer(b.tobytes(), np.uint16))
+
+
 @pytest.mark.parametrize("density", [0.01, 0.1, 0.5, 1.0])
 def test_topk_keeps_the_largest_values_and_contracts(density):
     x = vector(3000)
@@ -144,10 +165,92 @@ def test_sign_sends_scaled_signs_per_bucket():
     assert make_codec("efsign").error_feedback and not make_codec("sign").error_feedback
 
 
+# Several blocks of the blocked loops, buckets that do not divide the block or n, a lone last value.
+BIG = 2 * BLOCK_VALUES + 1001
+
+
+@pytest.mark.parametrize("bucket", [3, 100, 512])
+def test_sign_bits_and_scales_over_several_blocks(bucket):
+    x = vector(BIG, seed=2)
+    x[::7] = -0.0  # counts as >= 0, like +0.0
+    codec = make_codec("sign", bucket=bucket)
+    payload = codec.encode(x, CTX)
+    rows = math.ceil(BIG / bucket)
+    assert np.array_equal(payload[4 * rows:], np.packbits(x >= 0, bitorder="little"))
+    grid = np.zeros(rows * bucket)
+    grid[:BIG] = x
+    counts = np.minimum(bucket, BIG - bucket * np.arange(rows))
+    scales = np.abs(grid).reshape(rows, bucket).sum(axis=1) / counts
+    assert np.allclose(payload[:4 * rows].view(np.float32), scales, rtol=1e-6, atol=0)
+    y = codec.decode(payload, BIG, CTX)
+    assert np.allclose(y, np.where(x >= 0, 1, -1) * np.repeat(scales, bucket)[:BIG], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("levels, bucket", [(1, 100), (7, 512), (7, 3), (100, 1000)])
+def test_qsgd_codes_are_the_two_nearest_levels_over_several_blocks(levels, bucket):
+    x = vector(BIG, seed=3) * np.linspace(0.01, 10, BIG, dtype=np.float32)
+    x[::11] = 0.0
+    codec = make_codec("qsgd", levels=levels, bucket=bucket)
+    payload = codec.encode(x, CTX)
+    codec.validate(payload, BIG, CTX)
+    rows = math.ceil(BIG / bucket)
+    grid = np.zeros(rows * bucket)
+    grid[:BIG] = x
+    norms = np.repeat(np.linalg.norm(grid.reshape(rows, bucket), axis=1), bucket)[:BIG]
+    assert np.allclose(np.repeat(payload[:4 * rows].view(np.float32), bucket)[:BIG], norms, rtol=1e-5)
+    level = codec.decode(payload, BIG, CTX) / norms * levels  # no bucket here is all zeros
+    exact = x / norms * levels
+    assert np.allclose(level, np.round(level), atol=1e-3)
+    assert (np.floor(exact) - 1e-4 <= level).all() and (level <= np.ceil(exact) + 1e-4).all()
+    assert (level[x == 0] == 0).all()
+    if BIG % (8 // codec.width):  # the unused codes of the last byte are zeros
+        assert payload[-1] >> (BIG % (8 // codec.width) * codec.width) == 0
+
+
+class _ExtremeNoise(RoundContext):
+    """A client whose QSGD noise is all ones (u = 1 - 2^-21) or all zeros (u = 0)."""
+
+    def __init__(self, bits: int):
+        super().__init__(0, 0, 1)
+        object.__setattr__(self, "bits", bits)
+
+    def rng(self, purpose):
+        bits = self.bits
+
+        class Fixed:
+            def integers(self, low, high, size, dtype, endpoint):
+                return np.full(size, bits, dtype=dtype)
+
+        return Fixed()
+
+
+def test_qsgd_clamps_a_sum_rounded_up_past_the_top_level():
+    # One value per bucket: |x| / ||x|| = 1, so x s / ||x|| = +-s, and s + (s + u) with u = 1 - 2^-21
+    # rounds up to 2s + 1 in float32: the code must stay 2s, the decode must stay exact.
+    x = np.array([1.0, -2.0, 0.5, -0.25, 3.0], np.float32)
+    codec = make_codec("qsgd", levels=7, bucket=1)
+    for bits in (2**64 - 1, 0):
+        payload = codec.encode(x, _ExtremeNoise(bits))
+        codec.validate(payload, x.size, CTX)
+        assert np.array_equal(codec.decode(payload, x.size, CTX), x)
+
+
+def test_qsgd_validation_reads_the_last_byte_but_not_its_padding():
+    codec, n = make_codec("qsgd", levels=7, bucket=512), 101  # 4-bit codes: byte 50 holds code 100 + padding
+    payload = codec.encode(vector(n), CTX)
+    padded = payload.copy()
+    padded[-1] |= 0xF0
+    codec.validate(padded, n, CTX)
+    bad = payload.copy()
+    bad[-1] |= 0x0F
+    with pytest.raises(PayloadError, match="code 15"):
+        codec.validate(bad, n, CTX)
+
+
 def test_bit_packing_round_trip():
     rng = np.random.default_rng(1)
     for width in (1, 2, 4, 8):
-        for count in (1, 5, 8, 33):
+        for count in (1, 5, 8, 33, 70_001):
             codes = rng.integers(0, 2**width, count).astype(np.uint8)
             packed = pack_uint(codes, width)
             assert packed.nbytes == packed_nbytes(count, width)

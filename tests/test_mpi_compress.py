@@ -1,13 +1,17 @@
 """Compressed updates over real MPI: the aggregate matches a one-process reference, and a client's
 malformed payload is rejected by name while the job goes on."""
 
+import os
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ok, train
+from conftest import MPIRUN, ok, train
 from mpifed.compress import ErrorFeedback, RoundContext, make_codec
 from test_mpi_train import HETERO, Reference
 
@@ -67,3 +71,48 @@ def test_a_nan_in_a_summed_update_skips_that_step_only(tmp_path):
         norms = f["server/grad_norm"][:]
         assert np.isnan(norms[1]) and np.isfinite(np.delete(norms, 1)).all()
         assert np.isfinite(f["eval/test_loss"][:]).all()
+
+
+REDUCE_HALF = """
+import sys
+import numpy as np
+from mpi4py import MPI
+from mpifed.compress import make_codec
+from mpifed.exchange import Exchange
+from mpifed.updates import _mpi_op
+
+comm, fmt = MPI.COMM_WORLD, sys.argv[1]
+codec = make_codec(fmt)
+n = 100_003
+gen = np.random.default_rng(comm.rank)
+# small integers: every partial sum is exact in fp16 and bf16, whatever the reduction tree's order
+whole = gen.integers(-60, 61, n).astype(np.float32)
+noisy = (gen.standard_normal(n) * 1e-2).astype(np.float32)
+sums = {}
+for name, x in (("whole", whole), ("noisy", noisy)):
+    for chunk in (256 * 2**20, 4096):  # one piece, and many pieces (an op call for each)
+        buf = codec.encode(x, None)
+        Exchange(comm, polite=False, chunk_bytes=chunk).reduce_sum(buf, op=_mpi_op(codec))
+        sums[name, chunk] = codec.decode(buf, n, None) if comm.rank == 0 else None
+everything = comm.gather((whole, noisy), root=0)
+if comm.rank == 0:
+    for chunk in (256 * 2**20, 4096):
+        assert np.array_equal(sums["whole", chunk], sum(w for w, _ in everything)), chunk
+        exact = sum(x.astype(np.float64) for _, x in everything)
+        # each of the log2(4) + 1 roundings costs at most half an ulp of the partial sum
+        ulp = 2.0**-10 if fmt == "fp16" else 2.0**-7
+        bound = 3 * ulp * sum(np.abs(x.astype(np.float64)) for _, x in everything)
+        assert (np.abs(sums["noisy", chunk] - exact) <= bound).all(), chunk
+    print("SUMS OK")
+"""
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_half_precision_reduce_over_mpi_is_the_16_bit_sum(tmp_path, fmt):
+    if MPIRUN is None:
+        pytest.skip("mpirun not found; install the MPICH wheel: pip install -e '.[mpich]'")
+    script = tmp_path / "reduce_half.py"
+    script.write_text(REDUCE_HALF)
+    proc = subprocess.run([MPIRUN, "-n", "4", sys.executable, str(script), fmt], capture_output=True,
+                          text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0 and "SUMS OK" in proc.stdout, proc.stderr[-3000:]

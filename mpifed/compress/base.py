@@ -20,7 +20,6 @@ Shapes never travel: both ends know n (and, for PowerSGD, the layer shapes).
 
 from __future__ import annotations
 
-import math
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -111,6 +110,13 @@ def pack_parts(*parts: np.ndarray) -> np.ndarray:
     return np.concatenate([np.ascontiguousarray(p).reshape(-1).view(U8) for p in parts])
 
 
+def empty_parts(spec: Sequence[tuple[Any, int]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A new uint8 payload laid out per `spec` and typed views of its parts, for codecs that write
+    each part in place rather than concatenating copies (pack_parts)."""
+    payload = np.empty(parts_nbytes([(np.dtype(dt), c) for dt, c in spec]), dtype=U8)
+    return payload, unpack_parts(payload, spec, "new")
+
+
 def parts_nbytes(spec: Sequence[tuple[np.dtype, int]]) -> int:
     return sum(np.dtype(dt).itemsize * count for dt, count in spec)
 
@@ -132,57 +138,6 @@ def unpack_parts(payload: np.ndarray, spec: Sequence[tuple[Any, int]], what: str
         out.append(payload[offset:offset + size].view(dt))
         offset += size
     return out
-
-
-_PACK_WIDTHS = (1, 2, 4, 8)
-
-
-def pack_width(max_code: int) -> int:
-    """Smallest width in bits from (1, 2, 4, 8) that holds codes 0..max_code.
-
-    Widths divide 8 so that packing is a reshape and a few shifts; a code alphabet that needs 3 bits
-    is stored in 4 (the codec's payload_nbytes says so).
-    """
-    for width in _PACK_WIDTHS:
-        if max_code < 2**width:
-            return width
-    raise ValueError(f"codes up to {max_code} do not fit in 8 bits")
-
-
-def packed_nbytes(count: int, width: int) -> int:
-    return math.ceil(count * width / 8)
-
-
-def pack_uint(codes: np.ndarray, width: int) -> np.ndarray:
-    """Pack uint8 codes (each < 2**width) into bytes, first code in the low bits; width in (1, 2, 4, 8)."""
-    codes = np.ascontiguousarray(codes, dtype=U8)
-    if width == 8:
-        return codes.copy()
-    if width == 1:
-        return np.packbits(codes, bitorder="little")
-    per = 8 // width
-    padded = np.zeros(math.ceil(codes.size / per) * per, dtype=U8)
-    padded[:codes.size] = codes
-    grid = padded.reshape(-1, per)
-    out = grid[:, 0].copy()
-    for j in range(1, per):
-        out |= grid[:, j] << np.uint8(j * width)
-    return out
-
-
-def unpack_uint(packed: np.ndarray, width: int, count: int) -> np.ndarray:
-    """Inverse of pack_uint: the first `count` codes as uint8."""
-    packed = np.asarray(packed, dtype=U8)
-    if width == 8:
-        return packed[:count]
-    if width == 1:
-        return np.unpackbits(packed, count=count, bitorder="little")
-    per = 8 // width
-    mask = np.uint8(2**width - 1)
-    out = np.empty((packed.size, per), dtype=U8)
-    for j in range(per):  # strided writes: much faster than broadcasting a (size, per) shift table
-        np.bitwise_and(packed >> np.uint8(j * width), mask, out=out[:, j])
-    return out.reshape(-1)[:count]
 
 
 def check_finite(values: np.ndarray, what: str) -> None:
@@ -252,8 +207,8 @@ class ReduceCodec(Codec):
     """Payloads of all ranks add elementwise, so MPI sums them on the way.
 
     payload_dtype: dtype of every payload buffer. native_sum: True when MPI.SUM on that dtype is the
-    right sum (float32 payloads); otherwise the exchange layer wraps `combine` in a user-defined MPI
-    op. all_ranks_need_sum: True when clients need each collective's sum to go on (multi-phase codecs,
+    right sum (float32 payloads); otherwise the exchange layer wraps `combine_into` in a user-defined
+    MPI op. all_ranks_need_sum: True when clients need each collective's sum to go on (multi-phase codecs,
     warm-started state): use Allreduce; False: Reduce to rank 0 is enough.
     """
 
@@ -265,6 +220,11 @@ class ReduceCodec(Codec):
     def combine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Elementwise sum of two payloads, in the payload's own encoding."""
         return a + b
+
+    def combine_into(self, a: np.ndarray, b: np.ndarray) -> None:
+        """b <- combine(a, b), in place: what an MPI user op must do with its inout buffer. Override
+        it where a temporary-free sum is faster (the op runs once per reduction-tree step)."""
+        b[...] = self.combine(a, b)
 
     @abstractmethod
     def phases(self, x: Any, ctx: RoundContext, keep_own: bool = False) -> Phases:
@@ -327,16 +287,6 @@ def register_codec(name: str, **preset: Any) -> Callable[[type[Codec]], type[Cod
         return cls
 
     return add
-
-
-def bucketed(x: np.ndarray, bucket: int) -> np.ndarray:
-    """x as a (ceil(n / bucket), bucket) array, the last row zero-padded (a copy only if padding)."""
-    rows = math.ceil(x.size / bucket)
-    if rows * bucket == x.size:
-        return x.reshape(rows, bucket)
-    padded = np.zeros(rows * bucket, dtype=x.dtype)
-    padded[:x.size] = x
-    return padded.reshape(rows, bucket)
 
 
 def check_bucket(bucket: int, codec: str) -> int:

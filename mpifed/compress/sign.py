@@ -7,6 +7,9 @@ Biased; "efsign" turns error feedback on, which is what makes it converge like S
 
 Payload (uint8): ceil(n / bucket) float32 scales, then ceil(n / 8) bytes of sign bits.
 Bytes: 4 ceil(n / bucket) + ceil(n / 8); default bucket 512: 0.133 n, 30x fewer than dense.
+
+Both directions run block by block (packing.bucket_blocks) so temporaries stay in cache; decoding
+looks each byte up in a table of its 8 signs, then scales whole buckets.
 """
 
 from __future__ import annotations
@@ -17,9 +20,16 @@ from typing import Any
 import numpy as np
 
 from mpifed.compress.base import (
-    F32, GatherCodec, PayloadError, RoundContext, as_flat_f32, bucketed, check_bucket, check_count,
-    check_finite, pack_parts, parts_nbytes, register_codec, unpack_parts,
+    F32, GatherCodec, PayloadError, RoundContext, as_flat_f32, check_bucket, check_count, check_finite,
+    empty_parts, parts_nbytes, register_codec, unpack_parts,
 )
+from mpifed.compress.packing import (
+    block_ranges, block_step, bucket_blocks, code_table, decode_target, row_dots,
+)
+
+#: Row b: the 8 values +-1 whose sign bits (1 for +1, first value in the low bit) make byte b.
+SIGNS = code_table(1).astype(F32) * np.float32(2) - np.float32(1)
+SIGNS.flags.writeable = False
 
 
 @register_codec("sign")
@@ -53,9 +63,20 @@ class ScaledSign(GatherCodec):
 
     def encode(self, x: Any, ctx: RoundContext) -> np.ndarray:
         x = as_flat_f32(x)
-        scales = (np.abs(bucketed(x, self.bucket)).sum(axis=1, dtype=np.float64) / self._counts(x.size))
-        bits = np.packbits(x >= 0, bitorder="little")
-        return pack_parts(scales.astype(F32), bits)
+        payload, (scales, bits) = empty_parts(self._spec(x.size))
+        size = min(block_step(self.bucket), len(scales) * self.bucket)
+        magnitude, positive = np.empty(size, F32), np.empty(size, bool)  # reused by every block
+        ones = np.ones(self.bucket, F32)
+        for start, stop, grid in bucket_blocks(x, self.bucket):
+            work = magnitude[:grid.size].reshape(grid.shape)
+            np.abs(grid, out=work)
+            row = start // self.bucket
+            row_dots(work, ones, out=scales[row: row + grid.shape[0]])
+            mask = positive[:stop - start]
+            np.greater_equal(x[start:stop], 0, out=mask)
+            bits[start // 8: -(-stop // 8)] = np.packbits(mask, bitorder="little")
+        scales /= self._counts(x.size)
+        return payload
 
     def validate(self, payload: np.ndarray, n: int, ctx: RoundContext) -> None:
         scales, _ = unpack_parts(payload, self._spec(n), self.name)
@@ -65,10 +86,11 @@ class ScaledSign(GatherCodec):
 
     def decode(self, payload: np.ndarray, n: int, ctx: RoundContext) -> np.ndarray:
         scales, bits = unpack_parts(payload, self._spec(n), self.name)
-        out = np.zeros(scales.size * self.bucket, dtype=F32)
-        out[:n] = np.unpackbits(bits, count=n, bitorder="little")
-        out *= np.float32(2)
-        out -= np.float32(1)
-        grid = out.reshape(scales.size, self.bucket)
-        grid *= scales[:, None]
+        out, total = decode_target(n, self.bucket)
+        out[bits.size * 8:] = 0  # values past the last byte: padding of the last bucket
+        for start, stop in block_ranges(total, self.bucket):
+            chunk = bits[start // 8: -(-stop // 8)]
+            np.take(SIGNS, chunk, axis=0, mode="clip", out=out[start: start + chunk.size * 8].reshape(-1, 8))
+            grid = out[start:stop].reshape(-1, self.bucket)
+            grid *= scales[start // self.bucket: stop // self.bucket, None]
         return out[:n]
