@@ -13,7 +13,7 @@ One round, in the order it runs (E = job.train.local_steps):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -122,6 +122,7 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
     job, world, model = s.job, s.world, s.model
     client = world.rank - 1
     profile = s.profile(client)
+    slowed = replace(profile, speed=profile.speed * job.debug.slow_speed)  # debug.slow_rank's drift
     xs, ys, part = setup.xs, setup.ys, setup.part
     sampler = ClientSampler(part, job.run.seed, client)
     batch, weight = int(s.batches[client]), s.weight(client)
@@ -149,7 +150,7 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
         row[:] = np.nan
         emul = 0.0
         start = time.perf_counter()
-        if job.scaling.grow_batch:  # the server may have grown the global batch (noise scale)
+        if s.batches_may_change:  # the server may have grown (noise scale) or re-split (re-plan) them
             s.exchange.broadcast(s.batches)
             batch, weight = int(s.batches[client]), s.weight(client)
         s.exchange.broadcast(host)
@@ -169,7 +170,8 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
         if on_gpu:
             torch.cuda.synchronize(s.device)
         measured = time.perf_counter() - t0
-        emul += profiles.sleep(profiles.compute_delay(profile, measured))
+        pace = slowed if job.debug.slow_rank == world.rank and rnd >= job.debug.slow_round else profile
+        emul += profiles.sleep(profiles.compute_delay(pace, measured))
         t_compute = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -170,6 +170,13 @@ class PlanConfig:
     profile_max: int = opt(0, "Largest batch a client times, samples; 0 = the job's global batch (no balanced "
                            "split gives one client more), or for maximize the memory model's cap. Never above "
                            "the memory cap; larger batches use the fitted line.", minimum=0)
+    replan: bool = opt(False, "balance/maximize: keep re-splitting the same global batch while training when "
+                       "the clients' measured step times drift from their curves (a neighbour's job, throttling): "
+                       "each client's speed is smoothed over ~5 rounds, and batches move only when that shortens "
+                       "the slowest step by more than replan_band, at most every 5 rounds.")
+    replan_band: float = opt(0.10, "Dead band of re-planning: the relative gain of the slowest predicted step "
+                             "needed to move samples; 0.10 sits above a step's few-percent jitter and below "
+                             "the gains a real imbalance gives.", minimum=0.0)
     min_fraction: float = opt(1.0, "maximize only: take the smallest global batch within this fraction of the "
                               "best predicted throughput; 0.9 stops where larger batches stop paying (they cost "
                               "generalization).", minimum=1e-6)
@@ -218,6 +225,10 @@ class DebugConfig:
     corrupt: str = opt("garbage", "How the update is malformed: garbage (every byte 0xFF: out-of-range "
                        "indices, NaN values), truncate (one byte short), nan (a NaN in the update).",
                        choices=("garbage", "truncate", "nan"))
+    slow_rank: int = opt(-1, "Drift injection: from round slow_round on, this rank's steps are emulated "
+                         "slow_speed times as fast as before (-1 = off); what plan.replan must notice.")
+    slow_round: int = opt(0, "First round in which slow_rank is slowed.", minimum=0)
+    slow_speed: float = opt(0.25, "Speed factor slow_rank drops to, relative to its profile.", minimum=1e-3)
 
 
 @dataclass(frozen=True)
@@ -398,6 +409,13 @@ def check_job(job: Job) -> list[str]:
     if list(job.optim.milestones) != sorted(set(job.optim.milestones)):
         errors.append(f"optim.milestones = {list(job.optim.milestones)}: must be strictly increasing")
     errors += check_scaling(job.scaling)
+    if job.plan.replan and job.plan.mode not in ("balance", "maximize"):
+        errors.append(f"plan.replan = true needs plan.mode = \"balance\" or \"maximize\" (it re-splits their "
+                      f"plan), but plan.mode = {job.plan.mode!r}")
+    if job.plan.replan and job.scaling.grow_batch:
+        errors.append("plan.replan and scaling.grow_batch both move the clients' batches; choose one")
+    if job.debug.slow_speed > 1:
+        errors.append(f"debug.slow_speed = {job.debug.slow_speed}: must be at most 1 (a slow-down)")
     if job.debug.fail_rank == 0 or job.debug.fail_rank < -1:
         errors.append(f"debug.fail_rank = {job.debug.fail_rank}: must be a client rank >= 1, or -1 for off")
     return errors

@@ -33,8 +33,8 @@ import numpy as np
 from mpifed import probes, profiles
 from mpifed.client import ClientSetup, update_channel
 from mpifed.config import JobError
-from mpifed.perf import (ClientProfile, CollectiveSample, ComputeCurve, Profile, RoundPrediction, fit_collective,
-                         plan_batches, plan_throughput, save_profile)
+from mpifed.perf import (ClientProfile, CollectiveSample, ComputeCurve, Profile, Replanner, RoundPrediction,
+                         fit_collective, plan_batches, plan_throughput, save_profile)
 from mpifed.perf.straggler import spreads
 from mpifed.perf.report import predict_for
 from mpifed.session import Session, all_batches
@@ -57,6 +57,13 @@ class StartupPlan:
     batches: list[int]          # per client, what it trains with
     prediction: RoundPrediction
     seconds: float              # wall time of the start-up step
+    links: tuple[float, ...] = ()  # per client, the emulated link seconds its curve includes
+
+    def replanner(self, batches: Sequence[int], dead_band: float) -> Replanner:
+        """Training's re-planner (plan.replan): this plan's curves and caps, the batches in force (the
+        plan's, or a resumed run's)."""
+        return Replanner([c.curve for c in self.profile.clients], [c.max_batch for c in self.profile.clients],
+                         [int(b) for b in batches], dead_band=dead_band)
 
     def model_attrs(self) -> dict[str, dict]:
         """/models attributes: perf.client<k>, perf.comm, perf.round."""
@@ -220,11 +227,12 @@ def _plan(s: Session, gathered: list, start: float) -> StartupPlan:
     model_bytes, up_bytes = 4 * s.model.size, probes.update_bytes(s)
     up = "reduce" if update_channel(s, None).codec.summable else "gatherv"
     jitter = spreads(np.column_stack([t[:, 1] for t in tables]), np.column_stack([t[:, 0] for t in tables]))
-    clients = []
+    clients, links = [], []
     for k, (info, table) in enumerate(zip(infos, tables)):
         link = profiles.link_delay(s.profile(k), model_bytes, t_bcast) + profiles.link_delay(s.profile(k), up_bytes, 0.0)
         curve, samples = fit_client(table, link, jitter[k])
         clients.append(ClientProfile(k, k + 1, info["device"], int(info["cap"]), curve, samples))
+        links.append(link)
     comm_model = fit_collective([CollectiveSample("bcast", p, model_bytes, t_bcast),
                                  CollectiveSample(up, p, up_bytes, t_up)])
     profile = Profile(p, model_bytes, up_bytes, tuple(clients), comm_model, up, 0, t_server)
@@ -234,7 +242,7 @@ def _plan(s: Session, gathered: list, start: float) -> StartupPlan:
     except ValueError as err:
         raise JobError(f"plan.mode = {cfg.mode!r}: {err}") from None
     return StartupPlan(cfg.mode, profile, [int(info["memory_cap"]) for info in infos], requested, batches,
-                       predict_for(profile, batches), time.perf_counter() - start)
+                       predict_for(profile, batches), time.perf_counter() - start, tuple(links))
 
 
 def profile_target(job_path: str, overrides: Sequence[str]):

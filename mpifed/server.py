@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 from mpifed import checkpoint
 from mpifed.client import coordinate_route, payload_size, update_channel
+from mpifed.perf import Replanner
+from mpifed.perf.report import predict_for
+from mpifed.planning import StartupPlan
 from mpifed.progress import Progress
 from mpifed.scaling import BatchController, ClientRound, ServerScalingPolicy, split_batch
 from mpifed.runlog import ITER_FIELDS, RunWriter, column
@@ -38,7 +41,8 @@ def server_optimizer(s: Session) -> torch.optim.Optimizer:
     return torch.optim.SGD(s.model.params, lr=o.server_lr, momentum=o.server_momentum)
 
 
-def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress) -> dict:
+def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
+               plan: StartupPlan | None = None) -> dict:
     job, model = s.job, s.model
     on_gpu = s.device.type == "cuda"
     host = np.empty(model.size, np.float32) if on_gpu else model.flat.numpy()
@@ -68,6 +72,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
         caps = [min(int(m) if m > 0 else int(b), max(int(d), int(b)))
                 for m, b, d in zip(s.max_batches, s.batches, s.data_sizes)]
         controller = BatchController(s.global_batch, sum(caps), job.scaling.batch_rate)
+    replanner = plan.replanner(s.batches, job.plan.replan_band) if plan is not None and job.plan.replan else None
     if s.resume is not None:
         _restore(s, optimizer, policy, channel)
         if controller is not None:
@@ -76,7 +81,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
     for rnd in range(s.start_round, job.train.rounds):
         row[:] = np.nan
         start = time.perf_counter()
-        if controller is not None:
+        if s.batches_may_change:
             s.exchange.broadcast(s.batches)
             weights = s.batches / s.global_batch
         if on_gpu:
@@ -141,6 +146,10 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
             grown = controller.update(stats.get("noise_scale", float("nan")))
             if grown != s.global_batch:
                 s.batches = np.array(split_batch(grown, caps), dtype=np.int64)
+        if replanner is not None and _replan(s, replanner, plan, table[1:, column("t_compute")]):
+            progress.print(f"mpifed: round {done}: step times drifted from the plan; batches now "
+                           f"{', '.join(map(str, s.batches))} (speed factors "
+                           f"{', '.join(f'{v:.2f}' for v in replanner.speed)})")
         stop = s.exchange.any(bool(s.stop))
         if stop or s.checkpoint_due(done):
             path = _checkpoint(s, done, optimizer, policy, channel, run_dir, time.perf_counter() - began,
@@ -152,6 +161,16 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress)
 
     torch.save(model.module.state_dict(), run_dir / "model.pt")
     return last_eval
+
+
+def _replan(s: Session, replanner: Replanner, plan: StartupPlan, t_compute: np.ndarray) -> bool:
+    """Feed the round's measured steps (plus the emulated links the curves include) to the re-planner;
+    on a change, the next round's batches and the start-up model's prediction for them."""
+    if not replanner.observe(t_compute + np.asarray(plan.links)):
+        return False
+    s.batches = np.array(replanner.batches, dtype=np.int64)
+    s.t_iter_pred = predict_for(plan.profile, replanner.batches).t_round
+    return True
 
 
 def _client_round(s: Session, agg: torch.Tensor, received, route: str) -> ClientRound:

@@ -48,6 +48,12 @@ class Session:
     def global_batch(self) -> int:
         return int(self.batches.sum())
 
+    @property
+    def batches_may_change(self) -> bool:
+        """Rounds begin with a broadcast of the batches: the noise-scale controller or the re-planner
+        may move them between rounds."""
+        return self.job.scaling.grow_batch or self.job.plan.replan
+
     def profile(self, client: int) -> Profile:
         return self.job.profile(self.profile_names[client])
 

@@ -157,7 +157,7 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
     progress.print(f"mpifed: {s.n_clients} clients on {len(set(ranks['host']))} host(s), model {job.model.name} "
                    f"({s.model.n_params:,} parameters), global batch {s.global_batch}, log {run_dir / 'run.h5'}")
     try:
-        final = run_server(s, writer, run_dir, progress)
+        final = run_server(s, writer, run_dir, progress, plan)
     finally:
         writer.close()
         progress.close()

@@ -42,6 +42,12 @@ def test_cross_field_checks():
         load_job(text="[profiles.fast]\nspeed = 2.0\n")
     with pytest.raises(JobError, match="scaling.small_batch is unset"):
         load_job(overrides=['scaling.method="teacher"', "scaling.per_layer=false"])
+    with pytest.raises(JobError, match="plan.replan = true needs plan.mode"):
+        load_job(overrides=["plan.replan=true"])
+    with pytest.raises(JobError, match="both move the clients' batches"):
+        load_job(overrides=['plan.mode="balance"', "plan.replan=true", "scaling.grow_batch=true"])
+    with pytest.raises(JobError, match="debug.slow_speed = 2.0: must be at most 1"):
+        load_job(overrides=["debug.slow_speed=2.0"])
     with pytest.raises(JobError, match="nesterov = true needs optim.momentum > 0"):
         load_job(overrides=["optim.nesterov=true", "optim.momentum=0"])
 

@@ -82,3 +82,24 @@ def test_maximize_picks_the_best_predicted_global_batch_within_the_profiled_caps
     best = predict_for(profile, batches).throughput
     for g in (2, 4, 8, 16, 32, 64, 96):
         assert best >= predict_for(profile, plan_batches(profile.curves, [48, 48], g)).throughput
+
+
+def test_replan_moves_samples_off_a_client_that_slows_down_mid_run(tmp_path):
+    """Two equal clients, balanced at start-up; from round 4 client 1 steps 4x slower (debug.slow_rank).
+    The re-planner must notice, move samples to client 0 at the same global batch, and then hold."""
+    proc = ok(train(3, tmp_path, "drift", "--set", 'plan.mode="balance"', "--set", "plan.replan=true",
+                    "--set", "train.batch=32", "--set", "train.rounds=40", "--set", "debug.slow_rank=2",
+                    "--set", "debug.slow_round=4", "--set", "debug.slow_speed=0.25"))
+    assert "step times drifted from the plan" in proc.stdout
+    with h5py.File(tmp_path / "drift" / "run.h5") as f:
+        batches = f["iter/batch"][:, 1:]
+        pred = f["iter/t_iter_pred"][:, 0]
+        assert (batches.sum(axis=1) == 64).all() and (f["server/global_batch"][()] == 64).all()
+        start, end = batches[0], batches[-1]
+        assert end[0] > 2 * end[1], batches                    # the slowed client now takes far fewer
+        assert abs(int(start[0]) - int(start[1])) < end[0] - end[1]
+        changed = np.flatnonzero(np.diff(batches[:, 1])) + 1   # rounds that began with new batches
+        assert changed.size and changed[0] > 4, batches[:, 1]  # none before the drift: the dead band holds
+        splits = [int(b) for b in batches[np.r_[0, changed], 1]]
+        assert len(set(splits)) == len(splits), splits         # no split is returned to: no flapping
+        assert pred[-1] != pred[0]                             # the prediction follows the new split
