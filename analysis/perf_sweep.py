@@ -43,13 +43,15 @@ def name(ranks: int, batch: int, codec: str, hetero: str) -> str:
     return f"n{ranks}-b{batch}-{codec}-{hetero}"
 
 
-def run_config(out: Path, rounds: int, ranks: int, batch: int, codec: str, hetero: str) -> None:
+def run_config(out: Path, rounds: int, ranks: int, batch: int, codec: str, hetero: str,
+               overrides: list[str] = ()) -> None:
     mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
     if mpirun is None:
         sys.exit("mpirun not found: install the MPICH wheel (pip install -e '.[mpich]') or load an MPI")
     args = [mpirun, "-n", str(ranks), sys.executable, "-m", "mpifed", "train", *BASE, "--out", str(out),
             "--name", name(ranks, batch, codec, hetero), "--set", f"train.rounds={rounds}",
-            "--set", f"train.batch={batch}", "--set", f'compress.codec="{codec}"', *(SLOW if hetero == "slow" else [])]
+            "--set", f"train.batch={batch}", "--set", f'compress.codec="{codec}"', *(SLOW if hetero == "slow" else []),
+            *[arg for o in overrides for arg in ("--set", o)]]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -86,6 +88,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=35, help="rounds per run")
     parser.add_argument("--skip", type=int, default=WARMUP_ROUNDS, help="leading rounds left out")
     parser.add_argument("--report", action="store_true", help="only report on the logs already in --out")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a job override for every run, e.g. plan.repeats=9 (repeatable)")
     args = parser.parse_args()
     if not args.report:
         for cfg in CONFIGS:
@@ -93,7 +97,7 @@ def main() -> None:
                 sys.exit(f"{args.out / name(*cfg)} exists: choose another --out, remove it, or add --report")
         for i, cfg in enumerate(CONFIGS, 1):
             print(f"[{i}/{len(CONFIGS)}] {name(*cfg)}", flush=True)
-            run_config(args.out, args.rounds, *cfg)
+            run_config(args.out, args.rounds, *cfg, overrides=args.overrides)
     report(args.out, args.skip)
 
 
