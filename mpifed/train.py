@@ -22,6 +22,7 @@ from mpifed import checkpoint
 from mpifed.client import prepare_client, run_client
 from mpifed.cluster import World
 from mpifed.config import Job, JobError, load_job, resolve_clients
+from mpifed.perf.report import predict_for
 from mpifed.planning import plan_startup
 from mpifed.progress import Progress
 from mpifed.runlog import RANK_COLUMNS, RunWriter
@@ -154,6 +155,10 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
         progress.print(f"mpifed: memory model: {message}")
     for line in plan.describe() if plan is not None else ():
         progress.print(f"mpifed: {line}")
+    if plan is not None and start.round and s.batches.tolist() != plan.batches:
+        s.t_iter_pred = predict_for(plan.profile, s.batches.tolist()).t_round  # what the rounds will run
+        progress.print(f"mpifed: resuming with the checkpoint's batches {', '.join(map(str, s.batches))}, not "
+                       f"this start-up plan's; predicted round {1e3 * s.t_iter_pred:.1f} ms")
     progress.print(f"mpifed: {s.n_clients} clients on {len(set(ranks['host']))} host(s), model {job.model.name} "
                    f"({s.model.n_params:,} parameters), global batch {s.global_batch}, log {run_dir / 'run.h5'}")
     try:

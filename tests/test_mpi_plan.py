@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import ok, train
+from conftest import mpi_run, ok, train
 from mpifed.cli import main
 from mpifed.perf import load_profile, plan_batches
 from mpifed.perf.report import predict_for
@@ -103,3 +103,19 @@ def test_replan_moves_samples_off_a_client_that_slows_down_mid_run(tmp_path):
         splits = [int(b) for b in batches[np.r_[0, changed], 1]]
         assert len(set(splits)) == len(splits), splits         # no split is returned to: no flapping
         assert pred[-1] != pred[0]                             # the prediction follows the new split
+
+
+def test_a_resumed_replanned_run_keeps_the_checkpoints_batches(tmp_path):
+    ok(train(3, tmp_path, "rs", "--set", 'plan.mode="balance"', "--set", "plan.replan=true",
+             "--set", "train.batch=32", "--set", "train.rounds=20", "--set", "checkpoint.every=10",
+             "--set", "debug.slow_rank=2", "--set", "debug.slow_round=2", "--set", "debug.slow_speed=0.25"))
+    with h5py.File(tmp_path / "rs" / "run.h5") as f:
+        before = [int(b) for b in f["iter/batch"][10, 1:]]  # the first round after the checkpoint
+    assert before[1] < 20, before  # moved off the slowed client: no undrifted start-up plan gives that
+    proc = ok(mpi_run(3, ["train", "--resume", str(tmp_path / "rs"), "--set", "train.rounds=24",
+                          "--progress", "log"], tmp_path))
+    with h5py.File(tmp_path / "rs" / "run.h5") as f:
+        batches, pred = f["iter/batch"][:, 1:], f["iter/t_iter_pred"][:, 0]
+        assert batches.shape == (24, 2) and batches[10].tolist() == before
+        assert (batches.sum(axis=1) == 64).all() and np.isfinite(pred).all()
+    assert f"resuming with the checkpoint's batches {before[0]}, {before[1]}, not this start-up plan's" in proc.stdout
