@@ -54,6 +54,13 @@ def coordinate_route(s: Session, channel: UpdateChannel) -> str:
     return "reduce" if channel.codec.summable else "decode"
 
 
+def dense_tail_size(s: Session, channel: UpdateChannel) -> int:
+    """Floats each client reduces densely beside its update: BatchNorm statistics, per-layer squared
+    norms, and the per-coordinate squares where clients reduce them."""
+    n = s.model.n_params
+    return payload_size(s.model) - n + n * (coordinate_route(s, channel) == "reduce")
+
+
 def partitions(s: Session) -> list[np.ndarray]:
     weights = np.array([s.profile(k).data for k in range(s.n_clients)])
     d = s.job.data
@@ -132,8 +139,7 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
     host = np.empty(model.size, np.float32) if on_gpu else model.flat.numpy()
     channel = update_channel(s, client)
     squares_reduced = coordinate_route(s, channel) == "reduce"
-    update = torch.zeros(payload_size(model) + model.n_params * squares_reduced, dtype=torch.float32,
-                         device=s.device)
+    update = torch.zeros(model.n_params + dense_tail_size(s, channel), dtype=torch.float32, device=s.device)
     update_host = np.empty(update.numel(), np.float32) if on_gpu else update.numpy()
     local_opt = torch.optim.SGD(model.params, lr=job.optim.lr, weight_decay=job.optim.weight_decay)
     row = np.full(len(ITER_FIELDS), np.nan)

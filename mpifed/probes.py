@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mpifed import profiles
-from mpifed.client import ClientSetup, payload_size, update_channel
+from mpifed.client import ClientSetup, coordinate_route, dense_tail_size, update_channel
 from mpifed.data import augment
 from mpifed.scaling import ClientRound, ServerScalingPolicy
 from mpifed.seeding import Purpose, rng, torch_generator
@@ -86,12 +86,14 @@ def server_step(s: Session) -> Callable[[], None]:
     sizes = [p.numel() for p in model.params]
     policy = ServerScalingPolicy(job.scaling, sizes, job.run.seed)
     layer_sq = torch.ones(len(sizes), dtype=torch.float32, device=s.device)
+    # the per-coordinate teacher's statistic, where the job uses it (any values above g^2 time the same)
+    coordinate_sq = 2 * scratch.grad.square() if job.scaling.uses_teacher and not job.scaling.per_layer else None
     batches = s.batches.tolist()
     done = [0]
 
     def step() -> None:
         grad = scratch.grad
-        scaled, _ = policy.apply(done[0], grad, ClientRound(batches, weighted_sq=layer_sq))
+        scaled, _ = policy.apply(done[0], grad, ClientRound(batches, weighted_sq=layer_sq, coordinate_sq=coordinate_sq))
         if scaled is not grad:
             grad.copy_(scaled)
         opt.step()
@@ -105,7 +107,7 @@ def server_step(s: Session) -> Callable[[], None]:
 def update_bytes(s: Session) -> int:
     """Bytes one client uploads per round: the codec's payload plus the dense float32 tail."""
     channel = update_channel(s, None)
-    return channel.nbytes + 4 * (payload_size(s.model) - s.model.n_params)
+    return channel.nbytes + 4 * dense_tail_size(s, channel)
 
 
 PROBE_COLUMNS = ("batch", "t_compute", "t_down", "t_up", "t_decode")
@@ -131,10 +133,11 @@ def probe_rounds(s: Session, setup: ClientSetup | None, grid: Sequence[int], rep
     channel = update_channel(s, client)   # a throwaway channel: its error feedback is discarded
     n = model.n_params
     buf = np.zeros(model.size, np.float32)  # scratch: never the model's own buffer
-    tail = np.zeros(payload_size(model) - n, np.float32)
+    tail = np.zeros(dense_tail_size(s, channel), np.float32)
     update = (1e-3 * rng(s.job.run.seed, Purpose.SAMPLE, PROBE_KEY, s.world.rank).standard_normal(n)
               ).astype(np.float32)
     out = np.zeros(n, np.float32)
+    squares = np.zeros(n, np.float32) if coordinate_route(s, channel) == "decode" else None
     weights = s.batches / s.batches.sum()
     step = server_step(s) if client is None else client_step(s, setup)
     order = [i for i in range(len(grid)) for _ in range(warmup + repeats)]
@@ -152,7 +155,7 @@ def probe_rounds(s: Session, setup: ClientSetup | None, grid: Sequence[int], rep
             ex.reduce_sum(tail)
             continue
         row[2] = t0 - start
-        channel.receive(0, out, weights)
+        channel.receive(0, out, weights, squares)
         t1 = time.perf_counter()
         ex.reduce_sum(tail)
         row[3] = channel.comm_seconds + time.perf_counter() - t1

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mpifed import checkpoint
-from mpifed.client import coordinate_route, payload_size, update_channel
+from mpifed.client import coordinate_route, dense_tail_size, payload_size, update_channel
 from mpifed.perf import Replanner
 from mpifed.perf.report import predict_for
 from mpifed.planning import StartupPlan
@@ -52,7 +52,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
     # [sum of updates | BatchNorm statistics | per-layer squares | per-coordinate squares, if any]
     agg = torch.zeros(payload_size(model) + n * bool(route), dtype=torch.float32, device=s.device)
     agg_host = np.empty(agg.numel(), np.float32) if on_gpu else agg.numpy()
-    reduced_tail = agg_host[n: agg.numel() if route == "reduce" else payload_size(model)]
+    reduced_tail = agg_host[n: n + dense_tail_size(s, channel)]
     squares = agg_host[payload_size(model):] if route == "decode" else None
     grad = agg[: model.n_params]
     model.attach_grads(grad)
