@@ -49,7 +49,7 @@ def coordinate_route(s: Session, channel: UpdateChannel) -> str:
     """How the server gets sum_k (b_k / B) u_k^2 per coordinate for the per-coordinate teacher:
     '' not needed; 'decode' the server squares what it decodes (gather codecs, no extra bytes);
     'reduce' each client appends its n squares to the dense tail it reduces (summable codecs)."""
-    if not (s.job.scaling.uses_teacher and not s.job.scaling.per_layer):
+    if not s.job.scaling.per_coordinate:
         return ""
     return "reduce" if channel.codec.summable else "decode"
 
@@ -97,9 +97,8 @@ def prepare_client(s: Session) -> ClientSetup:
     budget = profile.memory or mem.device_budget(s.device) // (1 if s.device.type == "cuda" else s.world.local_size)
     # held outside the step: this client's samples, the update buffer, the E>1 start copy
     # (and, for the per-coordinate teacher, up to n squares)
-    per_coordinate = job.scaling.uses_teacher and not job.scaling.per_layer
     held = (xs.nbytes + ys.nbytes + 4 * payload_size(s.model)
-            + 4 * s.model.n_params * ((job.train.local_steps > 1) + per_coordinate))
+            + 4 * s.model.n_params * ((job.train.local_steps > 1) + job.scaling.per_coordinate))
     sizing = mem.size_client(s.model.module, tuple(xs.shape[1:]), s.dataset.num_classes, step, s.device,
                              int(budget), requested, name, strict=job.memory.strict, margin=job.memory.margin,
                              multiple_of=job.memory.multiple_of, extra_static_bytes=int(held))
@@ -196,8 +195,9 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
             layer_sq = torch.stack(torch._foreach_norm(model.param_view(update))).double().square().cpu().numpy()
         else:
             layer_sq = np.add.reduceat(np.square(sent, dtype=np.float64), layer_starts)
-        if squares_reduced:
-            np.divide(np.square(sent), np.float32(weight), out=tail[layer_sq_at.stop:])
+        if squares_reduced:  # in place in the tail: no n-sized temporary per round
+            coordinate_sq = np.square(sent, out=tail[layer_sq_at.stop:])
+            coordinate_sq /= np.float32(weight)
         tail[layer_sq_at] = layer_sq / weight
         grad_norm = float(np.sqrt(layer_sq.sum())) / weight
         t1 = time.perf_counter()

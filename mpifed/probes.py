@@ -87,7 +87,7 @@ def server_step(s: Session) -> Callable[[], None]:
     policy = ServerScalingPolicy(job.scaling, sizes, job.run.seed)
     layer_sq = torch.ones(len(sizes), dtype=torch.float32, device=s.device)
     # the per-coordinate teacher's statistic, where the job uses it (any values above g^2 time the same)
-    coordinate_sq = 2 * scratch.grad.square() if job.scaling.uses_teacher and not job.scaling.per_layer else None
+    coordinate_sq = 2 * scratch.grad.square() if job.scaling.per_coordinate else None
     batches = s.batches.tolist()
     done = [0]
 

@@ -180,7 +180,8 @@ def _client_round(s: Session, agg: torch.Tensor, received, route: str) -> Client
     if not route:
         return ClientRound(s.batches.tolist(), weighted_sq=layer_sq)
     # a rejected client is left out of the decoded sums (which are rescaled to the others' weight)
-    batches = [int(b) for k, b in enumerate(s.batches) if k not in set(received.rejected)]
+    rejected = set(received.rejected)
+    batches = [int(b) for k, b in enumerate(s.batches) if k not in rejected]
     return ClientRound(batches, weighted_sq=layer_sq, coordinate_sq=agg[layers:])
 
 

@@ -81,13 +81,16 @@ def aggregate(codec: OneShot, payloads: Sequence[np.ndarray], clients: Sequence[
         decoded = codec.decode(payload, n, ctx)
         total += decoded
         if squares is not None:
-            squares += np.square(decoded) / np.float32(weights[i])
+            square = np.square(decoded)
+            square /= np.float32(weights[i])
+            squares += square
         accepted.append(client)
     if weights is not None and rejections and accepted:
-        share = sum(w for w, c in zip(weights, clients) if c in set(accepted))
-        total *= np.float32(sum(weights) / share)
+        kept = set(accepted)
+        scale = np.float32(sum(weights) / sum(w for w, c in zip(weights, clients) if c in kept))
+        total *= scale
         if squares is not None:
-            squares *= np.float32(sum(weights) / share)
+            squares *= scale
     return Aggregate(total, accepted, rejections)
 
 

@@ -169,13 +169,15 @@ def estimate_from_weighted_norms(weighted_sq: torch.Tensor, batches: Sequence[in
 
 
 def estimate_from_coordinate_squares(weighted_sq: torch.Tensor, batches: Sequence[int], aggregate: torch.Tensor,
-                                     layer_sizes: Sequence[int] | None = None) -> NoiseEstimate:
+                                     layer_sizes: Sequence[int] | None = None,
+                                     aggregate_sq: torch.Tensor | None = None) -> NoiseEstimate:
     """Diagonal route without the clients' gradients: weighted_sq = sum_k (b_k / B) g_k^2, per coordinate.
 
     The identity of the norms route holds coordinate by coordinate, sum_k b_k (g_k - g)_i^2 =
     B (weighted_sq_i - g_i^2), so the server needs one (d,) sum, not K gradients: clients add it to
     their reduce (summable codecs), or the server accumulates it while decoding (gather codecs).
-    The result equals `estimate_from_gradients` up to float32 rounding of the subtraction."""
+    The result equals `estimate_from_gradients` up to float32 rounding of the subtraction.
+    aggregate_sq: |g|^2 (whole or per layer, float64) when the caller already has it (`layer_squares`)."""
     sizes = check_batches(batches)
     weighted_sq = torch.as_tensor(weighted_sq)
     if weighted_sq.shape != aggregate.shape:
@@ -183,7 +185,9 @@ def estimate_from_coordinate_squares(weighted_sq: torch.Tensor, batches: Sequenc
                          f"{tuple(aggregate.shape)}: clients must send one square per parameter")
     big = sum(sizes)
     diag = (weighted_sq.float() - aggregate.float().square()).mul_(big / (len(sizes) - 1))
-    return _finish(diag, _layer_sums(diag, layer_sizes), _layer_sums(aggregate.double().square(), None), big)
+    if aggregate_sq is None:
+        aggregate_sq = layer_squares(aggregate, None)
+    return _finish(diag, _layer_sums(diag, layer_sizes), aggregate_sq.cpu(), big)
 
 
 def _finish(diag: torch.Tensor | None, layer_trace: torch.Tensor, aggregate_sq: torch.Tensor,

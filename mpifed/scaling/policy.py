@@ -77,6 +77,11 @@ class ScalingConfig:
     def uses_teacher(self) -> bool:
         return self.method in ("teacher", "step+teacher")
 
+    @property
+    def per_coordinate(self) -> bool:
+        """The teacher needs sum_k (b_k / B) g_k^2 per coordinate (the full diagonal)."""
+        return self.uses_teacher and not self.per_layer
+
 
 def check_scaling(cfg: ScalingConfig, global_batch: int | None = None,
                   clients: int | None = None) -> list[str]:
@@ -161,7 +166,8 @@ class ServerScalingPolicy:
                                         and clients.weighted_sq is None and clients.coordinate_sq is None):
             return None
         if clients.coordinate_sq is not None:
-            return estimate_from_coordinate_squares(clients.coordinate_sq, clients.batches, grad, self.layer_sizes)
+            return estimate_from_coordinate_squares(clients.coordinate_sq, clients.batches, grad, self.layer_sizes,
+                                                    layer_sq)
         if clients.grads is not None:
             return estimate_from_gradients(clients.grads, clients.batches, grad, self.layer_sizes)
         if clients.weighted_sq is not None:
