@@ -1,12 +1,17 @@
-"""Prediction error of the start-up performance model over a sweep of real runs.
+"""Prediction error of the performance model over a sweep of real runs.
 
 Runs each configuration below as a real `mpirun` job with `[plan] mode = "predict"` (the job's
 batches, a logged prediction every round), then reads every log and reports the median absolute
 percentage error (MdAPE) of the predicted round time t_iter_pred against the server's measured
 t_iter, per configuration and over all steady rounds of all runs, with the model's terms beside
 their measurements (mpifed.analysis.prediction). Steady rounds: the first --skip rounds and the
-rounds that evaluate are left out. "floor" is the MdAPE of the run's own median round time in
-hindsight: what jitter and drift of the machine alone cost any prediction made at start-up.
+rounds that evaluate are left out. Columns:
+
+  MdAPE     the logged prediction: the start-up fit, corrected by the rounds before (mpifed.perf.online)
+  start-up  the start-up prediction alone, as if no round had corrected it
+  last      the naive forecast "as long as the last round": what the online model must beat
+  floor     the run's own median round time in hindsight: what jitter and drift alone cost any
+            prediction made once
 
     python analysis/perf_sweep.py --out runs/sweep              # run all, then report (~8 min on 2 cores)
     python analysis/perf_sweep.py --out runs/sweep --report     # report on logs already there
@@ -24,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from mpifed.analysis import load_run
-from mpifed.analysis.prediction import WARMUP_ROUNDS, noise_floor, round_time_error, steady_rounds, terms
+from mpifed.analysis.prediction import (WARMUP_ROUNDS, last_round_error, noise_floor, round_time_error, startup_error,
+                                       steady_rounds, terms)
 from mpifed.analysis.summary import server_rank
 
 # (ranks, per-client batch, codec, heterogeneity): client counts 2/3/4, batches 16/32/64,
@@ -60,25 +66,31 @@ def run_config(out: Path, rounds: int, ranks: int, batch: int, codec: str, heter
 
 def report(out: Path, skip: int) -> float:
     """Print one line per configuration and the overall MdAPE; return the overall MdAPE (%)."""
-    print(f"{'config':<22} {'rounds':>6} {'pred ms':>8} {'meas ms':>8} {'MdAPE %':>8} {'floor %':>8}   "
-          f"terms: predicted/measured ms (bcast, slowest client, update, server)")
-    errors = []
+    print(f"{'config':<22} {'rounds':>6} {'pred ms':>8} {'meas ms':>8} {'MdAPE %':>8} {'start-up':>8} "
+          f"{'last %':>7} {'floor %':>8}   start-up terms: predicted/measured ms (bcast, slowest client, "
+          f"update, server)")
+    errors, columns = [], {"start-up": startup_error, "last": last_round_error, "floor": noise_floor}
+    baselines = {key: [] for key in columns}
     for cfg in CONFIGS:
         run = load_run(out / name(*cfg))
         mdape, points = round_time_error(run, skip)
         rows, r = steady_rounds(run, skip), server_rank(run)
         pred, meas = run.iter["t_iter_pred"][rows, r], run.iter["t_iter"][rows, r]
         errors.append(np.abs(pred - meas) / meas)
+        for key, fn in columns.items():
+            baselines[key].append(fn(run, skip))
         parts = " ".join(f"{1e3 * t.predicted:.1f}/{1e3 * t.measured:.1f}" for t in terms(run, skip)[:4])
         print(f"{name(*cfg):<22} {points:>6} {1e3 * np.median(pred):>8.1f} {1e3 * np.median(meas):>8.1f} "
-              f"{mdape:>8.1f} {noise_floor(run, skip):>8.1f}   {parts}")
+              f"{mdape:>8.1f} {baselines['start-up'][-1]:>8.1f} {baselines['last'][-1]:>7.1f} "
+              f"{baselines['floor'][-1]:>8.1f}   {parts}")
     overall = float(100 * np.median(np.concatenate(errors)))
     per_config = [float(100 * np.median(e)) for e in errors]
-    floor = float(np.median([noise_floor(load_run(out / name(*cfg)), skip) for cfg in CONFIGS]))
+    medians = {key: float(np.median(v)) for key, v in baselines.items()}
     print(f"overall MdAPE over {sum(len(e) for e in errors)} steady rounds of {len(CONFIGS)} configurations: "
           f"{overall:.1f}% (median of the per-configuration MdAPEs: {np.median(per_config):.1f}%, "
-          f"worst {max(per_config):.1f}%; median noise floor {floor:.1f}%); first {skip} rounds and "
-          f"evaluation rounds left out")
+          f"worst {max(per_config):.1f}%); medians of the per-configuration columns: start-up "
+          f"{medians['start-up']:.1f}%, last round {medians['last']:.1f}%, floor {medians['floor']:.1f}%; "
+          f"first {skip} rounds and evaluation rounds left out")
     return overall
 
 

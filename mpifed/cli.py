@@ -46,9 +46,9 @@ main.add_command(plan)
 
 def _profile_setup(job: str, overrides):
     """`mpifed profile` times what `mpifed train` runs: the spine's session, clients and probes."""
-    from mpifed.planning import profile_target
+    from mpifed.planning import profile_job
 
-    return profile_target(job, overrides)
+    return profile_job(job, overrides)
 
 
 main.add_command(make_profile_command(_profile_setup))

@@ -154,9 +154,10 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class PlanConfig:
-    mode: str = opt("off", "Start-up performance model (README: Performance model). off: none. predict: each client "
-                    "times its own step at a few batch sizes, the round's collectives are timed, and every round "
-                    "logs the predicted round time t_iter_pred beside t_iter; batches as the job asks. balance: "
+    mode: str = opt("off", "Start-up performance model (README: Performance model). off: none. predict: probe rounds "
+                    "of the job's real path at start-up time every client at a few batch sizes and the round's "
+                    "other terms, and every round logs the predicted round time t_iter_pred (kept calibrated by "
+                    "the rounds before it) beside t_iter; batches as the job asks. balance: "
                     "also re-split the job's global batch (requested batches after memory caps) so that faster "
                     "clients take more and all finish together. maximize: choose the global batch with the best "
                     "predicted throughput within the clients' caps.",
@@ -172,7 +173,7 @@ class PlanConfig:
                            "the memory cap; larger batches use the fitted line.", minimum=0)
     replan: bool = opt(False, "balance/maximize: keep re-splitting the same global batch while training when "
                        "the clients' measured step times drift from their curves (a neighbour's job, throttling): "
-                       "each client's speed is smoothed over ~5 rounds, and batches move only when that shortens "
+                       "each client's speed factor (the online model's) is smoothed over ~5 rounds, and batches move only when that shortens "
                        "the slowest step by more than replan_band, at most every 5 rounds.")
     replan_band: float = opt(0.10, "Dead band of re-planning: the relative gain of the slowest predicted step "
                              "needed to move samples; 0.10 sits above a step's few-percent jitter and below "

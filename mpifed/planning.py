@@ -18,11 +18,15 @@ spans the same broadcast-to-update interval, so its t_iter is the round time too
     t_round = t_bcast + M + t_up + t_server,   M = median of max_k [t_k(b_k) + link_k] exp(s_k Z_k)
 
 M is the slowest of K jittering clients (mpifed.perf.straggler), link_k the emulated link delays of
-client k's profile (latency + bytes / bandwidth, down and up).
+client k's profile (latency + bytes / bandwidth, down and up). Round 0 is predicted by the start-up
+fit alone; from then on each term carries a factor that follows what the rounds before measured
+(mpifed.perf.online), and /models keeps the start-up prediction (perf.round.t_round) for comparison.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +37,8 @@ import numpy as np
 from mpifed import probes, profiles
 from mpifed.client import ClientSetup, update_channel
 from mpifed.config import JobError
-from mpifed.perf import (ClientProfile, CollectiveSample, ComputeCurve, Profile, Replanner, RoundPrediction,
-                         fit_collective, plan_batches, plan_throughput, save_profile)
+from mpifed.perf import (ClientProfile, CollectiveSample, ComputeCurve, OnlineModel, Profile, Replanner,
+                         RoundPrediction, fit_collective, measure_collectives, plan_batches, plan_throughput, save_profile)
 from mpifed.perf.straggler import spreads
 from mpifed.perf.report import predict_for
 from mpifed.session import Session, all_batches
@@ -60,10 +64,14 @@ class StartupPlan:
     links: tuple[float, ...] = ()  # per client, the emulated link seconds its curve includes
 
     def replanner(self, batches: Sequence[int], dead_band: float) -> Replanner:
-        """Training's re-planner (plan.replan): this plan's curves and caps, the batches in force (the
-        plan's, or a resumed run's)."""
-        return Replanner([c.curve for c in self.profile.clients], [c.max_batch for c in self.profile.clients],
-                         [int(b) for b in batches], dead_band=dead_band)
+        """Training's re-planner (plan.replan): this plan's caps, the batches in force (the plan's, or a
+        resumed run's)."""
+        return Replanner([c.max_batch for c in self.profile.clients], [int(b) for b in batches],
+                         dead_band=dead_band)
+
+    def online_model(self) -> OnlineModel:
+        """Training's model of the round, calibrated by every round it predicts (mpifed.perf.online)."""
+        return OnlineModel(self.profile, self.links)
 
     def model_attrs(self) -> dict[str, dict]:
         """/models attributes: perf.client<k>, perf.comm, perf.round."""
@@ -245,38 +253,41 @@ def _plan(s: Session, gathered: list, start: float) -> StartupPlan:
                        predict_for(profile, batches), time.perf_counter() - start, tuple(links))
 
 
-def profile_target(job_path: str, overrides: Sequence[str]):
+def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
     """The spine's side of `mpifed profile` (mpifed.commands.profile): every rank builds the job's
-    session and prepares its client as `mpifed train` does, then hands the same probes to run_profile.
-    Clients are timed up to min(memory cap, plan.profile_max): bound it with
-    `--set plan.profile_max=N` where the memory cap is large (a CPU), or the profile takes long."""
+    session and prepares its client as `mpifed train` does, then runs the same start-up step; rank 0
+    returns its StartupPlan. Clients are timed up to min(memory cap, plan.profile_max): bound it where
+    the memory cap is large (a CPU), or the profile takes long."""
     import click
 
     from mpifed.client import prepare_client
     from mpifed.cluster import init_world
-    from mpifed.commands.profile import ProfileTarget
     from mpifed.config import load_job
-    from mpifed.runlog import ITER_FIELDS
-    from mpifed.session import agree_batches, open_session
+    from mpifed.session import open_session
 
     world = init_world()
     try:  # every rank reads the same file, so every rank stops with the same message
         job = load_job(job_path, list(overrides))
         if not job.memory.size_clients and not job.plan.profile_max:
             raise JobError("mpifed profile times each client up to its memory cap: turn on "
-                           "memory.size_clients or set plan.profile_max")
+                           "memory.size_clients or bound it with --max-batch N")
     except JobError as err:
         raise click.ClickException(str(err)) from None
     s = open_session(world, job)
     setup = None if world.is_server else prepare_client(s)
-    agree_batches(s, 0 if setup is None else setup.batch)
-    cap = 0
-    if setup is not None:
-        cap = profile_cap("maximize", setup.max_batch, s.global_batch, job.plan.profile_max)
-    target = ProfileTarget(
-        make_step_fn=lambda rank: probes.client_step(s, setup), max_batch=lambda rank: cap,
-        model_bytes=4 * s.model.size, payload_bytes=probes.update_bytes(s),
-        up="reduce" if update_channel(s, None).codec.summable else "gatherv",
-        metrics_bytes=8 * len(ITER_FIELDS), device=lambda rank: _device_label(s, rank - 1),
-        server_step=probes.server_step(s) if world.is_server else None)
-    return world.comm, target
+    plan = plan_startup(s, setup)
+    # The round's own sizes are read off the probe rounds; bare collectives at other sizes give the
+    # alpha-beta fit its shape, for what-if questions beyond them (`mpifed plan`'s one-client baseline).
+    up = "reduce" if update_channel(s, None).codec.summable else "gatherv"
+    sizes = {"bcast": other_sizes(4 * s.model.size), up: other_sizes(probes.update_bytes(s))}
+    bare = measure_collectives(world.comm, sizes, repeats=job.plan.repeats)
+    if plan is None:
+        return None
+    profile = dataclasses.replace(plan.profile, comm=fit_collective([*plan.profile.comm.samples, *bare]))
+    return dataclasses.replace(plan, profile=profile)
+
+
+def other_sizes(nbytes: int, points: int = 5) -> list[int]:
+    """Geometric sizes from 64 B to 4x `nbytes` (multiples of 4), without `nbytes` itself."""
+    sizes = {4 * max(1, math.ceil(b / 4)) for b in np.geomspace(64, 4 * max(nbytes, 64), points)}
+    return sorted(sizes - {nbytes})

@@ -17,8 +17,6 @@ import torch.nn.functional as F
 
 from mpifed import checkpoint
 from mpifed.client import coordinate_route, dense_tail_size, payload_size, update_channel
-from mpifed.perf import Replanner
-from mpifed.perf.report import predict_for
 from mpifed.planning import StartupPlan
 from mpifed.progress import Progress
 from mpifed.scaling import BatchController, ClientRound, ServerScalingPolicy, split_batch
@@ -72,6 +70,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         caps = [min(int(m) if m > 0 else int(b), max(int(d), int(b)))
                 for m, b, d in zip(s.max_batches, s.batches, s.data_sizes)]
         controller = BatchController(s.global_batch, sum(caps), job.scaling.batch_rate)
+    online = plan.online_model() if plan is not None else None
     replanner = plan.replanner(s.batches, job.plan.replan_band) if plan is not None and job.plan.replan else None
     if s.resume is not None:
         _restore(s, optimizer, policy, channel)
@@ -142,14 +141,20 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
                                         wall=time.perf_counter() - began))
         progress.update(done, train_loss, last_eval.get("test_acc"), s.global_batch * job.train.local_steps,
                         time.perf_counter() - start)
+        if online is not None and rnd > s.start_round:  # a run's first round holds every rank's arrival
+            online.observe(s.batches, table[1:, column("t_compute")], t_down, t_up, t_decode,
+                           table[0, column("t_iter")] - t_eval)  # the model predicts training rounds
         if controller is not None:  # the next round's batches, grown towards the noise scale
             grown = controller.update(stats.get("noise_scale", float("nan")))
             if grown != s.global_batch:
                 s.batches = np.array(split_batch(grown, caps), dtype=np.int64)
-        if replanner is not None and _replan(s, replanner, plan, table[1:, column("t_compute")]):
+        if replanner is not None and replanner.observe(online.curves()):
+            s.batches = np.array(replanner.batches, dtype=np.int64)
             progress.print(f"mpifed: round {done}: step times drifted from the plan; batches now "
                            f"{', '.join(map(str, s.batches))} (speed factors "
-                           f"{', '.join(f'{v:.2f}' for v in replanner.speed)})")
+                           f"{', '.join(f'{v:.2f}' for v in online.speed)})")
+        if online is not None:  # the next round's prediction, from this round and the ones before
+            s.t_iter_pred = online.predict(s.batches).t_round
         stop = s.exchange.any(bool(s.stop))
         if stop or s.checkpoint_due(done):
             path = _checkpoint(s, done, optimizer, policy, channel, run_dir, time.perf_counter() - began,
@@ -161,16 +166,6 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
 
     torch.save(model.module.state_dict(), run_dir / "model.pt")
     return last_eval
-
-
-def _replan(s: Session, replanner: Replanner, plan: StartupPlan, t_compute: np.ndarray) -> bool:
-    """Feed the round's measured steps (plus the emulated links the curves include) to the re-planner;
-    on a change, the next round's batches and the start-up model's prediction for them."""
-    if not replanner.observe(t_compute + np.asarray(plan.links)):
-        return False
-    s.batches = np.array(replanner.batches, dtype=np.int64)
-    s.t_iter_pred = predict_for(plan.profile, replanner.batches).t_round
-    return True
 
 
 def _client_round(s: Session, agg: torch.Tensor, received, route: str) -> ClientRound:

@@ -34,7 +34,7 @@ class Session:
     resume: dict | None = None     # the checkpoint being resumed (server only)
     max_batches: list[int] = field(default_factory=list)  # memory-model caps (server only; 0 = unsized)
     data_sizes: list[int] = field(default_factory=list)   # samples per client (server only)
-    t_iter_pred: float = float("nan")  # start-up plan's predicted round, s (server; NaN: no plan)
+    t_iter_pred: float = float("nan")  # the model's prediction of the next round, s (server; NaN: no plan)
 
     def checkpoint_due(self, done: int) -> bool:
         every = self.job.checkpoint.every

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from conftest import mpi_run, ok, train
 from mpifed.cli import main
-from mpifed.perf import load_profile, plan_batches
+from mpifed.perf import OnlineModel, load_profile, plan_batches
 from mpifed.perf.report import predict_for
 
 pytestmark = pytest.mark.mpi
@@ -29,7 +29,16 @@ def test_predict_logs_a_finite_prediction_every_round_and_the_curves(tmp_path):
         pred, meas = f["iter/t_iter_pred"][()], f["iter/t_iter"][()]
         assert pred.shape == meas.shape == (6, 3) and np.isfinite(pred).all() and (pred > 0).all()
         attrs = f["models"].attrs
-        assert np.allclose(pred, attrs["perf.round.t_round"])
+        # rounds 0 and 1 carry the start-up prediction; every later one the online model's, which a
+        # replay of the logged rounds (each prediction from the rounds before it) reproduces
+        assert np.allclose(pred[:2], attrs["perf.round.t_round"])
+        online = OnlineModel(load_profile(tmp_path / "pred" / "profile.json"))
+        for rnd in range(1, 5):
+            server = {k: f[f"iter/{k}"][rnd, 0] for k in ("t_down", "t_up", "t_decode", "t_iter", "t_eval")}
+            online.observe([16, 16], f["iter/t_compute"][rnd, 1:], server["t_down"], server["t_up"],
+                           server["t_decode"], server["t_iter"] - server["t_eval"])
+            assert pred[rnd + 1, 0] == pytest.approx(online.predict([16, 16]).t_round, rel=1e-9)
+        assert online.speed != [1.0, 1.0]
         assert _ranks(f, "batch") == [16, 16]                       # predict keeps the job's batches
         for k in range(2):
             assert attrs[f"perf.client{k}.c"] > 0
@@ -119,3 +128,28 @@ def test_a_resumed_replanned_run_keeps_the_checkpoints_batches(tmp_path):
         assert batches.shape == (24, 2) and batches[10].tolist() == before
         assert (batches.sum(axis=1) == 64).all() and np.isfinite(pred).all()
     assert f"resuming with the checkpoint's batches {before[0]}, {before[1]}, not this start-up plan's" in proc.stdout
+
+
+def test_profile_command_writes_the_start_up_model_that_plan_reads(tmp_path):
+    """`mpifed profile` runs train's start-up step (probe rounds up to the cap) without training."""
+    job = tmp_path / "job.toml"
+    job.write_text("[data]\ntrain_size = 600\ntest_size = 200\n")
+    out = tmp_path / "p.json"
+    proc = ok(mpi_run(3, ["profile", "--job", str(job), "--out", str(out), "--max-batch", "32", *SLOW_SECOND],
+                      tmp_path))
+    assert "plan (maximize" in proc.stdout and "profiled 2 clients" in proc.stdout
+    prof = load_profile(out)
+    assert prof.n_ranks == 3 and [c.max_batch for c in prof.clients] == [32, 32]
+    assert max(b for b, _ in prof.clients[0].samples) == 32
+    fast, slow = (c.curve.predict(32) for c in prof.clients)
+    assert slow > 2.5 * fast                                   # the client emulated at a quarter speed
+    bcast = sorted(s.nbytes for s in prof.comm.samples if s.kind == "bcast")
+    assert prof.model_bytes in bcast and len(bcast) >= 4      # the round's own size and bare sizes
+    assert {s.kind for s in prof.comm.samples} == {"bcast", "reduce"}
+    result = CliRunner().invoke(main, ["plan", str(out), "--global-batch", "48"])
+    assert result.exit_code == 0, result.output
+    assert "plan: global batch 48" in result.output
+    bad = mpi_run(3, ["profile", "--job", str(job), "--out", str(tmp_path / "q.json"),
+                      "--set", "memory.size_clients=false"], tmp_path, timeout=120)
+    assert bad.returncode != 0 and "bound it with --max-batch N" in bad.stderr + bad.stdout
+    assert not (tmp_path / "q.json").exists()

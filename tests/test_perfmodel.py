@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from mpifed.commands.plan import plan as plan_command
-from mpifed.perf import (CollectiveSample, CommModel, ComputeCurve, Profile, ClientProfile, Replanner,
-                         fit_collective, load_profile, mdape, plan_batches, plan_throughput,
-                         predict_round, profile_batches, profile_compute, save_profile, uniform_split)
+from mpifed.perf import (Calibration, CollectiveSample, CommModel, ComputeCurve, OnlineModel, Profile, ClientProfile,
+                         Replanner, fit_collective, load_profile, mdape, plan_batches, plan_throughput,
+                         predict_round, save_profile, uniform_split)
 from mpifed.perf.comm import CollectiveCost, terms
 from mpifed.perf.straggler import slowest_median, spreads
 
@@ -34,7 +34,7 @@ def noisy(curve: ComputeCurve, batches, repeats: int, sigma: float, rng) -> list
 def test_curve_fit_recovers_plateau_and_line():
     rng = np.random.default_rng(1)
     true = ComputeCurve(a=0.005, c=1e-4, t_floor=0.02)  # knee at b = 150
-    fit = ComputeCurve.fit(noisy(true, profile_batches(1024, 11), 5, 0.03, rng))
+    fit = ComputeCurve.fit(noisy(true, [1 << i for i in range(11)], 5, 0.03, rng))
     assert fit.c == pytest.approx(true.c, rel=0.05)
     assert fit.t_floor == pytest.approx(true.t_floor, rel=0.05)
     assert fit.a == pytest.approx(true.a, abs=0.002)
@@ -45,7 +45,7 @@ def test_curve_fit_recovers_plateau_and_line():
 def test_curve_fit_affine_device_has_no_plateau():
     rng = np.random.default_rng(2)
     true = ComputeCurve(a=0.003, c=2e-5)
-    fit = ComputeCurve.fit(noisy(true, profile_batches(512, 10), 5, 0.02, rng))
+    fit = ComputeCurve.fit(noisy(true, [1 << i for i in range(10)], 5, 0.02, rng))
     assert fit.a == pytest.approx(true.a, rel=0.1)
     assert fit.c == pytest.approx(true.c, rel=0.05)
     b = np.arange(1, 513)
@@ -75,15 +75,6 @@ def test_max_batch_within_inverts_predict():
     for seconds in (0.005, 0.01, 0.0101, 0.05, 0.3):
         b = curve.max_batch_within(seconds, cap=500)
         assert b == max([0] + [x for x in range(1, 501) if curve.predict(x) <= seconds])
-
-
-def test_profile_compute_takes_median_and_warms_up():
-    calls = []
-    fit_batches = profile_batches(64, 4)
-    assert fit_batches[0] == 1 and fit_batches[-1] == 64 and len(fit_batches) == 4
-    samples = profile_compute(calls.append, [2, 8], repeats=3, warmup=1)
-    assert calls == [2] * 4 + [8] * 4
-    assert [b for b, _ in samples] == [2, 8] and all(t > 0 for _, t in samples)
 
 
 # ---- collectives ------------------------------------------------------------------------------
@@ -258,40 +249,41 @@ def test_plan_throughput_picks_best_candidate_or_knee():
 
 # ---- re-planning ------------------------------------------------------------------------------
 
-def run_replanner(rep: Replanner, true: list[ComputeCurve], rounds: int, sigma: float, rng) -> list[int]:
-    """Feed noisy measured times from `true` curves; return the rounds at which batches changed."""
-    changes = []
+def run_replanner(rep: Replanner, model: list[ComputeCurve], true: list[ComputeCurve], rounds: int, sigma: float,
+                  rng) -> tuple[list[int], Calibration]:
+    """Feed noisy measured times from `true` curves through the clients' calibration of `model` into
+    the re-planner; return the rounds at which batches changed, and the calibration."""
+    changes, cal = [], Calibration(len(model))
     for r in range(rounds):
         measured = [float(c.predict(b)) * rng.lognormal(0, sigma) for c, b in zip(true, rep.batches)]
-        if rep.observe(measured):
+        cal.update(measured, [float(c.predict(b)) for c, b in zip(model, rep.batches)])
+        if rep.observe([c.scaled(f) for c, f in zip(model, cal.factors)]):
             changes.append(r)
             assert sum(rep.batches) == 1024
             assert all(1 <= b <= cap for b, cap in zip(rep.batches, rep.max_batches))
-    return changes
+    return changes, cal
 
 
 def test_replanner_stays_put_under_stationary_noise():
     rng = np.random.default_rng(4)
     curves, caps = speeds_4x(), [1024] * 4
-    rep = Replanner(curves, caps, plan_batches(curves, caps, 1024))
-    assert run_replanner(rep, curves, 300, 0.05, rng) == []
+    rep = Replanner(caps, plan_batches(curves, caps, 1024))
+    assert run_replanner(rep, curves, curves, 300, 0.05, rng)[0] == []
 
 
 def test_replanner_adapts_to_step_change_then_settles():
     rng = np.random.default_rng(5)
     curves, caps = speeds_4x(), [1024] * 4
-    rep = Replanner(curves, caps, plan_batches(curves, caps, 1024))
+    rep = Replanner(caps, plan_batches(curves, caps, 1024))
     slowed = [curves[0].scaled(3.0)] + curves[1:]  # client 0 becomes 3x slower (a neighbour's job)
-    changes = run_replanner(rep, slowed, 300, 0.05, rng)
+    changes, cal = run_replanner(rep, curves, slowed, 300, 0.05, rng)
     assert changes and changes[0] < 20 and changes[-1] < 60  # adapts quickly, then stops moving
+    assert cal.factors[0] == pytest.approx(3.0, rel=0.1) and cal.factors[1] == pytest.approx(1.0, rel=0.1)
     ideal = plan_batches(slowed, caps, 1024)
     assert all(abs(b - i) <= 0.1 * i + 2 for b, i in zip(rep.batches, ideal))
     before = max(float(c.predict(b)) for c, b in zip(slowed, plan_batches(curves, caps, 1024)))
     after = max(float(c.predict(b)) for c, b in zip(slowed, rep.batches))
     assert after < 0.8 * before
-    restored = Replanner(curves, caps, plan_batches(curves, caps, 1024))
-    restored.load_state_dict(json.loads(json.dumps(rep.state_dict())))
-    assert restored.batches == rep.batches and restored.speed == rep.speed
 
 
 def test_replanner_settles_when_curve_shape_is_wrong():
@@ -299,9 +291,84 @@ def test_replanner_settles_when_curve_shape_is_wrong():
     rng = np.random.default_rng(6)
     curves, caps = speeds_4x(), [1024] * 4
     true = [ComputeCurve(c.a + 0.02 * (k == 1), c.c, c.t_floor + 0.02 * (k == 1)) for k, c in enumerate(curves)]
-    rep = Replanner(curves, caps, plan_batches(curves, caps, 1024))
-    changes = run_replanner(rep, true, 400, 0.03, rng)
+    rep = Replanner(caps, plan_batches(curves, caps, 1024))
+    changes, _ = run_replanner(rep, curves, true, 400, 0.03, rng)
     assert changes and changes[-1] < 100
+
+
+# ---- the online model -----------------------------------------------------------------------------
+
+def observe_level(model: OnlineModel, batches: list[int], client_factors: list[float], shared: float,
+                  rounds: int, rng, sigma: float = 0.0, links: tuple[float, ...] = (0.0,) * 4) -> None:
+    """Feed `rounds` rounds measured off the uncorrected model: client k's step times client_factors[k]
+    (less its link, as the log times it), bcast, update path and server times `shared`."""
+    base = model.predict(batches, corrected=False)
+    for _ in range(rounds):
+        noise = rng.lognormal(0, sigma, 4) if sigma else np.ones(4)
+        full = np.array(base.t_clients) * np.array(client_factors) * noise
+        t_up = shared * base.t_collectives[model.profile.up] + full.max()
+        t_down, t_server = shared * base.t_collectives["bcast"], shared * base.t_server
+        model.observe(batches, full - np.array(links), t_down, t_up, t_server, t_down + t_up + t_server)
+
+
+def test_online_model_starts_at_the_startup_prediction_and_follows_a_level_shift():
+    profile, batches = toy_profile(), [400, 250, 200, 150]
+    model = OnlineModel(profile)
+    start = model.predict(batches, corrected=False)
+    assert model.predict(batches).t_round == pytest.approx(start.t_round, rel=1e-12)
+    observe_level(model, batches, [1.3, 1.0, 1.0, 1.6], 2.0, 40, np.random.default_rng(0))
+    assert model.speed == pytest.approx([1.3, 1.0, 1.0, 1.6], rel=1e-3)
+    assert model.shared.factors == pytest.approx([2.0, 2.0], rel=1e-3)
+    assert model.bias == pytest.approx(1.0, abs=1e-3)  # the corrected terms add up to the rounds
+    after = model.predict(batches)
+    # every term at its new level; the slowest client is now client 3 (1.6x)
+    assert after.t_clients == pytest.approx([f * t for f, t in zip([1.3, 1, 1, 1.6], start.t_clients)], rel=1e-3)
+    assert after.t_server == pytest.approx(2 * start.t_server, rel=1e-3)
+    for kind in ("bcast", profile.up):
+        assert after.t_collectives[kind] == pytest.approx(2 * start.t_collectives[kind], rel=1e-3)
+    assert after.slowest_client == 3
+    # other batches are predicted from the corrected curves, not from the last round's times
+    other = [300, 300, 250, 174]
+    assert model.predict(other).t_clients == pytest.approx(
+        [f * float(c.predict(b)) for f, c, b in zip([1.3, 1, 1, 1.6], profile.curves, other)], rel=1e-3)
+
+
+def test_online_model_is_robust_to_one_outlier_and_adds_the_links_back():
+    profile, batches = toy_profile(), [400, 250, 200, 150]
+    links = (0.002, 0.0, 0.0, 0.001)
+    model = OnlineModel(profile, links)
+    observe_level(model, batches, [1.0] * 4, 1.0, 5, np.random.default_rng(1), links=links)
+    assert model.speed == pytest.approx([1.0] * 4, rel=1e-9)   # the log's steps exclude the links
+    observe_level(model, batches, [3.0, 1.0, 1.0, 1.0], 1.0, 1, np.random.default_rng(2), links=links)
+    assert model.speed[0] == pytest.approx(3.0 ** 0.2, rel=1e-6)  # geometric: 1.25x, not 1.4x
+    with pytest.raises(ValueError, match="one link time per client"):
+        OnlineModel(profile, (0.0,))
+
+
+def test_online_model_learns_its_own_bias_from_the_rounds():
+    """Rounds that take 20% longer than their measured terms add up to (work the model does not
+    see) are predicted 20% longer; the terms themselves stay as measured."""
+    profile, batches = toy_profile(), [400, 250, 200, 150]
+    model = OnlineModel(profile)
+    base = model.predict(batches, corrected=False)
+    full = np.array(base.t_clients)
+    t_down, t_up, t_server = base.t_collectives["bcast"], base.t_collectives[profile.up] + full.max(), base.t_server
+    for _ in range(40):
+        model.observe(batches, full, t_down, t_up, t_server, 1.2 * (t_down + t_up + t_server))
+    assert model.bias == pytest.approx(1.2, rel=1e-3) and model.speed == pytest.approx([1.0] * 4)
+    assert model.predict(batches).t_round == pytest.approx(1.2 * base.t_round, rel=1e-3)
+    assert model.predict(batches).t_compute_max == pytest.approx(base.t_compute_max, rel=1e-9)
+
+
+def test_online_model_tracks_within_a_jittering_run():
+    """With 5% jitter and a 1.4x level shift, predictions after a dozen rounds are within a few percent
+    of the new level, and the start-up prediction stays 40% off."""
+    rng = np.random.default_rng(3)
+    profile, batches = toy_profile(), [400, 250, 200, 150]
+    model = OnlineModel(profile)
+    observe_level(model, batches, [1.4] * 4, 1.4, 15, rng, sigma=0.05)
+    truth = 1.4 * model.predict(batches, corrected=False).t_round
+    assert model.predict(batches).t_round == pytest.approx(truth, rel=0.05)
 
 
 # ---- profile file and the plan command ------------------------------------------------------------
@@ -332,41 +399,25 @@ def test_profile_file_round_trip_and_plan_command(tmp_path):
 # ---- under MPI ------------------------------------------------------------------------------------
 
 MPI_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import numpy as np
+    import json
     from mpi4py import MPI
     from mpifed.perf import measure_collectives
-    from mpifed.commands.profile import ProfileTarget, run_profile
-    from mpifed.perf.profile_file import save_profile
 
     comm = MPI.COMM_WORLD
-    sizes = [64, 1 << 16, 1 << 22]
-    samples = measure_collectives(comm, sizes, repeats=3)
-
-    def make_step_fn(rank):
-        x = np.ones((64, 64))
-        def step(b):  # work grows with the batch, like a training step
-            for _ in range(b):
-                x @ x
-        return step
-
-    target = ProfileTarget(make_step_fn, lambda rank: 64, model_bytes=1 << 18, payload_bytes=1 << 18,
-                           metrics_bytes=128, device=lambda rank: f"cpu{rank}")
-    prof = run_profile(comm, target, points=4, repeats=2, warmup=1, comm_points=3, comm_repeats=2)
+    samples = measure_collectives(comm, [64, 1 << 16, 1 << 22], repeats=3)
     if comm.Get_rank() == 0:
-        save_profile(prof, sys.argv[1])
         print(json.dumps([s.to_list() for s in samples]))
     else:
-        assert samples == [] and prof is None
+        assert samples == []
 """)
 
 
 @pytest.mark.mpi
-def test_measure_collectives_and_profile_under_mpirun(tmp_path):
+def test_measure_collectives_under_mpirun():
     if not MPIRUN.exists():
         pytest.skip(f"no mpirun next to {sys.executable}")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([str(MPIRUN), "-n", "3", sys.executable, "-c", MPI_SCRIPT, str(tmp_path / "p.json")],
+    out = subprocess.run([str(MPIRUN), "-n", "3", sys.executable, "-c", MPI_SCRIPT],
                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     rows = [CollectiveSample.from_list(r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
@@ -376,10 +427,6 @@ def test_measure_collectives_and_profile_under_mpirun(tmp_path):
         assert [r.nbytes for r in mine] == [64, 1 << 16, 1 << 22] and all(r.ranks == 3 for r in mine)
         assert all(r.seconds > 0 for r in mine)
         assert mine[-1].seconds > mine[0].seconds  # 4 MiB costs more than 64 B
-    prof = load_profile(tmp_path / "p.json")
-    assert prof.n_ranks == 3 and [c.rank for c in prof.clients] == [1, 2]
-    assert all(c.max_batch == 64 and c.curve.c > 0 and c.device == f"cpu{c.rank}" for c in prof.clients)
-    assert set(prof.comm.costs) == {"bcast", "reduce", "gather"}
 
 
 def test_comm_model_reads_measurements_inside_their_range():

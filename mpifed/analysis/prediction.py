@@ -1,6 +1,9 @@
-"""How well the start-up performance model ([plan], mpifed.planning) predicted a run's rounds, from
-the log alone: the error of the round time, and each predicted term beside its measured counterpart
-so that a bad prediction says which term is off. Pure functions of a loaded Run; no MPI, no torch.
+"""How well the performance model ([plan], mpifed.planning) predicted a run's rounds, from the log
+alone: the error of the logged prediction t_iter_pred (the start-up fit, corrected online by the
+rounds before each one: mpifed.perf.online), of the start-up prediction alone, and of two baselines
+that need no model (the last round's time; the run's own median in hindsight), and each start-up
+term beside its measured counterpart so that a bad prediction says which term is off. Pure
+functions of a loaded Run; no MPI, no torch.
 
 Which rounds count ("steady" rounds): the first `skip` rounds are left out (round 0 includes every
 rank arriving from start-up, the next ones the allocator and caches warming; default 3), and so are
@@ -35,6 +38,27 @@ def round_time_error(run: Run, skip: int = WARMUP_ROUNDS) -> tuple[float, int]:
     rows, r = steady_rounds(run, skip), server_rank(run)
     server_only = dataclasses.replace(run, iter={k: v[rows][:, [r]] for k, v in run.iter.items()})
     return perf_model_error(server_only)
+
+
+def startup_error(run: Run, skip: int = WARMUP_ROUNDS) -> float:
+    """MdAPE (%) of the start-up prediction alone (/models perf.round.t_round, before any round
+    corrected it) over the steady rounds; NaN without a plan. Meaningful while the batches are the
+    plan's (plan.mode = "predict" or "balance" without re-planning)."""
+    if "perf.round.t_round" not in run.models:
+        return math.nan
+    times = run.iter["t_iter"][steady_rounds(run, skip), server_rank(run)]
+    return float(100.0 * np.median(np.abs(float(run.models["perf.round.t_round"]) - times) / times))
+
+
+def last_round_error(run: Run, skip: int = WARMUP_ROUNDS) -> float:
+    """MdAPE (%) of the naive forecast "the next round takes as long as the last": the baseline an
+    online model must beat to be more than an echo of the previous round."""
+    rows, r = steady_rounds(run, skip), server_rank(run)
+    rows = rows[np.isin(rows - 1, rows)]  # the previous round is a steady one too
+    if rows.size == 0:
+        return math.nan
+    t = run.iter["t_iter"][:, r]
+    return float(100.0 * np.median(np.abs(t[rows - 1] - t[rows]) / t[rows]))
 
 
 def noise_floor(run: Run, skip: int = WARMUP_ROUNDS) -> float:

@@ -17,9 +17,8 @@ profile and the round-time target (MdAPE) is relative too.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
@@ -156,45 +155,3 @@ def _fit_split(b: np.ndarray, t: np.ndarray, first_line: float) -> ComputeCurve 
         return ComputeCurve(float(a), float(c), floor)
     except ValueError:
         return None
-
-
-def profile_compute(step_fn: Callable[[int], None], batches: Sequence[int], repeats: int = 5,
-                    warmup: int = 2) -> list[Sample]:
-    """Time `step_fn(b)` for each batch: `warmup` untimed calls, then the median of `repeats`.
-
-    step_fn must block until the step is done (call torch.cuda.synchronize() inside it on a GPU),
-    otherwise only the kernel launches are timed. The median, not the mean, keeps one-off stalls
-    (allocator growth, a neighbour's job) out of the curve.
-    """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    if not batches or any(int(b) < 1 for b in batches):
-        raise ValueError(f"profile batches must be a non-empty list of sizes >= 1, got {list(batches)}")
-    samples = []
-    for b in batches:
-        for _ in range(warmup):
-            step_fn(int(b))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step_fn(int(b))
-            times.append(time.perf_counter() - start)
-        samples.append((int(b), float(np.median(times))))
-    return samples
-
-
-def profile_batches(cap: int, points: int = 8) -> list[int]:
-    """Batch sizes to profile: powers of two up to `cap`, thinned to `points`, always with cap.
-
-    Powers of two put half the points below the knee and half above it on a log scale, which is
-    what a plateau-then-line fit needs. 8 points keeps a profile to seconds on a GPU.
-    """
-    if cap < 2:
-        raise ValueError(f"need a max batch >= 2 to profile a curve, got {cap}")
-    if points < 2:
-        raise ValueError(f"need >= 2 profile points, got {points}")
-    grid = [1 << i for i in range(cap.bit_length()) if (1 << i) < cap] + [cap]
-    if len(grid) > points:
-        idx = np.unique(np.round(np.linspace(0, len(grid) - 1, points)).astype(int))
-        grid = [grid[i] for i in idx]
-    return grid
