@@ -15,6 +15,7 @@ rounds that evaluate are left out. Columns:
 
     python analysis/perf_sweep.py --out runs/sweep              # run all, then report (~8 min on 2 cores)
     python analysis/perf_sweep.py --out runs/sweep --report     # report on logs already there
+    python analysis/perf_sweep.py --out runs/sweep --report --replay   # ... as the current model predicts
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from mpifed.analysis import load_run
-from mpifed.analysis.prediction import (WARMUP_ROUNDS, last_round_error, noise_floor, round_time_error, startup_error,
+from mpifed.analysis.prediction import (WARMUP_ROUNDS, last_round_error, noise_floor, replay_online, startup_error,
                                        steady_rounds, terms)
+from mpifed.perf import load_profile
 from mpifed.analysis.summary import server_rank
 
 # (ranks, per-client batch, codec, heterogeneity): client counts 2/3/4, batches 16/32/64,
@@ -64,8 +66,10 @@ def run_config(out: Path, rounds: int, ranks: int, batch: int, codec: str, heter
         sys.exit(f"{name(ranks, batch, codec, hetero)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def report(out: Path, skip: int) -> float:
-    """Print one line per configuration and the overall MdAPE; return the overall MdAPE (%)."""
+def report(out: Path, skip: int, replay: bool = False) -> float:
+    """Print one line per configuration and the overall MdAPE; return the overall MdAPE (%). With
+    `replay`, the online model's predictions are recomputed from each log and its profile.json
+    (mpifed.analysis.prediction.replay_online) instead of read from t_iter_pred."""
     print(f"{'config':<22} {'rounds':>6} {'pred ms':>8} {'meas ms':>8} {'MdAPE %':>8} {'start-up':>8} "
           f"{'last %':>7} {'floor %':>8}   start-up terms: predicted/measured ms (bcast, slowest client, "
           f"update, server)")
@@ -73,10 +77,14 @@ def report(out: Path, skip: int) -> float:
     baselines = {key: [] for key in columns}
     for cfg in CONFIGS:
         run = load_run(out / name(*cfg))
-        mdape, points = round_time_error(run, skip)
         rows, r = steady_rounds(run, skip), server_rank(run)
-        pred, meas = run.iter["t_iter_pred"][rows, r], run.iter["t_iter"][rows, r]
+        if replay:
+            predicted = replay_online(run, load_profile(out / name(*cfg) / "profile.json"))
+        else:
+            predicted = run.iter["t_iter_pred"][:, r]
+        pred, meas = predicted[rows], run.iter["t_iter"][rows, r]
         errors.append(np.abs(pred - meas) / meas)
+        mdape, points = 100 * float(np.median(errors[-1])), len(rows)
         for key, fn in columns.items():
             baselines[key].append(fn(run, skip))
         parts = " ".join(f"{1e3 * t.predicted:.1f}/{1e3 * t.measured:.1f}" for t in terms(run, skip)[:4])
@@ -100,6 +108,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=35, help="rounds per run")
     parser.add_argument("--skip", type=int, default=WARMUP_ROUNDS, help="leading rounds left out")
     parser.add_argument("--report", action="store_true", help="only report on the logs already in --out")
+    parser.add_argument("--replay", action="store_true",
+                        help="report the current online model's predictions, recomputed from each log (for logs "
+                             "an older model wrote), instead of the logged t_iter_pred")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a job override for every run, e.g. plan.repeats=9 (repeatable)")
     args = parser.parse_args()
@@ -110,7 +121,7 @@ def main() -> None:
         for i, cfg in enumerate(CONFIGS, 1):
             print(f"[{i}/{len(CONFIGS)}] {name(*cfg)}", flush=True)
             run_config(args.out, args.rounds, *cfg, overrides=args.overrides)
-    report(args.out, args.skip)
+    report(args.out, args.skip, args.replay)
 
 
 if __name__ == "__main__":

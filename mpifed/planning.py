@@ -80,6 +80,7 @@ class StartupPlan:
         for k, c in enumerate(p.clients):
             out[f"perf.client{k}"] = dict(c.curve.to_dict(), max_batch=c.max_batch, memory_cap=self.memory_caps[k],
                                           requested=self.requested[k], batch=self.batches[k],
+                                          link=self.links[k] if self.links else 0.0,
                                           predicted_step=pred.t_clients[k], device=c.device,
                                           profile_batches=np.array([b for b, _ in c.samples], dtype=np.int64),
                                           profile_seconds=np.array([t for _, t in c.samples]))

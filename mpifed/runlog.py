@@ -35,7 +35,7 @@ ITER_FIELDS = (
                     # an emulated slow link's own transfer time is counted here too
     "t_emul",       # injected emulation delay (slower compute, slower link) included in the times above
     "t_iter",       # the whole round on this rank
-    "t_iter_pred",  # the performance model's prediction of t_iter (NaN when no model is fitted)
+    "t_iter_pred",  # the performance model's prediction of t_iter, made before the round (NaN: no model)
     "batch",
     "bytes_up",
     "bytes_down",

@@ -20,6 +20,7 @@ import numpy as np
 
 from mpifed.analysis.load import Run
 from mpifed.analysis.summary import perf_model_error, samples_per_round, server_rank
+from mpifed.perf import OnlineModel, Profile
 
 WARMUP_ROUNDS = 3
 """Default leading rounds left out of every comparison (see the module docstring)."""
@@ -38,6 +39,26 @@ def round_time_error(run: Run, skip: int = WARMUP_ROUNDS) -> tuple[float, int]:
     rows, r = steady_rounds(run, skip), server_rank(run)
     server_only = dataclasses.replace(run, iter={k: v[rows][:, [r]] for k, v in run.iter.items()})
     return perf_model_error(server_only)
+
+
+def replay_online(run: Run, profile: Profile) -> np.ndarray:
+    """Every round's prediction as the server's online model (mpifed.perf.online) makes it,
+    recomputed from the log and the run's profile.json: equal to t_iter_pred for a run that was not
+    resumed, and for logs written by an older model what the current one would have predicted (the
+    prediction of round t uses rounds 1 .. t-1; round 0 holds every rank's arrival)."""
+    r, c, it = server_rank(run), run.clients, run.iter
+    steps = int(run.job.get("train", {}).get("local_steps", 1))
+    batches = np.rint(it["batch"][:, c] / steps).astype(int)
+    model = OnlineModel(profile, [float(run.models.get(f"perf.client{k}.link", 0.0)) for k in range(len(c))])
+    t_eval = np.nan_to_num(it["t_eval"][:, r])
+    predicted = np.empty(run.rounds)
+    for rnd in range(run.rounds):
+        if rnd >= 2:
+            t = rnd - 1
+            model.observe(batches[t], it["t_compute"][t, c], it["t_down"][t, r], it["t_up"][t, r],
+                          it["t_decode"][t, r], it["t_iter"][t, r] - t_eval[t])
+        predicted[rnd] = model.predict(batches[rnd]).t_round
+    return predicted
 
 
 def startup_error(run: Run, skip: int = WARMUP_ROUNDS) -> float:
