@@ -341,6 +341,9 @@ def test_online_model_is_robust_to_one_outlier_and_adds_the_links_back():
     assert model.speed == pytest.approx([1.0] * 4, rel=1e-9)   # the log's steps exclude the links
     observe_level(model, batches, [3.0, 1.0, 1.0, 1.0], 1.0, 1, np.random.default_rng(2), links=links)
     assert model.speed[0] == pytest.approx(3.0 ** 0.2, rel=1e-6)  # geometric: 1.25x, not 1.4x
+    before = model.speed
+    model.observe(batches, [np.nan, 0.01, 0.01, 0.01], 0.001, 0.05, 0.001, 0.06)  # a gap in the log
+    assert model.speed == before
     with pytest.raises(ValueError, match="one link time per client"):
         OnlineModel(profile, (0.0,))
 

@@ -143,11 +143,14 @@ class OnlineModel:
     def observe(self, batches: Sequence[int], steps: Sequence[float], t_down: float, t_up: float,
                 t_decode: float, t_iter: float) -> None:
         """One round as the log measured it: each client's step (t_compute, without links) at
-        `batches`, and the server's t_down, t_up (the wait for the update), t_decode and t_iter."""
+        `batches`, and the server's t_down, t_up (the wait for the update), t_decode and t_iter.
+        A time that is not a positive number leaves its factor as it was: a log gap, not a measurement."""
         if t_iter > 0 and math.isfinite(t_iter):
             self.round.update([t_iter], [self._terms(batches, True).t_round])
         base = self.predict(batches, corrected=False)
         full = [float(t) + link for t, link in zip(steps, self.links)]
+        if not all(t > 0 and math.isfinite(t) for t in full):
+            return
         self.clients.update(full, base.t_clients)
         # the server's broadcast and wait for the update span the slowest step; the collectives are
         # the rest (floored: a path the overlap hid says nothing about the collectives' level)
