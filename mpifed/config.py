@@ -173,8 +173,9 @@ class PlanConfig:
                            "the memory cap; larger batches use the fitted line.", minimum=0)
     replan: bool = opt(False, "balance/maximize: keep re-splitting the same global batch while training when "
                        "the clients' measured step times drift from their curves (a neighbour's job, throttling): "
-                       "each client's speed factor (the online model's) is smoothed over ~5 rounds, and batches move only when that shortens "
-                       "the slowest step by more than replan_band, at most every 5 rounds.")
+                       "each client's speed factor (the online model's) is smoothed over ~5 rounds, and batches "
+                       "move only when that shortens the slowest step by more than replan_band, at most every 5 "
+                       "rounds.")
     replan_band: float = opt(0.10, "Dead band of re-planning: the relative gain of the slowest predicted step "
                              "needed to move samples; 0.10 sits above a step's few-percent jitter and below "
                              "the gains a real imbalance gives.", minimum=0.0)

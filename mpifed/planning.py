@@ -38,7 +38,8 @@ from mpifed import probes, profiles
 from mpifed.client import ClientSetup, update_channel
 from mpifed.config import JobError
 from mpifed.perf import (ClientProfile, CollectiveSample, ComputeCurve, OnlineModel, Profile, Replanner,
-                         RoundPrediction, fit_collective, measure_collectives, plan_batches, plan_throughput, save_profile)
+                         RoundPrediction, fit_collective, measure_collectives, plan_batches, plan_throughput,
+                         save_profile)
 from mpifed.perf.straggler import spreads
 from mpifed.perf.report import predict_for
 from mpifed.session import Session, all_batches
@@ -264,6 +265,7 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
     from mpifed.client import prepare_client
     from mpifed.cluster import init_world
     from mpifed.config import load_job
+    from mpifed.runlog import ITER_FIELDS
     from mpifed.session import open_session
 
     world = init_world()
@@ -278,9 +280,12 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
     setup = None if world.is_server else prepare_client(s)
     plan = plan_startup(s, setup)
     # The round's own sizes are read off the probe rounds; bare collectives at other sizes give the
-    # alpha-beta fit its shape, for what-if questions beyond them (`mpifed plan`'s one-client baseline).
+    # alpha-beta fit its shape, for what-if questions beyond them (`mpifed plan`'s one-client baseline),
+    # and the metrics gather (outside t_iter, so not in the probe rounds) is measured at its own size too.
     up = "reduce" if update_channel(s, None).codec.summable else "gatherv"
-    sizes = {"bcast": other_sizes(4 * s.model.size), up: other_sizes(probes.update_bytes(s))}
+    row = 8 * len(ITER_FIELDS)
+    sizes = {"bcast": other_sizes(4 * s.model.size), up: other_sizes(probes.update_bytes(s)),
+             "gather": sorted({*other_sizes(row), row})}
     bare = measure_collectives(world.comm, sizes, repeats=job.plan.repeats)
     if plan is None:
         return None

@@ -143,7 +143,7 @@ def test_profile_command_writes_the_start_up_model_that_plan_reads(tmp_path):
     assert slow > 2.5 * fast                                   # the client emulated at a quarter speed
     bcast = sorted(s.nbytes for s in prof.comm.samples if s.kind == "bcast")
     assert prof.model_bytes in bcast and len(bcast) >= 4      # the round's own size and bare sizes
-    assert {s.kind for s in prof.comm.samples} == {"bcast", "reduce"}
+    assert {s.kind for s in prof.comm.samples} == {"bcast", "reduce", "gather"}
     result = CliRunner().invoke(main, ["plan", str(out), "--global-batch", "48"])
     assert result.exit_code == 0, result.output
     assert "plan: global batch 48" in result.output

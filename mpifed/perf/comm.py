@@ -22,8 +22,9 @@ caches) across six decades of sizes: on one H100 node under Open MPI 4.1 (3 and 
 sizes between the measured ones by 3-36% (median per collective). So CommModel.predict returns the
 measurement itself at a measured size and rank count, log-log interpolates between measured sizes
 (6-27% on the same data: better for 6 of 8 collective/rank cases, not all), and uses the alpha-beta
-fit elsewhere (other p, sizes beyond the profile). `mpifed profile` measures at the round's real
-model and payload sizes, so the round's own collectives are read off measurements.
+fit elsewhere (other p, sizes beyond the profile). The round's own sizes are read off the probe
+rounds (mpifed.probes), so the round's own collectives come from measurements; `mpifed profile`
+adds bare collectives at other sizes for the fit's shape.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The profile file `mpifed profile` writes and `mpifed plan` / `mpifed train` read (JSON).
+"""The profile file that `mpifed profile` and a planned `mpifed train` write and `mpifed plan` reads (JSON).
 
     {"format": "mpifed-profile", "version": 1,
      "n_ranks": 4, "model_bytes": 44696104, "payload_bytes": 44696104, "up": "reduce",
