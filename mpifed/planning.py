@@ -259,11 +259,12 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
     """The spine's side of `mpifed profile` (mpifed.commands.profile): every rank builds the job's
     session and prepares its client as `mpifed train` does, then runs the same start-up step; rank 0
     returns its StartupPlan. Clients are timed up to min(memory cap, plan.profile_max): bound it where
-    the memory cap is large (a CPU), or the profile takes long."""
+    the memory cap is large (a CPU), or the profile takes long. A rank that fails aborts them all, as
+    in training, so no rank waits in a collective for it."""
     import click
 
     from mpifed.client import prepare_client
-    from mpifed.cluster import init_world
+    from mpifed.cluster import init_world, run_or_abort
     from mpifed.config import load_job
     from mpifed.runlog import ITER_FIELDS
     from mpifed.session import open_session
@@ -276,21 +277,27 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
                            "memory.size_clients or bound it with --max-batch N")
     except JobError as err:
         raise click.ClickException(str(err)) from None
-    s = open_session(world, job)
-    setup = None if world.is_server else prepare_client(s)
-    plan = plan_startup(s, setup)
-    # The round's own sizes are read off the probe rounds; bare collectives at other sizes give the
-    # alpha-beta fit its shape, for what-if questions beyond them (`mpifed plan`'s one-client baseline),
-    # and the metrics gather (outside t_iter, so not in the probe rounds) is measured at its own size too.
-    up = "reduce" if update_channel(s, None).codec.summable else "gatherv"
-    row = 8 * len(ITER_FIELDS)
-    sizes = {"bcast": other_sizes(4 * s.model.size), up: other_sizes(probes.update_bytes(s)),
-             "gather": sorted({*other_sizes(row), row})}
-    bare = measure_collectives(world.comm, sizes, repeats=job.plan.repeats)
-    if plan is None:
-        return None
-    profile = dataclasses.replace(plan.profile, comm=fit_collective([*plan.profile.comm.samples, *bare]))
-    return dataclasses.replace(plan, profile=profile)
+    result: list[StartupPlan] = []
+
+    def body() -> None:
+        s = open_session(world, job)
+        setup = None if world.is_server else prepare_client(s)
+        plan = plan_startup(s, setup)
+        # The round's own sizes are read off the probe rounds; bare collectives at other sizes give
+        # the alpha-beta fit its shape, for what-if questions beyond them (`mpifed plan`'s one-client
+        # baseline), and the metrics gather (outside t_iter, so not in the probe rounds) is measured
+        # at its own size too.
+        up = "reduce" if update_channel(s, None).codec.summable else "gatherv"
+        row = 8 * len(ITER_FIELDS)
+        sizes = {"bcast": other_sizes(4 * s.model.size), up: other_sizes(probes.update_bytes(s)),
+                 "gather": sorted({*other_sizes(row), row})}
+        bare = measure_collectives(world.comm, sizes, repeats=job.plan.repeats)
+        if plan is not None:
+            comm = fit_collective([*plan.profile.comm.samples, *bare])
+            result.append(dataclasses.replace(plan, profile=dataclasses.replace(plan.profile, comm=comm)))
+
+    run_or_abort(world, body)
+    return result[0] if result else None
 
 
 def other_sizes(nbytes: int, points: int = 5) -> list[int]:

@@ -151,3 +151,16 @@ def test_profile_command_writes_the_start_up_model_that_plan_reads(tmp_path):
                       "--set", "memory.size_clients=false"], tmp_path, timeout=120)
     assert bad.returncode != 0 and "bound it with --max-batch N" in bad.stderr + bad.stdout
     assert not (tmp_path / "q.json").exists()
+
+
+def test_profile_command_ends_every_rank_when_one_client_fails(tmp_path):
+    """A client whose memory budget holds not even batch 1 fails while preparing; the server must not
+    wait for its probe rounds: the whole job ends quickly, naming the client and the budget."""
+    job = tmp_path / "job.toml"
+    job.write_text("[data]\ntrain_size = 600\ntest_size = 200\n")
+    tiny = ["--set", 'profiles.tiny.memory="1MiB"', "--set", 'clients.groups=[{count = 1, profile = "tiny"}]']
+    proc = mpi_run(3, ["profile", "--job", str(job), "--out", str(tmp_path / "p.json"), "--max-batch", "32", *tiny],
+                   tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "client 0 (rank 1, profile tiny): memory budget 1.00 MiB" in proc.stderr
+    assert "aborting all 3 ranks" in proc.stderr and not (tmp_path / "p.json").exists()

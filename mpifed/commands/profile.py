@@ -28,7 +28,8 @@ def make_profile_command(setup: Setup) -> click.Command:
     @click.option("--job", required=True, type=click.Path(exists=True, dir_okay=False),
                   help="Job file (TOML) whose model, data, devices and codec are profiled.")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override a job field, as for `mpifed train`.")
+                  help="Override a job field, as for `mpifed train`; e.g. plan.points=8 for a GPU's "
+                       "plateau-then-line curves, plan.repeats=9 for steadier medians.")
     @click.option("--out", required=True, type=click.Path(dir_okay=False),
                   help="Profile file to write (JSON), read by `mpifed plan`.")
     @click.option("--max-batch", type=click.IntRange(min=2), default=None,
