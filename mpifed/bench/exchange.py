@@ -19,7 +19,7 @@ import time
 import click
 import numpy as np
 
-from mpifed.bench.launch import report, run_worker
+from mpifed.bench.launch import report, run_ranks, run_worker
 
 
 def _median_round(comm, fn, rounds: int) -> float:
@@ -119,4 +119,4 @@ def exchange(ranks, models, rounds, timeout):
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1].split(","), int(sys.argv[2]))
+    run_ranks(lambda: _worker(sys.argv[1].split(","), int(sys.argv[2])))

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -23,6 +23,14 @@ def mpirun() -> str:
     if found is None:
         raise click.ClickException("mpirun not found; pip install -e '.[mpich]' or load your cluster's MPI")
     return found
+
+
+def run_ranks(body: Callable[[], None]) -> None:
+    """A worker's entry point on every rank: a rank that fails prints its rank and message and aborts
+    them all, so the others never wait out the launcher's timeout in a collective."""
+    from mpifed.cluster import init_world, run_or_abort
+
+    sys.exit(run_or_abort(init_world(), body))
 
 
 def report(result: Any) -> None:

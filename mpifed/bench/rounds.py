@@ -15,7 +15,7 @@ import time
 import click
 import numpy as np
 
-from mpifed.bench.launch import report, run_worker
+from mpifed.bench.launch import report, run_ranks, run_worker
 
 DEFAULT_CODECS = "none,fp16,topk,randomk,qsgd,sign,powersgd"
 
@@ -83,4 +83,4 @@ def rounds(ranks, model, codecs, repeats):
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]))
+    run_ranks(lambda: _worker(sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])))
