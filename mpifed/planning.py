@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from mpifed import probes, profiles
-from mpifed.client import ClientSetup, update_channel
+from mpifed.client import ClientSetup
 from mpifed.config import JobError
 from mpifed.perf import (ClientProfile, CollectiveSample, ComputeCurve, OnlineModel, Profile, Replanner,
                          RoundPrediction, fit_collective, measure_collectives, plan_batches, plan_throughput,
@@ -235,7 +235,7 @@ def _plan(s: Session, gathered: list, start: float) -> StartupPlan:
     server, infos, tables = gathered[0][1], [g[0] for g in gathered[1:]], [g[1] for g in gathered[1:]]
     t_bcast, t_up, t_server = probe_terms(server, tables)
     model_bytes, up_bytes = 4 * s.model.size, probes.update_bytes(s)
-    up = "reduce" if update_channel(s, None).codec.summable else "gatherv"
+    up = probes.update_collective(s)
     jitter = spreads(np.column_stack([t[:, 1] for t in tables]), np.column_stack([t[:, 0] for t in tables]))
     clients, links = [], []
     for k, (info, table) in enumerate(zip(infos, tables)):
@@ -287,7 +287,7 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
         # the alpha-beta fit its shape, for what-if questions beyond them (`mpifed plan`'s one-client
         # baseline), and the metrics gather (outside t_iter, so not in the probe rounds) is measured
         # at its own size too.
-        up = "reduce" if update_channel(s, None).codec.summable else "gatherv"
+        up = probes.update_collective(s)
         row = 8 * len(ITER_FIELDS)
         sizes = {"bcast": other_sizes(4 * s.model.size), up: other_sizes(probes.update_bytes(s)),
                  "gather": sorted({*other_sizes(row), row})}

@@ -110,6 +110,11 @@ def update_bytes(s: Session) -> int:
     return channel.nbytes + 4 * dense_tail_size(s, channel)
 
 
+def update_collective(s: Session) -> str:
+    """The collective that carries the update: "reduce" for summable codecs, "gatherv" for the others."""
+    return "reduce" if update_channel(s, None).codec.summable else "gatherv"
+
+
 PROBE_COLUMNS = ("batch", "t_compute", "t_down", "t_up", "t_decode")
 """What probe_rounds records per timed round, named (and measured) like the run log's /iter columns:
 clients fill batch and t_compute, the server t_down, t_up and t_decode; the rest is NaN."""

@@ -41,7 +41,7 @@ import numpy as np
 from mpifed.perf.comm import CommModel
 from mpifed.perf.curves import ComputeCurve
 from mpifed.perf.profile_file import Profile
-from mpifed.perf.round import RoundPrediction, predict_round
+from mpifed.perf.round import RoundPrediction, predict_round, round_collectives
 
 SHARED = ("comm", "server")
 """The round's terms that are not one client's step, in the order observe() takes them."""
@@ -100,6 +100,8 @@ class OnlineModel:
     clients: Calibration = field(init=False)
     shared: Calibration = field(init=False)
     round: Calibration = field(init=False)
+    _last: tuple | None = field(init=False, default=None, repr=False)
+    """(batches, corrected terms) of the last prediction, valid until the factors move."""
 
     def __post_init__(self) -> None:
         k = len(self.profile.clients)
@@ -135,26 +137,36 @@ class OnlineModel:
         if not corrected:
             return predict_round(p.curves, batches, p.comm, p.model_bytes, p.payload_bytes, p.n_ranks,
                                  p.server_seconds, up=p.up, metrics_bytes=p.metrics_bytes)
+        key = tuple(int(b) for b in batches)
+        if self._last is not None and self._last[0] == key:  # the factors have not moved since
+            return self._last[1]
         f = dict(zip(SHARED, self.shared.factors))
         comm = _ScaledComm(p.comm, {"bcast": f["comm"], p.up: f["comm"]})
-        return predict_round(self.curves(), batches, comm, p.model_bytes, p.payload_bytes, p.n_ranks,
-                             f["server"] * p.server_seconds, up=p.up, metrics_bytes=p.metrics_bytes)
+        terms = predict_round(self.curves(), batches, comm, p.model_bytes, p.payload_bytes, p.n_ranks,
+                              f["server"] * p.server_seconds, up=p.up, metrics_bytes=p.metrics_bytes)
+        self._last = (key, terms)
+        return terms
 
     def observe(self, batches: Sequence[int], steps: Sequence[float], t_down: float, t_up: float,
                 t_decode: float, t_iter: float) -> None:
         """One round as the log measured it: each client's step (t_compute, without links) at
         `batches`, and the server's t_down, t_up (the wait for the update), t_decode and t_iter.
-        A time that is not a positive number leaves its factor as it was: a log gap, not a measurement."""
+        A time that is not a positive number leaves its factor as it was: a log gap, not a measurement.
+
+        Cheap on the server's path between rounds: the corrected round for these batches is the one
+        predict() made for this round (remembered), and the uncorrected terms need no order statistic."""
         if t_iter > 0 and math.isfinite(t_iter):
             self.round.update([t_iter], [self._terms(batches, True).t_round])
-        base = self.predict(batches, corrected=False)
+        self._last = None  # the factors move below
+        p = self.profile
         full = [float(t) + link for t, link in zip(steps, self.links)]
         if not all(t > 0 and math.isfinite(t) for t in full):
             return
-        self.clients.update(full, base.t_clients)
+        self.clients.update(full, [float(c.predict(b)) for c, b in zip(p.curves, batches)])
         # the server's broadcast and wait for the update span the slowest step; the collectives are
         # the rest (floored: a path the overlap hid says nothing about the collectives' level)
-        collectives = base.t_collectives["bcast"] + base.t_collectives[self.profile.up]
+        collectives = sum(round_collectives(p.comm, p.model_bytes, p.payload_bytes, len(p.clients), p.n_ranks,
+                                            p.up).values())
         measured = [max(t_down + t_up - max(full), 1e-3 * collectives), t_decode]
-        if all(m > 0 and math.isfinite(m) for m in measured) and base.t_server > 0:
-            self.shared.update(measured, [collectives, base.t_server])
+        if all(m > 0 and math.isfinite(m) for m in measured) and p.server_seconds > 0:
+            self.shared.update(measured, [collectives, p.server_seconds])

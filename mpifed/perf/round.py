@@ -70,10 +70,7 @@ def predict_round(curves: Sequence[ComputeCurve], batches: Sequence[int], comm_m
         raise ValueError(f"up must be 'reduce' or 'gatherv', got {up!r}")
     t_clients = tuple(float(c.predict(b)) for c, b in zip(curves, batches))
     slowest = int(np.argmax(t_clients))
-    payload = np.broadcast_to(np.asarray(payload_bytes, dtype=float), (len(curves),))
-    up_bytes = float(payload.max()) if up == "reduce" else float(payload.mean())
-    parts = {"bcast": comm_model.predict("bcast", n_ranks, model_bytes),
-             up: comm_model.predict(up, n_ranks, up_bytes)}
+    parts = round_collectives(comm_model, model_bytes, payload_bytes, len(curves), n_ranks, up)
     if metrics_bytes > 0:
         parts["gather"] = comm_model.predict("gather", n_ranks, metrics_bytes)
     t_comm = float(sum(parts.values()))
@@ -85,6 +82,15 @@ def predict_round(curves: Sequence[ComputeCurve], batches: Sequence[int], comm_m
              "link": f"link ({max(parts, key=parts.get)})"}[worst]
     return RoundPrediction(t_round, t_compute, t_comm, float(server_seconds), t_clients, parts,
                            slowest, bound, int(sum(batches)))
+
+
+def round_collectives(comm_model: CommModel, model_bytes: int, payload_bytes: int | Sequence[int],
+                      n_clients: int, n_ranks: int, up: str) -> dict[str, float]:
+    """Seconds of the round's model broadcast and update collective: {"bcast": .., up: ..}. A reduce
+    moves the largest payload, a gatherv each client's in turn (their mean per client)."""
+    payload = np.broadcast_to(np.asarray(payload_bytes, dtype=float), (n_clients,))
+    up_bytes = float(payload.max()) if up == "reduce" else float(payload.mean())
+    return {"bcast": comm_model.predict("bcast", n_ranks, model_bytes), up: comm_model.predict(up, n_ranks, up_bytes)}
 
 
 def mdape(predicted: Sequence[float], measured: Sequence[float]) -> float:
