@@ -24,7 +24,8 @@ import numpy as np
 from mpifed.analysis import RunLogError, load_run, summarize
 from mpifed.analysis.load import Run
 
-SEED_SUFFIX = re.compile(r"[-_.](?:seed|s)?\d+$")
+SEED_SUFFIX = re.compile(r"[-_.](?:seed|s)\d+$")
+"""A seed suffix: `-s1`, `_seed2`. A bare trailing number is part of the method (`batch-64`, `lr-0.1`)."""
 
 
 def find_logs(paths: list[str]) -> list[Path]:

@@ -49,11 +49,12 @@ def main(out: Path, batches: str, densities: str, seeds: str, logs_only: bool, f
     seed_list = [int(s) for s in seeds.split(",")]
     job = ROOT / "jobs" / "experiment" / "compression.toml"
     out.mkdir(parents=True, exist_ok=True)
+    failed = 0
     if not logs_only:
         mpirun, mpifed = _tool("mpirun"), _tool("mpifed")
         for name, (_, _, sets) in grid.items():
             for seed in seed_list:
-                launch(job, out, name, seed, 5, mpirun, mpifed, tuple(sets))
+                failed += not launch(job, out, name, seed, 5, mpirun, mpifed, tuple(sets))
     rows = []
     for name, (batch, density, _) in grid.items():
         accs, ratios = [], []
@@ -62,13 +63,19 @@ def main(out: Path, batches: str, densities: str, seeds: str, logs_only: bool, f
                 run = load_run(run_dir(out, name, seed) / "run.h5")
             except RunLogError:
                 continue
+            want = int(run.job.get("train", {}).get("rounds", 0))
+            if run.rounds < want:  # a stopped run's last evaluation is not a final accuracy
+                click.echo(f"skip   {run_dir(out, name, seed).name}: {run.rounds}/{want} rounds logged", err=True)
+                continue
             accs.append(summarize(run).accuracy.final)
             sent = float(np.nanmedian(run.iter["bytes_up"][:, 1:]))
             ratios.append(4 * float(run.attrs["n_params"]) / sent)
         if accs:
             rows.append((batch, density, name, mean_std(accs), float(np.median(ratios)), len(accs)))
+    if failed:
+        click.echo(f"{failed} run(s) failed; the table below leaves them out", err=True)
     if not rows:
-        raise click.ClickException(f"no complete logs in {out}")
+        raise click.ClickException(f"no complete logs in {out} (a log is complete when it holds all its rounds)")
     dense = {b: acc[0] for b, d, _, acc, _, _ in rows if d == 1.0}
     click.echo("| batch/client | codec | compression | runs | final test acc (%) | vs dense, same batch |")
     click.echo("|---|---|---|---|---|---|")

@@ -71,8 +71,8 @@ def report(out: Path, skip: int, replay: bool = False) -> float:
     `replay`, the online model's predictions are recomputed from each log and its profile.json
     (mpifed.analysis.prediction.replay_online) instead of read from t_iter_pred."""
     print(f"{'config':<22} {'rounds':>6} {'pred ms':>8} {'meas ms':>8} {'MdAPE %':>8} {'start-up':>8} "
-          f"{'last %':>7} {'floor %':>8}   start-up terms: predicted/measured ms (bcast, slowest client, "
-          f"update, server)")
+          f"{'last %':>7} {'floor %':>8}   start-up terms: predicted/measured ms (slowest client, "
+          f"collectives, server)")
     errors, columns = [], {"start-up": startup_error, "last": last_round_error, "floor": noise_floor}
     baselines = {key: [] for key in columns}
     for cfg in CONFIGS:
@@ -87,7 +87,7 @@ def report(out: Path, skip: int, replay: bool = False) -> float:
         mdape, points = 100 * float(np.median(errors[-1])), len(rows)
         for key, fn in columns.items():
             baselines[key].append(fn(run, skip))
-        parts = " ".join(f"{1e3 * t.predicted:.1f}/{1e3 * t.measured:.1f}" for t in terms(run, skip)[:4])
+        parts = " ".join(f"{1e3 * t.predicted:.1f}/{1e3 * t.measured:.1f}" for t in terms(run, skip)[:-1])
         print(f"{name(*cfg):<22} {points:>6} {1e3 * np.median(pred):>8.1f} {1e3 * np.median(meas):>8.1f} "
               f"{mdape:>8.1f} {baselines['start-up'][-1]:>8.1f} {baselines['last'][-1]:>7.1f} "
               f"{baselines['floor'][-1]:>8.1f}   {parts}")

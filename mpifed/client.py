@@ -143,7 +143,7 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
     local_opt = torch.optim.SGD(model.params, lr=job.optim.lr, weight_decay=job.optim.weight_decay)
     row = np.full(len(ITER_FIELDS), np.nan)
     n = model.n_params
-    layer_starts = np.cumsum([0] + [p.numel() for p in model.params[:-1]])
+    layer_sizes = [p.numel() for p in model.params]
     # BatchNorm statistics, per-layer squared norms and any per-coordinate squares, reduced densely
     tail = update_host[n:]
     layer_sq_at = slice(model.size - n, payload_size(model) - n)
@@ -183,18 +183,17 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
         model.buffers_into(update)
         update.mul_(weight)
         if on_gpu:
-            update_host[:] = update.cpu().numpy()
+            torch.from_numpy(update_host).copy_(update)  # into the staging buffer: no new host tensor
         link_up = profiles.sleep(profiles.link_delay(profile, nbytes_up, 0.0))  # the emulated link
         emul += link_up
         hit = job.debug.corrupt_rank == world.rank and job.debug.corrupt_round == rnd
         sent = channel.send(update_host[:n], rnd, job.debug.corrupt if hit else "")
         # per-layer |u_k|^2 of what the server decodes, weighted like the update: the reduction
         # then hands the server sum_k b_k |u_k|^2 / B for the noise-scale estimate. A lossless
-        # codec sends the update itself, whose norms the device computes fastest.
-        if channel.lossless:
-            layer_sq = torch.stack(torch._foreach_norm(model.param_view(update))).double().square().cpu().numpy()
-        else:
-            layer_sq = np.add.reduceat(np.square(sent, dtype=np.float64), layer_starts)
+        # codec sends the update itself, whose norms the device computes fastest. (foreach norms:
+        # 10x faster than squaring into a float64 temporary; relative difference ~1e-4.)
+        layers = model.param_view(update) if channel.lossless else torch.from_numpy(sent).split(layer_sizes)
+        layer_sq = torch.stack(torch._foreach_norm(layers)).double().square().cpu().numpy()
         if squares_reduced:  # in place in the tail: no n-sized temporary per round
             coordinate_sq = np.square(sent, out=tail[layer_sq_at.stop:])
             coordinate_sq /= np.float32(weight)
@@ -244,7 +243,8 @@ def _local_steps(s: Session, model, local_opt, lr: float, sampler: ClientSampler
     steps = job.train.local_steps
     module = model.module
     module.train()
-    start = model.flat[: model.n_params].clone() if steps > 1 else None
+    if steps > 1:  # the starting point, kept in `update` itself: the delta is taken in place
+        update[: model.n_params].copy_(model.flat[: model.n_params])
     for group in local_opt.param_groups:
         group["lr"] = lr
     losses = []
@@ -262,7 +262,7 @@ def _local_steps(s: Session, model, local_opt, lr: float, sampler: ClientSampler
     if steps == 1:
         model.grads_into(update)
     else:
-        torch.sub(start, model.flat[: model.n_params], out=update[: model.n_params])
+        update[: model.n_params].sub_(model.flat[: model.n_params])
     return float(torch.stack(losses).mean())
 
 

@@ -507,10 +507,13 @@ def max_batch(model_memory: MemoryModel, budget_bytes: int, margin: float = DEFA
         raise ValueError(f"multiple_of={multiple_of}: must be a positive batch granularity")
     usable = budget_bytes * (1 - margin)
     m = model_memory
-    limits = [(usable - m.static_bytes) / m.per_sample_bytes if m.per_sample_bytes > 0 else math.inf,
-              (usable - m.update_bytes) / m.update_per_sample_bytes
-              if m.update_per_sample_bytes > 0 else (math.inf if m.update_bytes <= usable else -1)]
-    best = min(limits)
+
+    def limit(fixed: float, per_sample: float) -> float:
+        if per_sample > 0:
+            return (usable - fixed) / per_sample
+        return math.inf if fixed <= usable else -1.0  # a flat phase fits at any batch, or at none
+
+    best = min(limit(m.static_bytes, m.per_sample_bytes), limit(m.update_bytes, m.update_per_sample_bytes))
     batch = int(best) if math.isfinite(best) else 1 << 30
     while batch > 0 and m.peak(batch) > usable:  # float rounding at the boundary
         batch -= 1

@@ -84,7 +84,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
             s.exchange.broadcast(s.batches)
             weights = s.batches / s.global_batch
         if on_gpu:
-            host[:] = model.flat.cpu().numpy()
+            torch.from_numpy(host).copy_(model.flat)  # into the staging buffer: no new host tensor
         s.exchange.broadcast(host)
         t_down = time.perf_counter() - start
 
@@ -106,12 +106,18 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         for group in optimizer.param_groups:
             group["lr"] = lr
         stats: dict = {}
+        tail_ok = bool(np.isfinite(reduced_tail).all())  # False: a client diverged (summed, so unnamed)
+        if received.ok and not tail_ok:
+            progress.warn(f"mpifed: round {rnd}: the clients' BatchNorm statistics or update norms hold a "
+                          f"non-finite value (a client diverged): the server keeps its own statistics and "
+                          f"skips this round's noise estimate")
         if received.ok:
-            scaled, stats = policy.apply(rnd, grad, _client_round(s, agg, received, route))
+            scaled, stats = policy.apply(rnd, grad, _client_round(s, agg, received, route, tail_ok))
             if scaled is not grad:
                 grad.copy_(scaled)
             optimizer.step()
-            model.flat[n:].copy_(agg[n: model.size])
+            if tail_ok:
+                model.flat[n:].copy_(agg[n: model.size])
         t_decode = time.perf_counter() - t0 - t_up
 
         t0 = time.perf_counter()
@@ -168,15 +174,18 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
     return last_eval
 
 
-def _client_round(s: Session, agg: torch.Tensor, received, route: str) -> ClientRound:
-    """The clients' statistics for the scaling policy, out of the reduced tail (and the decoded squares)."""
-    size, layers = s.model.size, payload_size(s.model)
-    layer_sq = agg[size: layers] * s.global_batch
-    if not route:
-        return ClientRound(s.batches.tolist(), weighted_sq=layer_sq)
+def _client_round(s: Session, agg: torch.Tensor, received, route: str, tail_ok: bool) -> ClientRound:
+    """The clients' statistics for the scaling policy, out of the reduced tail (and the decoded squares);
+    none when the tail is not finite (the policy then estimates nothing this round)."""
     # a rejected client is left out of the decoded sums (which are rescaled to the others' weight)
     rejected = set(received.rejected)
     batches = [int(b) for k, b in enumerate(s.batches) if k not in rejected]
+    if not tail_ok:
+        return ClientRound(batches)
+    size, layers = s.model.size, payload_size(s.model)
+    layer_sq = agg[size: layers] * s.global_batch
+    if not route:
+        return ClientRound(batches, weighted_sq=layer_sq)
     return ClientRound(batches, weighted_sq=layer_sq, coordinate_sq=agg[layers:])
 
 

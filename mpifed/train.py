@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,9 @@ def prepare(world: World, job_file: str | None, overrides: list[str], resume: st
             (start.run_dir / "job.toml").write_text(text)
         except (JobError, checkpoint.CheckpointError) as err:
             error = str(err)
+        except Exception as err:  # anything else must reach the other ranks too, not leave them waiting
+            traceback.print_exc()
+            error = f"rank 0 failed while preparing the run: {type(err).__name__}: {err}"
     text, error, first = world.comm.bcast((text, error, start.round), root=0)
     if error:
         raise JobError(error)
@@ -112,7 +116,11 @@ def _make_run_dir(job: Job) -> Path:
     if path.exists():
         raise JobError(f"run directory {path} already exists; choose another run.name (--name) or "
                        f"remove it (nothing was written)")
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as err:
+        raise JobError(f"cannot create the run directory {path}: {err.strerror or err}; choose a writable "
+                       f"run.out (--out)") from None
     return path
 
 

@@ -111,7 +111,10 @@ class UpdateChannel:
         if corrupt == "nan":
             x = x.copy()
             x[0] = np.nan
-        if self.codec.summable:
+        if self.lossless:  # the update is its own payload: reduced as it is (MPI leaves it unchanged)
+            own = np.ascontiguousarray(x, dtype=np.float32)
+            self.collective(own)
+        elif self.codec.summable:
             try:
                 own = self.codec.exchange(x, ctx, self.collective, keep_own=True).own
             except PayloadError:  # a multi-phase codec saw a non-finite sum on every rank
@@ -138,15 +141,21 @@ class UpdateChannel:
                              f"so clients must reduce their squares themselves")
         if self.codec.summable:
             try:
-                out[:] = self.codec.exchange(np.zeros(self.n, np.float32), ctx, self.collective).total
+                if self.lossless:  # the sum lands in `out` itself: no payload, decode or copy
+                    if not out.flags.c_contiguous:
+                        raise ValueError("receive needs a contiguous `out` to reduce into")
+                    out.fill(0.0)
+                    self.codec.validate(self.collective(out), self.n, ctx)
+                else:
+                    out[:] = self.codec.exchange(np.zeros(self.n, np.float32), ctx, self.collective).total
             except PayloadError as err:
                 return Received(False, [], [f"round {rnd}: the summed update is not usable ({err}); a summable "
                                             f"codec cannot say which client sent it: step skipped"])
             return Received(True)
         payloads = self._gather(np.zeros(0, np.uint8))[1:]
         clients = list(range(len(payloads)))
-        result = aggregate(self.codec, payloads, clients, self.n, self.seed, rnd, weights=weights, squares=squares)
-        out[:] = result.total
+        result = aggregate(self.codec, payloads, clients, self.n, self.seed, rnd, weights=weights, squares=squares,
+                           out=out)
         messages = [str(r) for r in result.rejections]
         if not result.accepted:
             messages.append(f"round {rnd}: every client's update was rejected: step skipped")

@@ -48,7 +48,9 @@ def _expected(path: Path) -> dict:
         server = int(np.flatnonzero(role == "server")[0])
         t_iter, batch = f["iter/t_iter"][()], f["iter/batch"][()]
         t_emul, t_wait = f["iter/t_emul"][()], f["iter/t_wait"][()]
-        pred = f["iter/t_iter_pred"][()]
+        evaluated = f["eval/round"][()].astype(int) - 1
+        steady = [t for t in range(3, t_iter.shape[0]) if t not in evaluated]  # the server's steady rounds
+        pred, meas = f["iter/t_iter_pred"][()][steady, server], t_iter[steady, server]
         ok_pred = np.isfinite(pred)
         return dict(
             rounds=t_iter.shape[0],
@@ -59,7 +61,7 @@ def _expected(path: Path) -> dict:
             emul_share=np.nansum(t_emul, axis=0) / t_iter.sum(axis=0),
             wait_share=np.nansum(t_wait, axis=0) / t_iter.sum(axis=0),
             mdape=None if not ok_pred.any()
-            else 100 * np.median(np.abs(pred[ok_pred] - t_iter[ok_pred]) / t_iter[ok_pred]),
+            else 100 * np.median(np.abs(pred[ok_pred] - meas[ok_pred]) / meas[ok_pred]),
             profiles=list(f["ranks/profile"].asstr()[()]))
 
 
@@ -171,6 +173,18 @@ def test_compare_runs_script_builds_a_mean_std_table(logs, tmp_path):
     assert bad.returncode == 1 and "the job has no field 'train.nope'" in bad.stderr
 
 
+def test_compare_runs_groups_seeds_but_not_numbered_methods():
+    sys.path.insert(0, str(ROOT / "analysis"))
+    try:
+        import compare_runs
+    finally:
+        sys.path.remove(str(ROOT / "analysis"))
+    strip = compare_runs.SEED_SUFFIX.sub
+    assert [strip("", n) for n in ("large-s0", "large_s12", "large-seed2", "large.seed3")] == ["large"] * 4
+    assert [strip("", n) for n in ("batch-64", "lr-0.1", "topk0.01", "run_2")] == ["batch-64", "lr-0.1",
+                                                                                  "topk0.01", "run_2"]
+
+
 def test_unreadable_paths_give_errors_that_say_what_to_give(tmp_path):
     missing = _invoke(analyze, tmp_path / "nope.h5")
     assert missing.exit_code == 1 and "no such file" in missing.output and "run.h5" in missing.output
@@ -213,8 +227,9 @@ def _synthetic_log(path: Path, schema: int = 1, rounds: int = 8) -> Path:
 def test_optional_datasets_are_used_when_present_and_absent_ones_tolerated(tmp_path):
     run = load_run(_synthetic_log(tmp_path / "run.h5"))
     s = summarize(run)
-    # |pred - t| / t is 10 %, 20 % and 0 % on the three ranks: the median is 10 %
-    assert s.perf_mdape == pytest.approx(10.0) and s.perf_points == 6 * 3
+    # |pred - t| / t is 10 % on the server (20 % and 0 % on the clients, which do not count), over
+    # the 5 steady rounds (the first 3 left out)
+    assert s.perf_mdape == pytest.approx(10.0) and s.perf_points == 5
     assert s.throughput == pytest.approx(96 * 8 / run.iter["t_iter"][:, 0].sum())
     assert np.isnan(s.accuracy.final) and s.accuracy.evals == 0
     assert s.client_emul_share == 0.0 and np.isnan(s.bytes_up_per_round)

@@ -472,6 +472,19 @@ def test_aggregate_rescales_by_the_accepted_weight():
     assert none_left.accepted == [] and not none_left.total.any()
 
 
+@pytest.mark.parametrize("name", ["topk", "qsgd", "sign"])
+def test_aggregate_sums_in_place_as_the_decodes_would(name):
+    """decode_add (top-k's touches only its k indices) gives what decode-then-add gives."""
+    codec, n, weights = build(name), 300, [0.5, 0.3, 0.2]
+    payloads = [codec.encode(vector(n, seed=s), RoundContext(2, 4, s)) for s in range(3)]
+    decoded = [codec.decode(p, n, RoundContext(2, 4, s)) for s, p in enumerate(payloads)]
+    out, squares = np.full(n, 7.0, np.float32), np.full(n, 7.0, np.float32)
+    result = aggregate(codec, payloads, [0, 1, 2], n, 2, 4, weights=weights, squares=squares, out=out)
+    assert result.total is out and result.accepted == [0, 1, 2]
+    assert np.allclose(out, sum(decoded), atol=1e-6)
+    assert np.allclose(squares, sum(d ** 2 / np.float32(w) for d, w in zip(decoded, weights)), rtol=1e-6)
+
+
 def test_aggregate_refuses_multi_phase_codecs():
     with pytest.raises(ValueError, match="multi-phase"):
         aggregate(build("powersgd"), [], [], N_LAYERS, 0, 0)

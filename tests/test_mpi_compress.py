@@ -63,14 +63,31 @@ def test_a_malformed_payload_is_rejected_by_client_and_round_and_the_job_goes_on
         assert np.isfinite(f["eval/test_loss"][:]).all()
 
 
-def test_a_nan_in_a_summed_update_skips_that_step_only(tmp_path):
-    proc = ok(train(3, tmp_path, "nan", "--set", 'compress.codec="fp16"', "--set", "debug.corrupt_rank=1",
-                    "--set", "debug.corrupt_round=1", "--set", 'debug.corrupt="nan"'))
+@pytest.mark.parametrize("codec, options", [("fp16", "{}"), ("powersgd", "{error_feedback = true}")])
+def test_a_nan_in_a_summed_update_skips_that_step_only(tmp_path, codec, options):
+    """With error feedback, the diverged round's residual is dropped, not carried into later rounds."""
+    proc = ok(train(3, tmp_path, "nan", "--set", f'compress.codec="{codec}"', "--set", f"compress.options={options}",
+                    "--set", "debug.corrupt_rank=1", "--set", "debug.corrupt_round=1", "--set", 'debug.corrupt="nan"'))
     assert "round 1: the summed update is not usable" in proc.stderr and "step skipped" in proc.stderr
     with h5py.File(tmp_path / "nan" / "run.h5") as f:
         norms = f["server/grad_norm"][:]
         assert np.isnan(norms[1]) and np.isfinite(np.delete(norms, 1)).all()
         assert np.isfinite(f["eval/test_loss"][:]).all()
+
+
+@pytest.mark.parametrize("codec", ["topk", "qsgd"])
+def test_a_diverged_client_is_rejected_once_and_the_job_goes_on(tmp_path, codec):
+    """A NaN update: the server rejects the payload by client, keeps its BatchNorm statistics (the dense
+    tail it cannot trace), and the client's error feedback does not carry the NaN into later rounds."""
+    proc = ok(train(3, tmp_path, "nan", "--set", f'compress.codec="{codec}"',
+                    "--set", "compress.options={error_feedback = true}", "--set", "debug.corrupt_rank=1",
+                    "--set", "debug.corrupt_round=1", "--set", 'debug.corrupt="nan"'))
+    assert "round 1: rejected the update of client 0" in proc.stderr
+    assert "round 1: the clients' BatchNorm statistics or update norms hold a non-finite value" in proc.stderr
+    with h5py.File(tmp_path / "nan" / "run.h5") as f:
+        rejected = f["iter/rejected"][:]
+        assert rejected[1, 1] == 1 and rejected[:, 1:].sum() == 1
+        assert np.isfinite(f["server/grad_norm"][:]).all() and np.isfinite(f["eval/test_loss"][:]).all()
 
 
 REDUCE_HALF = """

@@ -145,6 +145,14 @@ def test_bad_job_fails_on_every_rank_with_the_field_named(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_an_unwritable_output_ends_every_rank_with_the_path(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    proc = train(3, tmp_path, "x", "--out", str(tmp_path / "file" / "runs"), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot create the run directory {tmp_path}/file/runs/x" in proc.stderr and "writable" in proc.stderr
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
 def test_rank_count_that_does_not_fit_the_job_fails_at_once(tmp_path):
     proc = train(3, tmp_path, "count", "--set", "clients.count=5", timeout=120)
     assert proc.returncode == 2

@@ -3,6 +3,8 @@ re-planning settles. Pure tests run in-process; one test runs the MPI measuremen
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import subprocess
@@ -341,11 +343,23 @@ def test_online_model_is_robust_to_one_outlier_and_adds_the_links_back():
     assert model.speed == pytest.approx([1.0] * 4, rel=1e-9)   # the log's steps exclude the links
     observe_level(model, batches, [3.0, 1.0, 1.0, 1.0], 1.0, 1, np.random.default_rng(2), links=links)
     assert model.speed[0] == pytest.approx(3.0 ** 0.2, rel=1e-6)  # geometric: 1.25x, not 1.4x
-    before = model.speed
-    model.observe(batches, [np.nan, 0.01, 0.01, 0.01], 0.001, 0.05, 0.001, 0.06)  # a gap in the log
-    assert model.speed == before
+    before, shared = model.speed, model.shared.factors
+    model.observe(batches, [np.nan, 0.01, 0.01, 0.01], 0.001, 0.05, 0.002, 0.06)  # a gap in the log
+    assert model.speed[0] == before[0] and all(a != b for a, b in zip(model.speed[1:], before[1:]))
+    # the collectives are measured net of the slowest step, unknown here; the server's are not
+    assert model.shared.factors[0] == shared[0] and model.shared.factors[1] != shared[1]
     with pytest.raises(ValueError, match="one link time per client"):
         OnlineModel(profile, (0.0,))
+
+
+def test_online_model_calibrates_the_collectives_without_a_server_time():
+    """A hand-written profile may leave server_seconds at 0: the server's factor has no level to
+    scale, but the collectives' must still follow the rounds, not hide in the round's bias."""
+    profile = dataclasses.replace(toy_profile(), server_seconds=0.0)
+    model, batches = OnlineModel(profile), [400, 250, 200, 150]
+    observe_level(model, batches, [1.0] * 4, 3.0, 40, np.random.default_rng(3))
+    assert model.shared.factors == pytest.approx([3.0, 1.0], rel=1e-3)
+    assert model.bias == pytest.approx(1.0, abs=1e-3)
 
 
 def test_online_model_learns_its_own_bias_from_the_rounds():

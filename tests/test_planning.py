@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mpifed.analysis.load import Run
-from mpifed.analysis.prediction import round_time_error, steady_rounds, steady_throughput, terms
+from mpifed.analysis.prediction import steady_rounds, steady_throughput, terms
+from mpifed.analysis.summary import perf_model_error
 from mpifed.config import JobError, load_job
 from mpifed.perf import ClientProfile, CollectiveSample, ComputeCurve, Profile, fit_collective, plan_batches
 from mpifed.perf.report import predict_for
@@ -111,8 +112,8 @@ def test_round_time_error_skips_warmup_and_evaluation_rounds():
     measured = np.array([5.0, 2.0, 2.0, 0.1, 0.1, 0.11, 0.09, 0.1, 0.5])
     run = _run(measured, np.full(9, 0.12), [9])  # the last round (1-based 9) evaluates
     assert steady_rounds(run).tolist() == [3, 4, 5, 6, 7]
-    mdape, n = round_time_error(run)
+    mdape, n = perf_model_error(run)
     assert n == 5 and mdape == pytest.approx(20.0)  # errors 20, 20, 9, 33, 20 %; with the skipped rounds: 33 %
     assert steady_throughput(run) == pytest.approx(32 * 5 / 0.5)
-    assert math.isnan(round_time_error(_run(measured, np.full(9, np.nan), [9]))[0])
+    assert math.isnan(perf_model_error(_run(measured, np.full(9, np.nan), [9]))[0])
     assert terms(run) == []   # no fitted model in this log

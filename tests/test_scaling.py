@@ -333,12 +333,25 @@ def test_teacher_only_outside_critical_phases():
 
 
 def test_teacher_rejects_small_batch_not_below_global_batch():
-    with pytest.raises(ValueError, match="small_batch"):
+    with pytest.raises(ValueError, match="small_batch = 32 must be smaller"):
         teacher_coefficient(32, 32)
-    cfg = ScalingConfig(method="teacher", small_batch=8, only_outside_critical=False)
-    policy = ServerScalingPolicy(cfg, LAYERS, seed=0)
-    with pytest.raises(ValueError, match="small_batch = 8 must be smaller"):
-        policy.apply(0, torch.ones(6), ClientRound([4, 4], grads=[torch.ones(6), torch.ones(6)]))
+
+
+@pytest.mark.parametrize("method", ["step", "teacher", "step+teacher"])
+def test_a_round_with_rejected_payloads_is_left_unscaled_not_fatal(method):
+    """The server drops rejected clients from ClientRound: the accepted batch may then be no larger
+    than the small batch, or one client may remain (no covariance). Neither may end the run."""
+    cfg = ScalingConfig(method=method, small_batch=16, window=1, threshold=0.5, warmup=0,
+                        only_outside_critical=False)
+    policy = ServerScalingPolicy(cfg, [6], seed=0)
+    grads = [torch.arange(6.0), torch.arange(6.0).flip(0)]
+    policy.apply(0, torch.ones(6), ClientRound([16, 16], grads=grads))  # round 0 is critical
+    full, stats = policy.apply(1, torch.ones(6), ClientRound([16, 16], grads=grads))
+    assert stats["critical"] == 0.0 and not torch.equal(full, torch.ones(6))
+    assert stats["scale"] == (1.0 if method == "teacher" else 2 ** 0.5)
+    for batches, kept in (([16], grads[:1]), ([8, 8], grads)):
+        out, stats = policy.apply(2, torch.ones(6), ClientRound(batches, grads=kept))
+        assert torch.equal(out, torch.ones(6)) and stats["scale"] == 1.0 and stats["teacher_std"] == 0.0
 
 
 @pytest.mark.parametrize("field, value", [

@@ -5,10 +5,9 @@ that need no model (the last round's time; the run's own median in hindsight), a
 term beside its measured counterpart so that a bad prediction says which term is off. Pure
 functions of a loaded Run; no MPI, no torch.
 
-Which rounds count ("steady" rounds): the first `skip` rounds are left out (round 0 includes every
-rank arriving from start-up, the next ones the allocator and caches warming; default 3), and so are
-rounds with an evaluation (the model predicts training rounds; evaluation is logged apart as t_eval).
-The error is measured on the server's t_iter, the round as the server saw it.
+Which rounds count: mpifed.analysis.summary.steady_rounds (the first 3 and those with an evaluation
+left out), and the error of the logged prediction is summary.perf_model_error, the figure
+`mpifed analyze` prints. Errors are measured on the server's t_iter, the round as the server saw it.
 """
 
 from __future__ import annotations
@@ -19,26 +18,11 @@ import math
 import numpy as np
 
 from mpifed.analysis.load import Run
-from mpifed.analysis.summary import perf_model_error, samples_per_round, server_rank
+from mpifed.analysis.summary import WARMUP_ROUNDS, samples_per_round, server_rank, steady_rounds
 from mpifed.perf import OnlineModel, Profile
 
-WARMUP_ROUNDS = 3
-"""Default leading rounds left out of every comparison (see the module docstring)."""
-
-
-def steady_rounds(run: Run, skip: int = WARMUP_ROUNDS) -> np.ndarray:
-    """Indices of the rounds compared: after the first `skip`, without evaluations."""
-    rounds = np.arange(run.rounds)
-    evaluated = np.asarray(run.eval.get("round", []), dtype=float) - 1  # /eval/round is 1-based
-    return rounds[(rounds >= skip) & ~np.isin(rounds, evaluated)]
-
-
-def round_time_error(run: Run, skip: int = WARMUP_ROUNDS) -> tuple[float, int]:
-    """MdAPE (%) of the predicted against the measured server round time over the steady rounds,
-    and how many rounds had a prediction; (NaN, 0) when the run made none."""
-    rows, r = steady_rounds(run, skip), server_rank(run)
-    server_only = dataclasses.replace(run, iter={k: v[rows][:, [r]] for k, v in run.iter.items()})
-    return perf_model_error(server_only)
+__all__ = ["WARMUP_ROUNDS", "steady_rounds", "replay_online", "startup_error", "last_round_error", "noise_floor",
+           "steady_throughput", "Term", "terms"]
 
 
 def replay_online(run: Run, profile: Profile) -> np.ndarray:
@@ -115,10 +99,11 @@ class Term:
 
 
 def terms(run: Run, skip: int = WARMUP_ROUNDS) -> list[Term]:
-    """The model's terms beside what the log measured ([] when the run fitted no model):
-    broadcast (server t_down), slowest client (max over clients of t_compute), update (server t_up
-    minus that slowest t_compute: encode, collectives and decode, which the model times together),
-    server (t_decode), round (server t_iter)."""
+    """The model's terms beside what the log measured ([] when the run fitted no model): slowest
+    client (max over clients of t_compute), collectives (the server's t_down + t_up less that slowest
+    step: the broadcast, the update path and its encode; one term, as the online model calibrates
+    it, because with more ranks than cores the broadcast overlaps the clients' compute and only the
+    sum is stable), server (t_decode: decode, aggregate, optimizer step), round (server t_iter)."""
     m = run.models
     if "perf.round.t_round" not in m:
         return []
@@ -126,8 +111,8 @@ def terms(run: Run, skip: int = WARMUP_ROUNDS) -> list[Term]:
     it = {k: v[rows] for k, v in run.iter.items()}
     slowest = np.nanmax(it["t_compute"][:, c], axis=1)
     med = lambda x: float(np.nanmedian(x))  # noqa: E731
-    return [Term("broadcast", float(m["perf.comm.bcast_seconds"]), med(it["t_down"][:, r])),
-            Term("slowest client", float(m["perf.round.t_compute_max"]), med(slowest)),
-            Term("update", float(m["perf.comm.up_seconds"]), med(it["t_up"][:, r] - slowest)),
+    collectives = float(m["perf.comm.bcast_seconds"]) + float(m["perf.comm.up_seconds"])
+    return [Term("slowest client", float(m["perf.round.t_compute_max"]), med(slowest)),
+            Term("collectives", collectives, med(it["t_down"][:, r] + it["t_up"][:, r] - slowest)),
             Term("server", float(m["perf.round.t_server"]), med(it["t_decode"][:, r])),
             Term("round", float(m["perf.round.t_round"]), med(it["t_iter"][:, r]))]

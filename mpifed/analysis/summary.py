@@ -92,13 +92,28 @@ def bytes_per_round(run: Run, name: str) -> float:
     return float(np.nanmean(np.nansum(values[:, run.clients], axis=1)))
 
 
-def perf_model_error(run: Run) -> tuple[float, int]:
-    """Median absolute percentage error of t_iter_pred against t_iter, and how many (round, rank)
-    pairs had a prediction; (NaN, 0) when no performance model ran (t_iter_pred all NaN or absent)."""
+WARMUP_ROUNDS = 3
+"""Leading rounds left out of the performance model's error: round 0 includes every rank arriving
+from start-up, the next ones the allocator and caches warming."""
+
+
+def steady_rounds(run: Run, skip: int = WARMUP_ROUNDS) -> np.ndarray:
+    """Indices of the rounds a prediction is judged on: after the first `skip`, without evaluations
+    (the model predicts training rounds; evaluation is logged apart as t_eval)."""
+    rounds = np.arange(run.rounds)
+    evaluated = np.asarray(run.eval.get("round", []), dtype=float) - 1  # /eval/round is 1-based
+    return rounds[(rounds >= skip) & ~np.isin(rounds, evaluated)]
+
+
+def perf_model_error(run: Run, skip: int = WARMUP_ROUNDS) -> tuple[float, int]:
+    """MdAPE (%) of the predicted (t_iter_pred) against the measured round time (the server's t_iter)
+    over the steady rounds, and how many rounds had a prediction; (NaN, 0) when no performance model
+    ran (t_iter_pred all NaN or absent)."""
     pred = run.iter.get("t_iter_pred")
     if pred is None:
         return math.nan, 0
-    meas = run.iter["t_iter"]
+    rows, r = steady_rounds(run, skip), server_rank(run)
+    pred, meas = pred[rows, r], run.iter["t_iter"][rows, r]
     ok = np.isfinite(pred) & np.isfinite(meas) & (meas > 0)
     if not ok.any():
         return math.nan, 0
@@ -106,7 +121,9 @@ def perf_model_error(run: Run) -> tuple[float, int]:
 
 
 def wall_time(run: Run) -> float:
-    """Seconds from the first round's start to the last round's end (server clock)."""
+    """Seconds from the first round's start to the last round's end (server clock); NaN without rounds."""
+    if run.rounds == 0:
+        return math.nan
     wall = run.server.get("wall")
     if wall is not None and len(wall) and np.isfinite(wall[-1]):
         return float(wall[-1])
@@ -161,7 +178,7 @@ class Summary:
     client_wait_share: float
     client_emul_share: float
     perf_mdape: float               # %, NaN when no performance model ran
-    perf_points: int
+    perf_points: int                # steady rounds with a prediction
     accuracy: Accuracy
     ranks: list[RankStats]
 

@@ -62,7 +62,7 @@ RUN_ROWS = (
      else f"{s.accuracy.best:.4f} (round {s.accuracy.best_round:.0f})"),
     ("final test loss", lambda s: _num(s.accuracy.final_loss, "{:.4f}")),
     ("perf model MdAPE", lambda s: "no model" if s.perf_points == 0
-     else f"{s.perf_mdape:.1f}% ({s.perf_points} points)"),
+     else f"{s.perf_mdape:.1f}% ({s.perf_points} steady rounds)"),
 )
 
 

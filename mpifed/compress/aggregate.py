@@ -48,7 +48,7 @@ class Aggregate(NamedTuple):
 
 def aggregate(codec: OneShot, payloads: Sequence[np.ndarray], clients: Sequence[int], n: int,
               seed: int, round: int, weights: Sequence[float] | None = None,
-              squares: np.ndarray | None = None) -> Aggregate:
+              squares: np.ndarray | None = None, out: np.ndarray | None = None) -> Aggregate:
     """Validate, decode and sum one round's client payloads.
 
     payloads[i] came from client clients[i]. weights[i], if given, is the w_k that client applied;
@@ -57,6 +57,8 @@ def aggregate(codec: OneShot, payloads: Sequence[np.ndarray], clients: Sequence[
     squares, if given (n float32, needs weights), receives sum_k decoded_k^2 / w_k = sum_k w_k g_k^2
     over the accepted clients, rescaled like the total: the teacher's per-coordinate statistic,
     taken from the decodes the server makes anyway.
+    out, if given (n float32), is overwritten with the total and returned as it: no n-sized array
+    per round on the server.
     """
     if not isinstance(codec, OneShot):
         raise ValueError(f"codec {codec.name!r} is multi-phase; run it with codec.exchange, not aggregate")
@@ -66,7 +68,10 @@ def aggregate(codec: OneShot, payloads: Sequence[np.ndarray], clients: Sequence[
                          + ("" if weights is None else f" and {len(weights)} weights"))
     if squares is not None and (weights is None or squares.shape != (n,)):
         raise ValueError(f"squares needs the clients' weights and shape ({n},)")
-    total = np.zeros(n, dtype=F32)
+    if out is not None and (out.dtype != F32 or out.shape != (n,)):
+        raise ValueError(f"out must be float32 of shape ({n},), got {out.dtype} {out.shape}")
+    total = np.zeros(n, dtype=F32) if out is None else out
+    total.fill(0.0)
     if squares is not None:
         squares.fill(0.0)
     accepted: list[int] = []
@@ -78,12 +83,7 @@ def aggregate(codec: OneShot, payloads: Sequence[np.ndarray], clients: Sequence[
         except PayloadError as err:
             rejections.append(Rejection(round, client, str(err)))
             continue
-        decoded = codec.decode(payload, n, ctx)
-        total += decoded
-        if squares is not None:
-            square = np.square(decoded)
-            square /= np.float32(weights[i])
-            squares += square
+        codec.decode_add(payload, n, ctx, total, squares, weights[i] if squares is not None else 1.0)
         accepted.append(client)
     if weights is not None and rejections and accepted:
         kept = set(accepted)

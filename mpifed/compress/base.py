@@ -192,6 +192,17 @@ class OneShot(Codec):
     def decode(self, payload: np.ndarray, n: int, ctx: RoundContext) -> np.ndarray:
         """The n float32 values `payload` stands for; assumes `validate` passed."""
 
+    def decode_add(self, payload: np.ndarray, n: int, ctx: RoundContext, total: np.ndarray,
+                   squares: np.ndarray | None = None, weight: float = 1.0) -> None:
+        """total += decode(payload); squares += decode(payload)^2 / weight if given. The server's sum,
+        without keeping each client's decode; a sparse codec overrides it to touch only what it sent."""
+        decoded = self.decode(payload, n, ctx)
+        total += decoded
+        if squares is not None:  # a decode may be a view of the payload: square into a new array
+            square = np.square(decoded)
+            square /= np.float32(weight)
+            squares += square
+
 
 class GatherCodec(OneShot):
     """Payloads are uint8 buffers of any length, gathered (Gatherv) to the server and summed there."""

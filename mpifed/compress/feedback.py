@@ -31,12 +31,16 @@ class ErrorFeedback:
         return x + self.residual
 
     def update(self, compensated: np.ndarray, transmitted: np.ndarray) -> None:
-        """Keep what was dropped: the compensated update minus what the server will see of it."""
+        """Keep what was dropped: the compensated update minus what the server will see of it.
+        A non-finite residual (a diverged step, a payload the server cannot use) is dropped, not
+        kept: carried on, it would spoil every later round of this client."""
         compensated, transmitted = as_flat_f32(compensated), as_flat_f32(transmitted)
         if compensated.shape != self.residual.shape or transmitted.shape != self.residual.shape:
             raise ValueError(f"error feedback holds {self.residual.size} values; got {compensated.size} "
                              f"compensated and {transmitted.size} transmitted")
         np.subtract(compensated, transmitted, out=self.residual)
+        if not np.isfinite(self.residual.sum()):  # one pass; any NaN or inf makes the sum non-finite
+            self.reset()
 
     def reset(self) -> None:
         self.residual.fill(0.0)

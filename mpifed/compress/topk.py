@@ -100,3 +100,11 @@ class TopK(GatherCodec):
         out = np.zeros(n, dtype=F32)
         out[idx] = values
         return out
+
+    def decode_add(self, payload: np.ndarray, n: int, ctx: RoundContext, total: np.ndarray,
+                   squares: np.ndarray | None = None, weight: float = 1.0) -> None:
+        """O(k), not O(n): the indices are unique (validate checks), so fancy-index += is exact."""
+        idx, values = unpack_parts(payload, self._spec(n), "topk")
+        total[idx] += values
+        if squares is not None:
+            squares[idx] += np.square(values) / np.float32(weight)

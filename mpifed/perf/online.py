@@ -68,13 +68,15 @@ class Calibration:
         return [float(f) for f in np.exp(self.log_factors)]
 
     def update(self, measured: Sequence[float], predicted: Sequence[float]) -> None:
-        """One round's measurements beside what the uncorrected model predicted for them."""
+        """One round's measurements beside what the uncorrected model predicted for them. A pair that
+        is not two finite times > 0 (a gap in the log, a term the model has no level for) leaves its
+        factor as it was; the others move."""
         m, p = np.asarray(measured, dtype=float), np.asarray(predicted, dtype=float)
         if m.shape != (self.size,) or p.shape != (self.size,):
             raise ValueError(f"need {self.size} measured and predicted times, got {m.shape} and {p.shape}")
-        if not (np.all(m > 0) and np.all(p > 0)):
-            raise ValueError(f"times must be > 0, got measured {m.tolist()}, predicted {p.tolist()}")
-        self.log_factors += self.smoothing * (np.log(m / p) - self.log_factors)
+        seen = np.isfinite(m) & np.isfinite(p) & (m > 0) & (p > 0)
+        step = np.log(np.where(seen, m, 1.0) / np.where(seen, p, 1.0)) - self.log_factors
+        self.log_factors += self.smoothing * np.where(seen, step, 0.0)
 
 
 class _ScaledComm:
@@ -151,22 +153,19 @@ class OnlineModel:
                 t_decode: float, t_iter: float) -> None:
         """One round as the log measured it: each client's step (t_compute, without links) at
         `batches`, and the server's t_down, t_up (the wait for the update), t_decode and t_iter.
-        A time that is not a positive number leaves its factor as it was: a log gap, not a measurement.
+        A time that is not a positive number leaves its factor as it was: a log gap, not a measurement
+        (a client's gap also leaves the collectives', which are measured net of the slowest step).
 
         Cheap on the server's path between rounds: the corrected round for these batches is the one
         predict() made for this round (remembered), and the uncorrected terms need no order statistic."""
-        if t_iter > 0 and math.isfinite(t_iter):
-            self.round.update([t_iter], [self._terms(batches, True).t_round])
+        self.round.update([t_iter], [self._terms(batches, True).t_round])
         self._last = None  # the factors move below
         p = self.profile
-        full = [float(t) + link for t, link in zip(steps, self.links)]
-        if not all(t > 0 and math.isfinite(t) for t in full):
-            return
+        full = np.asarray(steps, dtype=float) + np.asarray(self.links)
         self.clients.update(full, [float(c.predict(b)) for c, b in zip(p.curves, batches)])
         # the server's broadcast and wait for the update span the slowest step; the collectives are
         # the rest (floored: a path the overlap hid says nothing about the collectives' level)
         collectives = sum(round_collectives(p.comm, p.model_bytes, p.payload_bytes, len(p.clients), p.n_ranks,
                                             p.up).values())
-        measured = [max(t_down + t_up - max(full), 1e-3 * collectives), t_decode]
-        if all(m > 0 and math.isfinite(m) for m in measured) and p.server_seconds > 0:
-            self.shared.update(measured, [collectives, p.server_seconds])
+        comm = max(t_down + t_up - float(full.max()), 1e-3 * collectives) if np.all(full > 0) else math.nan
+        self.shared.update([comm, t_decode], [collectives, p.server_seconds])

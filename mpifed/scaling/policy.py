@@ -120,7 +120,8 @@ def check_scaling(cfg: ScalingConfig, global_batch: int | None = None,
 
 @dataclass(frozen=True)
 class ClientRound:
-    """What the server knows about this round's clients. Give one of the statistics below.
+    """What the server knows about this round's clients. Give one of the statistics below, or none
+    for a round whose statistics are unusable (a diverged client): no estimate, no teacher noise.
 
     batches: b_k, samples per client (the weights of the aggregate).
     grads: decoded flat update of every client (gather codecs), each shaped like the aggregate.
@@ -187,12 +188,13 @@ class ServerScalingPolicy:
         critical = self.detector.update(norm)
         estimate = self.estimate(grad, clients, layer_sq)
         big = sum(int(b) for b in clients.batches)
+        # The job's check keeps small_batch below the global batch; a round whose other payloads were
+        # rejected can still hold no more than the small batch (or one client): it is left unscaled.
+        large = big > self.cfg.small_batch
         noise_scale = self.tracker.update(estimate) if estimate is not None else self.tracker.noise_scale
         out, teacher_std = grad, 0.0
-        if self.cfg.uses_teacher and not (self.cfg.only_outside_critical and critical):
-            if estimate is None:
-                raise ValueError(f"round {round_index}: the teacher needs >= 2 clients and their gradients "
-                                 f"or squared norms; pass them in ClientRound")
+        teach = self.cfg.uses_teacher and large and not (self.cfg.only_outside_critical and critical)
+        if teach and estimate is not None:  # None: one accepted client or no statistics this round
             coef = teacher_coefficient(self.cfg.small_batch, big)
             variance = coordinate_variance(estimate, self.layer_sizes, self.cfg.per_layer, grad.numel(),
                                            grad.device)
@@ -201,7 +203,7 @@ class ServerScalingPolicy:
             teacher_std = math.sqrt(coef * max(float(variance.double().mean()), 0.0))
         scale = 1.0
         if self.cfg.uses_step:
-            factor = self.cfg.scale or sqrt_rule(big, self.cfg.small_batch)
+            factor = self.cfg.scale or (sqrt_rule(big, self.cfg.small_batch) if large else 1.0)
             scale = step_scale(critical, factor)
             if scale != 1.0:
                 out = out * scale
