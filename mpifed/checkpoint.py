@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from mpifed.errors import InputError
+
 FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """No usable checkpoint, or one that belongs to another job; the message says which and why."""
 
 

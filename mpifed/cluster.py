@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from mpi4py import MPI
 
+from mpifed.errors import InputError
+
 
 ABORT_GRACE_SECONDS = 0.5
 
@@ -102,7 +104,8 @@ def run_or_abort(world: World, body: Callable[[], int | None]) -> int:
     except BaseException as err:  # noqa: BLE001 - any failure on any rank must end the job
         if isinstance(err, SystemExit) and not err.code:
             return 0
-        detail = "".join(traceback.format_exception(err))
+        # the user's input (a job field, a dataset, a budget): the message says it all
+        detail = "" if isinstance(err, InputError) else "".join(traceback.format_exception(err))
         message = (f"{detail}mpifed: rank {world.rank} ({world.role}) on {world.host} failed: "
                    f"{type(err).__name__}: {err}\nmpifed: aborting all {world.size} ranks\n")
         sys.stderr.flush()

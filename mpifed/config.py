@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -19,13 +20,14 @@ from typing import Any
 import tomli_w
 
 from mpifed import units
+from mpifed.errors import InputError
 from mpifed.models import MODELS
 from mpifed.scaling.policy import ScalingConfig, check_scaling
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "mnist", "fashionmnist")
 
 
-class JobError(ValueError):
+class JobError(InputError, ValueError):
     """A job file or override is wrong; the message lists every problem and how to fix it."""
 
 
@@ -146,8 +148,9 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = opt(0, "Write a checkpoint every this many rounds; 0 = only when SIGTERM or SIGUSR1 (what "
-                     "SLURM sends before a time limit or preemption) asks the job to stop.", minimum=0)
+    every: int = opt(0, "Write a checkpoint every this many rounds and after the last (so --resume with more "
+                     "train.rounds extends the run); 0 = only when SIGTERM or SIGUSR1 (what SLURM sends before "
+                     "a time limit or preemption) asks the job to stop.", minimum=0)
     keep: int = opt(2, "Newest checkpoints kept; an older one is deleted only after a newer one is safely "
                     "on disk.", minimum=1)
 
@@ -281,10 +284,14 @@ def _convert(tp: Any, value: Any, where: str, meta: dict, errors: list[str]) -> 
         return value
     if meta.get("unit"):
         try:
-            return float(_UNIT_PARSERS[meta["unit"]](value))
-        except ValueError as err:
+            number = float(_UNIT_PARSERS[meta["unit"]](value))
+        except (ValueError, OverflowError) as err:
             errors.append(f"{where}: {err}")
             return 0.0
+        if not math.isfinite(number):
+            errors.append(f"{where} = {value!r}: must be a finite amount")
+            return None
+        return number
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -293,6 +300,9 @@ def _convert(tp: Any, value: Any, where: str, meta: dict, errors: list[str]) -> 
     }[tp]
     if not ok:
         errors.append(f"{where} = {value!r}: expected {tp.__name__}")
+        return None
+    if tp is float and not math.isfinite(value):  # nan passes every `value < minimum` check
+        errors.append(f"{where} = {value!r}: must be a finite number")
         return None
     return float(value) if tp is float else value
 
@@ -399,9 +409,13 @@ def check_job(job: Job) -> list[str]:
                           f"the fastest profile speed = 1 and the others fractions of it")
     try:
         from mpifed.compress import make_codec
-        make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options)
+        codec = make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options)
     except (ValueError, TypeError) as err:
         errors.append(f"compress: {err}")
+    else:
+        if job.debug.corrupt_rank != -1 and job.debug.corrupt != "nan" and codec.summable:
+            errors.append(f"debug.corrupt = {job.debug.corrupt!r} malforms a gathered payload, but codec "
+                          f"{job.compress.codec!r} is summed by MPI, where only corrupt = \"nan\" can show")
     if job.plan.min_fraction > 1:
         errors.append(f"plan.min_fraction = {job.plan.min_fraction}: must be at most 1 (a fraction of the best)")
     if job.memory.margin >= 1:
@@ -418,8 +432,13 @@ def check_job(job: Job) -> list[str]:
         errors.append("plan.replan and scaling.grow_batch both move the clients' batches; choose one")
     if job.debug.slow_speed > 1:
         errors.append(f"debug.slow_speed = {job.debug.slow_speed}: must be at most 1 (a slow-down)")
-    if job.debug.fail_rank == 0 or job.debug.fail_rank < -1:
-        errors.append(f"debug.fail_rank = {job.debug.fail_rank}: must be a client rank >= 1, or -1 for off")
+    for what in ("fail", "corrupt", "slow"):
+        rank, round_ = getattr(job.debug, f"{what}_rank"), getattr(job.debug, f"{what}_round")
+        if rank == 0 or rank < -1:
+            errors.append(f"debug.{what}_rank = {rank}: must be a client rank >= 1, or -1 for off")
+        elif rank > 0 and round_ >= job.train.rounds:
+            errors.append(f"debug.{what}_round = {round_}: the run has rounds 0..{job.train.rounds - 1}, so "
+                          f"debug.{what}_rank would never act")
     return errors
 
 
@@ -439,8 +458,10 @@ def resolve_clients(job: Job, world_size: int) -> list[str]:
                        f"launch with `mpirun -n {grouped + 1}` or shrink the groups")
     names = [g.profile for g in job.clients.groups for _ in range(g.count)]
     names += [job.clients.profile] * (n - len(names))
-    if job.debug.fail_rank >= world_size:
-        raise JobError(f"debug.fail_rank = {job.debug.fail_rank} but the world has ranks 0..{world_size - 1}")
+    for what in ("fail", "corrupt", "slow"):
+        rank = getattr(job.debug, f"{what}_rank")
+        if rank >= world_size:
+            raise JobError(f"debug.{what}_rank = {rank} but the world has ranks 0..{world_size - 1}")
     problems = check_scaling(job.scaling, sum(client_batches(job, names)), n)
     if problems:
         raise JobError(f"with {n} clients: " + "; ".join(problems))

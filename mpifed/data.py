@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mpifed.errors import InputError
 from mpifed.seeding import Purpose, rng, torch_generator
 
 # Per-channel mean/std of each training set (the usual published values; synthetic measured).
@@ -28,7 +29,7 @@ _STATS = {
 _SYNTHETIC_DATA_SEED = 20250101  # fixed: the task stays the same when run.seed changes
 
 
-class DatasetError(RuntimeError):
+class DatasetError(InputError, RuntimeError):
     """A dataset is missing or unreadable; the message says where the files go."""
 
 
@@ -128,9 +129,10 @@ def load_dataset(name: str, train: bool, root: str = "data", download: bool = Fa
     cls = _torchvision_class(name)
     try:
         ds = cls(root=root, train=train, download=download)
-    except RuntimeError as err:
+    except Exception as err:  # RuntimeError when missing; files of the wrong format fail in the parsers
         where = _WHERE[name].replace("<root>", str(Path(root)))
-        raise DatasetError(f"{name} ({'train' if train else 'test'} split) not found or corrupt: {err} "
+        reason = str(err).strip().rstrip(".") or f"{type(err).__name__} while reading the files"
+        raise DatasetError(f"{name} ({'train' if train else 'test'} split) not found or corrupt: {reason}. "
                            f"The files go in {where}; set data.root to their parent directory, or "
                            f"data.download = true where the network allows.") from None
     data = np.asarray(ds.data)
@@ -155,7 +157,7 @@ def partition(labels: np.ndarray, weights: np.ndarray, scheme: str, seed: int,
     weights = np.asarray(weights, dtype=np.float64)
     n = len(labels)
     if len(weights) > n:
-        raise ValueError(f"{len(weights)} clients but only {n} training samples; use fewer clients "
+        raise DatasetError(f"{len(weights)} clients but only {n} training samples; use fewer clients "
                          f"or a larger dataset (data.train_size for synthetic)")
     if scheme == "volume":
         weights = weights * gen.lognormal(0.0, volume_sigma, size=len(weights))

@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from mpifed.errors import InputError
 from mpifed.units import format_bytes, parse_bytes
 
 __all__ = [
@@ -482,7 +483,7 @@ def measured_memory_model(model: nn.Module, input_shape: Sequence[int], num_clas
 
 # ---------------------------------------------------------------- budgets and sizing
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(InputError, ValueError):
     """A client's memory budget cannot hold the batch it must train with."""
 
     def __init__(self, client: str, budget: int, need: int, batch: int, detail: str = ""):

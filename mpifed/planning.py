@@ -276,7 +276,9 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
             raise JobError("mpifed profile times each client up to its memory cap: turn on "
                            "memory.size_clients or bound it with --max-batch N")
     except JobError as err:
-        raise click.ClickException(str(err)) from None
+        if world.is_server:
+            raise click.ClickException(str(err)) from None
+        raise SystemExit(1) from None  # the same message once, from rank 0, not once per rank
     result: list[StartupPlan] = []
 
     def body() -> None:

@@ -37,8 +37,8 @@ class Session:
     t_iter_pred: float = float("nan")  # the model's prediction of the next round, s (server; NaN: no plan)
 
     def checkpoint_due(self, done: int) -> bool:
-        every = self.job.checkpoint.every
-        return bool(every) and done % every == 0 and done < self.job.train.rounds
+        every = self.job.checkpoint.every  # and after the last round, so a finished run can be extended
+        return bool(every) and (done % every == 0 or done == self.job.train.rounds)
 
     @property
     def n_clients(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from importlib import resources
@@ -28,6 +29,13 @@ _FIELD = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
 # Characters that would break an unquoted #SBATCH line or a quoted bash word in the templates.
 _UNSAFE_PATH = re.compile(r"[\s\"'`$\\]")
+# Free-text options written unquoted into #SBATCH lines: (pattern, what it allows). A space would cut
+# the value short and a newline would start a directive of its own, so only plain words pass.
+_SBATCH_WORDS = {
+    "job_name": (re.compile(r"[A-Za-z0-9_.+-]+"), "letters, digits and _ . + -"),
+    "partition": (re.compile(r"[A-Za-z0-9_.,:+-]+"), "letters, digits and _ . , : + -"),
+    "account": (re.compile(r"[A-Za-z0-9_.,:+-]+"), "letters, digits and _ . , : + -"),
+}
 
 
 def template_text(name: str) -> str:
@@ -40,6 +48,42 @@ def template_text(name: str) -> str:
 def template_fields(name: str) -> set[str]:
     """The placeholder names that template `name` needs."""
     return set(_FIELD.findall(template_text(name)))
+
+
+def sbatch_word_problem(name: str, value: str | None) -> str | None:
+    """Why `value` cannot be the #SBATCH value of option `name` (a key of _SBATCH_WORDS), or None.
+    An empty value or None means the option is left out, so it passes."""
+    pattern, allowed = _SBATCH_WORDS[name]
+    if not value or pattern.fullmatch(value):
+        return None
+    return f"{value!r}: use {allowed} only (it is written into an #SBATCH line, where a space or newline " \
+           "would break it or add directives)"
+
+
+def train_options(args: Sequence[str]) -> dict[str, object]:
+    """`mpifed train`'s options in `args` (what follows `--`), read by that command's own parser so
+    that a typo fails when the script is rendered, not when the job starts in the queue. Returns its
+    parameters, with --name and --out folded into `overrides` as train does. Raises ValueError for
+    what train would refuse and for what the script itself decides (--job, --resume, --print-job)."""
+    import click
+
+    from mpifed.commands.train import _quote, train
+
+    try:
+        ctx = train.make_context("mpifed train", list(args), help_option_names=[])
+    except click.ClickException as err:
+        raise ValueError(f"arguments after -- (for mpifed train): {err.format_message()}") from None
+    params = dict(ctx.params)
+    refused = [("job_file", "--job: the script passes the job file itself; give it to mpifed slurm --job"),
+               ("resume", "--resume: the script trains its job file from the start; for a job that resumes "
+                          "itself after the time limit use mpifed slurm --requeue"),
+               ("print_job", "--print-job: run `mpifed train --job FILE --print-job` here instead")]
+    problems = [message for key, message in refused if params.get(key)]
+    if problems:
+        raise ValueError("arguments after -- (for mpifed train): " + "; ".join(problems))
+    params["overrides"] = [*params["overrides"], *(f"run.{key}={_quote(params[key])}"
+                                                    for key in ("name", "out") if params[key])]
+    return params
 
 
 def render(template_name: str, **fields: object) -> str:
@@ -141,7 +185,7 @@ class SlurmOptions:
                 p.append(f"array_parallel={self.array_parallel}: need 1 or more, or None for no cap")
         if self.cpus_per_task < 1:
             p.append(f"cpus_per_task={self.cpus_per_task}: need at least 1")
-        if not _TIME.match(self.time):
+        if not _TIME.fullmatch(self.time):
             p.append(f"time={self.time!r}: use a SLURM time such as 30, 04:00:00 or 1-12:00:00")
         if self.launcher not in LAUNCHERS:
             p.append(f"launcher={self.launcher!r}: choose one of {', '.join(LAUNCHERS)}")
@@ -152,17 +196,40 @@ class SlurmOptions:
             if value is not None and _UNSAFE_PATH.search(value):
                 p.append(f"{name}={value!r}: spaces, quotes, $ and backslashes break the batch "
                          "script; move or link it to a plain path")
-        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.job_name):
-            p.append(f"job_name={self.job_name!r}: use letters, digits and _ . + - only")
-        if self.job is not None and Path(self.job).is_file():
-            from mpifed.config import load_job  # a fixed client count must match the ranks started
+        for name in _SBATCH_WORDS:
+            problem = sbatch_word_problem(name, getattr(self, name))
+            if problem:
+                p.append(f"{name}={problem}")
+        try:
+            train_options(self.mpifed_args)
+        except ValueError as err:
+            p.append(str(err))
+        else:
+            if self.job is not None and Path(self.job).is_file():
+                p += self.job_problems(self.job)
+        return p
 
-            count = load_job(self.job).clients.count
-            if count and self.ntasks != count + 1:
-                p.append(f"the job fixes clients.count = {count}, so it needs {count + 1} ranks, but "
-                         f"ntasks = {self.ntasks}; choose --nodes and --gpus-per-node with nodes x gpus = "
-                         f"{count} (or, on one node, --ntasks {count + 1}), or set clients.count = 0 in the "
-                         f"job to use every rank")
+    def job_problems(self, job_file: str) -> list[str]:
+        """What `mpifed train` would refuse in `job_file` with the arguments after `--`, found now
+        rather than once the job leaves the queue, and a fixed client count that the ranks miss."""
+        from mpifed.config import JobError, load_job
+
+        train = train_options(self.mpifed_args)
+        try:
+            job = load_job(job_file, train["overrides"])
+        except JobError as err:
+            where = " with the arguments after --" if self.mpifed_args else ""
+            return [f"mpifed train would refuse the job{where}: " + str(err).replace("\n", "\n  ")]
+        p = []
+        count = job.clients.count
+        if count and self.ntasks != count + 1:
+            p.append(f"{job_file} fixes clients.count = {count}, so it needs {count + 1} ranks, but "
+                     f"ntasks = {self.ntasks}; choose --nodes and --gpus-per-node with nodes x gpus = "
+                     f"{count} (or, on one node, --ntasks {count + 1}), or set clients.count = 0 in the "
+                     f"job to use every rank")
+        if train["auto_resume"] and not self.requeue and job.run.timestamp:
+            p.append("--auto-resume after -- needs a fixed run directory: add --set run.timestamp=false and "
+                     "a fixed --name, or use mpifed slurm --requeue, which sets both")
         return p
 
     @property
@@ -195,8 +262,12 @@ class SlurmOptions:
         if self.requeue and self.sweep is None:
             from mpifed.config import load_job
 
-            name = load_job(self.job).run.name if Path(self.job).is_file() else self.job_name
-            words += ["--name", f'"{name}-$SLURM_JOB_ID"', "--set", "run.timestamp=false", "--auto-resume"]
+            # The run name as train will see it (a --name or --set run.name after -- included); quoted,
+            # since it comes from the job file.
+            overrides = train_options(self.mpifed_args)["overrides"]
+            name = load_job(self.job, overrides).run.name if Path(self.job).is_file() else self.job_name
+            words += ["--name", f'{shlex.quote(name)}"-$SLURM_JOB_ID"', "--set", "run.timestamp=false",
+                      "--auto-resume"]
         return " ".join(words)
 
     def fields(self) -> dict[str, object]:

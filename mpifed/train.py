@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import sys
 import traceback
@@ -56,7 +57,6 @@ def prepare(world: World, job_file: str | None, overrides: list[str], resume: st
             resume = resume or (_existing_run(job_file, overrides) if auto_resume else None)
             job, start = _resume(world, resume, overrides) if resume else _new(world, job_file, overrides)
             text = job.to_toml()
-            (start.run_dir / "job.toml").write_text(text)
         except (JobError, checkpoint.CheckpointError) as err:
             error = str(err)
         except Exception as err:  # anything else must reach the other ranks too, not leave them waiting
@@ -85,7 +85,7 @@ def _existing_run(job_file: str | None, overrides: list[str]) -> str | None:
     run_dir = Path(job.run.out) / job.run.name
     if checkpoint.candidates(run_dir):
         return str(run_dir)
-    if run_dir.exists():
+    if run_dir.exists() and any(run_dir.iterdir()):
         raise JobError(f"--auto-resume: {run_dir} exists but holds no checkpoint to resume; remove it or "
                        f"choose another --name (nothing was written)")
     return None
@@ -96,7 +96,13 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
     if not (run_dir / "job.toml").is_file() or not (run_dir / "run.h5").is_file():
         raise JobError(f"--resume {run_dir}: not an mpifed run directory (no job.toml and run.h5); give "
                        f"the directory `mpifed train` printed, e.g. runs/default-20260101-120000")
+    stored = load_job(run_dir / "job.toml")
     job = load_job(run_dir / "job.toml", overrides)
+    changed = [key for key in _changed_fields(stored, job) if not key.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        raise JobError(f"--resume continues the stored job, but --set changes {', '.join(changed)}, which would "
+                       f"make the resumed rounds differ from what run.h5 describes; start a new run for that "
+                       f"(on resume only {', '.join(RESUME_MAY_CHANGE)} may change)")
     resolve_clients(job, world.size)
     path, payload, notes = checkpoint.choose(run_dir, checkpoint.identity(job, world.size - 1))
     for note in notes:
@@ -104,8 +110,44 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
     if payload["round"] >= job.train.rounds:
         raise JobError(f"{path} is at round {payload['round']} and the job has train.rounds = "
                        f"{job.train.rounds}: nothing left; raise it, e.g. --set train.rounds=2000")
+    logged = _logged_rounds(run_dir / "run.h5")
+    if logged < payload["round"]:
+        raise JobError(f"{run_dir / 'run.h5'} holds {logged} rounds but {path.name} resumes at round "
+                       f"{payload['round']}: the log lost rounds; restore it from a copy (nothing was changed)")
     note = f"resumed at round {payload['round']} from {path.name} ({datetime.datetime.now().isoformat(timespec='seconds')})"
     return job, Start(run_dir, payload["round"], payload, note)
+
+
+RESUME_MAY_CHANGE = ("train.rounds", "train.eval_every", "train.eval_batch", "checkpoint.", "comm.", "run.",
+                     "memory.", "plan.", "debug.")
+"""Job fields a resume may change: how long, how often to evaluate and checkpoint, how ranks wait
+and where they run. The rest (data, model, batches, optimizer, codec, clients, scaling) shapes what
+the rounds compute, which the log and the checkpoint must keep describing."""
+
+
+def _changed_fields(a: Job, b: Job) -> list[str]:
+    """Dotted names of the fields that differ between two jobs."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    fa, fb = flat(dataclasses.asdict(a)), flat(dataclasses.asdict(b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def _logged_rounds(path: Path) -> int:
+    """Rounds a run log holds, read before anything is changed; a damaged log is the user's to restore."""
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["iter/t_iter"].shape[0])
+    except (OSError, KeyError) as err:
+        raise JobError(f"--resume: {path} cannot be read ({err}); restore it from a copy, or start a new run "
+                       f"(nothing was changed)") from None
 
 
 def _make_run_dir(job: Job) -> Path:
@@ -113,11 +155,11 @@ def _make_run_dir(job: Job) -> Path:
     if job.run.timestamp:
         name += datetime.datetime.now().strftime("-%Y%m%d-%H%M%S")
     path = Path(job.run.out) / name
-    if path.exists():
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):  # empty: a start-up that failed
         raise JobError(f"run directory {path} already exists; choose another run.name (--name) or "
                        f"remove it (nothing was written)")
     try:
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise JobError(f"cannot create the run directory {path}: {err.strerror or err}; choose a writable "
                        f"run.out (--out)") from None
@@ -148,6 +190,7 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
     ranks = {key: [info[key] for info in infos] for key in RANK_COLUMNS}
     s.max_batches = [int(info["max_batch"]) for info in infos[1:]]
     s.data_sizes = [int(info["data_size"]) for info in infos[1:]]
+    (run_dir / "job.toml").write_text(job.to_toml())  # set-up succeeded: the job is what runs
     if start.checkpoint is not None:
         writer = RunWriter.reopen(run_dir / "run.h5", start.round, start.note, job.to_toml())
     else:

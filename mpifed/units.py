@@ -6,6 +6,7 @@ file, which stores plain numbers, reads back to the same values.
 
 from __future__ import annotations
 
+import math
 import re
 
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z/]*)\s*$")
@@ -20,7 +21,7 @@ _SECONDS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 
 
 def _split(text: str | int | float, what: str) -> tuple[float, str]:
-    if isinstance(text, bool):
+    if isinstance(text, bool) or (isinstance(text, float) and not math.isfinite(text)):
         raise ValueError(f"expected {what}, got {text!r}")
     if isinstance(text, (int, float)):
         return float(text), ""

@@ -21,6 +21,16 @@ def test_every_problem_is_listed_with_field_value_and_allowed():
     assert "optim.lr = 'fast': expected float" in text
 
 
+def test_nan_and_infinity_are_refused_not_passed_on():
+    """nan compares False with every minimum; it must not reach the run (lr = nan trains nothing)."""
+    with pytest.raises(JobError) as err:
+        load_job(overrides=["optim.lr=nan", "memory.margin=inf", "profiles.x.memory=inf", "profiles.x.latency=nan"])
+    text = str(err.value)
+    assert "4 problem(s)" in text
+    assert "optim.lr = nan: must be a finite number" in text and "memory.margin = inf: must be a finite" in text
+    assert "profiles.x.memory: expected a size" in text and "profiles.x.latency: expected a duration" in text
+
+
 def test_job_file_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nbatch = -3\n[profiles.slow]\nspeed = 4.0\nmemory = '2 parsecs'\n")
@@ -50,6 +60,15 @@ def test_cross_field_checks():
         load_job(overrides=["debug.slow_speed=2.0"])
     with pytest.raises(JobError, match="nesterov = true needs optim.momentum > 0"):
         load_job(overrides=["optim.nesterov=true", "optim.momentum=0"])
+    # fault injection that could never act is refused, not silently ignored
+    with pytest.raises(JobError, match="debug.fail_round = 50: the run has rounds 0..9"):
+        load_job(overrides=["train.rounds=10", "debug.fail_rank=1", "debug.fail_round=50"])
+    with pytest.raises(JobError, match="debug.slow_rank = 0: must be a client rank"):
+        load_job(overrides=["debug.slow_rank=0"])
+    with pytest.raises(JobError, match="only corrupt = \"nan\" can show"):
+        load_job(overrides=['compress.codec="fp16"', "debug.corrupt_rank=1", 'debug.corrupt="truncate"'])
+    with pytest.raises(JobError, match="debug.corrupt_rank = 7 but the world has ranks 0..2"):
+        resolve_clients(load_job(overrides=["debug.corrupt_rank=7", 'debug.corrupt="nan"']), 3)
 
 
 def test_overrides_parse_toml_values_and_fall_back_to_strings():

@@ -108,3 +108,13 @@ def test_mnist_loads_from_idx_files_and_is_padded_to_32(tmp_path):
 def test_missing_dataset_says_where_the_files_go(tmp_path):
     with pytest.raises(DatasetError, match=r"cifar-10-batches-py.*data.download = true"):
         load_dataset("cifar10", train=True, root=str(tmp_path))
+
+
+def test_dataset_files_in_the_wrong_format_say_which_and_where(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            (raw / f"{split}-{kind}-ubyte").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match=r"mnist \(test split\) not found or corrupt: .*MNIST/raw/"):
+        load_dataset("mnist", train=False, root=str(tmp_path))

@@ -56,3 +56,14 @@ def test_learning_rate_schedules():
 def test_straggler_wait_is_time_beyond_the_quickest_collective():
     assert np.allclose(straggler_wait(np.array([0.5, 0.1, 0.3])), [0.4, 0.0, 0.2])
     assert math.isclose(straggler_wait(np.array([0.2]))[0], 0.0)
+
+
+def test_a_checkpoint_written_for_another_job_is_refused(tmp_path):
+    from mpifed import checkpoint
+
+    ours = dict(model="cnn", dataset="synthetic", clients=3, codec="none", seed=0, local_steps=1)
+    checkpoint.save(tmp_path, dict(round=4, identity=ours), keep=2)
+    assert checkpoint.choose(tmp_path, ours)[1]["round"] == 4
+    with pytest.raises(checkpoint.CheckpointError, match="belongs to a different job \\(codec: checkpoint 'none', "
+                                                         "job 'fp16'\\)"):
+        checkpoint.choose(tmp_path, dict(ours, codec="fp16"))

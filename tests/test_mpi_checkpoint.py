@@ -59,22 +59,31 @@ def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path):
 def test_a_corrupt_checkpoint_is_set_aside_and_a_mismatched_one_refused(tmp_path):
     ok(train(3, tmp_path, "ck", "--set", "checkpoint.every=3", "--set", "train.rounds=10"))
     folder = tmp_path / "ck" / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["round-00000006.pt", "round-00000009.pt"]
+    # every 3 rounds and after the last, the newest 2 kept: a finished run can be extended
+    assert sorted(p.name for p in folder.iterdir()) == ["round-00000009.pt", "round-00000010.pt"]
+    job_before = (tmp_path / "ck" / "job.toml").read_text()
 
     mismatch = mpi_run(3, ["train", "--resume", str(tmp_path / "ck"), "--set", 'compress.codec="fp16"',
                            "--set", "train.rounds=12"], tmp_path, timeout=120)
     assert mismatch.returncode == 2
-    assert "belongs to a different job (codec: checkpoint 'none', job 'fp16')" in mismatch.stderr
-    assert sorted(p.name for p in folder.iterdir()) == ["round-00000006.pt", "round-00000009.pt"]
+    assert "--set changes compress.codec" in mismatch.stderr and "start a new run" in mismatch.stderr
+    changed = mpi_run(3, ["train", "--resume", str(tmp_path / "ck"), "--set", "train.batch=8",
+                          "--set", 'data.partition="dirichlet"', "--set", "train.rounds=12"], tmp_path, timeout=120)
+    assert changed.returncode == 2 and "--set changes data.partition, train.batch" in changed.stderr
+    done = mpi_run(3, ["train", "--resume", str(tmp_path / "ck")], tmp_path, timeout=120)
+    assert done.returncode == 2 and "nothing left; raise it" in done.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["round-00000009.pt", "round-00000010.pt"]
+    assert (tmp_path / "ck" / "job.toml").read_text() == job_before  # refused resumes change nothing
 
-    (folder / "round-00000009.pt").write_bytes(b"not a checkpoint at all")
+    (folder / "round-00000010.pt").write_bytes(b"not a checkpoint at all")
     proc = ok(mpi_run(3, ["train", "--resume", str(tmp_path / "ck"), "--set", "train.rounds=12",
                           "--progress", "log"], tmp_path))
-    assert "round-00000009.pt is unreadable" in proc.stderr and "moved to round-00000009.pt.corrupt" in proc.stderr
-    assert (folder / "round-00000009.pt.corrupt").read_bytes() == b"not a checkpoint at all"
+    assert "round-00000010.pt is unreadable" in proc.stderr and "moved to round-00000010.pt.corrupt" in proc.stderr
+    assert (folder / "round-00000010.pt.corrupt").read_bytes() == b"not a checkpoint at all"
     with h5py.File(tmp_path / "ck" / "run.h5") as f:
-        assert f["iter/t_iter"].shape == (12, 3)  # rounds 6..9 logged before were replaced, not duplicated
-        assert "resumed at round 6" in f.attrs["resumes"][0]
+        assert f["iter/t_iter"].shape == (12, 3)  # round 9 logged before was replaced, not duplicated
+        assert "resumed at round 9" in f.attrs["resumes"][0]
+    assert "rounds = 12" in (tmp_path / "ck" / "job.toml").read_text()
 
 
 def test_resume_of_something_that_is_not_a_run_says_so(tmp_path):

@@ -117,15 +117,17 @@ def test_a_resumed_replanned_run_keeps_the_checkpoints_batches(tmp_path):
              "--set", "train.batch=32", "--set", "train.rounds=20", "--set", "checkpoint.every=10",
              "--set", "debug.slow_rank=2", "--set", "debug.slow_round=2", "--set", "debug.slow_speed=0.25"))
     with h5py.File(tmp_path / "rs" / "run.h5") as f:
-        before = [int(b) for b in f["iter/batch"][10, 1:]]  # the first round after the checkpoint
-    assert before[1] < 20, before  # moved off the slowed client: no undrifted start-up plan gives that
+        logged = f["iter/batch"][:, 1:].astype(int)
+    assert logged[10:, 1].max() < 20, logged[10:]  # moved off the slowed client by round 10
     proc = ok(mpi_run(3, ["train", "--resume", str(tmp_path / "rs"), "--set", "train.rounds=24",
-                          "--progress", "log"], tmp_path))
+                          "--progress", "log"], tmp_path))  # extends the finished run from its last checkpoint
     with h5py.File(tmp_path / "rs" / "run.h5") as f:
-        batches, pred = f["iter/batch"][:, 1:], f["iter/t_iter_pred"][:, 0]
-        assert batches.shape == (24, 2) and batches[10].tolist() == before
+        batches, pred = f["iter/batch"][:, 1:].astype(int), f["iter/t_iter_pred"][:, 0]
+        assert batches.shape == (24, 2) and (batches[:20] == logged).all()
         assert (batches.sum(axis=1) == 64).all() and np.isfinite(pred).all()
-    assert f"resuming with the checkpoint's batches {before[0]}, {before[1]}, not this start-up plan's" in proc.stdout
+    resumed = batches[20].tolist()  # the split the checkpoint after round 20 holds, not a fresh plan's
+    assert resumed[1] < 20, resumed
+    assert f"resuming with the checkpoint's batches {resumed[0]}, {resumed[1]}, not this start-up plan's" in proc.stdout
 
 
 def test_profile_command_writes_the_start_up_model_that_plan_reads(tmp_path):

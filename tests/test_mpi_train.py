@@ -164,6 +164,10 @@ def test_missing_dataset_ends_the_job_with_where_the_files_go(tmp_path):
                  timeout=120)
     assert proc.returncode != 0
     assert "cifar-10-batches-py" in proc.stderr and "DatasetError" in proc.stderr
+    assert "Traceback" not in proc.stderr  # the user's input: the message alone says what to do
+    # nothing written: the directory a failed start-up made is empty, and the same --name may run again
+    assert list((tmp_path / "nodata").iterdir()) == []
+    ok(train(3, tmp_path, "nodata", "--set", "train.rounds=1"))
 
 
 def test_a_client_that_raises_mid_run_ends_the_whole_job(tmp_path):

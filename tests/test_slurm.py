@@ -99,6 +99,10 @@ def test_every_template_field_comes_from_the_options():
     ({"job": "/j", "launcher": "mpiexec"}, "launcher='mpiexec'"),
     ({"job": "/my jobs/j.toml"}, "spaces, quotes"),
     ({"sweep": "/s", "sweep_size": 2, "nodes": 2}, "each array element is a one-node run"),
+    ({"job": "/j", "partition": "gpu debug"}, "partition='gpu debug': use letters, digits and _ . , : + - only"),
+    ({"job": "/j", "account": "a\n#SBATCH --x"}, "account='a\\n#SBATCH --x': use letters"),
+    ({"job": "/j", "time": "1\n"}, "time='1\\n'"),
+    ({"job": "/j", "mpifed_args": ("--sett", "x=1")}, "after -- (for mpifed train): No such option '--sett'"),
 ])
 def test_options_reject_bad_values_and_say_why(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -137,6 +141,75 @@ def test_command_counts_the_sweep_and_checks_its_files(tmp_path):
                                                 "--log-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "#SBATCH --array=0-1\n" in result.output
+
+
+def _invoke(tmp_path: Path, *args: str):
+    """`mpifed slurm` on an empty (default) job file, writing to tmp_path/out.sbatch unless -o says else."""
+    job = tmp_path / "job.toml"
+    job.write_text("")
+    output = [] if "-o" in args else ["-o", str(tmp_path / "out.sbatch")]
+    return CliRunner().invoke(slurm_command, ["--job", str(job), "--venv", "", "--log-dir", str(tmp_path / "logs"),
+                                              *output, *args])
+
+
+def test_output_in_a_missing_directory_is_refused_before_anything_is_written(tmp_path):
+    result = _invoke(tmp_path, "-o", str(tmp_path / "nodir" / "x.sbatch"))
+    assert result.exit_code == 2, result.output
+    assert f"directory {tmp_path / 'nodir'} does not exist; create it first" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "nodir").exists()
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("option, value, allowed", [
+    ("--partition", "gpu debug", "letters, digits and _ . , : + -"),
+    ("--account", "a\n#SBATCH --x", "letters, digits and _ . , : + -"),
+    ("--job-name", "my job", "letters, digits and _ . + -"),
+])
+def test_values_that_would_break_or_add_sbatch_lines_are_refused(tmp_path, option, value, allowed):
+    result = _invoke(tmp_path, option, value)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': {value!r}: use {allowed} only" in result.output
+    assert not (tmp_path / "out.sbatch").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.rouns=5"], "train.rouns: unknown field (did you mean 'rounds'?)"),
+    (["--set", "train.rounds=x"], "train.rounds = 'x': expected int"),
+    (["--set", "train"], "--set 'train': expected key=value"),
+    (["--sett", "train.rounds=5"], "No such option '--sett'"),
+    (["--progress", "loud"], "'loud' is not one of"),
+    (["--job", "other.toml"], "--job: the script passes the job file itself"),
+    (["--auto-resume"], "--auto-resume after -- needs a fixed run directory"),
+])
+def test_arguments_for_train_are_checked_when_the_script_is_rendered(tmp_path, args, message):
+    result = _invoke(tmp_path, "--", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out.sbatch").exists()
+
+
+def test_arguments_for_train_are_checked_against_every_sweep_job(tmp_path):
+    (tmp_path / "a.toml").write_text("")
+    (tmp_path / "b.toml").write_text("[train]\nrounds = 4\n")
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("a.toml\nb.toml\n")
+    args = ["--sweep", str(sweep), "--venv", "", "--log-dir", str(tmp_path), "-o", str(tmp_path / "s.sbatch")]
+    result = CliRunner().invoke(slurm_command, [*args, "--", "--set", "model.nam=cnn"])
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'a.toml'} has 1 problem(s)" in result.output
+    assert f"{tmp_path / 'b.toml'} has 1 problem(s)" in result.output
+    assert "model.nam: unknown field" in result.output and not (tmp_path / "s.sbatch").exists()
+    result = CliRunner().invoke(slurm_command, [*args, "--", "--set", "model.name=cnn"])
+    assert result.exit_code == 0, result.output
+
+
+def test_requeue_names_the_run_as_train_will_and_quotes_it(tmp_path):
+    job = tmp_path / "j.toml"
+    job.write_text('[run]\nname = "pre"\n')
+    opts = SlurmOptions(job=str(job), requeue=True, mpifed_args=("--name", "my run"))
+    assert opts.command_line().endswith(
+        """--name 'my run' --name 'my run'"-$SLURM_JOB_ID" --set run.timestamp=false --auto-resume""")
+    subprocess.run(["bash", "-n"], input=render(opts.template, **opts.fields()), text=True, check=True)
 
 
 # --- real jobs on a SLURM cluster ------------------------------------------------------------

@@ -5,10 +5,13 @@ attribute and the few datasets every summary needs; any other dataset, including
 versions add (/server/scale, /server/critical, /server/noise_scale, ...), is loaded when present
 and simply absent otherwise. Logs of running jobs work too: they are opened with SWMR, and
 the series are cut to the rounds that every dataset already holds (the writer grows them one by one).
+A truncated file is refused at once: HDF5 checks the size only on a plain (non-SWMR) open.
 """
 
 from __future__ import annotations
 
+import re
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,10 @@ import numpy as np
 from mpifed.runlog import SCHEMA, open_run
 
 REQUIRED = ("ranks/role", "iter/t_iter", "iter/batch")
+# How HDF5 refuses a file shorter than its superblock says it is: "truncated file: eof = N, ..., stored_eof = M".
+TRUNCATED = re.compile(r"truncated file: eof = (\d+).*?stored_eof = (\d+)")
+# How a plain open refuses a log that a job holds (or held when it crashed); SWMR reads those.
+IN_USE = ("already open for write", "unable to lock file")
 
 
 class RunLogError(Exception):
@@ -76,12 +83,9 @@ def resolve(path: str | Path) -> Path:
 
 
 def open_log(path: str | Path) -> tuple[Path, h5py.File]:
-    """Open and check a log (SWMR, so running jobs can be read); the caller closes the file."""
+    """Open and check a log (SWMR when a job is writing it); the caller closes the file."""
     p = resolve(path)
-    try:
-        f = open_run(p)
-    except OSError as e:
-        raise LogUnavailable(f"{p}: not an HDF5 file ({e}); give the run.h5 that `mpifed train` wrote") from None
+    f = _open(p)
     try:
         check(f, p)
     except RunLogError:
@@ -90,12 +94,42 @@ def open_log(path: str | Path) -> tuple[Path, h5py.File]:
     return p, f
 
 
+def _open(p: Path) -> h5py.File:
+    """A plain open first: unlike an SWMR open, it refuses a truncated or damaged file at once, where SWMR
+    would retry each bad read for minutes. Only a log in use by a job (writing it, or crashed with it
+    open) is then opened with SWMR."""
+    for attempt in range(3):
+        try:
+            return h5py.File(p, "r")
+        except OSError as e:
+            error = str(e)
+        sizes = TRUNCATED.search(error)
+        if not sizes:
+            break
+        if attempt == 2:
+            have, want = (int(n) for n in sizes.groups())
+            raise RunLogError(f"{p} is truncated ({have:,} of {want:,} bytes): the copy is incomplete or the "
+                              f"disk filled; copy it again, or free disk space and rerun the job")
+        time.sleep(0.1)  # a live writer may be between recording a larger size and writing it: look again
+    if any(reason in error for reason in IN_USE):
+        try:
+            return open_run(p)
+        except OSError as e:
+            error = str(e)
+    raise LogUnavailable(f"{p}: not an HDF5 file, or a damaged one ({error}); "
+                         f"give the run.h5 that `mpifed train` wrote")
+
+
 def check(f: h5py.File, p: Path) -> None:
     """Refuse files that are not mpifed logs, or that a newer mpifed wrote in a layout we don't know."""
     if "schema" not in f.attrs:
         raise RunLogError(f"{p}: not an mpifed run log (no 'schema' attribute); "
                           f"give the run.h5 that `mpifed train` wrote")
-    schema = int(f.attrs["schema"])
+    schema = f.attrs["schema"]
+    if not isinstance(schema, (int, np.integer)):
+        raise RunLogError(f"{p}: its 'schema' attribute is {schema!r:.40}, not an integer; "
+                          f"not a log that `mpifed train` wrote, or a damaged one")
+    schema = int(schema)
     if schema > SCHEMA:
         raise RunLogError(f"{p}: written with log schema {schema}, but this mpifed reads schema {SCHEMA} "
                           f"and older; upgrade mpifed (pip install -U mpifed) to analyse it")

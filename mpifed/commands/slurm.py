@@ -5,8 +5,9 @@
     mpifed slurm --sweep sweeps/lr.txt --gpus-per-node 2 --array-parallel 4 --submit
     mpifed slurm --job jobs/smoke.toml --gpus-per-node 0 --ntasks 3 --overcommit -- --set train.rounds=5
 
-Arguments after `--` are appended to `mpifed train --job FILE`. Paths are written absolute, so the
-script runs from any directory. The rendering itself is mpifed/slurm.py.
+Arguments after `--` are appended to `mpifed train --job FILE`, and checked with the job file(s) now
+rather than when the job leaves the queue. Paths are written absolute, so the script runs from any
+directory. The rendering itself is mpifed/slurm.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from mpifed.slurm import LAUNCHERS, SlurmOptions, render, submit
+from mpifed.slurm import LAUNCHERS, SlurmOptions, render, sbatch_word_problem, submit
 
 
 def _sweep_jobs(sweep: Path) -> list[Path]:
@@ -36,6 +37,23 @@ def _sweep_jobs(sweep: Path) -> list[Path]:
     return jobs
 
 
+def _sbatch_word(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse a value that would break, or add to, the #SBATCH line it is written into."""
+    problem = sbatch_word_problem(param.name, value)
+    if problem:
+        raise click.BadParameter(problem, ctx, param)
+    return value
+
+
+def _check_output(output: Path) -> None:
+    """Refuse -o in a missing directory before anything is written: the user names the directory."""
+    parent = output.parent
+    if not parent.is_dir():
+        state = "is not a directory" if parent.exists() else "does not exist"
+        raise click.BadParameter(f"cannot write {output}: directory {parent} {state}; create it first "
+                                 f"(mkdir -p {parent}) or choose another path", param_hint="'-o' / '--output'")
+
+
 def _default_venv() -> str | None:
     """The virtual environment running this command, if any: the batch job should use the same."""
     return sys.prefix if sys.prefix != sys.base_prefix else None
@@ -52,8 +70,9 @@ def _default_venv() -> str | None:
               help="MPI ranks. Default: nodes * gpus-per-node + 1 (the server).")
 @click.option("--cpus-per-task", type=int, default=1, help="CPU cores per rank.")
 @click.option("--time", "time_limit", default="01:00:00", help="Wall-time limit (SLURM --time).")
-@click.option("--partition", default=None, help="Partition. Default: the cluster's default.")
-@click.option("--account", default=None, help="Account to charge.")
+@click.option("--partition", default=None, callback=_sbatch_word,
+              help="Partition (or a comma-separated list). Default: the cluster's default.")
+@click.option("--account", default=None, callback=_sbatch_word, help="Account to charge.")
 @click.option("--launcher", type=click.Choice(LAUNCHERS), default="srun",
               help="srun --mpi=pmi2, or the MPICH wheel's mpirun.")
 @click.option("--overcommit", is_flag=True, help="Allow more ranks than CPUs (test clusters).")
@@ -62,7 +81,8 @@ def _default_venv() -> str | None:
               help="Send SIGUSR1 this many seconds before the time limit.")
 @click.option("--venv", default=_default_venv(),
               help="Virtual environment to activate in the job; '' for none. Default: the current one.")
-@click.option("--job-name", default=None, help="SLURM job name. Default: the job or sweep file's stem.")
+@click.option("--job-name", default=None, callback=_sbatch_word,
+              help="SLURM job name. Default: the job or sweep file's stem.")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/slurm"),
               help="Directory of SLURM's output files; created if missing (SLURM cannot create it).")
 @click.option("--array-parallel", type=int, default=None,
@@ -80,14 +100,17 @@ def slurm(job: Path | None, sweep: Path | None, nodes: int, gpus_per_node: int, 
     if venv and not (Path(venv) / "bin" / "activate").is_file():
         raise click.BadParameter(f"{venv}/bin/activate does not exist; give a virtual environment "
                                  "directory, or '' to activate none", param_hint="--venv")
+    if output is not None:
+        _check_output(output)
     source = job or sweep
     if job_name is None and source is not None:
         job_name = re.sub(r"[^A-Za-z0-9_.+-]", "_", source.stem) or "mpifed"
+    sweep_jobs = _sweep_jobs(sweep) if sweep else []
     try:
         opts = SlurmOptions(
             job=str(job.resolve()) if job else None,
             sweep=str(sweep.resolve()) if sweep else None,
-            sweep_size=len(_sweep_jobs(sweep)) if sweep else 0,
+            sweep_size=len(sweep_jobs),
             array_parallel=array_parallel, nodes=nodes, gpus_per_node=gpus_per_node, ntasks=ntasks,
             cpus_per_task=cpus_per_task, time=time_limit, partition=partition, account=account,
             launcher=launcher, overcommit=overcommit, requeue=requeue, signal_seconds=signal_seconds,
@@ -95,14 +118,25 @@ def slurm(job: Path | None, sweep: Path | None, nodes: int, gpus_per_node: int, 
             log_dir=str(log_dir.resolve()), mpifed_args=mpifed_args)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    # Each array element runs `mpifed train` on its own job file: check them all with the -- arguments.
+    problems = list(dict.fromkeys(problem for path in sweep_jobs
+                                  for problem in opts.job_problems(str(path.resolve()))))
+    if problems:
+        raise click.UsageError(f"invalid sweep {sweep}:\n  " + "\n  ".join(problems))
     script = render(opts.template, **opts.fields())
-    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise click.BadParameter(f"cannot create {log_dir}: {e.strerror}", param_hint="'--log-dir'") from None
     if do_submit and output is None:
         output = log_dir / f"{opts.job_name}.sbatch"
     if output is None:
         click.echo(script, nl=False)
         return
-    output.write_text(script)
+    try:
+        output.write_text(script)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {output}: {e.strerror}") from None
     click.echo(f"wrote {output} ({opts.template}, {opts.ntasks} ranks)", err=True)
     if do_submit:
         try:

@@ -1,7 +1,7 @@
 """`mpifed watch RUN.h5`: follow a running job from its log, from any shell that sees the file.
 
-Opens the log read-only with SWMR, so it never disturbs the writer, and reads only the rows added
-since the last look. Stops when the run has logged all its rounds, when no round arrived for
+Opens the log read-only (with SWMR while a job writes it), so it never disturbs the writer, and reads only
+the rows added since the last look. Stops when the run has logged all its rounds, when no round arrived for
 `--idle` seconds (a job that ended early or hangs), or at once with `--once`. Example:
 
     mpirun -n 4 mpifed train --name a &  mpifed watch runs/a/run.h5
