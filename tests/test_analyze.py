@@ -7,6 +7,7 @@ summary prints is checked against a value computed here straight from the HDF5 d
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from click.testing import CliRunner
 
 from conftest import ok, train
 from mpifed.analysis import load_run, summarize
+from mpifed.analysis.load import open_log
 from mpifed.analysis.plots import write_plots
 from mpifed.commands.analyze import analyze
 from mpifed.commands.watch import watch
@@ -206,12 +208,13 @@ def test_unreadable_paths_give_errors_that_say_what_to_give(tmp_path):
     assert watched.exit_code == 1 and "not an mpifed run log" in watched.output
 
 
-def _synthetic_log(path: Path, schema: int = 1, rounds: int = 8) -> Path:
+def _synthetic_log(path: Path, schema: int | str = 1, rounds: int = 8) -> Path:
     """A log with only the required datasets plus ones that later versions add (scale, a fitted
-    performance model's predictions), and no /eval group at all."""
+    performance model's predictions), and no /eval group at all. In the file format mpifed writes
+    (libver latest), which an SWMR reader does not check for truncation."""
     rng = np.random.default_rng(0)
     t_iter = 0.1 + 0.01 * rng.random((rounds, 3))
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w", libver="latest") as f:
         f.attrs["schema"] = schema
         f["ranks/role"] = np.array(["server", "client 0", "client 1"], dtype=h5py.string_dtype())
         f["iter/t_iter"] = t_iter
@@ -239,3 +242,98 @@ def test_optional_datasets_are_used_when_present_and_absent_ones_tolerated(tmp_p
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["accuracy"]["final"] is None and data["perf_mdape"] == pytest.approx(10.0)
+
+
+# Runs `mpifed analyze LOG` and `mpifed watch LOG --once`; prints [[exit code, output], ...] as JSON.
+BOTH_COMMANDS = """
+import json, sys
+from click.testing import CliRunner
+from mpifed.commands.analyze import analyze
+from mpifed.commands.watch import watch
+results = [CliRunner().invoke(cmd, args) for cmd, args in ((analyze, [sys.argv[1], "--no-plots"]),
+                                                           (watch, [sys.argv[1], "--once"]))]
+print(json.dumps([[r.exit_code, r.output] for r in results]))
+"""
+
+
+def _both_commands(log: Path) -> list[tuple[int, str]]:
+    """In a subprocess, so that a reader stuck retrying reads past the end fails the test instead of
+    stalling it (the retries sit in HDF5's C code, where pytest-timeout's signal cannot reach)."""
+    proc = subprocess.run([sys.executable, "-c", BOTH_COMMANDS, str(log)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _assert_truncated(log: Path, have: int, want: int) -> None:
+    for code, output in _both_commands(log):
+        assert code == 1, output
+        assert f"is truncated ({have:,} of {want:,} bytes)" in output and "copy it again" in output, output
+
+
+def test_a_truncated_log_is_refused_at_once(tmp_path):
+    log = _synthetic_log(tmp_path / "run.h5")
+    size = log.stat().st_size
+    os.truncate(log, 500)  # within the objects' headers: an SWMR open alone would retry for minutes
+    _assert_truncated(log, 500, size)
+
+
+@pytest.mark.mpi
+def test_a_truncated_copy_of_a_real_log_is_refused_at_once(logs, tmp_path):
+    log = tmp_path / "run.h5"
+    log.write_bytes(logs["base"].read_bytes()[:20_000])
+    _assert_truncated(log, 20_000, logs["base"].stat().st_size)
+
+
+# A job's log while it runs: created, switched to SWMR, two rounds flushed; one more round for each line
+# read from stdin, and a line "round N" on stdout after each flush.
+LIVE_WRITER = """
+import sys
+import h5py
+import numpy as np
+f = h5py.File(sys.argv[1], "w", libver="latest")
+f.attrs["schema"] = 1
+f["ranks/role"] = np.array(["server", "client 0"], dtype=h5py.string_dtype())
+shapes = {"iter/t_iter": (2,), "iter/batch": (2,), "server/train_loss": (), "eval/round": (), "eval/test_acc": ()}
+data = {name: f.create_dataset(name, (0, *shape), "f8", maxshape=(None, *shape)) for name, shape in shapes.items()}
+f.swmr_mode = True
+for rounds in range(1, 10):
+    for name in ("iter/t_iter", "iter/batch", "server/train_loss"):
+        data[name].resize(rounds, axis=0)
+        data[name][-1] = {"iter/t_iter": 0.1, "iter/batch": 32.0}.get(name, 2.0 / rounds)
+    f.flush()
+    if rounds >= 2:
+        print(f"round {rounds}", flush=True)
+        if not sys.stdin.readline():
+            break
+f.close()
+"""
+
+
+def test_a_log_that_a_job_is_writing_is_read_with_swmr(tmp_path):
+    log = tmp_path / "run.h5"
+    writer = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, str(log)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "round 2\n"
+        _, f = open_log(log)
+        with f:
+            assert f.swmr_mode  # the plain open was refused: the writer holds the file
+        result = _invoke(watch, log, "--once")
+        assert result.exit_code == 0 and result.output.startswith("round 2 "), result.output
+        writer.stdin.write("\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline() == "round 3\n"
+        assert load_run(log).rounds == 3
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=30)
+    assert load_run(log).rounds == 3  # and once the writer closed it, with a plain open
+
+
+def test_a_schema_that_is_not_an_integer_is_named(tmp_path):
+    log = _synthetic_log(tmp_path / "run.h5", schema="one")
+    for command, args in ((analyze, ("--no-plots",)), (watch, ("--once",))):
+        result = _invoke(command, log, *args)
+        assert result.exit_code == 1, result.output
+        assert "'schema' attribute is 'one', not an integer" in result.output, result.output
