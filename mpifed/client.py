@@ -161,7 +161,7 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
         s.exchange.broadcast(host)
         if on_gpu:
             model.flat.copy_(torch.from_numpy(host), non_blocking=False)
-        emul += profiles.sleep(profiles.link_delay(profile, nbytes, time.perf_counter() - start))
+        emul += profiles.sleep(profiles.link_seconds(profile, nbytes))
         t_down = time.perf_counter() - start
 
         if job.debug.fail_rank == world.rank and job.debug.fail_round == rnd:
@@ -184,7 +184,7 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
         update.mul_(weight)
         if on_gpu:
             torch.from_numpy(update_host).copy_(update)  # into the staging buffer: no new host tensor
-        link_up = profiles.sleep(profiles.link_delay(profile, nbytes_up, 0.0))  # the emulated link
+        link_up = profiles.sleep(profiles.link_seconds(profile, nbytes_up))  # the emulated link
         emul += link_up
         hit = job.debug.corrupt_rank == world.rank and job.debug.corrupt_round == rnd
         sent = channel.send(update_host[:n], rnd, job.debug.corrupt if hit else "")

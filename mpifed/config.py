@@ -45,7 +45,7 @@ class RunConfig:
     name: str = opt("default", "Run name; files go to <out>/<name>[-<timestamp>]/.")
     out: str = opt("runs", "Directory that holds one sub-directory per run.")
     timestamp: bool = opt(True, "Append -YYYYmmdd-HHMMSS to the run directory so no run overwrites another.")
-    seed: int = opt(0, "Seed of every random generator (data, partition, sampling, init, codecs).")
+    seed: int = opt(0, "Seed of every random generator (data, partition, sampling, init, codecs).", minimum=0)
     device: str = opt("auto", "auto: each client takes the GPU of its node-local rank if CUDA is present, "
                       "else the CPU; cpu: always the CPU; cuda: require a GPU.",
                       choices=("auto", "cpu", "cuda"))

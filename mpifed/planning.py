@@ -113,8 +113,8 @@ class StartupPlan:
         return lines
 
     def record(self, writer, run_dir: Path) -> None:
-        """Rank 0, new logs only: /models attributes (before the log's SWMR switch) and profile.json,
-        which `mpifed plan` reads to ask what other batches would do."""
+        """Rank 0, new logs only: /models attributes (before the first round, when the log turns SWMR)
+        and profile.json, which `mpifed plan` reads to ask what other batches would do."""
         for name, values in self.model_attrs().items():
             writer.set_model_attrs(name, values)
         save_profile(self.profile, run_dir / "profile.json")
@@ -239,7 +239,7 @@ def _plan(s: Session, gathered: list, start: float) -> StartupPlan:
     jitter = spreads(np.column_stack([t[:, 1] for t in tables]), np.column_stack([t[:, 0] for t in tables]))
     clients, links = [], []
     for k, (info, table) in enumerate(zip(infos, tables)):
-        link = profiles.link_delay(s.profile(k), model_bytes, t_bcast) + profiles.link_delay(s.profile(k), up_bytes, 0.0)
+        link = profiles.link_seconds(s.profile(k), model_bytes) + profiles.link_seconds(s.profile(k), up_bytes)
         curve, samples = fit_client(table, link, jitter[k])
         clients.append(ClientProfile(k, k + 1, info["device"], int(info["cap"]), curve, samples))
         links.append(link)

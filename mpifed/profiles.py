@@ -17,12 +17,14 @@ def compute_delay(profile: Profile, measured: float) -> float:
     return measured * (1.0 / profile.speed - 1.0) if profile.speed < 1.0 else 0.0
 
 
-def link_delay(profile: Profile, nbytes: int, measured: float) -> float:
-    """Extra seconds so a transfer of `nbytes` takes latency + nbytes/bandwidth (never less than measured)."""
+def link_seconds(profile: Profile, nbytes: int) -> float:
+    """Seconds an emulated link adds to a transfer of `nbytes`: latency + nbytes / bandwidth (0 for a
+    native link). Added to the real transfer, in both directions, rather than padding it up to that:
+    a client sees a broadcast start only when the server is ready, so the time it waits (the server
+    evaluating or checkpointing) would otherwise count as transfer and hide the emulated link."""
     if profile.bandwidth <= 0 and profile.latency <= 0:
         return 0.0
-    target = profile.latency + (nbytes / profile.bandwidth if profile.bandwidth > 0 else 0.0)
-    return max(0.0, target - measured)
+    return profile.latency + (nbytes / profile.bandwidth if profile.bandwidth > 0 else 0.0)
 
 
 def sleep(seconds: float) -> float:

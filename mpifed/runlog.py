@@ -16,6 +16,7 @@ A crash loses at most the round in flight: every append is followed by a flush.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -81,7 +82,6 @@ class RunWriter:
         self.file.create_group("models")
         self.rounds = 0
         self.evals = 0
-        self.file.swmr_mode = True
 
     @classmethod
     def reopen(cls, path: Path, rounds: int, note: str, job_text: str) -> "RunWriter":
@@ -114,11 +114,20 @@ class RunWriter:
                                         chunks=(64, *row), fillvalue=np.nan)
 
     def set_model_attrs(self, name: str, values: dict) -> None:
-        """Store a fitted model's parameters (before training: SWMR allows no new objects later)."""
+        """Store a fitted model's parameters, before the first round: SWMR, which begins with it,
+        allows no new attributes (HDF5 before 2.0)."""
+        if self.file.swmr_mode:
+            raise RuntimeError(f"set_model_attrs({name!r}) after the first round: SWMR allows no new attributes")
         for key, value in values.items():
             self.file["models"].attrs[f"{name}.{key}"] = value
 
+    def _begin_swmr(self) -> None:
+        """Readers (mpifed watch) may follow the log from here on; nothing new can be created after."""
+        if not self.file.swmr_mode:
+            self.file.swmr_mode = True
+
     def append_round(self, table: np.ndarray, server: dict[str, float]) -> None:
+        self._begin_swmr()
         t = self.rounds
         for i, name in enumerate(ITER_FIELDS):
             ds = self.iter[name]
@@ -131,6 +140,7 @@ class RunWriter:
         self.file.flush()
 
     def append_eval(self, row: dict[str, float]) -> None:
+        self._begin_swmr()
         e = self.evals
         for name, ds in self.eval.items():
             ds.resize(e + 1, axis=0)
@@ -145,3 +155,29 @@ class RunWriter:
 def open_run(path: str | Path) -> h5py.File:
     """Open a run log for reading; works while the run is still writing it (SWMR)."""
     return h5py.File(path, "r", libver="latest", swmr=True)
+
+
+def recover(path: Path) -> bool:
+    """Make a log whose writer died appendable again; True if it was needed.
+
+    A writer killed without closing the file (SIGKILL, a lost node, the launcher ending rank 0 after
+    another rank's MPI_Abort) leaves it marked "open for write", and HDF5 then refuses to open it for
+    appending, although every round it logged was flushed. Its objects are copied into a fresh file
+    (SWMR reads a marked file), which is fsynced and renamed over it: the rounds are kept, not lost.
+    A log that a live job holds locked fails with another error, which this leaves to the caller."""
+    try:
+        h5py.File(path, "r").close()
+        return False
+    except OSError as err:
+        if "already open for write" not in str(err):
+            raise
+    fresh = path.with_name(path.name + ".recovering")
+    with open_run(path) as src, h5py.File(fresh, "w", libver="latest") as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        for name in src:
+            src.copy(src[name], dst, name=name)
+    with open(fresh, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(fresh, path)
+    return True

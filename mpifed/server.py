@@ -126,7 +126,6 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         if due:
             loss, acc = evaluate(model.module, test_x, test_y, job.train.eval_batch, s.device)
             last_eval = dict(round=done, test_loss=loss, test_acc=acc, wall=time.perf_counter() - began)
-            writer.append_eval(last_eval)
         t_eval = time.perf_counter() - t0
 
         values = dict(t_down=t_down, t_up=t_up, t_decode=t_decode, t_eval=t_eval, t_wait=t_up, t_emul=0.0,
@@ -145,6 +144,8 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         table[0, column("loss")] = train_loss
         writer.append_round(table, dict(stats, lr=lr, global_batch=s.global_batch, train_loss=train_loss,
                                         wall=time.perf_counter() - began))
+        if due:  # after its round's row: a crash in between leaves no evaluation of an unlogged round
+            writer.append_eval(last_eval)
         progress.update(done, train_loss, last_eval.get("test_acc"), s.global_batch * job.train.local_steps,
                         time.perf_counter() - start)
         if online is not None and rnd > s.start_round:  # a run's first round holds every rank's arrival

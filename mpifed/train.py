@@ -20,7 +20,7 @@ import torch
 from mpi4py import MPI
 
 import mpifed
-from mpifed import checkpoint
+from mpifed import checkpoint, runlog
 from mpifed.client import prepare_client, run_client
 from mpifed.cluster import World
 from mpifed.config import Job, JobError, load_job, resolve_clients
@@ -103,6 +103,12 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
         raise JobError(f"--resume continues the stored job, but --set changes {', '.join(changed)}, which would "
                        f"make the resumed rounds differ from what run.h5 describes; start a new run for that "
                        f"(on resume only {', '.join(RESUME_MAY_CHANGE)} may change)")
+    if job.optim.schedule == "cosine" and job.train.rounds != stored.train.rounds:
+        raise JobError(f"optim.schedule = \"cosine\" anneals the learning rate over train.rounds = "
+                       f"{stored.train.rounds}; resuming with {job.train.rounds} would bend the curve mid-run, so "
+                       f"the rounds logged and the rounds to come would follow different schedules. Start a "
+                       f"new run for more rounds (runs meant to be extended: optim.schedule = \"step\" or "
+                       f"\"constant\")")
     resolve_clients(job, world.size)
     path, payload, notes = checkpoint.choose(run_dir, checkpoint.identity(job, world.size - 1))
     for note in notes:
@@ -143,6 +149,9 @@ def _changed_fields(a: Job, b: Job) -> list[str]:
 def _logged_rounds(path: Path) -> int:
     """Rounds a run log holds, read before anything is changed; a damaged log is the user's to restore."""
     try:
+        if runlog.recover(path):
+            print(f"mpifed: {path} was left open by a job that died; its rounds were copied into a fresh "
+                  f"file to append to", file=sys.stderr, flush=True)
         with h5py.File(path, "r") as f:
             return int(f["iter/t_iter"].shape[0])
     except (OSError, KeyError) as err:

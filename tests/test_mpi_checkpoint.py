@@ -57,7 +57,8 @@ def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_a_corrupt_checkpoint_is_set_aside_and_a_mismatched_one_refused(tmp_path):
-    ok(train(3, tmp_path, "ck", "--set", "checkpoint.every=3", "--set", "train.rounds=10"))
+    ok(train(3, tmp_path, "ck", "--set", "checkpoint.every=3", "--set", "train.rounds=10",
+             "--set", 'optim.schedule="constant"'))  # a cosine run may not change its rounds (below)
     folder = tmp_path / "ck" / "checkpoints"
     # every 3 rounds and after the last, the newest 2 kept: a finished run can be extended
     assert sorted(p.name for p in folder.iterdir()) == ["round-00000009.pt", "round-00000010.pt"]
@@ -84,6 +85,25 @@ def test_a_corrupt_checkpoint_is_set_aside_and_a_mismatched_one_refused(tmp_path
         assert f["iter/t_iter"].shape == (12, 3)  # round 9 logged before was replaced, not duplicated
         assert "resumed at round 9" in f.attrs["resumes"][0]
     assert "rounds = 12" in (tmp_path / "ck" / "job.toml").read_text()
+
+
+def test_a_run_that_died_resumes_from_its_log_and_checkpoint(tmp_path):
+    """A client's failure aborts every rank: rank 0 dies with run.h5 open, which HDF5 then refuses to
+    append to; the resume copies the logged rounds into a fresh file and goes on."""
+    crashed = train(3, tmp_path, "died", "--set", "train.rounds=8", "--set", "checkpoint.every=2",
+                    "--set", "debug.fail_rank=1", "--set", "debug.fail_round=5", timeout=120)
+    assert crashed.returncode != 0 and "failing on purpose in round 5" in crashed.stderr
+    with h5py.File(tmp_path / "died" / "run.h5", "r", libver="latest", swmr=True) as f:
+        logged = f["iter/loss"][:4]
+    longer = mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--set", "debug.fail_rank=-1",
+                         "--set", "train.rounds=10"], tmp_path, timeout=120)
+    assert longer.returncode == 2 and "anneals the learning rate over train.rounds = 8" in longer.stderr
+    proc = ok(mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--set", "debug.fail_rank=-1",
+                          "--progress", "log"], tmp_path))
+    assert "was left open by a job that died" in proc.stderr
+    with h5py.File(tmp_path / "died" / "run.h5") as f:
+        assert f["iter/t_iter"].shape == (8, 3) and np.array_equal(f["iter/loss"][:4], logged)
+        assert "resumed at round 4" in f.attrs["resumes"][0]
 
 
 def test_resume_of_something_that_is_not_a_run_says_so(tmp_path):

@@ -115,6 +115,7 @@ def test_replan_moves_samples_off_a_client_that_slows_down_mid_run(tmp_path):
 def test_a_resumed_replanned_run_keeps_the_checkpoints_batches(tmp_path):
     ok(train(3, tmp_path, "rs", "--set", 'plan.mode="balance"', "--set", "plan.replan=true",
              "--set", "train.batch=32", "--set", "train.rounds=20", "--set", "checkpoint.every=10",
+             "--set", 'optim.schedule="constant"',
              "--set", "debug.slow_rank=2", "--set", "debug.slow_round=2", "--set", "debug.slow_speed=0.25"))
     with h5py.File(tmp_path / "rs" / "run.h5") as f:
         logged = f["iter/batch"][:, 1:].astype(int)

@@ -125,7 +125,7 @@ def test_run_log_layout(tmp_path):
         t_iter = f["iter/t_iter"][:]
         assert np.isfinite(t_iter).all() and (t_iter > 0).all()
         emul = f["iter/t_emul"][:]
-        assert (emul[:, 1] > 0.002).all() and (emul[:, 2:] == 0).all()
+        assert (emul[:, 1] >= 0.004).all() and (emul[:, 2:] == 0).all()  # 2 ms each way, and slowed compute
         assert np.isnan(f["iter/t_compute"][:, 0]).all() and (f["iter/t_compute"][:, 1:] > 0).all()
         assert (f["iter/batch"][:, 1:] == 32).all() and (f["iter/batch"][:, 0] == 96).all()
         assert np.isfinite(f["iter/loss"][:]).all()
