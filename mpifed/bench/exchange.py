@@ -4,10 +4,12 @@
   pickled    what many FL frameworks do: torch.save the state dict to bytes, send it to each client
              point-to-point, torch.load it there; each client sends its serialized gradients back,
              the server deserializes and sums them
-  bare       mpi4py's blocking Bcast + Reduce on a numpy buffer of the same bytes (the floor)
+  bare       mpi4py's blocking Bcast + Reduce on a numpy buffer of the same bytes: no chunking and no
+             back-off, so its waiting ranks spin (mpifed backs off where ranks outnumber cores)
 
-The command launches `mpirun -n N` once per rank count, the ranks time every transport in turn
-(median of --rounds after a warm-up), and the ratios are printed side by side from one run.
+The command launches `mpirun -n N` once per rank count, the ranks time the transports one round
+each in turn (median of --rounds after a warm-up round of each), and the ratios are printed side
+by side from one run.
 """
 
 from __future__ import annotations
@@ -22,17 +24,19 @@ import numpy as np
 from mpifed.bench.launch import report, run_ranks, run_worker
 
 
-def _median_round(comm, fn, rounds: int) -> float:
-    """Median over rounds of the time from a common start until the root holds the sum."""
-    times = []
+def _interleaved_medians(comm, rounds_of: dict, rounds: int) -> dict[str, float]:
+    """Median per transport of the time from a common start until the root holds the sum. One round of
+    each transport in turn per repeat (after a warm-up round of each), so drift weighs on all alike."""
+    times: dict[str, list[float]] = {label: [] for label in rounds_of}
     for i in range(rounds + 1):
-        comm.Barrier()
-        start = time.perf_counter()
-        fn()
-        elapsed = comm.bcast(time.perf_counter() - start if comm.rank == 0 else None, root=0)
-        if i:
-            times.append(elapsed)
-    return float(np.median(times))
+        for label, fn in rounds_of.items():
+            comm.Barrier()
+            start = time.perf_counter()
+            fn()
+            elapsed = comm.bcast(time.perf_counter() - start if comm.rank == 0 else None, root=0)
+            if i:
+                times[label].append(elapsed)
+    return {label: float(np.median(t)) for label, t in times.items()}
 
 
 def _worker(models: list[str], rounds: int) -> None:
@@ -87,8 +91,8 @@ def _worker(models: list[str], rounds: int) -> None:
                 comm.send(blob.getvalue(), dest=0)
 
         row = dict(model=name, ranks=comm.size, mbytes=flat.size * 4 / 1e6, wait="sleep" if exchange.polite else "poll")
-        for label, fn in (("mpifed", mpifed_round), ("bare", bare_round), ("pickled", pickled_round)):
-            row[label] = _median_round(comm, fn, rounds)
+        row.update(_interleaved_medians(comm, dict(mpifed=mpifed_round, bare=bare_round, pickled=pickled_round),
+                                        rounds))
         results.append(row)
     if comm.rank == 0:
         report(results)
