@@ -102,7 +102,8 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
     if changed:
         raise JobError(f"--resume continues the stored job, but --set changes {', '.join(changed)}, which would "
                        f"make the resumed rounds differ from what run.h5 describes; start a new run for that "
-                       f"(on resume only {', '.join(RESUME_MAY_CHANGE)} may change)")
+                       f"(on resume only {', '.join(k + '*' if k.endswith('.') else k for k in RESUME_MAY_CHANGE)} "
+                       f"may change)")
     if job.optim.schedule == "cosine" and job.train.rounds != stored.train.rounds:
         raise JobError(f"optim.schedule = \"cosine\" anneals the learning rate over train.rounds = "
                        f"{stored.train.rounds}; resuming with {job.train.rounds} would bend the curve mid-run, so "
@@ -127,8 +128,9 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
 RESUME_MAY_CHANGE = ("train.rounds", "train.eval_every", "train.eval_batch", "checkpoint.", "comm.", "run.",
                      "memory.", "plan.", "debug.")
 """Job fields a resume may change: how long, how often to evaluate and checkpoint, how ranks wait
-and where they run. The rest (data, model, batches, optimizer, codec, clients, scaling) shapes what
-the rounds compute, which the log and the checkpoint must keep describing."""
+and where they run (run.seed too, but the checkpoint's identity refuses another seed). The rest
+(data, model, batches, optimizer, codec, clients, profiles, scaling) shapes what the rounds compute,
+which the log and the checkpoint must keep describing."""
 
 
 def _changed_fields(a: Job, b: Job) -> list[str]:
