@@ -100,6 +100,8 @@ def test_alpha_beta_fit_recovers_known_costs():
 def test_alpha_beta_terms_follow_mpich_switch_points():
     assert terms("bcast", 4, 1 << 20) == (2, 2 * (1 << 20))  # p < 8: binomial even for large messages
     assert terms("bcast", 16, 1 << 20) == (4 + 15, 2 * 15 / 16 * (1 << 20))
+    assert terms("bcast", 16, 1 << 16) == (2 * 4, 2 * 15 / 16 * (1 << 16))  # medium, p = 2^k: recursive doubling
+    assert terms("bcast", 12, 1 << 16) == (4 + 11, 2 * 11 / 12 * (1 << 16))  # medium, other p: ring
     assert terms("reduce", 4, 1024) == (2, 2048)
     assert terms("reduce", 4, 1 << 20) == (4, 2 * 3 / 4 * (1 << 20))
     with pytest.raises(ValueError, match="unknown collective"):

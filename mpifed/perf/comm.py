@@ -7,6 +7,8 @@ Rabenseifner and Gropp, "Optimization of Collective Communication Operations in 
 2005); the switch points are MPICH's defaults (CVARs named below), with lg = ceil(log2 p):
 
   bcast   (model, root 0)   m < 12288 B or p < 8: binomial tree         L = lg,        W = lg * m
+                            m < 512 KiB, p a power of two: scatter +
+                              recursive-doubling allgather              L = 2 lg,      W = 2(p-1)/p * m
                             otherwise: scatter + ring allgather         L = lg + p-1,  W = 2(p-1)/p * m
   reduce  (summable update) m <= 2048 B: binomial tree                  L = lg,        W = lg * m
                             otherwise: Rabenseifner (reduce-scatter+gather) L = 2 lg,  W = 2(p-1)/p * m
@@ -41,6 +43,9 @@ BCAST_SHORT_BYTES = 12288
 """MPIR_CVAR_BCAST_SHORT_MSG_SIZE default: below it MPICH broadcasts along a binomial tree."""
 BCAST_MIN_PROCS = 8
 """MPIR_CVAR_BCAST_MIN_PROCS default: with fewer ranks MPICH always uses the binomial tree."""
+BCAST_LONG_BYTES = 524288
+"""MPIR_CVAR_BCAST_LONG_MSG_SIZE default: below it (and above the short size) a power-of-two rank count
+allgathers by recursive doubling, not around a ring."""
 REDUCE_SHORT_BYTES = 2048
 """MPIR_CVAR_REDUCE_SHORT_MSG_SIZE default: above it MPICH uses Rabenseifner's reduce."""
 
@@ -72,6 +77,8 @@ def terms(kind: str, ranks: int, nbytes: float) -> tuple[float, float]:
     if kind == "bcast":
         if m < BCAST_SHORT_BYTES or p < BCAST_MIN_PROCS:
             return lg, lg * m
+        if m < BCAST_LONG_BYTES and p & (p - 1) == 0:
+            return 2 * lg, 2 * (p - 1) / p * m
         return lg + p - 1, 2 * (p - 1) / p * m
     if kind == "reduce":
         if m <= REDUCE_SHORT_BYTES:
