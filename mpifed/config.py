@@ -220,6 +220,10 @@ class ClientsConfig:
     groups: tuple[ClientGroup, ...] = opt((), "[[clients.groups]] tables, assigned to clients 0, 1, ... in order.")
 
 
+FAULTS = ("fail", "corrupt", "slow")
+"""The fault injections: debug.<fault>_rank and debug.<fault>_round say which rank and when."""
+
+
 @dataclass(frozen=True)
 class DebugConfig:
     fail_rank: int = opt(-1, "Fault injection: this rank raises an error in round fail_round (-1 = off).")
@@ -432,7 +436,7 @@ def check_job(job: Job) -> list[str]:
         errors.append("plan.replan and scaling.grow_batch both move the clients' batches; choose one")
     if job.debug.slow_speed > 1:
         errors.append(f"debug.slow_speed = {job.debug.slow_speed}: must be at most 1 (a slow-down)")
-    for what in ("fail", "corrupt", "slow"):
+    for what in FAULTS:
         rank, round_ = getattr(job.debug, f"{what}_rank"), getattr(job.debug, f"{what}_round")
         if rank == 0 or rank < -1:
             errors.append(f"debug.{what}_rank = {rank}: must be a client rank >= 1, or -1 for off")
@@ -458,7 +462,7 @@ def resolve_clients(job: Job, world_size: int) -> list[str]:
                        f"launch with `mpirun -n {grouped + 1}` or shrink the groups")
     names = [g.profile for g in job.clients.groups for _ in range(g.count)]
     names += [job.clients.profile] * (n - len(names))
-    for what in ("fail", "corrupt", "slow"):
+    for what in FAULTS:
         rank = getattr(job.debug, f"{what}_rank")
         if rank >= world_size:
             raise JobError(f"debug.{what}_rank = {rank} but the world has ranks 0..{world_size - 1}")

@@ -158,7 +158,7 @@ def partition(labels: np.ndarray, weights: np.ndarray, scheme: str, seed: int,
     n = len(labels)
     if len(weights) > n:
         raise DatasetError(f"{len(weights)} clients but only {n} training samples; use fewer clients "
-                         f"or a larger dataset (data.train_size for synthetic)")
+                           f"or a larger dataset (data.train_size for synthetic)")
     if scheme == "volume":
         weights = weights * gen.lognormal(0.0, volume_sigma, size=len(weights))
     if scheme in ("iid", "volume"):

@@ -152,6 +152,10 @@ class RunWriter:
         self.file.close()
 
 
+LEFT_OPEN = "already open for write"
+"""How HDF5 refuses a plain open of a log whose writer is running, or died without closing it."""
+
+
 def open_run(path: str | Path) -> h5py.File:
     """Open a run log for reading; works while the run is still writing it (SWMR)."""
     return h5py.File(path, "r", libver="latest", swmr=True)
@@ -169,7 +173,7 @@ def recover(path: Path) -> bool:
         h5py.File(path, "r").close()
         return False
     except OSError as err:
-        if "already open for write" not in str(err):
+        if LEFT_OPEN not in str(err):
             raise
     fresh = path.with_name(path.name + ".recovering")
     with open_run(path) as src, h5py.File(fresh, "w", libver="latest") as dst:

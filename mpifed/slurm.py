@@ -67,7 +67,7 @@ def train_options(args: Sequence[str]) -> dict[str, object]:
     what train would refuse and for what the script itself decides (--job, --resume, --print-job)."""
     import click
 
-    from mpifed.commands.train import _quote, train
+    from mpifed.commands.train import job_overrides, train
 
     try:
         ctx = train.make_context("mpifed train", list(args), help_option_names=[])
@@ -81,8 +81,7 @@ def train_options(args: Sequence[str]) -> dict[str, object]:
     problems = [message for key, message in refused if params.get(key)]
     if problems:
         raise ValueError("arguments after -- (for mpifed train): " + "; ".join(problems))
-    params["overrides"] = [*params["overrides"], *(f"run.{key}={_quote(params[key])}"
-                                                    for key in ("name", "out") if params[key])]
+    params["overrides"] = job_overrides(params["overrides"], params["name"], params["out"])
     return params
 
 

@@ -111,10 +111,7 @@ class UpdateChannel:
         if corrupt == "nan":
             x = x.copy()
             x[0] = np.nan
-        if self.lossless:  # the update is its own payload: reduced as it is (MPI leaves it unchanged)
-            own = np.ascontiguousarray(x, dtype=np.float32)
-            self.collective(own)
-        elif self.codec.summable:
+        if self.codec.summable:
             try:
                 own = self.codec.exchange(x, ctx, self.collective, keep_own=True).own
             except PayloadError:  # a multi-phase codec saw a non-finite sum on every rank
@@ -141,13 +138,10 @@ class UpdateChannel:
                              f"so clients must reduce their squares themselves")
         if self.codec.summable:
             try:
-                if self.lossless:  # the sum lands in `out` itself: no payload, decode or copy
-                    if not out.flags.c_contiguous:
-                        raise ValueError("receive needs a contiguous `out` to reduce into")
-                    out.fill(0.0)
-                    self.codec.validate(self.collective(out), self.n, ctx)
-                else:
-                    out[:] = self.codec.exchange(np.zeros(self.n, np.float32), ctx, self.collective).total
+                out.fill(0.0)  # the server's contribution; codec none sums into it where it lies
+                total = self.codec.exchange(out, ctx, self.collective).total
+                if total is not out:
+                    out[:] = total
             except PayloadError as err:
                 return Received(False, [], [f"round {rnd}: the summed update is not usable ({err}); a summable "
                                             f"codec cannot say which client sent it: step skipped"])

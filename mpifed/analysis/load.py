@@ -19,13 +19,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mpifed.runlog import SCHEMA, open_run
+from mpifed.runlog import LEFT_OPEN, SCHEMA, open_run
 
 REQUIRED = ("ranks/role", "iter/t_iter", "iter/batch")
 # How HDF5 refuses a file shorter than its superblock says it is: "truncated file: eof = N, ..., stored_eof = M".
 TRUNCATED = re.compile(r"truncated file: eof = (\d+).*?stored_eof = (\d+)")
 # How a plain open refuses a log that a job holds (or held when it crashed); SWMR reads those.
-IN_USE = ("already open for write", "unable to lock file")
+IN_USE = (LEFT_OPEN, "unable to lock file")
 
 
 class RunLogError(Exception):

@@ -27,8 +27,7 @@ def train(job_file, overrides, name, out, progress, resume, auto_resume, print_j
     `mpirun -n 4 mpifed train`. Exit code 3: stopped by SIGTERM/SIGUSR1 after writing a checkpoint."""
     from mpifed.config import JobError, load_job
 
-    overrides = list(overrides)
-    overrides += [f"run.{key}={_quote(value)}" for key, value in (("name", name), ("out", out)) if value]
+    overrides = job_overrides(overrides, name, out)
     if print_job:
         try:
             click.echo(load_job(job_file, overrides).to_toml())
@@ -49,5 +48,9 @@ def train(job_file, overrides, name, out, progress, resume, auto_resume, print_j
     sys.exit(run_or_abort(world, lambda: run_train(world, job, start, progress)))
 
 
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def job_overrides(overrides, name: str | None, out: str | None) -> list[str]:
+    """The --set overrides with --name and --out folded in as run.name and run.out (TOML strings)."""
+    def quote(text: str) -> str:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return [*overrides, *(f"run.{key}={quote(value)}" for key, value in (("name", name), ("out", out)) if value)]
