@@ -24,6 +24,9 @@ class Purpose(IntEnum):
 
 
 def rng(seed: int, purpose: Purpose, *keys: int) -> np.random.Generator:
+    """A generator for (seed, purpose, keys). numpy's SeedSequence pads short entropy with zeros, so
+    key lists that differ only by trailing zeros share a stream ((s, p, k) is (s, p, k, 0)): within a
+    purpose, give each use a fixed number of keys or a non-zero last key."""
     return np.random.default_rng([seed, int(purpose), *keys])
 
 

@@ -11,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from mpifed import memory as mem
 from mpifed.bench.memory import oom_search
+from mpifed.memory.measured import _profiled_phase_peaks
 from mpifed.models import build_model
 
 SHAPE, CLASSES = (3, 32, 32), 10
@@ -57,7 +58,7 @@ def test_cpu_ground_truth_counts_known_allocations_exactly():
             del b, c  # 0
             d = torch.empty(100)  # 400
         del d
-    peaks = mem._profiled_phase_peaks(prof, ("forward_backward", "update"))
+    peaks = _profiled_phase_peaks(prof, ("forward_backward", "update"))
     assert peaks == {"forward_backward": 6000, "update": 3000}  # update opens with b and c live
 
 

@@ -1,0 +1,102 @@
+"""Start-up self-sizing of a client: its max batch, its batch, and on CUDA one step that confirms it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from mpifed.memory.analytic import analytic_memory_model, analytic_peak, library_overhead_bytes
+from mpifed.memory.budget import MemoryBudgetError, max_batch
+from mpifed.memory.model import DEFAULT_MARGIN, MemoryModel, StepSpec
+from mpifed.units import format_bytes
+
+
+@dataclass(frozen=True)
+class ClientSizing:
+    """What start-up sizing decided for one client (a row of the run log's /ranks table)."""
+
+    client: str
+    budget_bytes: int
+    max_batch: int
+    requested_batch: int
+    batch: int
+    model: MemoryModel
+    message: str  # empty when the requested batch fits
+
+
+@dataclass(frozen=True)
+class Verified:
+    """The outcome of `verify_batch`: the batch whose real step ran, and what it took."""
+
+    batch: int
+    peak: int                 # measured peak bytes of that step
+    failed: tuple[int, ...]   # batches that ran out of memory before it
+
+
+def verify_batch(run_step: Callable[[int], int], batch: int, client: str, budget_bytes: int,
+                 model_memory: MemoryModel, shrink: float = 0.9) -> Verified:
+    """One real training step at `batch` before the first round; on out-of-memory, retry at
+    `shrink` x the batch until a step runs. run_step(b) returns the step's measured peak bytes.
+
+    Why: the analytic walk sees what PyTorch allocates for the model, not the workspaces a library
+    picks at run time (cuDNN's convolution algorithms grow with the batch), so on CUDA a predicted
+    batch is confirmed on the device before the job relies on it, and the measured peak is logged
+    beside the prediction. Costs one step when the prediction holds."""
+    failed: list[int] = []
+    while batch >= 1:
+        try:
+            return Verified(batch, int(run_step(batch)), tuple(failed))
+        except torch.cuda.OutOfMemoryError:
+            failed.append(batch)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            batch = min(batch - 1, int(batch * shrink))
+    raise MemoryBudgetError(client, int(budget_bytes), model_memory.peak(1), 1,
+                            f"; a real step ran out of device memory at every batch tried "
+                            f"({', '.join(map(str, failed))})")
+
+
+def size_client(model: nn.Module, input_shape: Sequence[int], num_classes: int,
+                step: str | StepSpec, device: str | torch.device, budget_bytes: int,
+                requested_batch: int, client: str, strict: bool = False,
+                margin: float = DEFAULT_MARGIN, multiple_of: int = 1,
+                extra_static_bytes: int = 0) -> ClientSizing:
+    """Start-up self-sizing: analytic model, max batch under the budget, batch capped by it.
+
+    strict: refuse (MemoryBudgetError) instead of capping when the requested batch does not fit.
+    extra_static_bytes: memory the client holds outside the step (flat gradient buffers, codecs).
+    """
+    device = torch.device(device)
+    memory = analytic_memory_model(model, input_shape, num_classes, step, device)
+    memory = memory.plus_static(extra_static_bytes)
+    largest = max_batch(memory, budget_bytes, margin, multiple_of, client)
+    # The line is fitted at batches >= 16; below them a step can peak a few percent above it (late
+    # backward, when gradients have grown and activations are not yet freed), so an exact walk
+    # confirms the answer and steps down while it does not fit.
+    overhead = library_overhead_bytes(device)
+    usable = budget_bytes * (1 - margin)
+    while largest > 0:
+        need = analytic_peak(model, input_shape, num_classes, step, device, largest, overhead).total
+        excess = need + extra_static_bytes - usable
+        if excess <= 0:
+            break
+        # step down by as many samples as the excess is worth, so a large batch takes one or two walks
+        samples = math.ceil(excess / max(memory.per_sample_bytes, 1.0))
+        largest -= max(multiple_of, math.ceil(samples / multiple_of) * multiple_of)
+    if largest < 1:
+        raise MemoryBudgetError(client, int(budget_bytes), memory.peak(multiple_of), multiple_of,
+                                f" with a {margin:.0%} safety margin")
+    if requested_batch <= largest:
+        return ClientSizing(client, int(budget_bytes), largest, requested_batch, requested_batch, memory, "")
+    need = memory.peak(requested_batch)
+    if strict:
+        raise MemoryBudgetError(client, int(budget_bytes), need, requested_batch,
+                                f"; the largest batch that fits is {largest}")
+    message = (f"{client}: batch {requested_batch} needs {format_bytes(need)} but the budget is "
+               f"{format_bytes(budget_bytes)} (max batch {largest} with a {margin:.0%} margin); "
+               f"capped to {largest}")
+    return ClientSizing(client, int(budget_bytes), largest, requested_batch, largest, memory, message)
