@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 from typing import Sequence
 
 import torch
@@ -69,6 +70,10 @@ def _cuda_peak(model, input_shape, num_classes, spec, device, batch, generator) 
 def _cpu_peak(model, input_shape, num_classes, spec, batch, generator) -> StepPeak:
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    # Kineto (the profiler's backend) prints a stage line per window to stderr, which says nothing to a
+    # user; read before its first window, so the user's own setting still wins. A failed recording
+    # still shows: its ranges are missing and _profiled_phase_peaks says so.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     ranges: list = []
 
     def mark(name: str) -> None:
