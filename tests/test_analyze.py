@@ -125,10 +125,16 @@ def test_analyze_writes_non_trivial_pngs_next_to_the_log(logs):
 def test_analyze_tables_compare_runs_side_by_side(logs, tmp_path):
     result = _invoke(analyze, logs["base"], logs["slow"], "--out", tmp_path, "--no-plots")
     assert result.exit_code == 0, result.output
-    assert "comparison" in result.output
     assert "client 0 (slow)" in result.output
-    want = _expected(logs["base"])
-    assert f"{want['throughput']:,.0f} samples/s" in result.output
+    # the comparison: one row per quantity (the only rows of 3 cells), each run's value in its column
+    lines = result.output.split("comparison", 1)[1].replace("┃", "│").splitlines()
+    header, *rows = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if "│" in line]
+    assert header == ["", "base", "slow"], result.output
+    table = {cells[0]: cells[1:] for cells in rows if len(cells) == 3}
+    want = [_expected(logs[k]) for k in ("base", "slow")]
+    assert table["rounds"] == ["6", "6"]
+    assert table["throughput"] == [f"{w['throughput']:,.0f} samples/s" for w in want], result.output
+    assert table["wall time"] == [f"{w['wall']:.2f} s" for w in want], result.output
     assert not list(tmp_path.glob("*.png"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -198,11 +199,35 @@ def test_oom_search_finds_the_boundary():
     assert oom_search(lambda b: False).batch == 0
 
 
-def test_memory_command_prints_table_and_max_batch():
+def _table_rows(output: str, columns: int) -> dict[str, list[str]]:
+    """The body rows of the printed tables with `columns` cells, by their first cell."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) == columns:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_memory_command_prints_table_and_max_batch(cnn, cnn_analytic):
+    """Each batch asked for gets the walk's prediction and a real measurement, and the max batch printed
+    is the tight one: its predicted peak fits the budget less the margin, one more sample's does not."""
     from mpifed.commands.memory import OPTIMIZERS, memory
+    from mpifed.units import format_bytes
 
     assert OPTIMIZERS == mem.OPTIMIZERS
     result = CliRunner().invoke(memory, ["--model", "cnn", "--budget", "64MiB", "--batches", "1,16",
                                          "--measure", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "max batch for budget 64.00 MiB" in result.output and "measured" in result.output
+    steps = _table_rows(result.output, 4)
+    assert list(steps) == ["1", "16"], result.output
+    for batch, (predicted, measured, error) in steps.items():
+        assert predicted == format_bytes(mem.analytic_peak(cnn, SHAPE, CLASSES, "sgd", "cpu", int(batch)).total)
+        assert measured.endswith("B") and abs(float(error)) <= 5, (batch, measured, error)  # a step ran
+    printed = re.search(r"max batch for budget 64\.00 MiB \(margin 5%, multiple of 1\): (\d+)\s*$", result.output)
+    assert printed, result.output
+    b = int(printed.group(1))
+    usable = 64 * MiB * (1 - mem.DEFAULT_MARGIN)
+    assert cnn_analytic.peak(b) <= usable < cnn_analytic.peak(b + 1)
+    models = _table_rows(result.output, 6)
+    assert set(models) == {"analytic", "measured"} and models["analytic"][-1] == str(b)

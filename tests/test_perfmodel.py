@@ -393,7 +393,8 @@ def test_online_model_tracks_within_a_jittering_run():
 # ---- profile file and the plan command ------------------------------------------------------------
 
 def toy_profile(caps=(1200, 600, 400, 300)) -> Profile:
-    clients = tuple(ClientProfile(k, k + 1, f"emulated {k}", cap, c) for k, (c, cap) in enumerate(zip(speeds_4x(), caps)))
+    clients = tuple(ClientProfile(k, k + 1, f"emulated {k}", cap, c)
+                    for k, (c, cap) in enumerate(zip(speeds_4x(), caps)))
     return Profile(5, 1 << 20, 1 << 20, clients, toy_comm(), metrics_bytes=128, server_seconds=0.001)
 
 

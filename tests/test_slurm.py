@@ -57,14 +57,26 @@ def test_single_node_script_asks_for_clients_plus_server():
            "--set train.rounds=3 &" in script
 
 
-def test_multi_node_places_the_server_with_the_first_nodes_clients():
-    opts = SlurmOptions(job="/j.toml", nodes=3, gpus_per_node=4)
+def test_multi_node_places_the_server_with_the_first_nodes_clients(tmp_path):
+    opts = SlurmOptions(job="/j.toml", nodes=3, gpus_per_node=4, log_dir=str(tmp_path))
     assert opts.ntasks == 13
     script = render(opts.template, **opts.fields())
     assert opts.template == "multi-node"
     assert "#SBATCH --ntasks-per-node=5" in sbatch_lines(script)
     assert 'SLURM_HOSTFILE="$hostfile" srun --mpi=pmi2 --ntasks=13' in script
     assert "--distribution=arbitrary" in script
+    # The placement itself is the host file the script writes, one line per rank in rank order: run
+    # that part of the script on three nodes that a stand-in scontrol names.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\nprintf "n1\\nn2\\nn3\\n"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    part = re.search(r'^hostfile=.*?^done >"\$hostfile"$', script, re.S | re.M)
+    assert part, script
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n[1-3]")
+    subprocess.run(["bash", "-euo", "pipefail", "-c", part.group(0)], env=env, check=True)
+    hosts = (tmp_path / "hosts-7.txt").read_text().split()
+    assert hosts == ["n1"] * 5 + ["n2"] * 4 + ["n3"] * 4  # the server and 4 clients, then 4 clients a node
 
 
 def test_array_takes_one_index_per_job_file():

@@ -4,6 +4,7 @@ the job's run.h5, and SLURM's time-limit signal turning into a checkpoint that r
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import pytest
@@ -28,11 +29,15 @@ def test_sbatch_of_a_rendered_script_trains_and_writes_the_run_log(tmp_path):
     require_slurm()
     job_id, code, logs = run_batch(_script(tmp_path, "viaslurm"), tmp_path, timeout=420)
     assert code == 0, logs[-4000:]
-    assert "mpifed: done" in logs
+    assert f"mpifed: job {job_id} on" in logs and "mpifed: done" in logs
     with h5py.File(tmp_path / "viaslurm" / "run.h5") as f:
         assert f.attrs["world_size"] == 3
         assert f["iter/t_iter"].shape == (6, 3)
-        assert "srun" in f.attrs["command"] or "mpifed" in f.attrs["command"]
+        # the ranks ran the script's command line, with the job file and the arguments after --
+        argv = f.attrs["command"].split()
+        assert Path(argv[0]).name == "mpifed", argv
+        assert argv[1:] == ["train", "--job", str(tmp_path / "job.toml"), *TINY, "--out", str(tmp_path),
+                            "--name", "viaslurm"], argv
 
 
 def test_the_time_limit_signal_checkpoints_requeues_and_the_job_resumes_itself(tmp_path):
@@ -44,7 +49,8 @@ def test_the_time_limit_signal_checkpoints_requeues_and_the_job_resumes_itself(t
     opts = SlurmOptions(job=str(job), gpus_per_node=0, ntasks=3, overcommit=True, log_dir=str(tmp_path),
                         venv=sys.prefix, time="00:10:00", requeue=True,
                         mpifed_args=(*TINY, "--out", str(tmp_path), "--set", "train.rounds=40",
-                                     "--set", "profiles.s.speed=0.25", "--set", 'clients.groups=[{count = 1, profile = "s"}]'))
+                                     "--set", "profiles.s.speed=0.25",
+                                     "--set", 'clients.groups=[{count = 1, profile = "s"}]'))
     script = tmp_path / "job.sbatch"
     script.write_text(render(opts.template, **opts.fields()))
     job_id, _ = submit(str(script), sbatch_args=(f"--chdir={tmp_path}",))
