@@ -79,15 +79,18 @@ def pick_device(world: World, wanted: str) -> torch.device:
 
 
 class StopRequest:
-    """Set by SIGTERM or SIGUSR1 (SLURM's warning before a time limit or preemption). The handler
-    only records it; the ranks agree at the next round boundary to checkpoint and stop."""
+    """Set by SIGTERM or SIGUSR1 (SLURM's warning before a time limit or preemption) or SIGINT (Ctrl-C,
+    which mpirun forwards to every rank). The handler only records it; the ranks agree at the next
+    round boundary to checkpoint and stop. A second Ctrl-C stops at once, without a checkpoint."""
 
     def __init__(self):
         self.signal = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._record)
 
     def _record(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signal = signum
 
     def __bool__(self) -> bool:
@@ -104,10 +107,13 @@ def run_or_abort(world: World, body: Callable[[], int | None]) -> int:
     except BaseException as err:  # noqa: BLE001 - any failure on any rank must end the job
         if isinstance(err, SystemExit) and not err.code:
             return 0
-        # the user's input (a job field, a dataset, a budget): the message says it all
-        detail = "" if isinstance(err, InputError) else "".join(traceback.format_exception(err))
-        message = (f"{detail}mpifed: rank {world.rank} ({world.role}) on {world.host} failed: "
-                   f"{type(err).__name__}: {err}\nmpifed: aborting all {world.size} ranks\n")
+        # the user's input (a job field, a dataset, a budget) or a Ctrl-C: the message says it all
+        said = isinstance(err, (InputError, KeyboardInterrupt))
+        detail = "" if said else "".join(traceback.format_exception(err))
+        why = (f"interrupted (Ctrl-C) before a round boundary, so without a checkpoint; one Ctrl-C stops "
+               f"at the next round with one" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}")
+        message = (f"{detail}mpifed: rank {world.rank} ({world.role}) on {world.host} failed: {why}\n"
+                   f"mpifed: aborting all {world.size} ranks\n")
         sys.stderr.flush()
         os.write(2, message.encode(errors="replace"))
         # MPI_Abort makes the launcher kill every process at once, and output still in its pipes is

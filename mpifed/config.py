@@ -150,7 +150,7 @@ class MemoryConfig:
 class CheckpointConfig:
     every: int = opt(0, "Write a checkpoint every this many rounds and after the last (so --resume with more "
                      "train.rounds extends the run); 0 = only when SIGTERM or SIGUSR1 (what SLURM sends before "
-                     "a time limit or preemption) asks the job to stop.", minimum=0)
+                     "a time limit or preemption) or a Ctrl-C asks the job to stop.", minimum=0)
     keep: int = opt(2, "Newest checkpoints kept; an older one is deleted only after a newer one is safely "
                     "on disk.", minimum=1)
 
@@ -415,7 +415,7 @@ def check_job(job: Job) -> list[str]:
         from mpifed.compress import make_codec
         codec = make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options)
     except (ValueError, TypeError) as err:
-        errors.append(f"compress: {err}")
+        errors.append(str(err) if str(err).startswith("compress.") else f"compress: {err}")
     else:
         if job.debug.corrupt_rank != -1 and job.debug.corrupt != "nan" and codec.summable:
             errors.append(f"debug.corrupt = {job.debug.corrupt!r} malforms a gathered payload, but codec "

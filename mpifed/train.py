@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import sys
+import tomllib
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import mpi4py
+import tomli_w
 import torch
 from mpi4py import MPI
 
 import mpifed
-from mpifed import checkpoint, runlog
+from mpifed import checkpoint, runlock, runlog
 from mpifed.client import prepare_client, run_client
 from mpifed.cluster import World
 from mpifed.config import Job, JobError, load_job, resolve_clients
@@ -85,7 +88,7 @@ def _existing_run(job_file: str | None, overrides: list[str]) -> str | None:
     run_dir = Path(job.run.out) / job.run.name
     if checkpoint.candidates(run_dir):
         return str(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and _holds_files(run_dir):
         raise JobError(f"--auto-resume: {run_dir} exists but holds no checkpoint to resume; remove it or "
                        f"choose another --name (nothing was written)")
     return None
@@ -96,8 +99,14 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
     if not (run_dir / "job.toml").is_file() or not (run_dir / "run.h5").is_file():
         raise JobError(f"--resume {run_dir}: not an mpifed run directory (no job.toml and run.h5); give "
                        f"the directory `mpifed train` printed, e.g. runs/default-20260101-120000")
+    unwritable = [p for p in (run_dir, run_dir / "run.h5") if not os.access(p, os.W_OK)]
+    if unwritable:
+        raise JobError(f"--resume {run_dir}: {', '.join(map(str, unwritable))} cannot be written (a resume appends "
+                       f"to the log and writes checkpoints); make it writable, or copy the run directory somewhere "
+                       f"writable and resume the copy (nothing was changed)")
+    runlock.hold(run_dir)
     stored = load_job(run_dir / "job.toml")
-    job = load_job(run_dir / "job.toml", overrides)
+    job = load_job(text=_without_one_shot_faults(stored), overrides=overrides)
     changed = [key for key in _changed_fields(stored, job) if not key.startswith(RESUME_MAY_CHANGE)]
     if changed:
         raise JobError(f"--resume continues the stored job, but --set changes {', '.join(changed)}, which would "
@@ -121,8 +130,26 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
     if logged < payload["round"]:
         raise JobError(f"{run_dir / 'run.h5'} holds {logged} rounds but {path.name} resumes at round "
                        f"{payload['round']}: the log lost rounds; restore it from a copy (nothing was changed)")
-    note = f"resumed at round {payload['round']} from {path.name} ({datetime.datetime.now().isoformat(timespec='seconds')})"
+    when = datetime.datetime.now().isoformat(timespec="seconds")
+    note = f"resumed at round {payload['round']} from {path.name} ({when})"
     return job, Start(run_dir, payload["round"], payload, note)
+
+
+ONE_SHOT_FAULTS = ("fail_rank", "corrupt_rank")
+"""Fault injections that are events of the launch that asked for them, not part of the job: a resume
+does not repeat them (a run that failed on purpose in round 5 would otherwise fail there on every
+resume); --set them again to repeat one. Drift (debug.slow_*) is a device's state and carries on."""
+
+
+def _without_one_shot_faults(job: Job) -> str:
+    """The job's TOML with the one-shot fault injections switched off, saying so when one was on."""
+    data = tomllib.loads(job.to_toml())
+    dropped = [f"debug.{k} = {data['debug'][k]}" for k in ONE_SHOT_FAULTS if data["debug"][k] != -1]
+    if dropped:
+        print(f"mpifed: not repeating the stored fault injection ({', '.join(dropped)}); --set it again to "
+              f"repeat it", file=sys.stderr, flush=True)
+    data["debug"].update({k: -1 for k in ONE_SHOT_FAULTS})
+    return tomli_w.dumps(data)
 
 
 RESUME_MAY_CHANGE = ("train.rounds", "train.eval_every", "train.eval_batch", "checkpoint.", "comm.", "run.",
@@ -166,7 +193,7 @@ def _make_run_dir(job: Job) -> Path:
     if job.run.timestamp:
         name += datetime.datetime.now().strftime("-%Y%m%d-%H%M%S")
     path = Path(job.run.out) / name
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())):  # empty: a start-up that failed
+    if path.exists() and not (path.is_dir() and not _holds_files(path)):  # empty: a start-up that failed
         raise JobError(f"run directory {path} already exists; choose another run.name (--name) or "
                        f"remove it (nothing was written)")
     try:
@@ -174,10 +201,16 @@ def _make_run_dir(job: Job) -> Path:
     except OSError as err:
         raise JobError(f"cannot create the run directory {path}: {err.strerror or err}; choose a writable "
                        f"run.out (--out)") from None
+    runlock.hold(path)
     return path
 
 
-STOPPED = 3  # exit code: stopped early by SIGTERM/SIGUSR1, after writing a checkpoint
+def _holds_files(run_dir: Path) -> bool:
+    """Whether a run directory holds anything but its lock (which a failed start-up leaves behind)."""
+    return any(p.name != runlock.LOCK_NAME for p in run_dir.iterdir())
+
+
+STOPPED = 3  # exit code: stopped early by SIGTERM/SIGUSR1/Ctrl-C, after writing a checkpoint
 
 
 def train(world: World, job: Job, start: Start, progress_mode: str) -> int:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from mpifed.compress import (
-    ErrorFeedback, GatherCodec, OneShot, PayloadError, ReduceCodec, RoundContext, codec_names, make_codec,
+    ErrorFeedback, GatherCodec, OneShot, PayloadError, ReduceCodec, RoundContext, codec_names, codec_options,
+    make_codec, option_types,
 )
 from mpifed.compress.aggregate import aggregate, reduce_in_process
 from mpifed.compress.packing import BLOCK_VALUES, pack_uint, pack_width, packed_nbytes, unpack_uint
@@ -506,6 +508,57 @@ def test_make_codec_errors_name_the_fix():
         with pytest.raises(ValueError):
             build(name, **options)
     assert all(isinstance(build(n), (OneShot, ReduceCodec)) for n in codec_names())
+
+
+WRONG_TYPES = [
+    ("topk", {"error_feedback": "false"},
+     'compress.options.error_feedback = "false": must be a boolean (true or false) for codec topk'),
+    ("randomk", {"unbiased": "no"}, 'compress.options.unbiased = "no": must be a boolean (true or false)'),
+    ("powersgd", {"warm_start": 0}, "compress.options.warm_start = 0: must be a boolean (true or false)"),
+    ("topk", {"density": "x"}, 'compress.options.density = "x": must be a number for codec topk'),
+    ("randomk", {"density": True}, "compress.options.density = true: must be a number for codec randomk"),
+    ("topk", {"density": math.nan}, "compress.options.density = nan: must be a finite number"),
+    ("qsgd", {"levels": True}, "compress.options.levels = true: must be an integer for codec qsgd"),
+    ("sign", {"bucket": 512.0}, "compress.options.bucket = 512.0: must be an integer for codec sign"),
+]
+
+
+@pytest.mark.parametrize("name, options, message", WRONG_TYPES, ids=[f"{n}-{[*o][0]}" for n, o, _ in WRONG_TYPES])
+def test_codec_options_must_have_their_declared_type(name, options, message):
+    """TOML values reach make_codec as the user typed them: "false" must not mean error feedback on."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build(name, **options)
+
+
+def test_codec_options_of_the_right_type_are_accepted_and_range_checked():
+    codec = make_codec("topk", density=1, error_feedback=False)  # an int is a fine float
+    assert codec.density == 1.0 and isinstance(codec.density, float) and codec.error_feedback is False
+    assert make_codec("topk", error_feedback=None).error_feedback  # None: the codec's own default
+    assert make_codec("qsgd", levels=np.int64(3)).levels == 3
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\], got 2"):
+        make_codec("topk", density=2)
+    both = 'compress.options.density = "x": must be a number for codec topk; compress.options.error_feedback'
+    with pytest.raises(ValueError, match=re.escape(both)):  # every bad option at once, to fix in one pass
+        make_codec("topk", density="x", error_feedback="no")
+
+
+@pytest.mark.parametrize("name", codec_names())
+def test_every_codec_option_declares_a_checkable_type(name):
+    assert list(option_types(name)) == codec_options(name)
+
+
+def test_train_print_job_rejects_a_string_boolean_option_like_other_job_errors():
+    from click.testing import CliRunner
+
+    from mpifed.cli import main
+
+    reference = CliRunner().invoke(main, ["train", "--print-job", "--set", "train.rounds=zero"])
+    result = CliRunner().invoke(main, ["train", "--print-job", "--set", 'compress.codec="topk"',
+                                       "--set", 'compress.options={error_feedback="false"}'])
+    assert result.exit_code == reference.exit_code != 0, result.output
+    assert ('compress.options.error_feedback = "false": must be a boolean (true or false) for codec topk'
+            in result.output), result.output
+    assert "Traceback" not in result.output
 
 
 # ---- benchmark ------------------------------------------------------------------------------------
