@@ -7,7 +7,8 @@ generator state is stored because mpifed has none: every stream is derived from 
 round, client), so a resumed round draws what the uninterrupted one would have.
 
 Files: <run>/checkpoints/round-<R>.pt, written to a temporary name, fsynced, then renamed, so a
-crash while writing leaves the previous checkpoint intact; the newest `keep` are kept. Loading uses
+crash while writing leaves the previous checkpoint intact; the newest `keep` are kept. A write that
+fails (a full disk) removes its temporary file and says what to do. Loading uses
 torch.load(weights_only=True): tensors, numbers and strings only, never arbitrary objects. Not
 stored: PowerSGD's warm-start factors (a resumed PowerSGD run restarts them cold).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mpifed.errors import InputError
+from mpifed.runlog import disk_full, is_disk_full
 
 FORMAT = 1
 
@@ -39,19 +41,78 @@ def directory(run_dir: Path) -> Path:
 
 
 def save(run_dir: Path, payload: dict, keep: int) -> Path:
-    """Write `payload` (which holds 'round') atomically and drop all but the newest `keep`."""
+    """Write `payload` (which holds 'round') atomically and drop all but the newest `keep`. A failed
+    write leaves no partial file; on a full disk it raises a DiskFullError that says how to go on
+    (torch.save alone reports that as "unexpected pos" in its zip writer)."""
     folder = directory(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"round-{payload['round']:08d}.pt"
-    tmp = final.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(dict(payload, format=FORMAT), fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    try:
+        _write(final, dict(payload, format=FORMAT))
+    except BaseException as err:
+        if is_disk_full(err):
+            raise disk_full(f"checkpoint {final.name}", folder, resume_advice(run_dir),
+                            _size(run_dir, payload)) from err
+        raise
     for old in candidates(run_dir)[keep:]:
         old.unlink()
     return final
+
+
+def save_model(run_dir: Path, state: dict) -> Path:
+    """Write the final model (a plain state dict) to <run>/model.pt as save() writes a checkpoint:
+    whole or not at all, and a full disk said as such."""
+    path = Path(run_dir) / "model.pt"
+    try:
+        _write(path, state)
+    except BaseException as err:
+        if not is_disk_full(err):
+            raise
+        found = candidates(run_dir)
+        keeps = (f"{found[0]} holds the model of its round (torch.load(path, weights_only=True)['model'])"
+                 if found else "train again with a run.out (--out) with room")
+        raise disk_full(f"the trained model {path.name}", path.parent, f"free space there; {keeps}") from err
+    return path
+
+
+def _write(path: Path, obj) -> None:
+    """torch.save to a temporary name, fsynced, then renamed over `path`; a failure removes the temporary."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def resume_advice(run_dir: Path) -> str:
+    """How to go on after a write of the run failed on a full disk: from its newest checkpoint, if any."""
+    found = candidates(run_dir)
+    if not found:
+        return ("the run wrote no checkpoint to resume from: free space there, or choose another run.out "
+                "(--out), and start it again")
+    return (f"free space there, or move {run_dir} to a disk with room, then continue from {found[0].name} with: "
+            f"mpifed train --resume {run_dir} (new runs: choose a run.out, --out, with room)")
+
+
+def _size(run_dir: Path, payload: dict) -> int:
+    """About what a checkpoint takes: as much as the one before, or at least its tensors."""
+    found = candidates(run_dir)
+    if found:
+        return found[0].stat().st_size
+
+    def nbytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.nelement() * value.element_size()
+        if isinstance(value, dict):
+            return sum(map(nbytes, value.values()))
+        return sum(map(nbytes, value)) if isinstance(value, (list, tuple)) else 0
+
+    return nbytes(payload)
 
 
 def candidates(run_dir: Path) -> list[Path]:
@@ -90,10 +151,12 @@ def choose(run_dir: Path, identity: dict) -> tuple[Path, dict, list[str]]:
         wrong = {k: (stored.get(k), v) for k, v in identity.items() if stored.get(k) != v}
         if wrong:
             diffs = ", ".join(f"{k}: checkpoint {a!r}, job {b!r}" for k, (a, b) in wrong.items())
-            raise CheckpointError(f"{path} belongs to a different job ({diffs}); resume with the job it "
-                                  f"was written for, or start a new run")
+            fix = "resume with the job it was written for, or start a new run"
+            if set(wrong) == {"clients"} and isinstance(stored["clients"], int):  # the launch, not the job
+                fix = f"launch the resume with {stored['clients'] + 1} ranks (mpirun -n {stored['clients'] + 1})"
+            raise CheckpointError(f"{path} belongs to a different job ({diffs}); {fix}")
         return path, payload, notes
     raise CheckpointError(f"no usable checkpoint in {directory(run_dir)}"
                           + (f" ({'; '.join(notes)})" if notes else "")
                           + "; the job's [checkpoint] every = K writes one every K rounds, and SIGTERM/SIGUSR1 "
-                            "write one before stopping")
+                            "or a Ctrl-C write one before stopping")

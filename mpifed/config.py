@@ -407,6 +407,9 @@ def check_job(job: Job) -> list[str]:
     grouped = sum(g.count for g in job.clients.groups)
     if job.clients.count and grouped > job.clients.count:
         errors.append(f"clients.groups: {grouped} clients in groups but clients.count = {job.clients.count}")
+    if job.plan.profile_max == 1:
+        errors.append("plan.profile_max = 1: the planner times at least two batch sizes; give 2 or more, or 0 "
+                      "(the job's global batch)")
     for name, p in job.profiles.items():
         if p.speed > 1:
             errors.append(f"profiles.{name}.speed = {p.speed}: emulation can only slow a device down; give "

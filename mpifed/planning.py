@@ -209,8 +209,12 @@ def plan_startup(s: Session, setup: ClientSetup | None) -> StartupPlan | None:
         client = s.world.rank - 1
         cap = profile_cap(cfg.mode, setup.max_batch, global_batch, cfg.profile_max)
         if cap < 2:
+            if 0 < setup.max_batch < 2:
+                why = f"its memory holds batch {setup.max_batch} at most; give its profile more memory"
+            else:
+                why = f"the job's global batch is {global_batch}; raise train.batch"
             raise JobError(f"client {client}: the planner times at least two batch sizes, but its largest "
-                           f"batch is {cap} (memory model or plan.profile_max); give it more memory")
+                           f"batch is {cap} ({why})")
         grid = probe_grid(cap, cfg.points, setup.batch)
         info = dict(memory_cap=setup.max_batch, batch=setup.batch, device=_device_label(s, client),
                     cap=plan_cap(cfg.mode, setup.max_batch, global_batch, cap))

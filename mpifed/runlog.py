@@ -11,16 +11,24 @@ Layout (schema 1):
   /eval/<name>    (E,) round, test_loss, test_acc, wall
   /models         attrs of fitted models: memory.client<k>.<field> (static_bytes, per_sample_bytes,
                   ...), and the performance model when a run fits one
-A crash loses at most the round in flight: every append is followed by a flush.
+A crash loses at most the round in flight: every append is followed by a flush. A log is only ever
+rewritten through a copy (resume, recover) that replaces it once complete, so a failure (a full
+disk) leaves the old one as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
+
+from mpifed.errors import InputError
+from mpifed.units import format_bytes
 
 SCHEMA = 1
 
@@ -59,54 +67,118 @@ def column(name: str) -> int:
     return ITER_FIELDS.index(name)
 
 
+class DiskFullError(InputError, OSError):
+    """A file of the run could not be written because its disk (or quota) is full. The message says
+    where, how much is free and how to go on: a traceback adds nothing to that."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = tuple(os.strerror(code) for code in _FULL)
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether `err`, or an error it arose from, is ENOSPC/EDQUOT. HDF5 names the errno only in its
+    message, and torch.save reports it as the context of its own RuntimeError."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "errno", None) in _FULL or any(text in str(err) for text in _FULL_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full(what: str, folder: Path, advice: str, needs: int | None = None) -> DiskFullError:
+    """The error for a write that found the disk holding `folder` full: what failed, the free space
+    (and what the file needs, when known), and `advice` on how to go on."""
+    where = Path(folder)
+    while not where.exists() and where != where.parent:  # a folder the failed write was to create
+        where = where.parent
+    try:
+        free = format_bytes(shutil.disk_usage(where).free)
+    except OSError:
+        free = "unknown"
+    needed = f", it needs about {format_bytes(needs)}" if needs else ""
+    err = DiskFullError(f"{what} could not be written: the disk holding {folder} is full ({free} free{needed}); "
+                        f"{advice}")
+    err.errno = errno.ENOSPC
+    return err
+
+
 class RunWriter:
-    """Creates every dataset up front (SWMR forbids creating them later), then appends rows."""
+    """Creates every dataset up front (SWMR forbids creating them later), then appends rows.
+
+    A write that fails (a full disk) is reported as itself: close() after it drops HDF5's follow-up
+    errors, which would otherwise replace it. The file has no chunk cache: a row goes to disk when it is
+    written, so a full disk fails that write (with its errno) and leaves no dirty chunk behind, which
+    HDF5 2.0 would try to write again at exit and crash on."""
 
     def __init__(self, path: Path, attrs: dict, ranks: dict[str, list]):
-        self.file = h5py.File(path, "w", libver="latest")
-        for key, value in attrs.items():
-            self.file.attrs[key] = str(value) if isinstance(value, str) else value  # plain str: h5py
-            # cannot store str subclasses such as torch.__version__
-        self.file.attrs["schema"] = SCHEMA
-        n = len(ranks["role"])
-        group = self.file.create_group("ranks")
-        for key in RANK_COLUMNS:
-            values = ranks[key]
-            if isinstance(values[0], str):
-                group.create_dataset(key, data=np.array(values, dtype=h5py.string_dtype()))
-            else:
-                group.create_dataset(key, data=np.asarray(values))
-        self.iter = {f: self._series(f"iter/{f}", (n,)) for f in ITER_FIELDS}
-        self.server = {f: self._series(f"server/{f}", ()) for f in SERVER_FIELDS}
-        self.eval = {f: self._series(f"eval/{f}", ()) for f in EVAL_FIELDS}
-        self.file.create_group("models")
-        self.rounds = 0
-        self.evals = 0
+        self.path, self.failed, self.rounds, self.evals = Path(path), False, 0, 0
+        try:
+            self.file = _open_log(self.path, "w")
+            for key, value in attrs.items():
+                self.file.attrs[key] = str(value) if isinstance(value, str) else value  # plain str: h5py
+                # cannot store str subclasses such as torch.__version__
+            self.file.attrs["schema"] = SCHEMA
+            n = len(ranks["role"])
+            group = self.file.create_group("ranks")
+            for key in RANK_COLUMNS:
+                values = ranks[key]
+                if isinstance(values[0], str):
+                    group.create_dataset(key, data=np.array(values, dtype=h5py.string_dtype()))
+                else:
+                    group.create_dataset(key, data=np.asarray(values))
+            self.iter = {f: self._series(f"iter/{f}", (n,)) for f in ITER_FIELDS}
+            self.server = {f: self._series(f"server/{f}", ()) for f in SERVER_FIELDS}
+            self.eval = {f: self._series(f"eval/{f}", ()) for f in EVAL_FIELDS}
+            self.file.create_group("models")
+        except BaseException as err:
+            self.failed = True
+            self.close()
+            self._failed(err)
+            raise
 
     @classmethod
     def reopen(cls, path: Path, rounds: int, note: str, job_text: str) -> "RunWriter":
         """Append to an existing log from round `rounds` on (resume): rows logged after the
-        checkpoint are dropped, so the log ends with no duplicated and no missing rounds."""
+        checkpoint are dropped, so the log ends with no duplicated and no missing rounds.
+
+        The log is not changed in place: the kept rows go into a copy that replaces it once complete,
+        so a resume that fails (a full disk) leaves the log readable and as it was."""
+        path = Path(path)
+        with h5py.File(path, "r") as src:
+            if src.attrs.get("schema") != SCHEMA:
+                raise ValueError(f"{path} has log schema {src.attrs.get('schema')}, this mpifed writes {SCHEMA}")
+            logged = src["iter/t_iter"].shape[0]
+            if logged < rounds:
+                raise ValueError(f"{path} holds {logged} rounds but the checkpoint resumes at {rounds}")
+            evals = int((src["eval/round"][:] <= rounds).sum())
+            resumes = [*map(str, src.attrs.get("resumes", [])), note]
+
+        def trim(dst: h5py.File) -> None:
+            for name in (*(f"iter/{f}" for f in ITER_FIELDS), *(f"server/{f}" for f in SERVER_FIELDS)):
+                dst[name].resize(min(rounds, dst[name].shape[0]), axis=0)
+            for name in EVAL_FIELDS:
+                dst[f"eval/{name}"].resize(evals, axis=0)
+            dst.attrs["resumes"] = resumes
+            dst.attrs["job"] = job_text  # --set may have changed it (e.g. more rounds)
+
+        _rewrite(path, ".resuming", trim, f"the resumed log (a copy of {path.name}; resuming never changes "
+                                          f"the log in place)")
         self = cls.__new__(cls)
-        self.file = h5py.File(path, "r+", libver="latest")
-        if self.file.attrs.get("schema") != SCHEMA:
-            raise ValueError(f"{path} has log schema {self.file.attrs.get('schema')}, this mpifed writes {SCHEMA}")
-        self.iter = {f: self.file[f"iter/{f}"] for f in ITER_FIELDS}
-        self.server = {f: self.file[f"server/{f}"] for f in SERVER_FIELDS}
-        self.eval = {f: self.file[f"eval/{f}"] for f in EVAL_FIELDS}
-        for ds in (*self.iter.values(), *self.server.values()):
-            ds.resize(min(rounds, ds.shape[0]), axis=0)
-        self.evals = int((self.eval["round"][:] <= rounds).sum())
-        for ds in self.eval.values():
-            ds.resize(self.evals, axis=0)
-        self.rounds = self.iter["t_iter"].shape[0]
-        if self.rounds != rounds:
-            raise ValueError(f"{path} holds {self.rounds} rounds but the checkpoint resumes at {rounds}")
-        resumes = list(self.file.attrs.get("resumes", []))
-        self.file.attrs["resumes"] = [*map(str, resumes), note]
-        self.file.attrs["job"] = job_text  # --set may have changed it (e.g. more rounds)
-        self.file.flush()
-        self.file.swmr_mode = True
+        self.path, self.failed, self.rounds, self.evals = path, False, rounds, evals
+        try:
+            self.file = _open_log(path, "r+")
+            self.iter = {f: self.file[f"iter/{f}"] for f in ITER_FIELDS}
+            self.server = {f: self.file[f"server/{f}"] for f in SERVER_FIELDS}
+            self.eval = {f: self.file[f"eval/{f}"] for f in EVAL_FIELDS}
+            self._begin_swmr()
+        except BaseException as err:
+            self.failed = True
+            self.close()
+            self._failed(err)
+            raise
         return self
 
     def _series(self, name: str, row: tuple) -> h5py.Dataset:
@@ -127,29 +199,91 @@ class RunWriter:
             self.file.swmr_mode = True
 
     def append_round(self, table: np.ndarray, server: dict[str, float]) -> None:
-        self._begin_swmr()
-        t = self.rounds
-        for i, name in enumerate(ITER_FIELDS):
-            ds = self.iter[name]
-            ds.resize(t + 1, axis=0)
-            ds[t] = table[:, i]
-        for name, ds in self.server.items():
-            ds.resize(t + 1, axis=0)
-            ds[t] = server.get(name, np.nan)
+        try:
+            self._begin_swmr()
+            t = self.rounds
+            for i, name in enumerate(ITER_FIELDS):
+                ds = self.iter[name]
+                ds.resize(t + 1, axis=0)
+                ds[t] = table[:, i]
+            for name, ds in self.server.items():
+                ds.resize(t + 1, axis=0)
+                ds[t] = server.get(name, np.nan)
+            self.file.flush()
+        except BaseException as err:
+            self._failed(err)
+            raise
         self.rounds += 1
-        self.file.flush()
 
     def append_eval(self, row: dict[str, float]) -> None:
-        self._begin_swmr()
-        e = self.evals
-        for name, ds in self.eval.items():
-            ds.resize(e + 1, axis=0)
-            ds[e] = row[name]
+        try:
+            self._begin_swmr()
+            e = self.evals
+            for name, ds in self.eval.items():
+                ds.resize(e + 1, axis=0)
+                ds[e] = row[name]
+            self.file.flush()
+        except BaseException as err:
+            self._failed(err)
+            raise
         self.evals += 1
-        self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        """Close the file. After a failed write HDF5 fails here too (it cannot flush either): that
+        follow-up is dropped, so that the first error is the one reported."""
+        file = getattr(self, "file", None)
+        try:
+            if file is not None:
+                file.close()
+        except Exception as err:  # noqa: BLE001 - after a failure, the failure is what to report
+            if not self.failed:
+                self._failed(err)
+                raise
+
+    def _failed(self, err: BaseException) -> None:
+        """Note that a write failed (close() then keeps quiet); a full disk raises the error that says so."""
+        self.failed = True
+        if is_disk_full(err):
+            from mpifed.checkpoint import resume_advice  # imports torch, which reading logs does not need
+            kept = f"the {self.rounds} rounds logged before stay in it; " if self.rounds else ""
+            raise disk_full(f"run log {self.path}", self.path.parent,
+                            kept + resume_advice(self.path.parent)) from err
+
+
+def _open_log(path: Path, mode: str) -> h5py.File:
+    """A log opened for writing; without chunk cache (RunWriter says why)."""
+    return h5py.File(path, mode, libver="latest", rdcc_nbytes=0)
+
+
+def _rewrite(path: Path, suffix: str, edit: Callable[[h5py.File], None], what: str) -> None:
+    """Copy the log at `path` into <path><suffix>, let `edit` change the copy, fsync it and rename it
+    over `path`: the log is replaced whole or not at all. A failure removes the copy and leaves the
+    log as it was; a full disk raises a DiskFullError that says so."""
+    fresh = path.with_name(path.name + suffix)
+    try:
+        with open_run(path) as src, _open_log(fresh, "w") as dst:
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            for name in src:
+                src.copy(src[name], dst, name=name)
+            edit(dst)
+        shutil.copymode(path, fresh)
+        with open(fresh, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(fresh, path)
+    except BaseException as err:
+        fresh.unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise disk_full(what, path.parent, f"{path.name} and the checkpoints are unchanged: free space there "
+                                               f"and resume again, or move {path.parent} to a disk with room and "
+                                               f"resume it there", path.stat().st_size) from err
+        err.add_note(f"mpifed: {path} is unchanged")
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a crash too
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 LEFT_OPEN = "already open for write"
@@ -168,20 +302,15 @@ def recover(path: Path) -> bool:
     another rank's MPI_Abort) leaves it marked "open for write", and HDF5 then refuses to open it for
     appending, although every round it logged was flushed. Its objects are copied into a fresh file
     (SWMR reads a marked file), which is fsynced and renamed over it: the rounds are kept, not lost.
-    A log that a live job holds locked fails with another error, which this leaves to the caller."""
+    A failed copy (a full disk) is removed and the log left as it was. A log that a live job holds
+    locked fails with another error, which this leaves to the caller."""
+    path = Path(path)
     try:
         h5py.File(path, "r").close()
         return False
     except OSError as err:
         if LEFT_OPEN not in str(err):
             raise
-    fresh = path.with_name(path.name + ".recovering")
-    with open_run(path) as src, h5py.File(fresh, "w", libver="latest") as dst:
-        for key, value in src.attrs.items():
-            dst.attrs[key] = value
-        for name in src:
-            src.copy(src[name], dst, name=name)
-    with open(fresh, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(fresh, path)
+    _rewrite(path, ".recovering", lambda dst: None,
+             f"the copy of {path.name} that appending to it needs (a job that died left it open)")
     return True

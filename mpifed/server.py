@@ -171,7 +171,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
                                f"continue with: mpifed train --resume {run_dir}")
                 return dict(last_eval, stopped=done)
 
-    torch.save(model.module.state_dict(), run_dir / "model.pt")
+    checkpoint.save_model(run_dir, model.module.state_dict())
     return last_eval
 
 

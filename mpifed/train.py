@@ -27,6 +27,7 @@ from mpifed import checkpoint, runlock, runlog
 from mpifed.client import prepare_client, run_client
 from mpifed.cluster import World
 from mpifed.config import Job, JobError, load_job, resolve_clients
+from mpifed.errors import InputError
 from mpifed.perf.report import predict_for
 from mpifed.planning import plan_startup
 from mpifed.progress import Progress
@@ -60,7 +61,7 @@ def prepare(world: World, job_file: str | None, overrides: list[str], resume: st
             resume = resume or (_existing_run(job_file, overrides) if auto_resume else None)
             job, start = _resume(world, resume, overrides) if resume else _new(world, job_file, overrides)
             text = job.to_toml()
-        except (JobError, checkpoint.CheckpointError) as err:
+        except InputError as err:  # a job, a checkpoint, a full disk: the message says what to do
             error = str(err)
         except Exception as err:  # anything else must reach the other ranks too, not leave them waiting
             traceback.print_exc()
@@ -183,6 +184,8 @@ def _logged_rounds(path: Path) -> int:
                   f"file to append to", file=sys.stderr, flush=True)
         with h5py.File(path, "r") as f:
             return int(f["iter/t_iter"].shape[0])
+    except runlog.DiskFullError as err:
+        raise JobError(str(err)) from None
     except (OSError, KeyError) as err:
         raise JobError(f"--resume: {path} cannot be read ({err}); restore it from a copy, or start a new run "
                        f"(nothing was changed)") from None
@@ -203,6 +206,19 @@ def _make_run_dir(job: Job) -> Path:
                        f"run.out (--out)") from None
     runlock.hold(path)
     return path
+
+
+def _write_job(run_dir: Path, job: Job) -> None:
+    """job.toml, replaced whole (a full disk must not leave a resumable run with half a job)."""
+    tmp = run_dir / "job.toml.tmp"
+    try:
+        tmp.write_text(job.to_toml())
+        os.replace(tmp, run_dir / "job.toml")
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if runlog.is_disk_full(err):
+            raise runlog.disk_full("job.toml", run_dir, checkpoint.resume_advice(run_dir)) from err
+        raise
 
 
 def _holds_files(run_dir: Path) -> bool:
@@ -234,7 +250,6 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
     ranks = {key: [info[key] for info in infos] for key in RANK_COLUMNS}
     s.max_batches = [int(info["max_batch"]) for info in infos[1:]]
     s.data_sizes = [int(info["data_size"]) for info in infos[1:]]
-    (run_dir / "job.toml").write_text(job.to_toml())  # set-up succeeded: the job is what runs
     if start.checkpoint is not None:
         writer = RunWriter.reopen(run_dir / "run.h5", start.round, start.note, job.to_toml())
     else:
@@ -244,6 +259,7 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
                 writer.set_model_attrs(f"memory.client{k}", info["memory_model"])
         if plan is not None:
             plan.record(writer, run_dir)
+    _write_job(run_dir, job)  # set-up and the log succeeded: the job is what runs
     messages = [info["message"] for info in infos[1:] if info["message"]]
     progress = Progress(progress_mode, job.train.rounds, job.train.eval_every or job.train.rounds)
     for message in messages:

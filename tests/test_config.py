@@ -52,6 +52,8 @@ def test_cross_field_checks():
         load_job(text="[profiles.fast]\nspeed = 2.0\n")
     with pytest.raises(JobError, match="scaling.small_batch is unset"):
         load_job(overrides=['scaling.method="teacher"', "scaling.per_layer=false"])
+    with pytest.raises(JobError, match="plan.profile_max = 1: the planner times at least two batch sizes"):
+        load_job(overrides=["plan.profile_max=1"])
     with pytest.raises(JobError, match="plan.replan = true needs plan.mode"):
         load_job(overrides=["plan.replan=true"])
     with pytest.raises(JobError, match="both move the clients' batches"):

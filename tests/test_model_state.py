@@ -67,3 +67,7 @@ def test_a_checkpoint_written_for_another_job_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="belongs to a different job \\(codec: checkpoint 'none', "
                                                          "job 'fp16'\\)"):
         checkpoint.choose(tmp_path, dict(ours, codec="fp16"))
+    # another rank count is the launch's doing, not the job's: say which launch resumes it
+    with pytest.raises(checkpoint.CheckpointError, match=r"clients: checkpoint 3, job 2\); launch the resume with "
+                                                         r"4 ranks \(mpirun -n 4\)"):
+        checkpoint.choose(tmp_path, dict(ours, clients=2))

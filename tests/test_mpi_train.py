@@ -165,8 +165,9 @@ def test_missing_dataset_ends_the_job_with_where_the_files_go(tmp_path):
     assert proc.returncode != 0
     assert "cifar-10-batches-py" in proc.stderr and "DatasetError" in proc.stderr
     assert "Traceback" not in proc.stderr  # the user's input: the message alone says what to do
-    # nothing written: the directory a failed start-up made is empty, and the same --name may run again
-    assert list((tmp_path / "nodata").iterdir()) == []
+    # nothing written: the directory a failed start-up made holds only its (released) lock, and the same
+    # --name may run again
+    assert [p.name for p in (tmp_path / "nodata").iterdir()] == ["run.lock"]
     ok(train(3, tmp_path, "nodata", "--set", "train.rounds=1"))
 
 
