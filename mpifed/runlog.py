@@ -173,7 +173,7 @@ class RunWriter:
             self.iter = {f: self.file[f"iter/{f}"] for f in ITER_FIELDS}
             self.server = {f: self.file[f"server/{f}"] for f in SERVER_FIELDS}
             self.eval = {f: self.file[f"eval/{f}"] for f in EVAL_FIELDS}
-            self._begin_swmr()
+            self.begin_swmr()
         except BaseException as err:
             self.failed = True
             self.close()
@@ -186,21 +186,23 @@ class RunWriter:
                                         chunks=(64, *row), fillvalue=np.nan)
 
     def set_model_attrs(self, name: str, values: dict) -> None:
-        """Store a fitted model's parameters, before the first round: SWMR, which begins with it,
-        allows no new attributes (HDF5 before 2.0)."""
+        """Store a fitted model's parameters, before begin_swmr(): SWMR allows no new attributes (HDF5
+        before 2.0)."""
         if self.file.swmr_mode:
-            raise RuntimeError(f"set_model_attrs({name!r}) after the first round: SWMR allows no new attributes")
+            raise RuntimeError(f"set_model_attrs({name!r}) after begin_swmr(): SWMR allows no new attributes")
         for key, value in values.items():
             self.file["models"].attrs[f"{name}.{key}"] = value
 
-    def _begin_swmr(self) -> None:
-        """Readers (mpifed watch) may follow the log from here on; nothing new can be created after."""
+    def begin_swmr(self) -> None:
+        """Readers (mpifed watch) may follow the log from here on; nothing new can be created after. Called
+        once set-up has written everything static: a job that dies in its first round then leaves a log
+        that SWMR readers and recover() can open, not one marked open by a plain writer."""
         if not self.file.swmr_mode:
             self.file.swmr_mode = True
 
     def append_round(self, table: np.ndarray, server: dict[str, float]) -> None:
         try:
-            self._begin_swmr()
+            self.begin_swmr()
             t = self.rounds
             for i, name in enumerate(ITER_FIELDS):
                 ds = self.iter[name]
@@ -217,7 +219,7 @@ class RunWriter:
 
     def append_eval(self, row: dict[str, float]) -> None:
         try:
-            self._begin_swmr()
+            self.begin_swmr()
             e = self.evals
             for name, ds in self.eval.items():
                 ds.resize(e + 1, axis=0)

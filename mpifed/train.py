@@ -259,6 +259,7 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
                 writer.set_model_attrs(f"memory.client{k}", info["memory_model"])
         if plan is not None:
             plan.record(writer, run_dir)
+        writer.begin_swmr()
     _write_job(run_dir, job)  # set-up and the log succeeded: the job is what runs
     messages = [info["message"] for info in infos[1:] if info["message"]]
     progress = Progress(progress_mode, job.train.rounds, job.train.eval_every or job.train.rounds)

@@ -171,6 +171,17 @@ def test_missing_dataset_ends_the_job_with_where_the_files_go(tmp_path):
     ok(train(3, tmp_path, "nodata", "--set", "train.rounds=1"))
 
 
+def test_a_job_that_dies_in_its_first_round_leaves_a_readable_log(tmp_path):
+    """The log enters SWMR mode when set-up has written it, not at the first row: before, a job that
+    died in round 0 left a file marked open by a plain writer, which nothing could read."""
+    proc = train(3, tmp_path, "f0", "--set", "debug.fail_rank=1", "--set", "debug.fail_round=0", timeout=120)
+    assert proc.returncode != 0 and "InjectedFault" in proc.stderr
+    with open_run(tmp_path / "f0" / "run.h5") as f:
+        assert f["iter/t_iter"].shape == (0, 3)
+        assert [r.decode() for r in f["ranks/role"][:]] == ["server", "client 0", "client 1"]
+        assert f["models"].attrs["memory.client1.per_sample_bytes"] > 0
+
+
 def test_a_client_that_raises_mid_run_ends_the_whole_job(tmp_path):
     """Without the abort this job would run 100000 rounds and hit the timeout."""
     began = time.monotonic()
