@@ -2,9 +2,12 @@
 
 Nothing here pickles. Buffers larger than `chunk` elements travel in several calls, so a model
 over 2 GiB works with an MPI that lacks MPI-4 large counts. Every collective is non-blocking and is
-waited on in one of two ways: `poll` (MPI's own Waitall, lowest latency, spins a core) or `sleep`
-(Testall with an exponential back-off capped at `max_sleep`), which leaves the core to ranks that
-compute when ranks outnumber cores (measured here: 7 spinning ranks slowed a computing one 4.2x).
+waited on in one of two ways: `poll` (Testall in a loop, or MPI's own Waitall when there is no
+timeout: lowest latency, spins a core) or `sleep` (Testall with an exponential back-off capped at
+`max_sleep`), which leaves the core to ranks that compute when ranks outnumber cores (measured
+here: 7 spinning ranks slowed a computing one 4.2x).
+With a `timeout`, a wait that lasts longer ends the job (RankTimeout): a stopped, deadlocked or lost
+rank would otherwise hold every other rank in its collective forever.
 If device buffers ever go straight to a CUDA-aware MPI, that belongs in this module alone.
 """
 
@@ -18,10 +21,14 @@ from mpi4py import MPI
 ROOT = 0
 
 
+class RankTimeout(RuntimeError):
+    """A collective waited longer than comm.timeout: some rank stopped answering."""
+
+
 class Exchange:
     def __init__(self, comm: MPI.Intracomm, polite: bool, chunk_bytes: int = 256 * 2**20,
-                 max_sleep: float = 2e-4):
-        self.comm, self.polite, self.max_sleep = comm, polite, max_sleep
+                 max_sleep: float = 2e-4, timeout: float = 0.0):
+        self.comm, self.polite, self.max_sleep, self.timeout = comm, polite, max_sleep, timeout
         self.chunk_bytes = max(1, int(chunk_bytes))
 
     def _pieces(self, buf: np.ndarray) -> list[np.ndarray]:
@@ -29,13 +36,18 @@ class Exchange:
         return [buf[i: i + step] for i in range(0, max(buf.size, 1), step)]
 
     def wait(self, requests: list[MPI.Request]) -> None:
-        if not self.polite:
+        if not self.polite and not self.timeout:
             MPI.Request.Waitall(requests)
             return
-        pause = 1e-6
+        began, pause = time.monotonic(), 1e-6
         while not MPI.Request.Testall(requests):
-            time.sleep(pause)
-            pause = min(2 * pause, self.max_sleep)
+            if self.polite:
+                time.sleep(pause)
+                pause = min(2 * pause, self.max_sleep)
+            if self.timeout and time.monotonic() - began > self.timeout:
+                raise RankTimeout(f"no answer in a collective for {self.timeout:g} s (comm.timeout): a rank is "
+                                  f"stuck (stopped, deadlocked, or on a lost node); if rounds really take this "
+                                  f"long, raise comm.timeout")
 
     def broadcast(self, buf: np.ndarray) -> None:
         """Root's `buf` into every rank's `buf` (same shape and dtype everywhere)."""

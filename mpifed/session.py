@@ -70,7 +70,7 @@ def open_session(world: World, job: Job) -> Session:
         module = build_model(job.model.name, dataset.num_classes, dataset.channels)
     model = FlatModel(module, device)
     polite = job.comm.wait == "sleep" or (job.comm.wait == "auto" and world.oversubscribed)
-    exchange = Exchange(world.comm, polite, int(job.comm.chunk_mib * 2**20))
+    exchange = Exchange(world.comm, polite, int(job.comm.chunk_mib * 2**20), timeout=job.comm.timeout)
     batches = np.array(client_batches(job, names), dtype=np.int64)
     return Session(world, job, device, model, exchange, names, batches, dataset)
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -10,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ok, train
+from conftest import MPIRUN, TINY, ok, rounds_logged, train
 from mpifed.config import load_job
 from mpifed.data import ClientSampler, load_dataset, partition
 from mpifed.models import build_model
@@ -180,6 +185,41 @@ def test_a_job_that_dies_in_its_first_round_leaves_a_readable_log(tmp_path):
         assert f["iter/t_iter"].shape == (0, 3)
         assert [r.decode() for r in f["ranks/role"][:]] == ["server", "client 0", "client 1"]
         assert f["models"].attrs["memory.client1.per_sample_bytes"] > 0
+
+
+def test_a_stopped_client_ends_the_job_after_comm_timeout(tmp_path):
+    """A rank that stops answering (SIGSTOP here; a deadlock or a lost node alike) raises no error
+    anywhere: without comm.timeout every other rank waited in its collective forever."""
+    cmd = [MPIRUN, "-n", "3", sys.executable, "-m", "mpifed", "train", *TINY, "--out", str(tmp_path),
+           "--name", "frozen", "--set", "train.rounds=100000", "--set", "comm.timeout=3"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while rounds_logged(tmp_path / "frozen" / "run.h5") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        client = _rank_pid(2, "frozen")
+        os.kill(client, signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        assert time.monotonic() - stopped < 40
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0
+    assert "no answer in a collective for 3 s (comm.timeout): a rank is stuck" in err
+
+
+def _rank_pid(rank: int, name: str) -> int:
+    """The pid of MPI rank `rank` of the job whose --name is `name` (from the process environment)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if name.encode() in argv and f"PMI_RANK={rank}".encode() in env:
+            return int(entry.name)
+    raise AssertionError(f"no process of rank {rank} running job {name}")
 
 
 def test_a_client_that_raises_mid_run_ends_the_whole_job(tmp_path):
