@@ -110,8 +110,8 @@ def run_or_abort(world: World, body: Callable[[], int | None]) -> int:
         # the user's input (a job field, a dataset, a budget) or a Ctrl-C: the message says it all
         said = isinstance(err, (InputError, KeyboardInterrupt))
         detail = "" if said else "".join(traceback.format_exception(err))
-        why = (f"interrupted (Ctrl-C) before a round boundary, so without a checkpoint; one Ctrl-C stops "
-               f"at the next round with one" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}")
+        why = ("interrupted (Ctrl-C) before a checkpoint could be written" if isinstance(err, KeyboardInterrupt)
+               else f"{type(err).__name__}: {err}")
         message = (f"{detail}mpifed: rank {world.rank} ({world.role}) on {world.host} failed: {why}\n"
                    f"mpifed: aborting all {world.size} ranks\n")
         sys.stderr.flush()

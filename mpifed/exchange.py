@@ -25,6 +25,13 @@ class RankTimeout(RuntimeError):
     """A collective waited longer than comm.timeout: some rank stopped answering."""
 
 
+SUSPENDED = 5.0
+"""Seconds between two polls of one wait beyond which this rank itself was not running (the whole job
+suspended: SLURM's scontrol suspend, preemption by suspension, Ctrl-Z): that gap is not counted as
+waiting, or a job resumed after more than comm.timeout would abort at once. A poll takes microseconds
+and a back-off sleep at most max_sleep, so only a stopped process sees such a gap."""
+
+
 class Exchange:
     def __init__(self, comm: MPI.Intracomm, polite: bool, chunk_bytes: int = 256 * 2**20,
                  max_sleep: float = 2e-4, timeout: float = 0.0):
@@ -39,15 +46,18 @@ class Exchange:
         if not self.polite and not self.timeout:
             MPI.Request.Waitall(requests)
             return
-        began, pause = time.monotonic(), 1e-6
+        waited, last, pause = 0.0, time.monotonic(), 1e-6
         while not MPI.Request.Testall(requests):
             if self.polite:
                 time.sleep(pause)
                 pause = min(2 * pause, self.max_sleep)
-            if self.timeout and time.monotonic() - began > self.timeout:
-                raise RankTimeout(f"no answer in a collective for {self.timeout:g} s (comm.timeout): a rank is "
-                                  f"stuck (stopped, deadlocked, or on a lost node); if rounds really take this "
-                                  f"long, raise comm.timeout")
+            now = time.monotonic()
+            waited += now - last if now - last < SUSPENDED else 0.0
+            last = now
+            if self.timeout and waited > self.timeout:
+                raise RankTimeout(f"this rank waited {self.timeout:g} s (comm.timeout) in a collective that "
+                                  f"another rank never joined: that rank is stuck (stopped, deadlocked, or on a "
+                                  f"lost node); if rounds really take this long, raise comm.timeout")
 
     def broadcast(self, buf: np.ndarray) -> None:
         """Root's `buf` into every rank's `buf` (same shape and dtype everywhere)."""

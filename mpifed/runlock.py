@@ -17,6 +17,7 @@ import os
 import socket
 from pathlib import Path
 
+from mpifed import runlog
 from mpifed.config import JobError
 
 LOCK_NAME = "run.lock"
@@ -34,7 +35,10 @@ def hold(run_dir: Path) -> bool:
     if run_dir in _held:
         return True
     path = run_dir / LOCK_NAME
-    f = open(path, "a+")
+    try:
+        f = open(path, "a+")
+    except OSError as err:
+        raise _unwritable(err, run_dir) from err
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
@@ -45,9 +49,20 @@ def hold(run_dir: Path) -> bool:
             raise JobError(f"{run_dir} is in use by a running job ({holder}); wait for it to end, or stop it "
                            f"(Ctrl-C, scancel) and resume then (nothing was changed)") from None
         return False
-    f.seek(0)
-    f.truncate()
-    f.write(f"{socket.gethostname()} pid {os.getpid()} since {datetime.datetime.now().isoformat(timespec='seconds')}\n")
-    f.flush()
-    _held[run_dir] = f
+    _held[run_dir] = f  # locked: kept open from here on, whatever the note below does
+    try:
+        f.seek(0)
+        f.truncate()
+        since = datetime.datetime.now().isoformat(timespec="seconds")
+        f.write(f"{socket.gethostname()} pid {os.getpid()} since {since}\n")
+        f.flush()
+    except OSError as err:
+        raise _unwritable(err, run_dir) from err
     return True
+
+
+def _unwritable(err: OSError, run_dir: Path) -> Exception:
+    """The first write into a run directory failed: a full disk says so; anything else is left as is."""
+    if runlog.is_disk_full(err):
+        return runlog.disk_full(LOCK_NAME, run_dir, "free space there, or choose another run.out (--out)")
+    return err

@@ -107,7 +107,7 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
                        f"writable and resume the copy (nothing was changed)")
     runlock.hold(run_dir)
     stored = load_job(run_dir / "job.toml")
-    job = load_job(text=_without_one_shot_faults(stored), overrides=overrides)
+    job = load_job(text=_without_one_shot_faults(stored, overrides), overrides=overrides)
     changed = [key for key in _changed_fields(stored, job) if not key.startswith(RESUME_MAY_CHANGE)]
     if changed:
         raise JobError(f"--resume continues the stored job, but --set changes {', '.join(changed)}, which would "
@@ -142,10 +142,13 @@ does not repeat them (a run that failed on purpose in round 5 would otherwise fa
 resume); --set them again to repeat one. Drift (debug.slow_*) is a device's state and carries on."""
 
 
-def _without_one_shot_faults(job: Job) -> str:
-    """The job's TOML with the one-shot fault injections switched off, saying so when one was on."""
+def _without_one_shot_faults(job: Job, overrides: list[str]) -> str:
+    """The job's TOML with the one-shot fault injections switched off, saying so when one was on and
+    the resume does not set it again."""
     data = tomllib.loads(job.to_toml())
-    dropped = [f"debug.{k} = {data['debug'][k]}" for k in ONE_SHOT_FAULTS if data["debug"][k] != -1]
+    again = {item.split("=", 1)[0].strip() for item in overrides}
+    dropped = [f"debug.{k} = {data['debug'][k]}" for k in ONE_SHOT_FAULTS
+               if data["debug"][k] != -1 and f"debug.{k}" not in again]
     if dropped:
         print(f"mpifed: not repeating the stored fault injection ({', '.join(dropped)}); --set it again to "
               f"repeat it", file=sys.stderr, flush=True)

@@ -91,6 +91,21 @@ def test_a_checkpoint_on_a_full_disk_says_so_and_leaves_no_partial_file(disk):
     assert checkpoint.choose(run, {})[1]["round"] == 1
 
 
+def test_a_run_directory_on_a_full_disk_is_refused_in_one_line(disk):
+    """run.lock is the first file a run writes: before, its write raised a bare OSError and rank 0
+    printed a traceback."""
+    from mpifed import runlock
+
+    root = disk("64k")
+    run = root / "new-run"
+    run.mkdir()
+    fill(root)
+    with pytest.raises(Exception) as failed:
+        runlock.hold(run)
+    assert_says_disk_full(failed.value, run)
+    assert "run.lock could not be written" in str(failed.value)
+
+
 def test_a_resume_on_a_full_disk_leaves_the_log_as_it_was(disk):
     run = disk("128k")
     path = run / "run.h5"
