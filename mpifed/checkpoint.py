@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -75,12 +76,17 @@ def save_model(run_dir: Path, state: dict) -> Path:
 
 
 def _write(path: Path, obj) -> None:
-    """torch.save to a temporary name, fsynced, then renamed over `path`; a failure removes the temporary."""
+    write_whole(path, lambda fh: torch.save(obj, fh))
+
+
+def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """write(fh) into a temporary name, fsynced, then renamed over `path`: a reader finds the old file
+    or the new one, never part of one; a failure removes the temporary."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -18,6 +18,7 @@ disk) leaves the old one as it was.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -115,7 +116,7 @@ class RunWriter:
 
     def __init__(self, path: Path, attrs: dict, ranks: dict[str, list]):
         self.path, self.failed, self.rounds, self.evals = Path(path), False, 0, 0
-        try:
+        with self._guard(closing=True):
             self.file = _open_log(self.path, "w")
             for key, value in attrs.items():
                 self.file.attrs[key] = str(value) if isinstance(value, str) else value  # plain str: h5py
@@ -133,11 +134,6 @@ class RunWriter:
             self.server = {f: self._series(f"server/{f}", ()) for f in SERVER_FIELDS}
             self.eval = {f: self._series(f"eval/{f}", ()) for f in EVAL_FIELDS}
             self.file.create_group("models")
-        except BaseException as err:
-            self.failed = True
-            self.close()
-            self._failed(err)
-            raise
 
     @classmethod
     def reopen(cls, path: Path, rounds: int, note: str, job_text: str) -> "RunWriter":
@@ -168,17 +164,12 @@ class RunWriter:
                                           f"the log in place)")
         self = cls.__new__(cls)
         self.path, self.failed, self.rounds, self.evals = path, False, rounds, evals
-        try:
+        with self._guard(closing=True):
             self.file = _open_log(path, "r+")
             self.iter = {f: self.file[f"iter/{f}"] for f in ITER_FIELDS}
             self.server = {f: self.file[f"server/{f}"] for f in SERVER_FIELDS}
             self.eval = {f: self.file[f"eval/{f}"] for f in EVAL_FIELDS}
             self.begin_swmr()
-        except BaseException as err:
-            self.failed = True
-            self.close()
-            self._failed(err)
-            raise
         return self
 
     def _series(self, name: str, row: tuple) -> h5py.Dataset:
@@ -201,7 +192,7 @@ class RunWriter:
             self.file.swmr_mode = True
 
     def append_round(self, table: np.ndarray, server: dict[str, float]) -> None:
-        try:
+        with self._guard():
             self.begin_swmr()
             t = self.rounds
             for i, name in enumerate(ITER_FIELDS):
@@ -212,22 +203,16 @@ class RunWriter:
                 ds.resize(t + 1, axis=0)
                 ds[t] = server.get(name, np.nan)
             self.file.flush()
-        except BaseException as err:
-            self._failed(err)
-            raise
         self.rounds += 1
 
     def append_eval(self, row: dict[str, float]) -> None:
-        try:
+        with self._guard():
             self.begin_swmr()
             e = self.evals
             for name, ds in self.eval.items():
                 ds.resize(e + 1, axis=0)
                 ds[e] = row[name]
             self.file.flush()
-        except BaseException as err:
-            self._failed(err)
-            raise
         self.evals += 1
 
     def close(self) -> None:
@@ -241,6 +226,19 @@ class RunWriter:
             if not self.failed:
                 self._failed(err)
                 raise
+
+    @contextlib.contextmanager
+    def _guard(self, closing: bool = False):
+        """Every write of the log: a failure is recorded (and said plainly for a full disk); while the
+        log is being set up, it is closed too, since no writer will be returned to close it."""
+        try:
+            yield
+        except BaseException as err:
+            self.failed = True
+            if closing:
+                self.close()
+            self._failed(err)
+            raise
 
     def _failed(self, err: BaseException) -> None:
         """Note that a write failed (close() then keeps quiet); a full disk raises the error that says so."""

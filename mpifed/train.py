@@ -213,12 +213,9 @@ def _make_run_dir(job: Job) -> Path:
 
 def _write_job(run_dir: Path, job: Job) -> None:
     """job.toml, replaced whole (a full disk must not leave a resumable run with half a job)."""
-    tmp = run_dir / "job.toml.tmp"
     try:
-        tmp.write_text(job.to_toml())
-        os.replace(tmp, run_dir / "job.toml")
+        checkpoint.write_whole(run_dir / "job.toml", lambda fh: fh.write(job.to_toml().encode()))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         if runlog.is_disk_full(err):
             raise runlog.disk_full("job.toml", run_dir, checkpoint.resume_advice(run_dir)) from err
         raise
