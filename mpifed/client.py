@@ -270,6 +270,7 @@ def _report_setup(s: Session, setup: ClientSetup) -> None:
     """Once, at start-up: this rank's static facts for the run log's /ranks table."""
     client = s.world.rank - 1
     p = s.profile(client)
+    s.exchange.arrive()
     s.world.comm.gather(dict(
         role=s.world.role, host=s.world.host, device=str(s.device), profile=s.profile_names[client],
         emulated=p.emulated, speed=p.speed, memory_budget=p.memory, bandwidth=p.bandwidth, latency=p.latency,

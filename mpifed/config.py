@@ -114,9 +114,10 @@ class CommConfig:
                     "than cores.", choices=("auto", "poll", "sleep"))
     chunk_mib: float = opt(256.0, "Largest piece (MiB) moved by one collective call; larger buffers travel in "
                            "several, so models over 2 GiB work with any MPI.", minimum=1e-6)
-    timeout: float = opt(1800.0, "Seconds a rank waits in one round's collective before it takes another rank "
-                         "for stuck (stopped, deadlocked, a lost node) and ends the job with that message; 0 = "
-                         "wait forever. Allow for the slowest round, evaluation and checkpoint included.",
+    timeout: float = opt(1800.0, "Seconds a rank waits in one collective (a round's, or start-up's) before it "
+                         "takes another rank for stuck (stopped, deadlocked, a lost node) and ends the job with "
+                         "that message; 0 = wait forever. Allow for the slowest round, evaluation and checkpoint "
+                         "included, and the slowest client's set-up (data, memory sizing, planning probes).",
                          minimum=0.0)
 
 

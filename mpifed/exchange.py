@@ -83,6 +83,11 @@ class Exchange:
         """Root's (size, len(row)) table, one row to each rank (used once, when resuming)."""
         self.wait([self.comm.Iscatter(table if self.comm.rank == ROOT else None, row, root=ROOT)])
 
+    def arrive(self) -> None:
+        """Wait, in this exchange's way, until every rank reaches this point. Start-up's pickled,
+        blocking collectives come after it, so their waiting is polite and bounded by the timeout too."""
+        self.wait([self.comm.Ibarrier()])
+
     def any(self, flag: bool) -> bool:
         """True on every rank when any rank passes True (one tiny allreduce)."""
         value = np.array([int(flag)], dtype=np.int64)

@@ -219,11 +219,13 @@ def plan_startup(s: Session, setup: ClientSetup | None) -> StartupPlan | None:
         info = dict(memory_cap=setup.max_batch, batch=setup.batch, device=_device_label(s, client),
                     cap=plan_cap(cfg.mode, setup.max_batch, global_batch, cap))
     table = probes.probe_rounds(s, setup, grid or [0] * (cfg.points + 1), cfg.repeats, WARMUP_STEPS)
+    s.exchange.arrive()
     gathered = comm.gather((info, table), root=0)  # once, at start-up: pickling is fine here
     batches = None
     if s.world.is_server:
         plan = _plan(s, gathered, start)
         batches = [None] + plan.batches
+    s.exchange.arrive()  # clients wait politely while the server fits the plan
     mine_planned = comm.scatter(batches, root=0)
     if setup is not None:
         setup.batch = int(mine_planned)

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 import sys
@@ -28,6 +27,7 @@ from mpifed.client import prepare_client, run_client
 from mpifed.cluster import World
 from mpifed.config import Job, JobError, load_job, resolve_clients
 from mpifed.errors import InputError
+from mpifed.exchange import Exchange
 from mpifed.perf.report import predict_for
 from mpifed.planning import plan_startup
 from mpifed.progress import Progress
@@ -66,6 +66,7 @@ def prepare(world: World, job_file: str | None, overrides: list[str], resume: st
         except Exception as err:  # anything else must reach the other ranks too, not leave them waiting
             traceback.print_exc()
             error = f"rank 0 failed while preparing the run: {type(err).__name__}: {err}"
+    Exchange(world.comm, polite=True).arrive()  # rank 0 may take a while (a resume copies the log)
     text, error, first = world.comm.bcast((text, error, start.round), root=0)
     if error:
         raise JobError(error)
@@ -106,17 +107,19 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
                        f"to the log and writes checkpoints); make it writable, or copy the run directory somewhere "
                        f"writable and resume the copy (nothing was changed)")
     runlock.hold(run_dir)
-    stored = load_job(run_dir / "job.toml")
-    job = load_job(text=_without_one_shot_faults(stored, overrides), overrides=overrides)
-    changed = [key for key in _changed_fields(stored, job) if not key.startswith(RESUME_MAY_CHANGE)]
+    stored = _stored_job(run_dir / "job.toml", overrides)
+    job = load_job(text=tomli_w.dumps(_without_one_shot_faults(stored, overrides)), overrides=overrides)
+    changed = [key for key in _changed_fields(stored, tomllib.loads(job.to_toml()))
+               if not key.startswith(RESUME_MAY_CHANGE)]
     if changed:
         raise JobError(f"--resume continues the stored job, but --set changes {', '.join(changed)}, which would "
                        f"make the resumed rounds differ from what run.h5 describes; start a new run for that "
                        f"(on resume only {', '.join(k + '*' if k.endswith('.') else k for k in RESUME_MAY_CHANGE)} "
                        f"may change)")
-    if job.optim.schedule == "cosine" and job.train.rounds != stored.train.rounds:
+    stored_rounds = stored["train"]["rounds"]
+    if job.optim.schedule == "cosine" and job.train.rounds != stored_rounds:
         raise JobError(f"optim.schedule = \"cosine\" anneals the learning rate over train.rounds = "
-                       f"{stored.train.rounds}; resuming with {job.train.rounds} would bend the curve mid-run, so "
+                       f"{stored_rounds}; resuming with {job.train.rounds} would bend the curve mid-run, so "
                        f"the rounds logged and the rounds to come would follow different schedules. Start a "
                        f"new run for more rounds (runs meant to be extended: optim.schedule = \"step\" or "
                        f"\"constant\")")
@@ -142,18 +145,35 @@ does not repeat them (a run that failed on purpose in round 5 would otherwise fa
 resume); --set them again to repeat one. Drift (debug.slow_*) is a device's state and carries on."""
 
 
-def _without_one_shot_faults(job: Job, overrides: list[str]) -> str:
-    """The job's TOML with the one-shot fault injections switched off, saying so when one was on and
-    the resume does not set it again."""
-    data = tomllib.loads(job.to_toml())
+def _stored_job(path: Path, overrides: list[str]) -> dict:
+    """The stored job as TOML data. It is checked together with the resume's --set, so a job that
+    a newer mpifed's checks refuse can be resumed by setting the refused field (when a resume may
+    change it); without --set it must pass as it is."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise JobError(f"{path} cannot be read ({err}); it is the job this run was started with: restore "
+                       f"it from a copy (nothing was changed)") from None
+    try:
+        load_job(text=tomli_w.dumps(data), overrides=overrides)
+    except JobError as err:
+        raise JobError(f"{path}, with this resume's --set, is not a valid job: {err}\nA resume may fix a field "
+                       f"with --set FIELD=VALUE when it is one of {', '.join(RESUME_MAY_CHANGE)}; for any other, "
+                       f"start a new run") from None
+    return data
+
+
+def _without_one_shot_faults(data: dict, overrides: list[str]) -> dict:
+    """The job's TOML data with the one-shot fault injections switched off, saying so when one was on
+    and the resume does not set it again."""
     again = {item.split("=", 1)[0].strip() for item in overrides}
-    dropped = [f"debug.{k} = {data['debug'][k]}" for k in ONE_SHOT_FAULTS
-               if data["debug"][k] != -1 and f"debug.{k}" not in again]
+    debug = data.get("debug", {})
+    dropped = [f"debug.{k} = {debug[k]}" for k in ONE_SHOT_FAULTS
+               if debug.get(k, -1) != -1 and f"debug.{k}" not in again]
     if dropped:
         print(f"mpifed: not repeating the stored fault injection ({', '.join(dropped)}); --set it again to "
               f"repeat it", file=sys.stderr, flush=True)
-    data["debug"].update({k: -1 for k in ONE_SHOT_FAULTS})
-    return tomli_w.dumps(data)
+    return {**data, "debug": {**debug, **{k: -1 for k in ONE_SHOT_FAULTS}}}
 
 
 RESUME_MAY_CHANGE = ("train.rounds", "train.eval_every", "train.eval_batch", "checkpoint.", "comm.", "run.",
@@ -164,8 +184,8 @@ and where they run (run.seed too, but the checkpoint's identity refuses another 
 which the log and the checkpoint must keep describing."""
 
 
-def _changed_fields(a: Job, b: Job) -> list[str]:
-    """Dotted names of the fields that differ between two jobs."""
+def _changed_fields(a: dict, b: dict) -> list[str]:
+    """Dotted names of the fields that differ between two jobs' TOML data."""
     def flat(tree: dict, prefix: str = "") -> dict:
         out = {}
         for key, value in tree.items():
@@ -175,7 +195,8 @@ def _changed_fields(a: Job, b: Job) -> list[str]:
                 out[f"{prefix}{key}"] = value
         return out
 
-    fa, fb = flat(dataclasses.asdict(a)), flat(dataclasses.asdict(b))
+    defaults = flat(tomllib.loads(Job().to_toml()))  # a field the stored job predates had its default
+    fa, fb = {**defaults, **flat(a)}, {**defaults, **flat(b)}
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
@@ -243,6 +264,7 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
         raise JobError("after memory sizing: " + "; ".join(check))
     if not world.is_server:
         return STOPPED if run_client(s, setup) else 0
+    s.exchange.arrive()
     infos = world.comm.gather(None, root=0)
     infos[0] = dict(role="server", host=world.host, device=str(s.device), profile="-", emulated=False,
                     speed=1.0, memory_budget=0.0, bandwidth=0.0, latency=0.0, data_size=len(s.dataset),

@@ -117,8 +117,13 @@ def test_a_run_that_died_resumes_from_its_log_and_checkpoint(tmp_path):
     longer = mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--set", "debug.fail_rank=-1",
                          "--set", "train.rounds=10"], tmp_path, timeout=120)
     assert longer.returncode == 2 and "anneals the learning rate over train.rounds = 8" in longer.stderr
-    # the injected failure was an event of that launch: a plain resume does not repeat it
-    proc = ok(mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--progress", "log"], tmp_path))
+    # a stored job that this mpifed's checks refuse (as if an older one wrote it) is fixed on the resume
+    stored = tmp_path / "died" / "job.toml"
+    stored.write_text(stored.read_text().replace("profile_max = 0", "profile_max = 1"))
+    # the injected failure was an event of that launch: a resume does not repeat it
+    proc = ok(mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--progress", "log",
+                          "--set", "plan.profile_max=0"], tmp_path))
+    assert "profile_max = 0" in stored.read_text()
     assert "was left open by a job that died" in proc.stderr
     assert "not repeating the stored fault injection (debug.fail_rank = 1)" in proc.stderr
     with h5py.File(tmp_path / "died" / "run.h5") as f:
