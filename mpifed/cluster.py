@@ -97,6 +97,15 @@ class StopRequest:
         return self.signal != 0
 
 
+STOPPED = 3
+"""Exit code of a job stopped by SIGTERM/SIGUSR1/Ctrl-C: after a checkpoint, or before round 1."""
+
+
+class StoppedEarly(Exception):
+    """Every rank agreed to stop on a signal during start-up (data, memory sizing, probe rounds):
+    nothing is trained yet, so there is nothing to checkpoint; the job exits with STOPPED."""
+
+
 def run_or_abort(world: World, body: Callable[[], int | None]) -> int:
     """Run this rank's part; on any error print rank and message and abort the whole job at once.
 
@@ -104,6 +113,11 @@ def run_or_abort(world: World, body: Callable[[], int | None]) -> int:
     """
     try:
         return body() or 0
+    except StoppedEarly as err:  # every rank raises it together: a clean stop, not a failure
+        if world.rank == 0:
+            print(f"mpifed: stopped by {err} during start-up, before round 1: nothing was trained, so "
+                  f"nothing was checkpointed; start the job again", file=sys.stderr, flush=True)
+        return STOPPED
     except BaseException as err:  # noqa: BLE001 - any failure on any rank must end the job
         if isinstance(err, SystemExit) and not err.code:
             return 0

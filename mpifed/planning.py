@@ -304,7 +304,9 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
             comm = fit_collective([*plan.profile.comm.samples, *bare])
             result.append(dataclasses.replace(plan, profile=dataclasses.replace(plan.profile, comm=comm)))
 
-    run_or_abort(world, body)
+    code = run_or_abort(world, body)
+    if code:  # stopped by a signal during the probes: every rank exits with it, nothing written
+        raise SystemExit(code)
     return result[0] if result else None
 
 

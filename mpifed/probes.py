@@ -31,7 +31,7 @@ from mpifed.client import ClientSetup, coordinate_route, dense_tail_size, update
 from mpifed.data import augment
 from mpifed.scaling import ClientRound, ServerScalingPolicy
 from mpifed.seeding import Purpose, rng, torch_generator
-from mpifed.session import Session
+from mpifed.session import Session, stop_if_asked
 
 PROBE_KEY = 0x9E0BE
 """Extra seed key that keeps the probes' random streams apart from training's (same Purpose)."""
@@ -149,6 +149,7 @@ def probe_rounds(s: Session, setup: ClientSetup | None, grid: Sequence[int], rep
     timed = np.array([j % (warmup + repeats) >= warmup for j in range(len(order))])
     table = np.full((len(order), len(PROBE_COLUMNS)), np.nan)
     for j, i in enumerate(order):
+        stop_if_asked(s)  # outside the timing: a slow client's round at a large probe size takes long
         row = table[j]
         start = time.perf_counter()
         ex.broadcast(buf)

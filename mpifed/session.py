@@ -5,12 +5,13 @@ Set-up may use mpi4py's pickling lowercase calls (they run once); the per-round 
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from mpifed.cluster import StopRequest, World, pick_device
+from mpifed.cluster import StopRequest, StoppedEarly, World, pick_device
 from mpifed.config import Job, Profile, client_batches, resolve_clients
 from mpifed.data import ImageSet, load_dataset
 from mpifed.exchange import Exchange
@@ -80,6 +81,13 @@ def all_batches(s: Session, mine: int) -> np.ndarray:
     everyone = np.zeros(s.world.size, dtype=np.int64)
     s.exchange.wait([s.world.comm.Iallgather(np.array([mine], dtype=np.int64), everyone)])
     return everyone[1:]
+
+
+def stop_if_asked(s: Session) -> None:
+    """A start-up stop point: when any rank got SIGTERM, SIGUSR1 or Ctrl-C, every rank stops here
+    together (one tiny allreduce) instead of going on with start-up until round 1 is done."""
+    if s.exchange.any(bool(s.stop)):
+        raise StoppedEarly(signal.Signals(s.stop.signal).name if s.stop else "another rank's signal")
 
 
 def agree_batches(s: Session, mine: int) -> None:

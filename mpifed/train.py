@@ -24,7 +24,7 @@ from mpi4py import MPI
 import mpifed
 from mpifed import checkpoint, runlock, runlog
 from mpifed.client import prepare_client, run_client
-from mpifed.cluster import World
+from mpifed.cluster import STOPPED, World
 from mpifed.config import Job, JobError, load_job, resolve_clients
 from mpifed.errors import InputError
 from mpifed.exchange import Exchange
@@ -34,7 +34,7 @@ from mpifed.progress import Progress
 from mpifed.runlog import RANK_COLUMNS, RunWriter
 from mpifed.server import run_server
 from mpifed.scaling import check_scaling
-from mpifed.session import Session, agree_batches, open_session, restore_batches
+from mpifed.session import Session, agree_batches, open_session, restore_batches, stop_if_asked
 
 
 @dataclass
@@ -247,14 +247,12 @@ def _holds_files(run_dir: Path) -> bool:
     return any(p.name != runlock.LOCK_NAME for p in run_dir.iterdir())
 
 
-STOPPED = 3  # exit code: stopped early by SIGTERM/SIGUSR1/Ctrl-C, after writing a checkpoint
-
-
 def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
     """Run this rank's role; return the exit code (0, or STOPPED)."""
     s = open_session(world, job)
     s.start_round, s.resume, run_dir = start.round, start.checkpoint, start.run_dir
     setup = None if world.is_server else prepare_client(s)  # partition, data, memory sizing
+    stop_if_asked(s)
     plan = plan_startup(s, setup)  # [plan]: time steps and collectives, choose the batches
     agree_batches(s, 0 if setup is None else setup.batch)   # waits politely while clients prepare
     if start.round:

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -73,6 +74,68 @@ def test_ctrl_c_checkpoints_and_stops_like_a_time_limit(tmp_path):
     stopped = rounds_logged(log)
     assert f"stopped by a signal after round {stopped}" in out
     assert (tmp_path / "cut" / "checkpoints" / f"round-{stopped:08d}.pt").exists()
+
+
+def _ranks_of(marker: str) -> list[int]:
+    """Pids of the mpifed ranks whose command line holds `marker` (the launcher excluded)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if entry.name.isdigit() and b"mpifed" in cmd and marker.encode() in b" ".join(cmd) and b"-n" not in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM: mpifed's stop handler is installed (Python and
+    MPICH leave SIGTERM at its default; they catch SIGINT and SIGUSR1 themselves)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.parametrize("command", ["train", "profile"])
+def test_ctrl_c_during_start_up_stops_every_rank_before_round_1(tmp_path, command):
+    """Ctrl-C while the clients size themselves and time probe rounds (a planner start-up with a
+    20x-slow client takes minutes) stops the job there, at once, not after round 1; `mpifed profile`,
+    which is all probe rounds, stops the same way and writes no profile."""
+    slow = ["--set", "plan.repeats=9", "--set", "profiles.slow.speed=0.05",
+            "--set", 'clients.groups=[{count = 1, profile = "slow"}]']
+    if command == "train":
+        args = ["train", *TINY, "--out", str(tmp_path), "--name", "early", "--set", 'plan.mode="maximize"', *slow]
+    else:
+        (tmp_path / "job.toml").write_text("[data]\ntrain_size = 600\n")
+        args = ["profile", "--job", str(tmp_path / "job.toml"), "--out", str(tmp_path / "p.json"),
+                "--max-batch", "64", *slow]  # the stop comes between probe rounds: keep each one short
+    cmd = [MPIRUN, "-n", "3", sys.executable, "-m", "mpifed", *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    ranks = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        ranks = _ranks_of(str(tmp_path))
+        if len(ranks) == 3 and all(map(_catches_sigterm, ranks)):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the job ended before its start-up could be interrupted (ranks {ranks})"
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=30)  # before, start-up went on for minutes
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 3, err[-3000:]
+    assert "stopped by SIGINT during start-up, before round 1" in err and "KeyboardInterrupt" not in err
+    if command == "train":
+        assert rounds_logged(tmp_path / "early" / "run.h5") == 0
+        assert sorted(p.name for p in (tmp_path / "early").iterdir()) == ["run.lock"]  # a new start may reuse it
+    else:
+        assert not (tmp_path / "p.json").exists()
 
 
 def test_a_corrupt_checkpoint_is_set_aside_and_a_mismatched_one_refused(tmp_path):

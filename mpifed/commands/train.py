@@ -24,7 +24,8 @@ import click
 @click.option("--print-job", is_flag=True, help="Print the resolved job as TOML and exit (no MPI needed).")
 def train(job_file, overrides, name, out, progress, resume, auto_resume, print_job):
     """Federated training: rank 0 serves, every other rank is a client. Launch under MPI:
-    `mpirun -n 4 mpifed train`. Exit code 3: stopped by SIGTERM/SIGUSR1/Ctrl-C after writing a checkpoint."""
+    `mpirun -n 4 mpifed train`. Exit code 3: stopped by SIGTERM/SIGUSR1/Ctrl-C after writing a checkpoint
+    (or during start-up, before round 1)."""
     from mpifed.config import JobError, load_job
 
     overrides = job_overrides(overrides, name, out)
