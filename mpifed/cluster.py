@@ -72,8 +72,8 @@ def pick_device(world: World, wanted: str) -> torch.device:
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     if wanted == "cuda":
-        raise RuntimeError(f"run.device = 'cuda' but rank {world.rank} on {world.host} sees no CUDA "
-                           f"device; use run.device = 'auto' or 'cpu', or run on GPU nodes")
+        raise InputError(f"run.device = 'cuda' but rank {world.rank} on {world.host} sees no CUDA "
+                         f"device; use run.device = 'auto' or 'cpu', or run on GPU nodes")
     torch.set_num_threads(max(1, world.cores // world.local_size))
     return torch.device("cpu")
 

@@ -41,6 +41,7 @@ class Progress:
         self.mode, self.rounds, self.every = choose_mode(mode), rounds, max(1, every)
         self.console = Console(force_terminal=self.mode == "bar", soft_wrap=True, highlight=False)
         self.bar = None
+        self.samples, self.seconds = 0, 0.0  # since the last line
         if self.mode == "bar":
             self.bar = RichProgress(TextColumn("round"), MofNCompleteColumn(), BarColumn(),
                                     TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
@@ -57,11 +58,19 @@ class Progress:
         print(text, file=sys.stderr, flush=True)
 
     def update(self, done: int, loss: float, acc: float | None, samples: int, seconds: float) -> None:
-        status = f"loss {loss:.3f}  acc {'-' if acc is None else f'{acc:.3f}'}  {samples / seconds:,.0f} samples/s"
+        """One round done. The rate shown is over every round since the last line (evaluation
+        included), not the last round's alone: lines fall on evaluation rounds, which are slow."""
+        self.samples += samples
+        self.seconds += seconds
+        status = (f"loss {loss:.3f}  acc {'-' if acc is None else f'{acc:.3f}'}  "
+                  f"{self.samples / self.seconds:,.0f} samples/s")
+        line_due = done % self.every == 0 or done == self.rounds
         if self.bar is not None:
             self.bar.update(self.task, completed=done, status=status)
-        elif self.mode == "log" and (done % self.every == 0 or done == self.rounds):
+        elif self.mode == "log" and line_due:
             print(f"round {done}/{self.rounds}  {status}", flush=True)
+        if line_due:
+            self.samples, self.seconds = 0, 0.0
 
     def close(self) -> None:
         if self.bar is not None:

@@ -168,7 +168,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
                                controller.state_dict() if controller is not None else {})
             if stop:
                 progress.print(f"mpifed: stopped by a signal after round {done}; checkpoint {path}; "
-                               f"continue with: mpifed train --resume {run_dir}")
+                               f"continue with: mpirun -n {s.world.size} mpifed train --resume {run_dir}")
                 return dict(last_eval, stopped=done)
 
     checkpoint.save_model(run_dir, model.module.state_dict())

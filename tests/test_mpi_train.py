@@ -176,6 +176,14 @@ def test_missing_dataset_ends_the_job_with_where_the_files_go(tmp_path):
     ok(train(3, tmp_path, "nodata", "--set", "train.rounds=1"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_cuda_asked_for_where_there_is_none_says_so_without_a_traceback(tmp_path):
+    proc = train(3, tmp_path, "nogpu", "--set", 'run.device="cuda"', timeout=120)
+    assert proc.returncode != 0
+    assert "run.device = 'cuda' but rank 0" in proc.stderr and "use run.device = 'auto' or 'cpu'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_job_that_dies_in_its_first_round_leaves_a_readable_log(tmp_path):
     """The log enters SWMR mode when set-up has written it, not at the first row: before, a job that
     died in round 0 left a file marked open by a plain writer, which nothing could read."""

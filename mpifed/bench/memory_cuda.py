@@ -46,7 +46,7 @@ def main(out_dir: str, budget: str, models: str, tolerance: float) -> None:
                 "was measured. Run this script on a GPU node: `python -m mpifed.bench.memory_cuda --out DIR`.\n")
         report.write_text(text)
         _say("memory_cuda: no CUDA device visible; nothing measured (wrote %s). Run it on a GPU." % report)
-        sys.exit(0)
+        sys.exit(2)  # nothing measured is not a pass
     lines, ok = validate(torch.device("cuda", 0), budget, [m for m in models.split(",") if m], tolerance)
     report.write_text("\n".join(lines) + "\n")
     _say(f"wrote {report}; {'PASS' if ok else 'FAIL'}")
