@@ -9,6 +9,11 @@ accuracy against the compression ratio (bytes of dense fp32 / bytes sent), one l
     python analysis/compression_sweep.py --out runs/compression          # run what is missing, analyse
     python analysis/compression_sweep.py --out runs/compression --logs-only
     python analysis/compression_sweep.py --batches 8,64 --densities 0.1,0.01,0.001 --seeds 1,2
+    python analysis/compression_sweep.py --ranks 3 --rounds 50 --out runs/compression-n3   # a small machine
+
+As in large_batch.py, a run whose run.h5 holds all its rounds is skipped and one stopped by a signal
+resumes from its checkpoint. --ranks, --rounds and --set apply to new runs only, so give each setting
+its own --out.
 """
 
 from __future__ import annotations
@@ -41,20 +46,29 @@ def methods(batches: list[int], densities: list[float]) -> dict[str, tuple[int, 
 @click.option("--batches", default="8,64", show_default=True, help="Per-client batch sizes.")
 @click.option("--densities", default="0.1,0.01,0.001", show_default=True, help="top-k densities.")
 @click.option("--seeds", default="1", show_default=True)
+@click.option("--ranks", default=5, show_default=True,
+              help="mpirun -n: 1 server + ranks-1 clients (sets clients.count; the job has 4).")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="train.rounds of every new run [default: the job's, 150].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Job override for every new run, e.g. optim.lr=0.05 (repeatable); use its own --out.")
 @click.option("--logs-only", is_flag=True, help="Only analyse the logs already in --out.")
 @click.option("--figure", type=click.Path(path_type=Path), default=None,
               help="PNG path [default: <out>/accuracy_vs_compression.png].")
-def main(out: Path, batches: str, densities: str, seeds: str, logs_only: bool, figure: Path | None) -> None:
+def main(out: Path, batches: str, densities: str, seeds: str, ranks: int, rounds: int | None,
+         overrides: tuple[str, ...], logs_only: bool, figure: Path | None) -> None:
+    """Run the grid of (batch, codec) runs and compare their final accuracy (see the module docstring)."""
     grid = methods([int(b) for b in batches.split(",")], [float(d) for d in densities.split(",")])
     seed_list = [int(s) for s in seeds.split(",")]
     job = ROOT / "jobs" / "experiment" / "compression.toml"
     out.mkdir(parents=True, exist_ok=True)
+    common = (*([f"train.rounds={rounds}"] if rounds else []), *overrides)
     failed = 0
     if not logs_only:
         mpirun, mpifed = _tool("mpirun"), _tool("mpifed")
         for name, (_, _, sets) in grid.items():
             for seed in seed_list:
-                failed += not launch(job, out, name, seed, 5, mpirun, mpifed, tuple(sets))
+                failed += not launch(job, out, name, seed, ranks, mpirun, mpifed, (*common, *sets))
     rows = []
     for name, (batch, density, _) in grid.items():
         accs, ratios = [], []

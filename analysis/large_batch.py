@@ -78,7 +78,8 @@ def launch(job: Path, out: Path, method: str, seed: int, ranks: int, mpirun: str
         cmd = [*base, "--resume", str(folder), "--progress", "log"]
         click.echo(f"resume {folder.name} from round {have}")
     else:
-        sets = [a for kv in (f"run.seed={seed}", "run.timestamp=false", *overrides) for a in ("--set", kv)]
+        fixed = (f"run.seed={seed}", "run.timestamp=false", f"clients.count={ranks - 1}")  # the jobs fix 4 clients
+        sets = [a for kv in (*fixed, *overrides) for a in ("--set", kv)]
         cmd = [*base, "--job", str(job), *sets, "--out", str(out), "--name", folder.name, "--progress", "log"]
         click.echo(f"run    {folder.name}")
     start = time.perf_counter()
@@ -239,7 +240,8 @@ def plot_scale(run: Run, path: Path) -> Path:
 @click.option("--only", multiple=True, help="Use exactly these methods instead of the default four (repeatable).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Job override for every new run, e.g. optim.lr=0.05 (repeatable); use its own --out.")
-@click.option("--ranks", default=5, show_default=True, help="mpirun -n: 1 server + the jobs' 4 clients.")
+@click.option("--ranks", default=5, show_default=True,
+              help="mpirun -n: 1 server + ranks-1 clients (sets clients.count of new runs; the jobs have 4).")
 @click.option("--logs-only", is_flag=True, help="Launch nothing; analyse the logs that exist.")
 @click.option("--figures", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the PNGs [default: --out].")
