@@ -8,6 +8,7 @@ only its own partition into float tensors.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,23 @@ _WHERE = {
 }
 
 
+# torchvision's advice names its own argument ("You can use download=True to download it"); mpifed's is a job field.
+_TORCHVISION_HINT = re.compile(r"\s*[^.]*\bdownload=True\b[^.]*\.?")
+
+
+def _missing_message(name: str, train: bool, root: str, download: bool, err: Exception) -> str:
+    """Why a dataset did not load, where its files go, and the job fields (data.root, data.download) that fix it."""
+    where = _WHERE[name].replace("<root>", str(Path(root)))
+    reason = _TORCHVISION_HINT.sub("", str(err)).strip().rstrip(".") or f"{type(err).__name__} reading the files"
+    if download:
+        fix = "data.download is on, so the download failed or gave bad files: check the network, or put them there"
+    else:
+        fix = ("set data.root to their parent directory (--set data.root=DIR), or data.download = true "
+               "(--set data.download=true) to download them where the network allows")
+    return (f"{name} ({'train' if train else 'test'} split) not found or corrupt: {reason}. "
+            f"The files go in {where}; {fix}.")
+
+
 def load_dataset(name: str, train: bool, root: str = "data", download: bool = False,
                  size: int = 12000, noise: float = 2.5) -> ImageSet:
     """Load a split. Real datasets go through torchvision's own classes (and their file checks)."""
@@ -130,11 +148,7 @@ def load_dataset(name: str, train: bool, root: str = "data", download: bool = Fa
     try:
         ds = cls(root=root, train=train, download=download)
     except Exception as err:  # RuntimeError when missing; files of the wrong format fail in the parsers
-        where = _WHERE[name].replace("<root>", str(Path(root)))
-        reason = str(err).strip().rstrip(".") or f"{type(err).__name__} while reading the files"
-        raise DatasetError(f"{name} ({'train' if train else 'test'} split) not found or corrupt: {reason}. "
-                           f"The files go in {where}; set data.root to their parent directory, or "
-                           f"data.download = true where the network allows.") from None
+        raise DatasetError(_missing_message(name, train, root, download, err)) from None
     data = np.asarray(ds.data)
     if data.ndim == 3:  # MNIST-style (N, 28, 28)
         data = data[..., None]

@@ -214,6 +214,34 @@ def test_unreadable_paths_give_errors_that_say_what_to_give(tmp_path):
     assert watched.exit_code == 1 and "not an mpifed run log" in watched.output
 
 
+def test_a_folder_without_run_h5_names_the_runs_it_holds(tmp_path):
+    runs = tmp_path / "runs"
+    for name in ("a", "b", "c", "d"):
+        (runs / name).mkdir(parents=True)
+        _synthetic_log(runs / name / "run.h5")
+    (runs / "notes").mkdir()  # no run.h5: not suggested
+    result = _invoke(analyze, runs, "--no-plots")
+    assert result.exit_code == 1 and "no such file" not in result.output, result.output
+    assert f"{runs} holds no run.h5: give a run directory ({runs}/<name>) or its run.h5" in result.output
+    assert f"{runs / 'a'}, {runs / 'b'}, {runs / 'c'} (and 1 more)" in result.output and "notes" not in result.output
+    empty = _invoke(analyze, runs / "notes")
+    assert empty.exit_code == 1 and f"{runs / 'notes'} holds no run.h5 (nor do its folders)" in empty.output
+    assert _invoke(analyze, runs / "a", "--no-plots").exit_code == 0
+
+
+def test_analyze_does_not_import_torch(tmp_path):
+    """The analysis path is torch-free: importing the CLI, and analysing a log, must not pay torch's seconds."""
+    log = _synthetic_log(tmp_path / "run.h5")
+    code = ("import sys\n"
+            "from mpifed.cli import main\n"
+            "assert 'torch' not in sys.modules, 'import mpifed.cli imported torch'\n"
+            f"main(['analyze', {str(log)!r}, '--no-plots'], standalone_mode=False)\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "torch imported: False" in result.stdout, result.stdout
+
+
 def _synthetic_log(path: Path, schema: int | str = 1, rounds: int = 8) -> Path:
     """A log with only the required datasets plus ones that later versions add (scale, a fitted
     performance model's predictions), and no /eval group at all. In the file format mpifed writes

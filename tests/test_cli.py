@@ -1,6 +1,8 @@
 """The command line is an interface researchers script against: freeze it, and keep the README's
 job reference equal to what the code documents."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -21,9 +23,27 @@ def test_cli_surface_is_frozen():
         <= set(main.commands)
     assert _options(main.commands["train"]) == {"--job", "--set", "--name", "--out", "--progress", "--resume",
                                                     "--auto-resume", "--print-job"}
-    assert {"exchange", "compress", "memory"} <= set(main.commands["bench"].commands)
+    bench = main.commands["bench"]
+    assert {"exchange", "compress", "memory", "plan", "rounds"} <= set(bench.list_commands(click.Context(bench)))
     assert _options(main.commands["analyze"]) == {"--out", "--json", "--no-plots"}
     assert _options(main.commands["watch"]) == {"--interval", "--idle", "--once"}
+
+
+def test_help_lists_every_command_with_its_help_without_loading_the_benchmarks():
+    """Commands load torch and MPI when they run, not when `mpifed --help` lists them."""
+    code = ("import sys\n"
+            "from click.testing import CliRunner\n"
+            "from mpifed.cli import main\n"
+            "print(CliRunner().invoke(main, ['--help']).output)\n"
+            "print('heavy:', sorted(m for m in ('torch', 'mpi4py', 'mpifed.bench.compress') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "heavy: []" in result.stdout, result.stdout
+    for name, command in main.commands.items():
+        first_words = " ".join(command.get_short_help_str().split()[:3])
+        assert f"  {name}  " in result.stdout and first_words in result.stdout, (name, result.stdout)
+    bench = CliRunner().invoke(main, ["bench", "--help"])
+    assert bench.exit_code == 0 and "OOM-driven search" in bench.output, bench.output  # bench memory's help
 
 
 def test_print_job_resolves_overrides_without_mpi(tmp_path):

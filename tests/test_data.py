@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpifed.data import ClientSampler, DatasetError, augment, load_dataset, partition, synthetic
+from mpifed.data import ClientSampler, DatasetError, _missing_message, augment, load_dataset, partition, synthetic
 
 
 def test_synthetic_is_deterministic_and_subsets_match_the_whole():
@@ -106,8 +106,15 @@ def test_mnist_loads_from_idx_files_and_is_padded_to_32(tmp_path):
 
 
 def test_missing_dataset_says_where_the_files_go(tmp_path):
-    with pytest.raises(DatasetError, match=r"cifar-10-batches-py.*data.download = true"):
+    with pytest.raises(DatasetError, match=r"cifar-10-batches-py.*data.download = true") as info:
         load_dataset("cifar10", train=True, root=str(tmp_path))
+    message = str(info.value)
+    # mpifed's own options, not torchvision's keyword argument ("You can use download=True ...")
+    assert "--set data.download=true" in message and "--set data.root=DIR" in message
+    assert "download=True" not in message and str(tmp_path / "cifar-10-batches-py") in message
+    # with data.download already on, the download itself failed: say so instead of suggesting it
+    failed = _missing_message("cifar10", True, str(tmp_path), True, OSError("<urlopen error timed out>"))
+    assert "data.download is on" in failed and "--set data.download" not in failed and "timed out" in failed
 
 
 def test_dataset_files_in_the_wrong_format_say_which_and_where(tmp_path):

@@ -224,10 +224,32 @@ def test_memory_command_prints_table_and_max_batch(cnn, cnn_analytic):
     for batch, (predicted, measured, error) in steps.items():
         assert predicted == format_bytes(mem.analytic_peak(cnn, SHAPE, CLASSES, "sgd", "cpu", int(batch)).total)
         assert measured.endswith("B") and abs(float(error)) <= 5, (batch, measured, error)  # a step ran
-    printed = re.search(r"max batch for budget 64\.00 MiB \(margin 5%, multiple of 1\): (\d+)\s*$", result.output)
+    printed = re.search(r"max batch for budget 64\.00 MiB \(margin 5%, multiple of 1\): (\d+)\n", result.output)
     assert printed, result.output
     b = int(printed.group(1))
     usable = 64 * MiB * (1 - mem.DEFAULT_MARGIN)
     assert cnn_analytic.peak(b) <= usable < cnn_analytic.peak(b + 1)
     models = _table_rows(result.output, 6)
     assert set(models) == {"analytic", "measured"} and models["analytic"][-1] == str(b)
+    # the last line says where the max batch comes from, with the numbers the tables show
+    why = " ".join(result.output[printed.end():].split())
+    walk = format_bytes(mem.analytic_peak(cnn, SHAPE, CLASSES, "sgd", "cpu", b).total)
+    assert why.startswith(f"Why {b}: the analytic line's max batch, confirmed by walking the step at batch {b}: "
+                          f"it needs {walk} of {format_bytes(usable)} (the budget less the 5% margin)."), why
+    assert f"The measured line's {models['measured'][-1]} is for comparison" in why
+
+
+def test_memory_command_explains_a_max_batch_below_the_analytic_line():
+    """resnet18 in 8 GiB: the line fitted at 16 and 32 allows 1797, but the walk at 1797 needs 8.06 GiB; sizing
+    steps down to 1687. The explanation names both batches, both walks and the usable budget."""
+    from types import SimpleNamespace
+
+    from mpifed.commands.memory import _why
+
+    walks = {1797: 8649779016, 1687: 8125776856}
+    text = _why(1687, {"analytic": 1797, "measured": 1861}, lambda b: SimpleNamespace(total=walks[b]),
+                0.95 * 8 * 2 ** 30, 0.05)
+    assert text.startswith("Why 1687: the analytic line's 1797, stepped down until a walk of the step at the batch "
+                           "itself fits in 7.60 GiB (the budget less the 5% margin): at 1797 it needs 8.06 GiB, "
+                           "at 1687 7.57 GiB."), text
+    assert "measured line's 1861 is for comparison" in text and "size_client" in text

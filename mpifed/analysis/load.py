@@ -26,6 +26,7 @@ REQUIRED = ("ranks/role", "iter/t_iter", "iter/batch")
 TRUNCATED = re.compile(r"truncated file: eof = (\d+).*?stored_eof = (\d+)")
 # How a plain open refuses a log that a job holds (or held when it crashed); SWMR reads those.
 IN_USE = (LEFT_OPEN, "unable to lock file")
+SUGGESTED = 3  # run directories named when a path holds no run.h5 itself
 
 
 class RunLogError(Exception):
@@ -75,6 +76,15 @@ class Run:
 def resolve(path: str | Path) -> Path:
     """Accept a run directory for its run.h5; refuse missing paths with what to give instead."""
     p = Path(path)
+    if p.is_dir() and not (p / "run.h5").exists():
+        # LogUnavailable, not a final error: `mpifed watch` waits in a run directory for a job to create its log.
+        runs = sorted(d for d in p.iterdir() if (d / "run.h5").is_file())
+        if not runs:
+            raise LogUnavailable(f"{path} holds no run.h5 (nor do its folders): give a run directory that "
+                                 f"`mpifed train` has written its run.h5 in, or that run.h5")
+        more = f" (and {len(runs) - SUGGESTED} more)" if len(runs) > SUGGESTED else ""
+        raise LogUnavailable(f"{path} holds no run.h5: give a run directory ({p / '<name>'}) or its run.h5; "
+                             f"it holds runs: {', '.join(map(str, runs[:SUGGESTED]))}{more}")
     if p.is_dir():
         p = p / "run.h5"
     if not p.exists():

@@ -6,10 +6,13 @@
 Predicted is the analytic walk (meta tensors, no allocation) at each batch; measured is a real
 step on the device (CUDA: max_memory_allocated; CPU: the allocator's accounting via the profiler).
 With --measure the command also fits the measured model (probes at small batches) and prints both
-models side by side with the max batch each gives for the budget.
+models side by side with the max batch each gives for the budget. The last lines give the max batch that
+`mpifed train` would use (the analytic line's, checked by a walk at that batch) and why it may be lower.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import click
 
@@ -157,16 +160,20 @@ def memory(model_name, dataset, optimizer, budget, device_name, margin, multiple
     models = [analytic]
     if measure:
         models.append(mem.measured_memory_model(model, shape, classes, optimizer, device))
+    usable = budget_bytes * (1 - margin)
     summary = Table(title="memory models (peak(b) = max(static + b*per_sample, update + b*update_per_sample))")
-    for col in ("method", "fitted at", "static", "per sample", "update", f"max batch in {format_bytes(budget_bytes)}"):
+    fits = f"max batch in {format_bytes(usable)} (budget - {margin:.0%})"
+    for col in ("method", "fitted at", "static", "per sample", "update", fits):
         summary.add_column(col, justify="right")
+    caps = {}
     for m in models:
         try:
-            cap = str(mem.max_batch(m, budget_bytes, margin, multiple_of, client))
+            caps[m.method] = mem.max_batch(m, budget_bytes, margin, multiple_of, client)
         except mem.MemoryBudgetError:
-            cap = "none fits"
+            caps[m.method] = 0
         summary.add_row(m.method, ",".join(map(str, m.fit_batches)), format_bytes(m.static_bytes),
-                        format_bytes(m.per_sample_bytes), format_bytes(m.update_bytes), cap)
+                        format_bytes(m.per_sample_bytes), format_bytes(m.update_bytes),
+                        str(caps[m.method] or "none fits"))
     console.print(summary)
     if measure:
         a, m = models
@@ -175,6 +182,28 @@ def memory(model_name, dataset, optimizer, budget, device_name, margin, multiple
                       f"largest |error| of the walk over the table: {worst:.2f}%")
     console.print(f"max batch for budget {format_bytes(budget_bytes)} (margin {margin:.0%}, "
                   f"multiple of {multiple_of}): [bold]{largest if largest else 'none fits'}[/bold]")
+    if largest:
+        walk = partial(mem.analytic_peak, model, shape, classes, optimizer, device)
+        console.print(_why(largest, caps, walk, usable, margin), highlight=False)
+
+
+def _why(largest: int, caps: dict[str, int], walk, usable: float, margin: float) -> str:
+    """Why the max batch can be below the analytic line's: the line is fitted at small batches, so sizing
+    (size_client, as `mpifed train` runs it) walks the step at the batch itself and steps down while it does not fit."""
+    from mpifed.units import format_bytes
+
+    line = caps["analytic"]
+    room = f"{format_bytes(usable)} (the budget less the {margin:.0%} margin)"
+    if largest == line:
+        text = (f"Why {largest}: the analytic line's max batch, confirmed by walking the step at batch {largest}: "
+                f"it needs {format_bytes(walk(largest).total)} of {room}.")
+    else:
+        text = (f"Why {largest}: the analytic line's {line}, stepped down until a walk of the step at the batch "
+                f"itself fits in {room}: at {line} it needs {format_bytes(walk(line).total)}, at {largest} "
+                f"{format_bytes(walk(largest).total)}. The line, fitted at small batches, underestimates large ones.")
+    if caps.get("measured"):
+        text += f" The measured line's {caps['measured']} is for comparison; sizing uses the analytic walk."
+    return text + " `mpifed train` sizes each client this way (mpifed.memory.size_client)."
 
 
 def _gap(a: float, b: float) -> str:
