@@ -20,6 +20,7 @@ import torch
 from mpi4py import MPI
 
 from mpifed.errors import InputError
+from mpifed.exchange import RankTimeout
 
 
 ABORT_GRACE_SECONDS = 0.5
@@ -83,10 +84,21 @@ class StopRequest:
     which mpirun forwards to every rank). The handler only records it; the ranks agree at the next
     round boundary to checkpoint and stop. A second Ctrl-C stops at once, without a checkpoint."""
 
+    installed: StopRequest | None = None
+
     def __init__(self):
         self.signal = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._record)
+
+    @classmethod
+    def install(cls) -> StopRequest:
+        """The process's one stop request. `mpifed train` installs it right after MPI starts, so a
+        signal that comes while the job is prepared (a resume copying its log, data loading) is kept:
+        MPICH's own SIGUSR1 handler would otherwise swallow SLURM's warning."""
+        if cls.installed is None:
+            cls.installed = cls()
+        return cls.installed
 
     def _record(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signal == signal.SIGINT:
@@ -115,24 +127,29 @@ def run_or_abort(world: World, body: Callable[[], int | None]) -> int:
         return body() or 0
     except StoppedEarly as err:  # every rank raises it together: a clean stop, not a failure
         if world.rank == 0:
-            print(f"mpifed: stopped by {err} during start-up, before round 1: nothing was trained, so "
-                  f"nothing was checkpointed; start the job again", file=sys.stderr, flush=True)
+            print(f"mpifed: stopped by {err} during start-up, before any round: nothing was trained or "
+                  f"written to resume from; run the command again", file=sys.stderr, flush=True)
         return STOPPED
     except BaseException as err:  # noqa: BLE001 - any failure on any rank must end the job
         if isinstance(err, SystemExit) and not err.code:
             return 0
-        # the user's input (a job field, a dataset, a budget) or a Ctrl-C: the message says it all
-        said = isinstance(err, (InputError, KeyboardInterrupt))
-        detail = "" if said else "".join(traceback.format_exception(err))
-        why = ("interrupted (Ctrl-C) before a checkpoint could be written" if isinstance(err, KeyboardInterrupt)
-               else f"{type(err).__name__}: {err}")
-        message = (f"{detail}mpifed: rank {world.rank} ({world.role}) on {world.host} failed: {why}\n"
-                   f"mpifed: aborting all {world.size} ranks\n")
-        sys.stderr.flush()
-        os.write(2, message.encode(errors="replace"))
-        # MPI_Abort makes the launcher kill every process at once, and output still in its pipes is
-        # lost: give it a moment to forward this message first (bounded: the job still ends in
-        # well under a second).
-        time.sleep(ABORT_GRACE_SECONDS)
-        world.comm.Abort(1)
-        return 1
+        return abort(world, err)
+
+
+def abort(world: World, err: BaseException) -> int:
+    """Print this rank's failure and end every rank of the job at once (MPI_Abort)."""
+    # the user's input (a job field, a dataset, a budget), a Ctrl-C or a timeout: the message says it all
+    said = isinstance(err, (InputError, KeyboardInterrupt, RankTimeout))
+    detail = "" if said else "".join(traceback.format_exception(err))
+    why = ("interrupted (Ctrl-C) before a checkpoint could be written" if isinstance(err, KeyboardInterrupt)
+           else f"{type(err).__name__}: {err}")
+    message = (f"{detail}mpifed: rank {world.rank} ({world.role}) on {world.host} failed: {why}\n"
+               f"mpifed: aborting all {world.size} ranks\n")
+    sys.stderr.flush()
+    os.write(2, message.encode(errors="replace"))
+    # MPI_Abort makes the launcher kill every process at once, and output still in its pipes is
+    # lost: give it a moment to forward this message first (bounded: the job still ends in
+    # well under a second).
+    time.sleep(ABORT_GRACE_SECONDS)
+    world.comm.Abort(1)
+    return 1

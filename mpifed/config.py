@@ -117,7 +117,8 @@ class CommConfig:
     timeout: float = opt(1800.0, "Seconds a rank waits in one collective (a round's, or start-up's) before it "
                          "takes another rank for stuck (stopped, deadlocked, a lost node) and ends the job with "
                          "that message; 0 = wait forever. Allow for the slowest round, evaluation and checkpoint "
-                         "included, and the slowest client's set-up (data, memory sizing, planning probes).",
+                         "included, and the slowest client's set-up (data, memory sizing, planning probes). While rank 0 "
+                         "reads the job, the other ranks wait the default.",
                          minimum=0.0)
 
 

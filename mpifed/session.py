@@ -30,7 +30,7 @@ class Session:
     profile_names: list[str]       # per client
     batches: np.ndarray            # per client, samples per local step
     dataset: ImageSet              # train split on clients, test split on the server
-    stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM/SIGUSR1/SIGINT seen by this rank
+    stop: StopRequest = field(default_factory=StopRequest.install)  # SIGTERM/SIGUSR1/SIGINT seen by this rank
     start_round: int = 0           # > 0 when resuming
     resume: dict | None = None     # the checkpoint being resumed (server only)
     max_batches: list[int] = field(default_factory=list)  # memory-model caps (server only; 0 = unsized)

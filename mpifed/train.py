@@ -66,7 +66,9 @@ def prepare(world: World, job_file: str | None, overrides: list[str], resume: st
         except Exception as err:  # anything else must reach the other ranks too, not leave them waiting
             traceback.print_exc()
             error = f"rank 0 failed while preparing the run: {type(err).__name__}: {err}"
-    Exchange(world.comm, polite=True).arrive()  # rank 0 may take a while (a resume copies the log)
+    # rank 0 may take a while (a resume copies the log); the others do not know the job's comm.timeout yet
+    timeout = Job().comm.timeout if text is None else load_job(text=text).comm.timeout
+    Exchange(world.comm, polite=True, timeout=timeout).arrive()
     text, error, first = world.comm.bcast((text, error, start.round), root=0)
     if error:
         raise JobError(error)
@@ -108,6 +110,13 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
                        f"writable and resume the copy (nothing was changed)")
     runlock.hold(run_dir)
     stored = _stored_job(run_dir / "job.toml", overrides)
+    logged = _logged_job(run_dir / "run.h5") or stored
+    edited = [key for key in _changed_fields(logged, stored) if not key.startswith(RESUME_MAY_CHANGE)]
+    if edited:
+        raise JobError(f"{run_dir / 'job.toml'} differs from the job run.h5 records (its root attribute 'job') "
+                       f"in {', '.join(edited)}: it was edited after the run started, and the resumed rounds "
+                       f"would differ from what run.h5 describes; restore those fields, or start a new run "
+                       f"(nothing was changed)")
     job = load_job(text=tomli_w.dumps(_without_one_shot_faults(stored, overrides)), overrides=overrides)
     changed = [key for key in _changed_fields(stored, tomllib.loads(job.to_toml()))
                if not key.startswith(RESUME_MAY_CHANGE)]
@@ -116,7 +125,7 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
                        f"make the resumed rounds differ from what run.h5 describes; start a new run for that "
                        f"(on resume only {', '.join(k + '*' if k.endswith('.') else k for k in RESUME_MAY_CHANGE)} "
                        f"may change)")
-    stored_rounds = stored["train"]["rounds"]
+    stored_rounds = logged["train"]["rounds"]
     if job.optim.schedule == "cosine" and job.train.rounds != stored_rounds:
         raise JobError(f"optim.schedule = \"cosine\" anneals the learning rate over train.rounds = "
                        f"{stored_rounds}; resuming with {job.train.rounds} would bend the curve mid-run, so "
@@ -161,6 +170,16 @@ def _stored_job(path: Path, overrides: list[str]) -> dict:
                        f"with --set FIELD=VALUE when it is one of {', '.join(RESUME_MAY_CHANGE)}; for any other, "
                        f"start a new run") from None
     return data
+
+
+def _logged_job(path: Path) -> dict | None:
+    """The job run.h5 records (set-up's, or the last resume's): what its logged rounds ran with. A
+    hand-edited job.toml must not change that silently."""
+    try:
+        with h5py.File(path, "r", libver="latest", swmr=True) as f:
+            return tomllib.loads(f.attrs["job"])
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        return None  # an unreadable log is reported, with what to do, when its rounds are counted
 
 
 def _without_one_shot_faults(data: dict, overrides: list[str]) -> dict:

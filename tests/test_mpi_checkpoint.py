@@ -130,7 +130,7 @@ def test_ctrl_c_during_start_up_stops_every_rank_before_round_1(tmp_path, comman
         proc.kill()
         raise
     assert proc.returncode == 3, err[-3000:]
-    assert "stopped by SIGINT during start-up, before round 1" in err and "KeyboardInterrupt" not in err
+    assert "stopped by SIGINT during start-up, before any round" in err and "KeyboardInterrupt" not in err
     if command == "train":
         assert rounds_logged(tmp_path / "early" / "run.h5") == 0
         assert sorted(p.name for p in (tmp_path / "early").iterdir()) == ["run.lock"]  # a new start may reuse it
@@ -180,8 +180,15 @@ def test_a_run_that_died_resumes_from_its_log_and_checkpoint(tmp_path):
     longer = mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--set", "debug.fail_rank=-1",
                          "--set", "train.rounds=10"], tmp_path, timeout=120)
     assert longer.returncode == 2 and "anneals the learning rate over train.rounds = 8" in longer.stderr
-    # a stored job that this mpifed's checks refuse (as if an older one wrote it) is fixed on the resume
+    # a job.toml edited by hand in a field that shapes the rounds is refused: run.h5 records the job
     stored = tmp_path / "died" / "job.toml"
+    original = stored.read_text()
+    stored.write_text(original.replace("\nlr = 0.05\n", "\nlr = 0.5\n"))
+    edited = mpi_run(3, ["train", "--resume", str(tmp_path / "died")], tmp_path, timeout=120)
+    assert edited.returncode == 2, edited.stderr[-3000:]
+    assert "differs from the job run.h5 records (its root attribute 'job') in optim.lr" in edited.stderr
+    stored.write_text(original)
+    # a stored job that this mpifed's checks refuse (as if an older one wrote it) is fixed on the resume
     stored.write_text(stored.read_text().replace("profile_max = 0", "profile_max = 1"))
     # the injected failure was an event of that launch: a resume does not repeat it
     proc = ok(mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--progress", "log",

@@ -36,16 +36,20 @@ def train(job_file, overrides, name, out, progress, resume, auto_resume, print_j
             raise click.ClickException(str(err)) from None
         return
 
-    from mpifed.cluster import init_world, run_or_abort
+    from mpifed.cluster import StopRequest, abort, init_world, run_or_abort
+    from mpifed.exchange import RankTimeout
     from mpifed.train import prepare, train as run_train
 
     world = init_world()
+    StopRequest.install()  # from here on a signal asks for a stop (at start-up's next step, or a round's end)
     try:
         job, start = prepare(world, job_file, overrides, resume, auto_resume)
     except JobError as err:
         if world.is_server:
             click.echo(f"mpifed: error: {err}", err=True)
         sys.exit(2)
+    except RankTimeout as err:
+        sys.exit(abort(world, err))
     sys.exit(run_or_abort(world, lambda: run_train(world, job, start, progress)))
 
 
