@@ -254,19 +254,23 @@ class SlurmOptions:
 
     def command_line(self) -> str:
         """`mpifed train` for the job file (or, in an array, the element's `$job_file`). With requeue,
-        the run is named after the SLURM job id, which a requeued job keeps, and --auto-resume makes
-        the restarted script continue from the checkpoint the signal wrote."""
+        the run is named after the SLURM job id, which a requeued job (an array element too) keeps,
+        and --auto-resume makes the restarted script continue from the checkpoint the signal wrote."""
         job = '"$job_file"' if self.sweep is not None else shlex.quote(self.job)
         words = ["mpifed", "train", "--job", job, *map(shlex.quote, self.mpifed_args)]
-        if self.requeue and self.sweep is None:
+        if not self.requeue:
+            return " ".join(words)
+        if self.sweep is not None:  # each element's run: its job file's name and its own job id
+            name = '"$(basename "$job_file" .toml)"'
+        else:
             from mpifed.config import load_job
 
             # The run name as train will see it (a --name or --set run.name after -- included); quoted,
             # since it comes from the job file.
             overrides = train_options(self.mpifed_args)["overrides"]
             name = load_job(self.job, overrides).run.name if Path(self.job).is_file() else self.job_name
-            words += ["--name", f'{shlex.quote(name)}"-$SLURM_JOB_ID"', "--set", "run.timestamp=false",
-                      "--auto-resume"]
+            name = shlex.quote(name)
+        words += ["--name", f'{name}"-$SLURM_JOB_ID"', "--set", "run.timestamp=false", "--auto-resume"]
         return " ".join(words)
 
     def fields(self) -> dict[str, object]:

@@ -224,6 +224,19 @@ def test_requeue_names_the_run_as_train_will_and_quotes_it(tmp_path):
     subprocess.run(["bash", "-n"], input=render(opts.template, **opts.fields()), text=True, check=True)
 
 
+def test_requeue_in_an_array_names_each_elements_run_after_its_job_file_and_job_id():
+    """A requeued element restarts its script under the same job id: a fixed run name and
+    --auto-resume make it continue from its checkpoint instead of starting a new run at round 0."""
+    opts = SlurmOptions(sweep="/s.txt", sweep_size=2, requeue=True, mpifed_args=("--set", "train.rounds=9"))
+    command = opts.command_line()
+    subprocess.run(["bash", "-n"], input=render(opts.template, **opts.fields()), text=True, check=True)
+    # the words mpifed gets, as the element's shell expands them
+    argv = subprocess.run(["bash", "-c", f'job_file=/sweeps/lr-0.1.toml SLURM_JOB_ID=77; set -- {command}; '
+                                         f'printf "%s\\n" "$@"'], capture_output=True, text=True, check=True)
+    assert argv.stdout.splitlines() == ["mpifed", "train", "--job", "/sweeps/lr-0.1.toml", "--set", "train.rounds=9",
+                                        "--name", "lr-0.1-77", "--set", "run.timestamp=false", "--auto-resume"]
+
+
 # --- real jobs on a SLURM cluster ------------------------------------------------------------
 
 RANKS_PROGRAM = """\

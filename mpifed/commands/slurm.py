@@ -76,7 +76,8 @@ def _default_venv() -> str | None:
 @click.option("--launcher", type=click.Choice(LAUNCHERS), default="srun",
               help="srun --mpi=pmi2, or the MPICH wheel's mpirun.")
 @click.option("--overcommit", is_flag=True, help="Allow more ranks than CPUs (test clusters).")
-@click.option("--requeue", is_flag=True, help="Requeue after the ranks checkpoint on the time-limit signal.")
+@click.option("--requeue", is_flag=True, help="Requeue after the ranks checkpoint on the time-limit signal; the "
+              "run (each array element's too) is named after its job id and resumes on the restart.")
 @click.option("--signal-seconds", type=int, default=120,
               help="Send SIGUSR1 this many seconds before the time limit.")
 @click.option("--venv", default=_default_venv(),
