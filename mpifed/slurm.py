@@ -27,6 +27,21 @@ LAUNCHERS = ("srun", "mpirun")
 _FIELD = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 # SLURM's accepted --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
+
+
+def time_seconds(limit: str) -> int:
+    """Seconds in a SLURM --time value (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S); 0 is no limit."""
+    days, _, clock = limit.rpartition("-")
+    parts = [int(x) for x in clock.split(":")]
+    if days:  # D-H[:M[:S]]
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
+    else:  # M or M:S
+        hours, minutes, seconds = 0, parts[0], parts[1] if len(parts) == 2 else 0
+    return int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
 # Characters that would break an unquoted #SBATCH line or a quoted bash word in the templates.
 _UNSAFE_PATH = re.compile(r"[\s\"'`$\\]")
 # Free-text options written unquoted into #SBATCH lines: (pattern, what it allows). A space would cut
@@ -186,6 +201,10 @@ class SlurmOptions:
             p.append(f"cpus_per_task={self.cpus_per_task}: need at least 1")
         if not _TIME.fullmatch(self.time):
             p.append(f"time={self.time!r}: use a SLURM time such as 30, 04:00:00 or 1-12:00:00")
+        elif 0 < time_seconds(self.time) <= self.signal_seconds:
+            p.append(f"signal_seconds={self.signal_seconds} is not shorter than time={self.time!r} "
+                     f"({time_seconds(self.time)} s): the stop signal would come at once (and with requeue, "
+                     f"again on every restart); raise --time or lower --signal-seconds")
         if self.launcher not in LAUNCHERS:
             p.append(f"launcher={self.launcher!r}: choose one of {', '.join(LAUNCHERS)}")
         if not 0 < self.signal_seconds <= 65535:

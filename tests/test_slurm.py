@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from mpifed.commands.slurm import slurm as slurm_command
-from mpifed.slurm import TEMPLATES, SlurmOptions, render, template_fields
+from mpifed.slurm import TEMPLATES, SlurmOptions, render, template_fields, time_seconds
 from slurm_helpers import require_slurm, run_batch
 
 PLACEHOLDER = re.compile(r"\{\{.*?\}\}")
@@ -114,6 +114,8 @@ def test_every_template_field_comes_from_the_options():
     ({"job": "/j", "partition": "gpu debug"}, "partition='gpu debug': use letters, digits and _ . , : + - only"),
     ({"job": "/j", "account": "a\n#SBATCH --x"}, "account='a\\n#SBATCH --x': use letters"),
     ({"job": "/j", "time": "1\n"}, "time='1\\n'"),
+    ({"job": "/j", "time": "1"}, "signal_seconds=120 is not shorter than time='1' (60 s)"),
+    ({"job": "/j", "time": "2:00", "signal_seconds": 300}, "signal_seconds=300 is not shorter than time='2:00'"),
     ({"job": "/j", "mpifed_args": ("--sett", "x=1")}, "after -- (for mpifed train): No such option '--sett'"),
 ])
 def test_options_reject_bad_values_and_say_why(kwargs, message):
@@ -222,6 +224,12 @@ def test_requeue_names_the_run_as_train_will_and_quotes_it(tmp_path):
     assert opts.command_line().endswith(
         """--name 'my run' --name 'my run'"-$SLURM_JOB_ID" --set run.timestamp=false --auto-resume""")
     subprocess.run(["bash", "-n"], input=render(opts.template, **opts.fields()), text=True, check=True)
+
+
+@pytest.mark.parametrize("limit, seconds", [("30", 1800), ("5:30", 330), ("04:00:00", 14400), ("1-12", 129600),
+                                            ("1-12:30", 131400), ("1-0:0:5", 86405), ("0", 0)])
+def test_time_limits_in_every_slurm_form_read_as_seconds(limit, seconds):
+    assert time_seconds(limit) == seconds
 
 
 def test_requeue_in_an_array_names_each_elements_run_after_its_job_file_and_job_id():
