@@ -45,15 +45,9 @@ def save(run_dir: Path, payload: dict, keep: int) -> Path:
     """Write `payload` (which holds 'round') atomically and drop all but the newest `keep`. A failed
     write leaves no partial file; on a full disk it raises a DiskFullError that says how to go on
     (torch.save alone reports that as "unexpected pos" in its zip writer)."""
-    folder = directory(run_dir)
-    final = folder / f"round-{payload['round']:08d}.pt"
-    try:
-        _write(final, dict(payload, format=FORMAT))
-    except BaseException as err:
-        if is_disk_full(err):
-            raise disk_full(f"checkpoint {final.name}", folder, resume_advice(run_dir),
-                            _size(run_dir, payload)) from err
-        raise
+    final = directory(run_dir) / f"round-{payload['round']:08d}.pt"
+    write_whole(final, _saver(dict(payload, format=FORMAT)), f"checkpoint {final.name}",
+                lambda: resume_advice(run_dir), lambda: _size(run_dir, payload))
     for old in candidates(run_dir)[keep:]:
         old.unlink()
     return final
@@ -63,25 +57,26 @@ def save_model(run_dir: Path, state: dict) -> Path:
     """Write the final model (a plain state dict) to <run>/model.pt as save() writes a checkpoint:
     whole or not at all, and a full disk said as such."""
     path = Path(run_dir) / "model.pt"
-    try:
-        _write(path, state)
-    except BaseException as err:
-        if not is_disk_full(err):
-            raise
+
+    def advice() -> str:
         found = candidates(run_dir)
         keeps = (f"{found[0]} holds the model of its round (torch.load(path, weights_only=True)['model'])"
                  if found else "train again with a run.out (--out) with room")
-        raise disk_full(f"the trained model {path.name}", path.parent, f"free space there; {keeps}") from err
+        return f"free space there; {keeps}"
+
+    write_whole(path, _saver(state), f"the trained model {path.name}", advice)
     return path
 
 
-def _write(path: Path, obj) -> None:
-    write_whole(path, lambda fh: torch.save(obj, fh))
+def _saver(obj) -> Callable[[BinaryIO], object]:
+    return lambda fh: torch.save(obj, fh)
 
 
-def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_whole(path: Path, write: Callable[[BinaryIO], object], what: str, advice: Callable[[], str],
+                needs: Callable[[], int] | None = None) -> None:
     """write(fh) into a temporary name, fsynced, then renamed over `path`: a reader finds the old file
-    or the new one, never part of one; a failure removes the temporary."""
+    or the new one, never part of one; a failure removes the temporary. On a full disk it raises a
+    DiskFullError naming `what`, the free space (and what it `needs`) and advice() on how to go on."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,8 +85,10 @@ def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise disk_full(what, path.parent, advice(), needs() if needs else None) from err
         raise
 
 

@@ -53,6 +53,7 @@ def prepare(world: World, job_file: str | None, overrides: list[str], resume: st
     directory; every rank gets the resolved job. A bad job or checkpoint ends every rank with the
     same error before any training communication."""
     text, error, start = None, None, Start()
+    timeout = Job().comm.timeout  # the others wait the default: they do not know the job's yet
     if world.is_server:
         try:
             if resume and job_file:
@@ -60,15 +61,13 @@ def prepare(world: World, job_file: str | None, overrides: list[str], resume: st
                                "--set, e.g. --set train.rounds=600, to change it)")
             resume = resume or (_existing_run(job_file, overrides) if auto_resume else None)
             job, start = _resume(world, resume, overrides) if resume else _new(world, job_file, overrides)
-            text = job.to_toml()
+            text, timeout = job.to_toml(), job.comm.timeout
         except InputError as err:  # a job, a checkpoint, a full disk: the message says what to do
             error = str(err)
         except Exception as err:  # anything else must reach the other ranks too, not leave them waiting
             traceback.print_exc()
             error = f"rank 0 failed while preparing the run: {type(err).__name__}: {err}"
-    # rank 0 may take a while (a resume copies the log); the others do not know the job's comm.timeout yet
-    timeout = Job().comm.timeout if text is None else load_job(text=text).comm.timeout
-    Exchange(world.comm, polite=True, timeout=timeout).arrive()
+    Exchange(world.comm, polite=True, timeout=timeout).arrive()  # rank 0 may take a while (a resume copies the log)
     text, error, first = world.comm.bcast((text, error, start.round), root=0)
     if error:
         raise JobError(error)
@@ -253,12 +252,8 @@ def _make_run_dir(job: Job) -> Path:
 
 def _write_job(run_dir: Path, job: Job) -> None:
     """job.toml, replaced whole (a full disk must not leave a resumable run with half a job)."""
-    try:
-        checkpoint.write_whole(run_dir / "job.toml", lambda fh: fh.write(job.to_toml().encode()))
-    except OSError as err:
-        if runlog.is_disk_full(err):
-            raise runlog.disk_full("job.toml", run_dir, checkpoint.resume_advice(run_dir)) from err
-        raise
+    checkpoint.write_whole(run_dir / "job.toml", lambda fh: fh.write(job.to_toml().encode()), "job.toml",
+                           lambda: checkpoint.resume_advice(run_dir))
 
 
 def _holds_files(run_dir: Path) -> bool:
