@@ -115,10 +115,10 @@ class CommConfig:
     chunk_mib: float = opt(256.0, "Largest piece (MiB) moved by one collective call; larger buffers travel in "
                            "several, so models over 2 GiB work with any MPI.", minimum=1e-6)
     timeout: float = opt(1800.0, "Seconds a rank waits in one collective (a round's, or start-up's) before it "
-                         "takes another rank for stuck (stopped, deadlocked, a lost node) and ends the job with "
-                         "that message; 0 = wait forever. Allow for the slowest round, evaluation and checkpoint "
-                         "included, and the slowest client's set-up (data, memory sizing, planning probes). While rank 0 "
-                         "reads the job, the other ranks wait the default.",
+                         "takes another rank for stuck (stopped, deadlocked, a lost node) and ends the job; rank "
+                         "0's message names the stuck rank (a roll call). 0 = wait forever. Allow for the slowest "
+                         "round, evaluation and checkpoint included, and the slowest client's set-up (data, memory "
+                         "sizing, planning probes). While rank 0 reads the job, the other ranks wait the default.",
                          minimum=0.0)
 
 

@@ -7,7 +7,8 @@ timeout: lowest latency, spins a core) or `sleep` (Testall with an exponential b
 `max_sleep`), which leaves the core to ranks that compute when ranks outnumber cores (measured
 here: 7 spinning ranks slowed a computing one 4.2x).
 With a `timeout`, a wait that lasts longer ends the job (RankTimeout): a stopped, deadlocked or lost
-rank would otherwise hold every other rank in its collective forever.
+rank would otherwise hold every other rank in its collective forever. Rank 0's message names that
+rank (mpifed.rollcall); the other ranks leave the word to rank 0.
 If device buffers ever go straight to a CUDA-aware MPI, that belongs in this module alone.
 """
 
@@ -18,7 +19,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-ROOT = 0
+from mpifed.rollcall import ANSWER_AFTER, ROOT, Position, RollCall, answer, grace
+
 
 
 class RankTimeout(RuntimeError):
@@ -33,6 +35,10 @@ and a back-off sleep at most max_sleep, so only a stopped process sees such a ga
 
 
 class Exchange:
+    started = 0
+    """Collectives this process has started: every rank starts the same ones in the same order, so a
+    roll call compares these numbers to find a rank that is out of step."""
+
     def __init__(self, comm: MPI.Intracomm, polite: bool, chunk_bytes: int = 256 * 2**20,
                  max_sleep: float = 2e-4, timeout: float = 0.0):
         self.comm, self.polite, self.max_sleep, self.timeout = comm, polite, max_sleep, timeout
@@ -42,26 +48,36 @@ class Exchange:
         step = max(1, self.chunk_bytes // buf.itemsize)
         return [buf[i: i + step] for i in range(0, max(buf.size, 1), step)]
 
-    def wait(self, requests: list[MPI.Request]) -> None:
+    def wait(self, requests: list[MPI.Request], kind: str = "collective") -> None:
+        Exchange.started += 1
         if not self.polite and not self.timeout:
             MPI.Request.Waitall(requests)
             return
-        waited, last, pause = 0.0, time.monotonic(), 1e-6
-        while not MPI.Request.Testall(requests):
-            if self.polite:
-                time.sleep(pause)
-                pause = min(2 * pause, self.max_sleep)
-            now = time.monotonic()
-            waited += now - last if now - last < SUSPENDED else 0.0
-            last = now
-            if self.timeout and waited > self.timeout:
-                raise RankTimeout(f"this rank waited {self.timeout:g} s (comm.timeout) in a collective that "
-                                  f"another rank never joined: that rank is stuck (stopped, deadlocked, or on a "
-                                  f"lost node); if rounds really take this long, raise comm.timeout")
+        number = Exchange.started
+        if MPI.Request.Testall(requests):  # already done: nothing to time
+            return
+        waiting = _Waiting(self, requests, number, kind)
+        if waiting.until(self.timeout):
+            return
+        here = Position(number, kind)
+        said = (f"this rank waited {self.timeout:g} s (comm.timeout) in {here.describe()}, which another rank "
+                f"never joined")
+        advice = "If rounds really take this long, raise comm.timeout"
+        if self.comm.rank == ROOT:  # name the stuck rank, then end the job
+            call, waited = RollCall(self.comm), waiting.waited
+            waiting.until(waited + grace(self.timeout), call)
+            raise RankTimeout(f"{said}. Roll call: {call.report(here, waiting.waited - waited)}. {advice}")
+        # rank 0 is calling the roll and will end the job, or times out soon and will: leave it the word
+        if waiting.until(2 * self.timeout + grace(self.timeout)):
+            return
+        if waiting.answered:
+            raise RankTimeout(f"{said}; rank 0 called the roll but did not end the job: see its message")
+        raise RankTimeout(f"{said}, and rank 0 did not call the roll within {self.timeout + grace(self.timeout):g} "
+                          f"s more: rank 0 itself is stuck (stopped, deadlocked, or on a lost node). {advice}")
 
     def broadcast(self, buf: np.ndarray) -> None:
         """Root's `buf` into every rank's `buf` (same shape and dtype everywhere)."""
-        self.wait([self.comm.Ibcast(piece, root=ROOT) for piece in self._pieces(buf)])
+        self.wait([self.comm.Ibcast(piece, root=ROOT) for piece in self._pieces(buf)], "broadcast")
 
     def reduce_sum(self, buf: np.ndarray, op: MPI.Op = MPI.SUM, everyone: bool = False) -> None:
         """Elementwise sum (or `op`) of every rank's `buf` into root's `buf`, or into every rank's
@@ -73,25 +89,25 @@ class Exchange:
             reqs = [self.comm.Ireduce(MPI.IN_PLACE, piece, op=op, root=ROOT) for piece in self._pieces(buf)]
         else:
             reqs = [self.comm.Ireduce(piece, None, op=op, root=ROOT) for piece in self._pieces(buf)]
-        self.wait(reqs)
+        self.wait(reqs, "allreduce" if everyone else "reduce")
 
     def gather_rows(self, row: np.ndarray, table: np.ndarray | None) -> None:
         """Fixed-size per-rank rows into root's (size, len(row)) table."""
-        self.wait([self.comm.Igather(row, table if self.comm.rank == ROOT else None, root=ROOT)])
+        self.wait([self.comm.Igather(row, table if self.comm.rank == ROOT else None, root=ROOT)], "gather")
 
     def scatter_rows(self, table: np.ndarray | None, row: np.ndarray) -> None:
         """Root's (size, len(row)) table, one row to each rank (used once, when resuming)."""
-        self.wait([self.comm.Iscatter(table if self.comm.rank == ROOT else None, row, root=ROOT)])
+        self.wait([self.comm.Iscatter(table if self.comm.rank == ROOT else None, row, root=ROOT)], "scatter")
 
     def arrive(self) -> None:
         """Wait, in this exchange's way, until every rank reaches this point. Start-up's pickled,
         blocking collectives come after it, so their waiting is polite and bounded by the timeout too."""
-        self.wait([self.comm.Ibarrier()])
+        self.wait([self.comm.Ibarrier()], "barrier")
 
     def any(self, flag: bool) -> bool:
         """True on every rank when any rank passes True (one tiny allreduce)."""
         value = np.array([int(flag)], dtype=np.int64)
-        self.wait([self.comm.Iallreduce(MPI.IN_PLACE, value, op=MPI.MAX)])
+        self.wait([self.comm.Iallreduce(MPI.IN_PLACE, value, op=MPI.MAX)], "allreduce")
         return bool(value[0])
 
     def gather_bytes(self, payload: np.ndarray) -> list[np.ndarray] | None:
@@ -99,11 +115,39 @@ class Exchange:
 
         Root receives one array per rank (its own included, normally empty)."""
         counts = np.zeros(self.comm.size, dtype=np.int64) if self.comm.rank == ROOT else None
-        self.wait([self.comm.Igather(np.array([payload.size], dtype=np.int64), counts, root=ROOT)])
+        self.wait([self.comm.Igather(np.array([payload.size], dtype=np.int64), counts, root=ROOT)], "gather")
         if self.comm.rank != ROOT:
-            self.wait([self.comm.Igatherv(payload, None, root=ROOT)])
+            self.wait([self.comm.Igatherv(payload, None, root=ROOT)], "gather")
             return None
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
         recv = np.empty(int(counts.sum()), dtype=np.uint8)
-        self.wait([self.comm.Igatherv(payload, [recv, counts, displs, MPI.BYTE], root=ROOT)])
+        self.wait([self.comm.Igatherv(payload, [recv, counts, displs, MPI.BYTE], root=ROOT)], "gather")
         return [recv[d: d + c] for d, c in zip(displs, counts)]
+
+
+class _Waiting:
+    """One wait's clock and polling: Testall, the polite back-off, and, once the wait is long, answering
+    rank 0's roll call (or, on rank 0 after its timeout, collecting the answers)."""
+
+    __slots__ = ("exchange", "requests", "number", "kind", "waited", "last", "pause", "answered")
+
+    def __init__(self, exchange: Exchange, requests: list[MPI.Request], number: int, kind: str):
+        self.exchange, self.requests, self.number, self.kind = exchange, requests, number, kind
+        self.waited, self.last, self.pause, self.answered = 0.0, time.monotonic(), 1e-6, False
+
+    def until(self, limit: float, call: RollCall | None = None) -> bool:
+        """Poll until the requests complete (True) or `limit` seconds of waiting have passed (False);
+        with `call`, until every rank answered it instead."""
+        ex = self.exchange
+        while not (call.complete() if call else MPI.Request.Testall(self.requests)):
+            if ex.polite or call:
+                time.sleep(self.pause)
+                self.pause = min(2 * self.pause, ex.max_sleep)
+            now = time.monotonic()
+            self.waited += now - self.last if now - self.last < SUSPENDED else 0.0
+            self.last = now
+            if self.waited > limit:
+                return False
+            if self.waited > ANSWER_AFTER and ex.comm.rank != ROOT:
+                self.answered |= answer(ex.comm, Position(self.number, self.kind, self.waited))
+        return call is None

@@ -79,7 +79,7 @@ def open_session(world: World, job: Job) -> Session:
 def all_batches(s: Session, mine: int) -> np.ndarray:
     """Every client's batch, on every rank (the server passes 0)."""
     everyone = np.zeros(s.world.size, dtype=np.int64)
-    s.exchange.wait([s.world.comm.Iallgather(np.array([mine], dtype=np.int64), everyone)])
+    s.exchange.wait([s.world.comm.Iallgather(np.array([mine], dtype=np.int64), everyone)], "allgather")
     return everyone[1:]
 
 

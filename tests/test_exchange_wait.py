@@ -36,11 +36,19 @@ class _Requests:
         return self.polls >= self.done
 
 
+class _Client:
+    """The communicator of a client rank that never gets a roll call from rank 0."""
+    rank = 1
+
+    def Iprobe(self, source, tag):
+        return False
+
+
 def _wait(monkeypatch, readings, done, polite=True, timeout=3.0):
     requests = _Requests(done)
     monkeypatch.setattr(exchange, "time", _Clock(readings))
     monkeypatch.setattr(exchange, "MPI", type("MPI", (), {"Request": requests}))
-    Exchange(comm=None, polite=polite, timeout=timeout).wait([])
+    Exchange(comm=_Client(), polite=polite, timeout=timeout).wait([])
     return requests.polls
 
 
@@ -52,19 +60,23 @@ def test_a_suspended_job_resumes_instead_of_timing_out(monkeypatch, polite):
 
 @pytest.mark.parametrize("polite", [True, False])
 def test_a_rank_that_never_joins_times_out(monkeypatch, polite):
-    with pytest.raises(RankTimeout, match="waited 3 s \\(comm.timeout\\) in a collective that another rank never"):
+    # a client leaves the word to rank 0 for timeout + grace more; without a roll call it names rank 0
+    with pytest.raises(RankTimeout, match="waited 3 s \\(comm.timeout\\) in collective \\d+ \\(a collective\\), which "
+                                          "another rank never joined, and rank 0 did not call the roll within 6 s"):
         _wait(monkeypatch, [0.5 * k for k in range(100)], done=1000, polite=polite)
 
 
-# Under mpirun -n 3: rank 2 is stuck (asleep) for 6 s; ranks 0 and 1 arrive at a start-up point and
-# wait politely with a 2 s timeout. Each prints its outcome and the CPU seconds its wait used.
+# Under mpirun -n 3: rank 2 is stuck (asleep) for 10 s; ranks 0 and 1 arrive at a start-up point and
+# wait politely with a 2 s timeout. Each prints its outcome and the CPU seconds its wait used. Rank 0
+# calls the roll for 2 s (the grace) after its timeout; rank 1 answers and waits for rank 0 to end the
+# job for timeout + grace more, and as this script ends nothing, times out itself after 6 s.
 _STUCK_RANK = """
 import time
 from mpi4py import MPI
 from mpifed.exchange import Exchange, RankTimeout
 comm = MPI.COMM_WORLD
 if comm.rank == 2:
-    time.sleep(6)
+    time.sleep(10)
 else:
     wall, cpu = time.monotonic(), time.process_time()
     try:
@@ -86,7 +98,58 @@ def test_start_up_waits_are_polite_and_bounded_by_the_timeout(tmp_path):
     lines = sorted(line.split() for line in proc.stdout.splitlines() if line.startswith("rank "))
     expected = [["rank", "0", "timeout"], ["rank", "1", "timeout"]]
     assert [line[:3] for line in lines] == expected, proc.stdout + proc.stderr
-    for line in lines:
+    for line, least in zip(lines, (4.0, 6.0)):
         wall, cpu = float(line[4]), float(line[7])
-        assert 2.0 <= wall < 4.0
+        assert least <= wall < least + 1.5
         assert cpu < 0.5 * wall  # a busy-polling wait would use about one CPU second per second
+
+
+# Under mpirun -n 4, rounds of broadcast then reduce with comm.timeout 2 s; in round 2 one rank goes
+# wrong: "compute" rank 2 sleeps in its computation, "server" rank 0 does, "skip" rank 3 skips the
+# reduce (the ranks then disagree on their collectives). Each rank prints how its wait ended.
+_ROUNDS = """
+import sys, time
+import numpy as np
+from mpi4py import MPI
+from mpifed.exchange import Exchange, RankTimeout
+comm, mode = MPI.COMM_WORLD, sys.argv[1]
+exchange, buf, start = Exchange(comm, polite=True, timeout=2.0), np.zeros(4), time.monotonic()
+try:
+    for step in range(5):
+        exchange.broadcast(buf)
+        if step == 2 and comm.rank == {"compute": 2, "server": 0}.get(mode):
+            time.sleep(30)
+        if not (step == 2 and comm.rank == 3 and mode == "skip"):
+            exchange.reduce_sum(buf)
+    print(f"rank {comm.rank} done", flush=True)
+except RankTimeout as err:
+    print(f"rank {comm.rank} timeout after {time.monotonic() - start:.1f} s: {err}", flush=True)
+    comm.Abort(1)
+"""
+
+_NAMED = {  # which rank says it first ("a client": any but rank 0), and what it says
+    "compute": ("rank 0", "Roll call: rank 2 (client 1) did not answer within 2 s: busy outside MPI (stuck in its "
+                "computation or I/O, stopped, or on a lost node); ranks 1, 3 (clients 0, 2) wait in collective"),
+    "server": ("a client", "which another rank never joined, and rank 0 did not call the roll within 4 s more: "
+               "rank 0 itself is stuck"),
+    "skip": ("rank 0", "rank 3 (client 2) waits in collective 6 but in a broadcast, not a reduce: the ranks disagree "
+             "on their collectives"),
+}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", sorted(_NAMED))
+def test_a_timeout_names_the_stuck_rank(tmp_path, mode):
+    if MPIRUN is None:
+        pytest.skip("mpirun not found; install the MPICH wheel: pip install -e '.[mpich]'")
+    proc = subprocess.run([MPIRUN, "-n", "4", sys.executable, "-c", _ROUNDS, mode], cwd=tmp_path, timeout=120,
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    timeouts = [line for line in proc.stdout.splitlines() if " timeout after " in line]
+    rank, named = _NAMED[mode]
+    # the rank that says it first, and alone: rank 0 with a roll call, or a client when rank 0 is the stuck one
+    assert timeouts, proc.stdout + proc.stderr
+    assert timeouts[0].startswith("rank 0 ") == (rank == "rank 0"), proc.stdout
+    assert named in timeouts[0]
+    if rank == "rank 0":
+        assert len(timeouts) == 1, proc.stdout  # the clients that answered leave the word to rank 0

@@ -1,0 +1,109 @@
+"""Naming the stuck rank when a collective times out: rank 0 calls the roll.
+
+A timed-out wait cannot tell which rank is missing: a non-blocking collective either completes or
+not. So rank 0, when its own wait times out, sends every other rank a roll call (point-to-point, on
+tags nothing else uses); a rank that is waiting in a collective answers from inside its wait loop
+with where it is: the collective's number (every rank starts the same collectives in the same order),
+its kind and how long it has waited. A rank that does not answer within the grace is busy outside
+MPI: stuck in its computation or I/O, stopped, or on a lost node. A rank that answers from an earlier
+or later collective has gone out of step. Nothing here runs unless a wait has already lasted
+ANSWER_AFTER seconds, so rounds pay nothing for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+ROOT = 0
+CALL_TAG, ANSWER_TAG = 7301, 7302
+ANSWER_AFTER = 0.5
+"""Seconds a wait lasts before it looks for a roll call: far below any comm.timeout that makes sense,
+far above a healthy round's wait."""
+
+KINDS = ("collective", "barrier", "broadcast", "reduce", "allreduce", "allgather", "gather", "scatter")
+
+
+def grace(timeout: float) -> float:
+    """Seconds rank 0 gives the others to answer its call: ranks in a wait answer within a poll, so
+    this only needs to cover a wait that has just begun (ANSWER_AFTER) and a loaded machine."""
+    return min(5.0, max(2.0, timeout))
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a rank waits: its collective's number and kind, and the seconds it has waited there."""
+    number: int
+    kind: str
+    waited: float = 0.0
+
+    def encode(self) -> np.ndarray:
+        return np.array([self.number, KINDS.index(self.kind), self.waited], dtype=np.float64)
+
+    @classmethod
+    def decode(cls, row: np.ndarray) -> Position:
+        return cls(int(row[0]), KINDS[int(row[1])], float(row[2]))
+
+    def describe(self) -> str:
+        return f"collective {self.number} (a {self.kind})"
+
+
+def answer(comm: MPI.Intracomm, here: Position) -> bool:
+    """On a rank other than 0, inside a long wait: answer rank 0's roll call, if one came."""
+    if not comm.Iprobe(source=ROOT, tag=CALL_TAG):
+        return False
+    comm.Recv([np.empty(0, dtype=np.uint8), MPI.BYTE], source=ROOT, tag=CALL_TAG)
+    comm.Send(here.encode(), dest=ROOT, tag=ANSWER_TAG)
+    return True
+
+
+class RollCall:
+    """Rank 0's side: call every other rank, then collect the answers that come."""
+
+    def __init__(self, comm: MPI.Intracomm):
+        self.ranks = range(1, comm.size)
+        self.rows = np.full((comm.size, 3), np.nan)
+        empty = [np.empty(0, dtype=np.uint8), MPI.BYTE]
+        self.calls = [comm.Isend(empty, dest=r, tag=CALL_TAG) for r in self.ranks]
+        self.answers = [comm.Irecv(self.rows[r], source=r, tag=ANSWER_TAG) for r in self.ranks]
+
+    def complete(self) -> bool:
+        """Every rank answered."""
+        return MPI.Request.Testall(self.answers)
+
+    def report(self, here: Position, waited_for_answers: float) -> str:
+        """What the answers (and the silences) say, for the timeout's message."""
+        MPI.Request.Testall(self.answers)
+        silent, at = [], {}
+        for r in self.ranks:
+            if np.isnan(self.rows[r, 0]):
+                silent.append(r)
+            else:
+                there = Position.decode(self.rows[r])
+                at.setdefault((there.number, there.kind), []).append(r)
+        parts = []
+        if silent:
+            parts.append(f"{_names(silent)} did not answer within {waited_for_answers:.0f} s: busy outside MPI "
+                         f"(stuck in its computation or I/O, stopped, or on a lost node)")
+        for (number, kind), ranks in sorted(at.items()):
+            verb = "waits" if len(ranks) == 1 else "wait"
+            if number != here.number:
+                step = f"{abs(number - here.number)} {'ahead' if number > here.number else 'behind'}"
+                parts.append(f"{_names(ranks)} {verb} in {Position(number, kind).describe()}, {step}")
+            elif kind != here.kind:
+                parts.append(f"{_names(ranks)} {verb} in collective {number} but in a {kind}, not a {here.kind}: "
+                             f"the ranks disagree on their collectives (a bug in mpifed; please report it)")
+            else:
+                parts.append(f"{_names(ranks)} {verb} in the same collective")
+        if not silent and all(number <= here.number for number, _ in at):
+            parts.append("no rank is missing from it, so MPI itself did not complete it (a network fault?)")
+        return "; ".join(parts)
+
+
+def _names(ranks: list[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]} (client {ranks[0] - 1})"
+    listed = ", ".join(map(str, ranks))
+    return f"ranks {listed} (clients {', '.join(str(r - 1) for r in ranks)})"
