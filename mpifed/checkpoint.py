@@ -99,7 +99,8 @@ def resume_advice(run_dir: Path) -> str:
         return ("the run wrote no checkpoint to resume from: free space there, or choose another run.out "
                 "(--out), and start it again")
     return (f"free space there, or move {run_dir} to a disk with room, then continue from {found[0].name} with: "
-            f"mpifed train --resume {run_dir} (new runs: choose a run.out, --out, with room)")
+            f"mpirun -n RANKS mpifed train --resume {run_dir}, with as many RANKS as this run (new runs: choose "
+            f"a run.out, --out, with room)")
 
 
 def _size(run_dir: Path, payload: dict) -> int:

@@ -86,7 +86,8 @@ def test_a_checkpoint_on_a_full_disk_says_so_and_leaves_no_partial_file(disk):
     assert_says_disk_full(failed.value, run / "checkpoints")
     assert "checkpoint round-00000002.pt could not be written" in str(failed.value)
     assert f"needs about {first.stat().st_size / 1024:.2f} KiB" in str(failed.value)
-    assert f"continue from round-00000001.pt with: mpifed train --resume {run}" in str(failed.value)
+    said = f"continue from round-00000001.pt with: mpirun -n RANKS mpifed train --resume {run}, with as many RANKS"
+    assert said in str(failed.value)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-00000001.pt"]  # no .tmp
     assert checkpoint.choose(run, {})[1]["round"] == 1
 

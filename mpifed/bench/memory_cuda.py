@@ -12,7 +12,8 @@ cnn (CIFAR-10 shapes, SGD with momentum and weight decay, float32) it:
      the linear and the measured models' predictions and the allocator's reserved peak beside;
   3. checks the max batch trains and 1.15x it runs out of memory.
 It writes DIR/memory_cuda.md and exits 1 if any |error| of the walk exceeds --tolerance (5%) or a
-max-batch check fails; 0 otherwise. Without CUDA it says so, writes that to the file, and exits 0.
+max-batch check fails; 0 otherwise. Without CUDA it says so, writes that to the file, and exits 2
+(nothing measured is not a pass).
 """
 
 from __future__ import annotations
