@@ -139,7 +139,7 @@ def choose(run_dir: Path, identity: dict) -> tuple[Path, dict, list[str]]:
 
     A corrupt file is renamed to *.corrupt (kept apart, never deleted) and the next older one is
     tried; returns (path, payload, notes about what was set aside). A readable checkpoint whose
-    identity differs (another model, client count, codec, seed) is refused: resuming it would
+    identity differs (another model, dataset, client count, codec, seed or local_steps) is refused: resuming it would
     silently train something else.
     """
     notes = []

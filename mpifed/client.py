@@ -6,7 +6,7 @@ One round, in the order it runs (E = job.train.local_steps):
   3. payload = [E=1: gradient | E>1: model delta, BatchNorm statistics, per-layer |update|^2] * b_k / B
      (the squared norms let the server estimate the gradient noise with no extra communication),
      plus, for the per-coordinate teacher with a summable codec, (b_k / B) u_k^2 per coordinate
-  4. reduce     -> the server receives the sum over clients
+  4. the update through the codec's channel (reduce, or gather to the server), the dense tail by reduce
   5. one fixed-size row of timings and metrics -> gathered by the server for the run log
 """
 

@@ -1,8 +1,8 @@
 """The MPI world: ranks and roles, node-local rank -> device, thread budget, failing fast.
 
 This is the only module that touches MPI.COMM_WORLD and the process environment; everything else
-receives an explicit communicator. Rank 0 is the server; rank r >= 1 hosts client r - 1 (client ids
-are kept apart from ranks so one rank may later host several virtual clients).
+receives an explicit communicator. Rank 0 is the server; rank r >= 1 hosts client r - 1, everywhere (the run log's
+/ranks rows, the roll call's names).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
 
 
 class SmallCNN(nn.Module):
-    """Two conv layers and a linear head: trains to well above chance in seconds on one CPU core."""
+    """Three conv layers and a linear head: trains to well above chance in seconds on one CPU core."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16):
         super().__init__()

@@ -18,8 +18,8 @@ spans the same broadcast-to-update interval, so its t_iter is the round time too
     t_round = t_bcast + M + t_up + t_server,   M = median of max_k [t_k(b_k) + link_k] exp(s_k Z_k)
 
 M is the slowest of K jittering clients (mpifed.perf.straggler), link_k the emulated link delays of
-client k's profile (latency + bytes / bandwidth, down and up). Round 0 is predicted by the start-up
-fit alone; from then on each term carries a factor that follows what the rounds before measured
+client k's profile (latency + bytes / bandwidth, down and up). Rounds 0 and 1 are predicted by the
+start-up fit alone; from then on each term carries a factor that follows what the rounds before measured
 (mpifed.perf.online), and /models keeps the start-up prediction (perf.round.t_round) for comparison.
 """
 

@@ -1,8 +1,9 @@
 """The run's HDF5 log: rank 0 writes it, flushes every round, and readers may follow it live (SWMR).
 
 Layout (schema 1):
-  attrs           schema, versions (mpifed, torch, mpi4py, MPI library), job (resolved TOML),
-                  command, world_size, hosts, started (ISO time)
+  attrs           schema, versions (mpifed, torch, mpi4py, h5py, MPI library), job (resolved TOML),
+                  command, world_size, started (ISO time), wait_mode (sleep/poll), n_params,
+                  n_buffers, and resumes (the rounds each resume started at) once resumed
   /ranks/<col>    (N,) one row per rank: role, host, device, profile, emulated, speed, memory_budget,
                   bandwidth, latency, data_size, requested_batch, max_batch (memory model; 0 = not
                   sized), batch (what it trains with; the server's row holds the global batch)

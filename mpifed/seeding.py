@@ -20,7 +20,6 @@ class Purpose(IntEnum):
     AUGMENT = 4
     INIT = 5
     CODEC = 6
-    TEACHER = 7
 
 
 def rng(seed: int, purpose: Purpose, *keys: int) -> np.random.Generator:
@@ -30,8 +29,8 @@ def rng(seed: int, purpose: Purpose, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, int(purpose), *keys])
 
 
-def torch_generator(seed: int, purpose: Purpose, *keys: int, device: str | torch.device = "cpu") -> torch.Generator:
-    gen = torch.Generator(device=device)
+def torch_generator(seed: int, purpose: Purpose, *keys: int) -> torch.Generator:
+    gen = torch.Generator()
     gen.manual_seed(int(rng(seed, purpose, *keys).integers(2**63 - 1)))
     return gen
 

@@ -1,7 +1,8 @@
 """The server's rounds: broadcast the model, sum the clients' weighted updates, step, log, evaluate.
 
-Aggregation is the MPI reduction itself: each client pre-multiplies its update by b_k / B, so the
-sum the server receives is g = sum_k (b_k / B) u_k, the gradient of the union of all client batches
+Each client pre-multiplies its update by b_k / B, so the sum the server gets is g = sum_k (b_k / B) u_k
+(from the MPI reduce for summable codecs, from its own validate-and-decode of the gathered payloads
+for the others: mpifed.updates), the gradient of the union of all client batches
 (E=1) or the batch-weighted average model delta (E>1). The BatchNorm statistics, appended to each
 update, average the same way. Rank 0 alone writes files.
 """

@@ -66,12 +66,12 @@ class Session:
 def open_session(world: World, job: Job) -> Session:
     names = resolve_clients(job, world.size)
     device = pick_device(world, job.run.device)
-    dataset = _load_data(world, job)
+    polite = job.comm.wait == "sleep" or (job.comm.wait == "auto" and world.oversubscribed)
+    exchange = Exchange(world.comm, polite, int(job.comm.chunk_mib * 2**20), timeout=job.comm.timeout)
+    dataset = _load_data(world, job, exchange)
     with forked_torch_rng(job.run.seed, Purpose.INIT):  # same init on every rank, global RNG untouched
         module = build_model(job.model.name, dataset.num_classes, dataset.channels)
     model = FlatModel(module, device)
-    polite = job.comm.wait == "sleep" or (job.comm.wait == "auto" and world.oversubscribed)
-    exchange = Exchange(world.comm, polite, int(job.comm.chunk_mib * 2**20), timeout=job.comm.timeout)
     batches = np.array(client_batches(job, names), dtype=np.int64)
     return Session(world, job, device, model, exchange, names, batches, dataset)
 
@@ -105,12 +105,12 @@ def restore_batches(s: Session, state: dict | None) -> None:
     s.batches = batches
 
 
-def _load_data(world: World, job: Job) -> ImageSet:
+def _load_data(world: World, job: Job, exchange: Exchange) -> ImageSet:
     d = job.data
     if d.download and d.dataset != "synthetic":
         if world.is_server:  # one download per job, before anyone reads the files
             for split in (True, False):
                 load_dataset(d.dataset, split, d.root, download=True)
-        world.comm.Barrier()
+        exchange.arrive()  # the clients wait politely, and no longer than comm.timeout
     size = d.train_size if not world.is_server else d.test_size
     return load_dataset(d.dataset, train=not world.is_server, root=d.root, size=size, noise=d.noise)

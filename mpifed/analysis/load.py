@@ -1,9 +1,9 @@
 """Read a run log into plain numpy arrays, checking first that it is an mpifed log we understand.
 
 Reading is lenient about content and strict about identity: a file must carry the `schema`
-attribute and the few datasets every summary needs; any other dataset, including those later
-versions add (/server/scale, /server/critical, /server/noise_scale, ...), is loaded when present
-and simply absent otherwise. Logs of running jobs work too: they are opened with SWMR, and
+attribute and the few datasets every summary needs; any other dataset (/server/scale,
+/server/critical, /server/noise_scale, ...: a run without scaling or an older log may lack them) is
+loaded when present and simply absent otherwise. Logs of running jobs work too: they are opened with SWMR, and
 the series are cut to the rounds that every dataset already holds (the writer grows them one by one).
 A truncated file is refused at once: HDF5 checks the size only on a plain (non-SWMR) open.
 """
@@ -67,10 +67,6 @@ class Run:
     def name(self) -> str:
         """The job's run.name, else the name of the log's directory."""
         return str(self.job.get("run", {}).get("name") or self.path.parent.name)
-
-    def series(self, group: str, name: str) -> np.ndarray | None:
-        """A dataset of /iter, /server or /eval, or None when this log does not have it."""
-        return getattr(self, group).get(name)
 
 
 def resolve(path: str | Path) -> Path:

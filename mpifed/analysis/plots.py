@@ -18,8 +18,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mpifed.analysis.load import Run  # noqa: E402
 from mpifed.analysis.summary import PHASES, breakdown, server_rank  # noqa: E402
 
-# Server series worth a panel, when the log has them and they are not all NaN. Later schema
-# versions add scale, critical and noise_scale; older logs just lack them.
+# Server series worth a panel, when the log has them and they are not all NaN (datasets a log lacks
+# are skipped).
 SERVER_SERIES = ("lr", "grad_norm", "train_loss", "rel_change", "critical", "scale", "noise_scale", "teacher_std")
 DPI = 110
 

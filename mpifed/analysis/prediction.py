@@ -19,7 +19,7 @@ import numpy as np
 
 from mpifed.analysis.load import Run
 from mpifed.analysis.summary import WARMUP_ROUNDS, samples_per_round, server_rank, steady_rounds
-from mpifed.perf import OnlineModel, Profile
+from mpifed.perf import OnlineModel, Profile, mdape
 
 __all__ = ["WARMUP_ROUNDS", "steady_rounds", "replay_online", "startup_error", "last_round_error", "noise_floor",
            "steady_throughput", "Term", "terms"]
@@ -52,7 +52,10 @@ def startup_error(run: Run, skip: int = WARMUP_ROUNDS) -> float:
     if "perf.round.t_round" not in run.models:
         return math.nan
     times = run.iter["t_iter"][steady_rounds(run, skip), server_rank(run)]
-    return float(100.0 * np.median(np.abs(float(run.models["perf.round.t_round"]) - times) / times))
+    times = times[np.isfinite(times) & (times > 0)]
+    if times.size == 0:
+        return math.nan
+    return mdape(np.full_like(times, float(run.models["perf.round.t_round"])), times)
 
 
 def last_round_error(run: Run, skip: int = WARMUP_ROUNDS) -> float:
@@ -63,7 +66,7 @@ def last_round_error(run: Run, skip: int = WARMUP_ROUNDS) -> float:
     if rows.size == 0:
         return math.nan
     t = run.iter["t_iter"][:, r]
-    return float(100.0 * np.median(np.abs(t[rows - 1] - t[rows]) / t[rows]))
+    return mdape(t[rows - 1], t[rows])
 
 
 def noise_floor(run: Run, skip: int = WARMUP_ROUNDS) -> float:
@@ -74,7 +77,7 @@ def noise_floor(run: Run, skip: int = WARMUP_ROUNDS) -> float:
     times = times[np.isfinite(times) & (times > 0)]
     if times.size == 0:
         return math.nan
-    return float(100.0 * np.median(np.abs(np.median(times) - times) / times))
+    return mdape(np.full_like(times, np.median(times)), times)
 
 
 def steady_throughput(run: Run, skip: int = WARMUP_ROUNDS) -> float:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from mpifed.analysis.load import Run
+from mpifed.perf.round import mdape
 
 # Stacked parts of a round, in the order a round runs. comm is the update collective minus the
 # straggler wait; other is what the logged phases leave unexplained (loop overhead, the row gather).
@@ -117,7 +118,7 @@ def perf_model_error(run: Run, skip: int = WARMUP_ROUNDS) -> tuple[float, int]:
     ok = np.isfinite(pred) & np.isfinite(meas) & (meas > 0)
     if not ok.any():
         return math.nan, 0
-    return float(100.0 * np.median(np.abs(pred[ok] - meas[ok]) / meas[ok])), int(ok.sum())
+    return mdape(pred[ok], meas[ok]), int(ok.sum())
 
 
 def wall_time(run: Run) -> float:

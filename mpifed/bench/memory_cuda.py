@@ -81,10 +81,10 @@ def validate(device, budget: str, names: list[str], tolerance: float) -> tuple[l
     overhead = mem.library_overhead_bytes(device)
     lines.append(f"library overhead (cuBLAS/cuBLASLt workspaces held after a step): {overhead / mib:.2f} MiB")
     lines.append("")
-    checks = ["", "## max batch checks", "", "| model | max batch | seconds to compute | trains | 1.15x | 1.15x fits? |",
-              "|---|---|---|---|---|---|"]
-    table = ["| model | batch | predicted | linear | probe-fit | measured | reserved | error % | linear err % | probe-fit err % |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    checks = ["", "## max batch checks", "",
+              "| model | max batch | seconds to compute | trains | 1.15x | 1.15x fits? |", "|---|---|---|---|---|---|"]
+    table = ["| model | batch | predicted | linear | probe-fit | measured | reserved | error % | linear err % "
+             "| probe-fit err % |", "|---|---|---|---|---|---|---|---|---|---|"]
     worst = 0.0
     torch.cuda.set_per_process_memory_fraction(budget_bytes / props.total_memory, device)
     for name in names:

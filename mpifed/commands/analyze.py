@@ -19,6 +19,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from mpifed.units import format_bytes
+
 if TYPE_CHECKING:  # h5py and numpy load when the command runs, keeping `mpifed --help` quick
     from mpifed.analysis.summary import Summary
 
@@ -36,13 +38,7 @@ def _pct(value: float) -> str:
 
 
 def _bytes(value: float) -> str:
-    if value is None or math.isnan(value):
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{value:.0f} B"
-        value /= 1024
-    return f"{value:.1f} GiB"
+    return "-" if value is None or math.isnan(value) else format_bytes(value)
 
 
 # (label, how to read it off a Summary): the rows of the run table and of the comparison.

@@ -6,13 +6,12 @@ its update by its weight w_k = b_k / B, so the sum is the weighted mean; if some
 rejected, pass `weights` and the sum is divided by the accepted clients' share of the weight, so the
 step keeps its size.
 
-Under Reduce the server only ever sees the sum, so it cannot name a bad client: each client should
-run `codec.validate(payload, n, ctx)` on its own payload before the collective and, if it fails,
-contribute zeros and report the reason (and its weight) in the round's metrics gather.
+Under Reduce the server only ever sees the sum, so it cannot name a bad client: a sum that is not
+finite is refused and that round's step is skipped (mpifed.updates.UpdateChannel.receive).
 
 `reduce_in_process` runs a summable codec's phases for several clients and the server in lockstep,
 adding the payloads with the codec's own `combine`: exactly what the MPI exchange computes, without
-MPI. Tests and benchmarks use it; the over-MPI test can compare against it.
+MPI. Tests use it as the reference the over-MPI exchange must equal.
 """
 
 from __future__ import annotations

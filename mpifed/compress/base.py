@@ -12,8 +12,8 @@ aggregation weight b_k / B) into the buffers that cross MPI, and the server's bu
   (Reduce/Allreduce) and rank 0 decodes one sum. A codec may need several collectives per round
   (PowerSGD: P, then Q); it says so as a generator, `phases`, that yields one payload per collective
   and receives that collective's sum. `exchange` drives it over any `allreduce` callable.
-  A bad contribution poisons the sum, and the server cannot tell whose it was: clients should run
-  `validate` on their own payloads first (see the module docstring of `aggregate`).
+  A bad contribution poisons the sum, and the server cannot tell whose it was: a non-finite sum
+  skips that round's step (see the module docstring of `aggregate`).
 
 Shapes never travel: both ends know n (and, for PowerSGD, the layer shapes).
 """
@@ -281,7 +281,6 @@ def check_reduce_payload(payload: np.ndarray, dtype: np.dtype, count: int, what:
 
 # ---- registry ---------------------------------------------------------------------------------
 
-CodecFactory = Callable[..., Codec]
 CODECS: dict[str, tuple[type[Codec], dict[str, Any]]] = {}
 
 

@@ -12,7 +12,7 @@ w bits each, w the smallest of 2, 4, 8 that holds 2s + 1 codes (s = 1: 2 bits, s
 Bytes: 4 ceil(n / bucket) + ceil(n w / 8). Default s = 7, bucket = 512: 0.508 n bytes, 7.9x fewer than
 dense (the paper's 4-bit, bucket-512 setting). No Elias coding: fixed width keeps decode a table lookup.
 
-Speed (the issue's budget is 10% of a training step for encode + decode): both run block by block
+Speed (the budget is 10% of a training step for encode + decode): both run block by block
 (packing.bucket_blocks) so temporaries stay in cache, and the rounding is one float32 add: s + u_i is
 made by writing random bits into the mantissa of float32(s) (23 - floor(log2 s) bits, all the
 resolution a float32 sum near s keeps), so code = trunc(s v_i / ||v|| + (s + u_i)).

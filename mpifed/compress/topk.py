@@ -61,7 +61,7 @@ def top_indices(mag: np.ndarray, k: int) -> np.ndarray:
 
 @register_codec("topk")
 class TopK(GatherCodec):
-    """density: fraction of values sent, in (0, 1]; default 0.01 (1%), the issue's benchmark point."""
+    """density: fraction of values sent, in (0, 1]; default 0.01 (1%), the benchmarks' point."""
 
     name = "topk"
     error_feedback_default = True

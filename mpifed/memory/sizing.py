@@ -17,12 +17,10 @@ from mpifed.units import format_bytes
 
 @dataclass(frozen=True)
 class ClientSizing:
-    """What start-up sizing decided for one client (a row of the run log's /ranks table)."""
+    """What start-up sizing decided for one client: its max batch, the batch it trains with, the model
+    behind them, and the warning when the requested batch was capped."""
 
-    client: str
-    budget_bytes: int
     max_batch: int
-    requested_batch: int
     batch: int
     model: MemoryModel
     message: str  # empty when the requested batch fits
@@ -74,9 +72,11 @@ def size_client(model: nn.Module, input_shape: Sequence[int], num_classes: int,
     memory = analytic_memory_model(model, input_shape, num_classes, step, device)
     memory = memory.plus_static(extra_static_bytes)
     largest = max_batch(memory, budget_bytes, margin, multiple_of, client)
-    # The line is fitted at batches >= 16; below them a step can peak a few percent above it (late
-    # backward, when gradients have grown and activations are not yet freed), so an exact walk
-    # confirms the answer and steps down while it does not fit.
+    # The line is fitted at two batches (ANALYTIC_FIT_BATCHES), and a step's peak is not exactly linear
+    # in the batch: below them it can peak a few percent above the line (late backward, gradients grown
+    # and activations not yet freed), and at large batches some buffers grow faster than the batch
+    # (resnet18 in 8 GiB: the line allows 1797, whose walk needs 6% more than the budget). So an exact
+    # walk at the answer confirms it and steps down while it does not fit.
     overhead = library_overhead_bytes(device)
     usable = budget_bytes * (1 - margin)
     while largest > 0:
@@ -91,7 +91,7 @@ def size_client(model: nn.Module, input_shape: Sequence[int], num_classes: int,
         raise MemoryBudgetError(client, int(budget_bytes), memory.peak(multiple_of), multiple_of,
                                 f" with a {margin:.0%} safety margin")
     if requested_batch <= largest:
-        return ClientSizing(client, int(budget_bytes), largest, requested_batch, requested_batch, memory, "")
+        return ClientSizing(largest, requested_batch, memory, "")
     need = memory.peak(requested_batch)
     if strict:
         raise MemoryBudgetError(client, int(budget_bytes), need, requested_batch,
@@ -99,4 +99,4 @@ def size_client(model: nn.Module, input_shape: Sequence[int], num_classes: int,
     message = (f"{client}: batch {requested_batch} needs {format_bytes(need)} but the budget is "
                f"{format_bytes(budget_bytes)} (max batch {largest} with a {margin:.0%} margin); "
                f"capped to {largest}")
-    return ClientSizing(client, int(budget_bytes), largest, requested_batch, largest, memory, message)
+    return ClientSizing(largest, largest, memory, message)

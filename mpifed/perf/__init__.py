@@ -1,4 +1,4 @@
-"""Parallel performance model and batch planner (issue 4).
+"""Parallel performance model and batch planner.
 
 curves.py   per-client step time vs batch, fitted from a short profile
 comm.py     alpha-beta cost of the round's collectives, fitted from a short MPI measurement

@@ -27,7 +27,8 @@ FORMAT, VERSION = "mpifed-profile", 1
 
 @dataclass(frozen=True)
 class ClientProfile:
-    """One client's measured curve and memory cap (max batch from the memory model)."""
+    """One client's measured curve and the largest batch the planner may give it (planning.plan_cap:
+    the profiled range, or the memory cap and the global batch)."""
 
     client: int
     rank: int

@@ -23,10 +23,10 @@ from mpifed.perf.planner import plan_batches
 class Replanner:
     """Dead-banded re-planning of per-client batches at a fixed global batch.
 
-    max_batches: the clients' memory caps, in client order.
+    max_batches: the largest batch each client may take (planning.plan_cap), in client order.
     batches: the split in force (e.g. from plan_batches); its sum is the global batch, kept fixed.
-    dead_band: relative gain of the slowest predicted step needed to change batches. Default 0.10,
-      the issue's "e.g. 10%": above the few-percent noise of a step time, below the 1.5x gains a
+    dead_band: relative gain of the slowest predicted step needed to change batches. Default 0.10:
+      above the few-percent noise of a step time, below the 1.5x gains a
       real imbalance gives.
     min_interval: rounds between changes. Default 5 = 1 / smoothing of the online model's factors,
       their time constant.

@@ -94,7 +94,7 @@ def round_collectives(comm_model: CommModel, model_bytes: int, payload_bytes: in
 
 
 def mdape(predicted: Sequence[float], measured: Sequence[float]) -> float:
-    """Median absolute percentage error, in percent: the issue's acceptance measure (<= 10%)."""
+    """Median absolute percentage error, in percent: how the round model is judged (target <= 10%)."""
     p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
     if p.shape != m.shape or p.size == 0:
         raise ValueError(f"need equal, non-empty predicted and measured, got {p.shape} and {m.shape}")

@@ -40,8 +40,9 @@ Where the model bends (say so when interpreting the logs):
   the between-client spread. With fixed clients that is client drift, not sampling noise.
 - E > 1 local steps: the g_k are model deltas; Sigma is then the covariance of those updates.
 - compression: the server only sees decoded updates, see `mpifed.scaling.teacher`.
-- precision: the norms route subtracts two large numbers; send |g_k|^2 as float64 and expect
-  cancellation error of about eps(float32) * B |g|^2 / (K - 1) in the trace.
+- precision: the norms route subtracts two large numbers, and the clients' squared norms travel in
+  the float32 tail of the update reduce: expect cancellation error of about eps(float32) * B |g|^2
+  / (K - 1) in the trace.
 """
 
 from __future__ import annotations
