@@ -1,14 +1,16 @@
-"""Shared test helpers: launching real `mpirun` jobs in a subprocess, with a timeout."""
+"""Shared test helpers: launching real `mpirun` jobs in a subprocess, with a timeout; dataset files."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 BIN = Path(sys.executable).parent
@@ -44,3 +46,17 @@ def rounds_logged(path: Path) -> int:
             return f["iter/t_iter"].shape[0]
     except (OSError, KeyError):
         return 0
+
+
+def write_mnist(root: Path, train: int, test: int) -> np.ndarray:
+    """MNIST in its real on-disk format (idx files under root/MNIST/raw), random pixels and labels;
+    returns the test images."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    gen = np.random.default_rng(0)
+    for split, n in (("train", train), ("t10k", test)):
+        images = gen.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = gen.integers(0, 10, size=n, dtype=np.uint8)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    return images

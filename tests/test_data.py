@@ -1,10 +1,10 @@
 import pickle
-import struct
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import write_mnist
 from mpifed.data import ClientSampler, DatasetError, _missing_message, augment, load_dataset, partition, synthetic
 
 
@@ -90,14 +90,7 @@ def test_cifar10_loads_through_torchvision_from_files_in_the_real_format(tmp_pat
 
 
 def test_mnist_loads_from_idx_files_and_is_padded_to_32(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    gen = np.random.default_rng(0)
-    for split, n in (("train", 12), ("t10k", 5)):
-        images = gen.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = gen.integers(0, 10, size=n, dtype=np.uint8)
-        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    images = write_mnist(tmp_path, train=12, test=5)
     ds = load_dataset("mnist", train=False, root=str(tmp_path))
     assert len(ds) == 5 and ds.channels == 1
     assert np.array_equal(ds.data[..., 0], images)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import MPIRUN, TINY, ok, rounds_logged, train
+from conftest import MPIRUN, TINY, ok, rounds_logged, train, write_mnist
 from mpifed.config import load_job
 from mpifed.data import ClientSampler, load_dataset, partition
 from mpifed.models import build_model
@@ -180,14 +179,7 @@ def test_missing_dataset_ends_the_job_with_where_the_files_go(tmp_path):
 def test_download_on_with_the_files_present_trains_after_the_servers_check(tmp_path):
     """data.download = true: rank 0 alone fetches (here: finds the files, as torchvision does) while the
     clients wait for it at a polite, timed arrival point, then everyone reads the same files."""
-    raw = tmp_path / "data" / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    gen = np.random.default_rng(0)
-    for split, n in (("train", 600), ("t10k", 200)):
-        images = gen.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = gen.integers(0, 10, size=n, dtype=np.uint8)
-        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    write_mnist(tmp_path / "data", train=600, test=200)
     ok(train(3, tmp_path, "fetch", "--set", 'data.dataset="mnist"', "--set", "data.download=true",
              "--set", f'data.root="{tmp_path / "data"}"', "--set", "train.rounds=2", timeout=180))
     assert rounds_logged(tmp_path / "fetch" / "run.h5") == 2
