@@ -14,6 +14,7 @@ If device buffers ever go straight to a CUDA-aware MPI, that belongs in this mod
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -57,7 +58,7 @@ class Exchange:
         if MPI.Request.Testall(requests):  # already done: nothing to time
             return
         waiting = _Waiting(self, requests, number, kind)
-        if waiting.until(self.timeout):
+        if waiting.until(self.timeout or math.inf):  # timeout 0: wait for ever
             return
         here = Position(number, kind)
         said = (f"this rank waited {self.timeout:g} s (comm.timeout) in {here.describe()}, which another rank "

@@ -58,6 +58,11 @@ def test_a_suspended_job_resumes_instead_of_timing_out(monkeypatch, polite):
     assert _wait(monkeypatch, [0.0, 0.5, 1.0, 101.0, 101.5, 102.0], done=6, polite=polite) == 6
 
 
+def test_without_a_timeout_a_polite_wait_waits_as_long_as_it_takes(monkeypatch):
+    # comm.timeout = 0 means "wait for ever": 1000 polls over 500 s, and no RankTimeout
+    assert _wait(monkeypatch, [0.5 * k for k in range(1001)], done=1000, timeout=0.0) == 1000
+
+
 @pytest.mark.parametrize("polite", [True, False])
 def test_a_rank_that_never_joins_times_out(monkeypatch, polite):
     # a client leaves the word to rank 0 for timeout + grace more; without a roll call it names rank 0
