@@ -13,16 +13,16 @@ repeat it to group by several). Examples:
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import numpy as np
 
 from mpifed.analysis import RunLogError, load_run, summarize
 from mpifed.analysis.load import Run
+
+from sweep_runs import mean_std, plus_minus
 
 SEED_SUFFIX = re.compile(r"[-_.](?:seed|s)\d+$")
 """A seed suffix: `-s1`, `_seed2`. A bare trailing number is part of the method (`batch-64`, `lr-0.1`)."""
@@ -72,13 +72,6 @@ class Row:
     throughput: tuple[float, float]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    x = np.array([v for v in values if not math.isnan(v)])
-    if x.size == 0:
-        return math.nan, math.nan
-    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else math.nan
-
-
 def table_rows(runs: list[Run], group_by: tuple[str, ...]) -> list[Row]:
     """One Row per method, in the order methods first appear."""
     groups: dict[str, list[Run]] = {}
@@ -89,20 +82,12 @@ def table_rows(runs: list[Run], group_by: tuple[str, ...]) -> list[Row]:
         s = [summarize(r) for r in members]
         rows.append(Row(method=method, runs=len(members),
                         seeds=sorted({int(r.job.get("run", {}).get("seed", -1)) for r in members}),
-                        final_acc=_mean_std([x.accuracy.final for x in s]),
-                        best_acc=_mean_std([x.accuracy.best for x in s]),
+                        final_acc=mean_std([x.accuracy.final for x in s]),
+                        best_acc=mean_std([x.accuracy.best for x in s]),
                         rounds=sorted({x.rounds for x in s}),
-                        wall_s=_mean_std([x.wall_s for x in s]),
-                        throughput=_mean_std([x.throughput for x in s])))
+                        wall_s=mean_std([x.wall_s for x in s]),
+                        throughput=mean_std([x.throughput for x in s])))
     return rows
-
-
-def _pm(value: tuple[float, float], scale: float = 1.0, digits: int = 2, pm: str = "±") -> str:
-    mean, std = value
-    if math.isnan(mean):
-        return "-"
-    text = f"{scale * mean:.{digits}f}"
-    return text if math.isnan(std) else f"{text} {pm} {scale * std:.{digits}f}"
 
 
 HEADER = ("method", "runs", "seeds", "final test acc (%)", "best test acc (%)", "rounds", "wall time (s)",
@@ -110,9 +95,9 @@ HEADER = ("method", "runs", "seeds", "final test acc (%)", "best test acc (%)", 
 
 
 def _cells(row: Row, pm: str) -> list[str]:
-    return [row.method, str(row.runs), ",".join(map(str, row.seeds)), _pm(row.final_acc, 100, 2, pm),
-            _pm(row.best_acc, 100, 2, pm), "/".join(map(str, row.rounds)), _pm(row.wall_s, 1, 1, pm),
-            _pm(row.throughput, 1, 0, pm)]
+    return [row.method, str(row.runs), ",".join(map(str, row.seeds)), plus_minus(row.final_acc, 100, 2, pm),
+            plus_minus(row.best_acc, 100, 2, pm), "/".join(map(str, row.rounds)), plus_minus(row.wall_s, 1, 1, pm),
+            plus_minus(row.throughput, 1, 0, pm)]
 
 
 def render(rows: list[Row], fmt: str) -> str:

@@ -23,8 +23,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from large_batch import _tool, launch, mean_std, run_dir
 from mpifed.analysis import RunLogError, load_run, summarize
+
+from sweep_runs import launch, launchers, mean_std, run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ def main(out: Path, batches: str, densities: str, seeds: str, ranks: int, rounds
     common = (*([f"train.rounds={rounds}"] if rounds else []), *overrides)
     failed = 0
     if not logs_only:
-        mpirun, mpifed = _tool("mpirun"), _tool("mpifed")
+        mpirun, mpifed = launchers()
         for name, (_, _, sets) in grid.items():
             for seed in seed_list:
                 failed += not launch(job, out, name, seed, ranks, mpirun, mpifed, (*common, *sets))

@@ -22,10 +22,6 @@ for the user to remove (nothing here deletes logs).
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,65 +31,11 @@ import numpy as np
 from mpifed.analysis import RunLogError, load_run, summarize
 from mpifed.analysis.load import Run
 
+from sweep_runs import launch, launchers, mean_std, plus_minus, run_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("small-batch", "large-batch", "large-batch-step", "large-batch-teacher")
 STEP_METHODS = ("step", "step+teacher")
-
-
-def _tool(name: str) -> str:
-    """The venv's own launcher when there is one, so mpirun and mpifed match the running Python."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
-def run_dir(out: Path, method: str, seed: int) -> Path:
-    return out / f"{method}-s{seed}"
-
-
-def rounds_logged(path: Path) -> tuple[int, int]:
-    """(rounds in the log, rounds the job asks for)."""
-    run = load_run(path)
-    return run.rounds, int(run.job.get("train", {}).get("rounds", 0))
-
-
-def launch(job: Path, out: Path, method: str, seed: int, ranks: int, mpirun: str, mpifed: str,
-           overrides: tuple[str, ...] = ()) -> bool:
-    """Run one (method, seed) unless its log is complete; output goes to <run>.log. True if it is done."""
-    folder = run_dir(out, method, seed)
-    log_file = out / f"{folder.name}.log"
-    base = [mpirun, "-n", str(ranks), mpifed, "train"]
-    if (folder / "run.h5").exists():
-        try:
-            have, want = rounds_logged(folder / "run.h5")
-        except RunLogError as e:
-            click.echo(f"FAILED {folder.name}: {e}; remove {folder} to run it again", err=True)
-            return False
-        if have >= want:
-            click.echo(f"skip   {folder.name}: {have} rounds logged")
-            return True
-        if not any((folder / "checkpoints").glob("*.pt")):
-            click.echo(f"FAILED {folder.name}: partial log ({have}/{want} rounds) and no checkpoint; "
-                       f"remove {folder} to run it again", err=True)
-            return False
-        cmd = [*base, "--resume", str(folder), "--progress", "log"]
-        click.echo(f"resume {folder.name} from round {have}")
-    else:
-        fixed = (f"run.seed={seed}", "run.timestamp=false", f"clients.count={ranks - 1}")  # the jobs fix 4 clients
-        sets = [a for kv in (*fixed, *overrides) for a in ("--set", kv)]
-        cmd = [*base, "--job", str(job), *sets, "--out", str(out), "--name", folder.name, "--progress", "log"]
-        click.echo(f"run    {folder.name}")
-    start = time.perf_counter()
-    with open(log_file, "a") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        tail = log_file.read_text().splitlines()[-5:]
-        click.echo(f"FAILED {folder.name} (exit {rc}); last lines of {log_file}:\n  " + "\n  ".join(tail),
-                   err=True)
-        return False
-    click.echo(f"       {folder.name} done in {time.perf_counter() - start:.0f} s")
-    return True
 
 
 @dataclass(frozen=True)
@@ -104,21 +46,6 @@ class MethodRuns:
     @property
     def scaling(self) -> str:
         return str(self.runs[0].job.get("scaling", {}).get("method", "none"))
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof 1) of the finite values; std is NaN for a single value."""
-    x = np.array([v for v in values if math.isfinite(v)])
-    if x.size == 0:
-        return math.nan, math.nan
-    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else math.nan
-
-
-def _pm(value: tuple[float, float], scale: float = 1.0, digits: int = 2) -> str:
-    mean, std = value
-    if math.isnan(mean):
-        return "-"
-    return f"{scale * mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {scale * std:.{digits}f}")
 
 
 def table(groups: list[MethodRuns]) -> str:
@@ -136,10 +63,11 @@ def table(groups: list[MethodRuns]) -> str:
         teacher = (mean_std([float(np.nanmean(r.server["teacher_std"])) for r in g.runs])
                    if "teacher" in g.scaling else (math.nan,) * 2)
         lines.append("| " + " | ".join([
-            g.method, ",".join(map(str, seeds)), _pm(mean_std([s.accuracy.final for s in sums]), 100),
+            g.method, ",".join(map(str, seeds)), plus_minus(mean_std([s.accuracy.final for s in sums]), 100),
             " / ".join(f"{100 * s.accuracy.final:.1f}" for s in sums),
-            _pm(mean_std([s.accuracy.best for s in sums]), 100), _pm(mean_std([s.wall_s for s in sums]), 1, 1),
-            _pm(crit, 100, 1), _pm(scale, 1, 2), _pm(teacher, 1, 4)]) + " |")
+            plus_minus(mean_std([s.accuracy.best for s in sums]), 100),
+            plus_minus(mean_std([s.wall_s for s in sums]), 1, 1),
+            plus_minus(crit, 100, 1), plus_minus(scale, 1, 2), plus_minus(teacher, 1, 4)]) + " |")
     return "\n".join(lines)
 
 
@@ -260,7 +188,7 @@ def main(jobs_dir: Path, out: Path, seeds: str, extra: tuple[str, ...], only: tu
     failed = 0
     if not logs_only:
         out.mkdir(parents=True, exist_ok=True)
-        mpirun, mpifed = _tool("mpirun"), _tool("mpifed")
+        mpirun, mpifed = launchers()
         for seed in seed_list:  # seed-major: after any interruption every method has as many seeds as possible
             for m in methods:
                 failed += not launch(jobs_dir / f"{m}.toml", out, m, seed, ranks, mpirun, mpifed, overrides)

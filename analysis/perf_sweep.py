@@ -45,6 +45,7 @@ from mpifed.analysis.prediction import (WARMUP_ROUNDS, last_round_error, noise_f
                                        steady_rounds, terms)
 from mpifed.perf import load_profile
 from mpifed.analysis.summary import server_rank
+from mpifed.bench.launch import find_tool
 
 # (ranks, per-client batch, codec, heterogeneity): client counts 2/3/4, batches 16/32/64,
 # codecs none/fp16/topk, and "slow" = the first client emulates a device at half speed.
@@ -112,7 +113,7 @@ def in_use(folder: Path) -> bool:
 def run_config(out: Path, rounds: int, ranks: int, batch: int, codec: str, hetero: str,
                overrides: list[str] = ()) -> bool:
     """Run one configuration; on failure say why and return False, so the other configurations still run."""
-    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    mpirun = find_tool("mpirun")
     if mpirun is None:
         sys.exit("mpirun not found: install the MPICH wheel (pip install -e '.[mpich]') or load an MPI")
     args = [mpirun, "-n", str(ranks), sys.executable, "-m", "mpifed", "train", *BASE, "--out", str(out),

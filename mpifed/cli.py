@@ -14,7 +14,7 @@ from mpifed.commands.bench import bench
 from mpifed.commands.info import info
 from mpifed.commands.memory import memory
 from mpifed.commands.plan import plan
-from mpifed.commands.profile import make_profile_command
+from mpifed.commands.profile import profile
 from mpifed.commands.slurm import slurm
 from mpifed.commands.train import train
 from mpifed.commands.watch import watch
@@ -42,15 +42,6 @@ main.add_command(bench)
 main.add_command(slurm)
 main.add_command(memory)
 main.add_command(plan)
-
-
-def _profile_setup(job: str, overrides):
-    """`mpifed profile` times what `mpifed train` runs: the spine's session, clients and probes."""
-    from mpifed.planning import profile_job
-
-    return profile_job(job, overrides)
-
-
-main.add_command(make_profile_command(_profile_setup))
+main.add_command(profile)
 main.add_command(analyze)
 main.add_command(watch)

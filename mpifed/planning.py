@@ -25,7 +25,6 @@ start-up fit alone; from then on each term carries a factor that follows what th
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -38,8 +37,7 @@ from mpifed import probes, profiles
 from mpifed.client import ClientSetup
 from mpifed.config import JobError
 from mpifed.perf import (ClientProfile, CollectiveSample, ComputeCurve, OnlineModel, Profile, Replanner,
-                         RoundPrediction, fit_collective, measure_collectives, plan_batches, plan_throughput,
-                         save_profile)
+                         RoundPrediction, fit_collective, plan_batches, plan_throughput, save_profile)
 from mpifed.perf.straggler import spreads
 from mpifed.perf.report import predict_for
 from mpifed.session import Session, all_batches
@@ -261,56 +259,8 @@ def _plan(s: Session, gathered: list, start: float) -> StartupPlan:
                        predict_for(profile, batches), time.perf_counter() - start, tuple(links))
 
 
-def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
-    """The spine's side of `mpifed profile` (mpifed.commands.profile): every rank builds the job's
-    session and prepares its client as `mpifed train` does, then runs the same start-up step; rank 0
-    returns its StartupPlan. Clients are timed up to min(memory cap, plan.profile_max): bound it where
-    the memory cap is large (a CPU), or the profile takes long. A rank that fails aborts them all, as
-    in training, so no rank waits in a collective for it."""
-    import click
-
-    from mpifed.client import prepare_client
-    from mpifed.cluster import init_world, run_or_abort
-    from mpifed.config import load_job
-    from mpifed.runlog import ITER_FIELDS
-    from mpifed.session import open_session
-
-    world = init_world()
-    try:  # every rank reads the same file, so every rank stops with the same message
-        job = load_job(job_path, list(overrides))
-        if not job.memory.size_clients and not job.plan.profile_max:
-            raise JobError("mpifed profile times each client up to its memory cap: turn on "
-                           "memory.size_clients or bound it with --max-batch N")
-    except JobError as err:
-        if world.is_server:
-            raise click.ClickException(str(err)) from None
-        raise SystemExit(1) from None  # the same message once, from rank 0, not once per rank
-    result: list[StartupPlan] = []
-
-    def body() -> None:
-        s = open_session(world, job)
-        setup = None if world.is_server else prepare_client(s)
-        plan = plan_startup(s, setup)
-        # The round's own sizes are read off the probe rounds; bare collectives at other sizes give
-        # the alpha-beta fit its shape, for what-if questions beyond them (`mpifed plan`'s one-client
-        # baseline), and the metrics gather (outside t_iter, so not in the probe rounds) is measured
-        # at its own size too.
-        up = probes.update_collective(s)
-        row = 8 * len(ITER_FIELDS)
-        sizes = {"bcast": other_sizes(4 * s.model.size), up: other_sizes(probes.update_bytes(s)),
-                 "gather": sorted({*other_sizes(row), row})}
-        bare = measure_collectives(world.comm, sizes, repeats=job.plan.repeats)
-        if plan is not None:
-            comm = fit_collective([*plan.profile.comm.samples, *bare])
-            result.append(dataclasses.replace(plan, profile=dataclasses.replace(plan.profile, comm=comm)))
-
-    code = run_or_abort(world, body)
-    if code:  # stopped by a signal during the probes: every rank exits with it, nothing written
-        raise SystemExit(code)
-    return result[0] if result else None
-
-
 def other_sizes(nbytes: int, points: int = 5) -> list[int]:
-    """Geometric sizes from 64 B to 4x `nbytes` (multiples of 4), without `nbytes` itself."""
+    """Sizes of the bare collectives `mpifed profile` times besides the round's own, to give the
+    alpha-beta fit its shape: geometric from 64 B to 4x `nbytes` (multiples of 4), without `nbytes`."""
     sizes = {4 * max(1, math.ceil(b / 4)) for b in np.geomspace(64, 4 * max(nbytes, 64), points)}
     return sorted(sizes - {nbytes})

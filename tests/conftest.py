@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -13,8 +12,9 @@ import h5py
 import numpy as np
 import pytest
 
-BIN = Path(sys.executable).parent
-MPIRUN = shutil.which("mpirun", path=str(BIN)) or shutil.which("mpirun")
+from mpifed.bench.launch import find_tool
+
+MPIRUN = find_tool("mpirun")
 
 # A job that trains in seconds: small synthetic data, few rounds.
 TINY = ["--set", "data.train_size=600", "--set", "data.test_size=200", "--set", "train.rounds=6",

@@ -581,7 +581,7 @@ def test_bench_compress_runs_and_reports_checked_bytes():
 
 
 def test_compare_round_times_takes_medians_against_dense():
-    from mpifed.bench.compress import compare_round_times
+    from mpifed.bench.rounds import compare_round_times
 
     fake = {"none": iter([1.0, 3.0, 2.0]), "topk": iter([0.5, 0.4, 9.0])}
     codecs = {"none": make_codec("none"), "topk": make_codec("topk")}

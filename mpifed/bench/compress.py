@@ -9,16 +9,14 @@ forward/backward step. Run:
     mpifed bench compress                       # all codecs, resnet18 + resnet50
     mpifed bench compress --model resnet18 --codec topk --codec qsgd
 
-Round time against dense at n ranks needs MPI: `compare_round_times` takes a callable that runs one
-exchange round with a given codec and returns its wall time; the MPI exchange layer supplies it.
+Round time against dense at n ranks needs MPI: `mpifed bench rounds` measures it.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import click
 import numpy as np
@@ -127,33 +125,6 @@ def run_bench(models: Sequence[str], codecs: Sequence[str], batch: int, classes:
             rows.append(CodecRow(model_name, name, grad.size, nbytes, 4 * grad.size / nbytes, rel,
                                  t_enc, t_dec, t_step))
     return rows
-
-
-@dataclass(frozen=True)
-class RoundTime:
-    codec: str
-    seconds: float  # median wall time of one exchange round
-    vs_dense: float  # seconds / the "none" codec's seconds
-
-
-def compare_round_times(run_round: Callable[[Codec], float], codecs: Mapping[str, Codec],
-                        repeats: int = 5) -> list[RoundTime]:
-    """Median round time per codec and its ratio to dense ("none", which `codecs` must hold).
-
-    run_round(codec) runs one full exchange round with `codec` on every rank (encode, collective(s),
-    validate/decode/sum on the server) and returns its wall time on rank 0; the MPI exchange layer
-    provides it. Codecs are timed interleaved, one round each per repeat, so drift hits all alike.
-    """
-    if "none" not in codecs:
-        raise ValueError("compare_round_times needs the dense baseline: include codecs['none']")
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    samples: dict[str, list[float]] = {name: [] for name in codecs}
-    for _ in range(repeats):
-        for name, codec in codecs.items():
-            samples[name].append(run_round(codec))
-    medians = {name: statistics.median(times) for name, times in samples.items()}
-    return [RoundTime(name, medians[name], medians[name] / medians["none"]) for name in codecs]
 
 
 def render(rows: Sequence[CodecRow], console: Console) -> None:

@@ -1,4 +1,5 @@
 """Starting a benchmark's ranks: find the launcher, run a worker module under it, read its result.
+The sweep scripts in analysis/ and the tests find the launcher here too (this module imports no torch).
 
 A worker prints one line `RESULTS <json>` on rank 0; everything else it prints is ignored.
 """
@@ -17,9 +18,15 @@ import click
 MARK = "RESULTS "
 
 
+def find_tool(name: str) -> str | None:
+    """The venv's own command `name` (beside the running Python) when there is one, else the one on PATH,
+    else None: so the launcher and the launched mpifed match the running Python."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+
+
 def mpirun() -> str:
     """The venv's own mpirun (the MPICH wheel's) when there is one, else the one on PATH."""
-    found = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    found = find_tool("mpirun")
     if found is None:
         raise click.ClickException("mpirun not found; pip install -e '.[mpich]' or load your cluster's MPI")
     return found

@@ -9,19 +9,52 @@ compress`. Codecs are timed interleaved, one round each per repeat, so drift hit
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import click
 import numpy as np
 
 from mpifed.bench.launch import report, run_ranks, run_worker
 
+if TYPE_CHECKING:
+    from mpifed.compress import Codec
+
 DEFAULT_CODECS = "none,fp16,topk,randomk,qsgd,sign,powersgd"
 
 
+@dataclass(frozen=True)
+class RoundTime:
+    codec: str
+    seconds: float  # median wall time of one exchange round
+    vs_dense: float  # seconds / the "none" codec's seconds
+
+
+def compare_round_times(run_round: Callable[[Codec], float], codecs: Mapping[str, Codec],
+                        repeats: int = 5) -> list[RoundTime]:
+    """Median round time per codec and its ratio to dense ("none", which `codecs` must hold).
+
+    run_round(codec) runs one full exchange round with `codec` on every rank (encode, collective(s),
+    validate/decode/sum on the server) and returns its wall time on rank 0; `_worker`'s run_round
+    does (model broadcast plus an UpdateChannel's exchange). Codecs are timed interleaved, one round
+    each per repeat, so drift hits all alike.
+    """
+    if "none" not in codecs:
+        raise ValueError("compare_round_times needs the dense baseline: include codecs['none']")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    samples: dict[str, list[float]] = {name: [] for name in codecs}
+    for _ in range(repeats):
+        for name, codec in codecs.items():
+            samples[name].append(run_round(codec))
+    medians = {name: statistics.median(times) for name, times in samples.items()}
+    return [RoundTime(name, medians[name], medians[name] / medians["none"]) for name in codecs]
+
+
 def _worker(model_name: str, codec_names: list[str], repeats: int) -> None:
-    from mpifed.bench.compress import compare_round_times
     from mpifed.cluster import init_world
     from mpifed.compress import make_codec
     from mpifed.exchange import Exchange
