@@ -194,7 +194,9 @@ class PlanConfig:
 
 
 @dataclass(frozen=True)
-class Profile:
+class DeviceProfile:
+    """A [profiles.NAME] table: the device a client emulates (speed, memory, link, data, batch)."""
+
     speed: float = opt(1.0, "Compute speed relative to the device (1 = native). 0.25 emulates a device 4x "
                        "slower by sleeping 3x the measured compute time after each step.", minimum=1e-3)
     memory: float = opt(0.0, "Memory budget in bytes ('2GiB' works); 0 = the device's own memory.",
@@ -259,15 +261,15 @@ class Job:
     compress: CompressConfig = field(default_factory=CompressConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
-    profiles: dict[str, Profile] = field(default_factory=dict)
+    profiles: dict[str, DeviceProfile] = field(default_factory=dict)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(dataclasses.asdict(self))
 
-    def profile(self, name: str) -> Profile:
-        return Profile() if name == "native" else self.profiles[name]
+    def profile(self, name: str) -> DeviceProfile:
+        return DeviceProfile() if name == "native" else self.profiles[name]
 
 
 # --------------------------------------------------------------------------- loading
