@@ -20,11 +20,10 @@ from typing import Any
 import tomli_w
 
 from mpifed import units
+from mpifed.datasets import DATASETS
 from mpifed.errors import InputError
 from mpifed.models import MODELS
 from mpifed.scaling.policy import ScalingConfig, check_scaling
-
-DATASETS = ("synthetic", "cifar10", "cifar100", "mnist", "fashionmnist")
 
 
 class JobError(InputError, ValueError):
@@ -54,7 +53,7 @@ class RunConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = opt("synthetic", "synthetic needs no download; the others load through torchvision's own "
-                       "dataset classes from <root>.", choices=DATASETS)
+                       "dataset classes from <root>.", choices=tuple(DATASETS))
     root: str = opt("data", "Directory of torchvision datasets (e.g. data/cifar-10-batches-py).")
     download: bool = opt(False, "Let torchvision download a missing dataset (rank 0 only, before training).")
     partition: str = opt("iid", "How training samples are split among clients: iid shuffles evenly; dirichlet "
