@@ -1,6 +1,10 @@
+import dataclasses
+import re
+
 import pytest
 
-from mpifed.config import JobError, load_job, parse_override, resolve_clients
+from mpifed.compress import codec_names
+from mpifed.config import CompressConfig, JobError, load_job, parse_override, resolve_clients
 from mpifed import units
 
 
@@ -100,3 +104,10 @@ def test_clients_adapt_to_world_size_unless_fixed():
         resolve_clients(fixed, 4)
     with pytest.raises(JobError, match="at least 2 MPI ranks"):
         resolve_clients(load_job(), 1)
+
+
+def test_codec_choices_are_the_codec_registry():
+    """compress.codec lists its choices in the order its help explains them; the registry is the real list."""
+    codec = next(f for f in dataclasses.fields(CompressConfig) if f.name == "codec")
+    assert sorted(codec.metadata["choices"]) == codec_names()
+    assert set(codec_names()) <= set(re.findall(r"\w+", codec.metadata["doc"]))
