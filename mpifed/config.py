@@ -22,6 +22,7 @@ import tomli_w
 from mpifed import units
 from mpifed.datasets import DATASETS
 from mpifed.errors import InputError
+from mpifed.memory import DEFAULT_MARGIN
 from mpifed.models import MODELS
 from mpifed.scaling.policy import ScalingConfig, check_scaling
 
@@ -139,8 +140,8 @@ class MemoryConfig:
                              "analytic walk of one training step) and trains with min(requested, max).")
     strict: bool = opt(False, "Refuse to start (naming the client) when a requested batch does not fit, "
                        "instead of capping it.")
-    margin: float = opt(0.05, "Fraction of a client's memory budget kept free for what the model does not "
-                        "see (allocator fragmentation, library workspaces).", minimum=0.0)
+    margin: float = opt(DEFAULT_MARGIN, "Fraction of a client's memory budget kept free for what the model "
+                        "does not see (allocator fragmentation, library workspaces).", minimum=0.0)
     multiple_of: int = opt(1, "Round the max batch down to a multiple of this (8 suits tensor cores).",
                            minimum=1)
     enforce: bool = opt(True, "Bind emulated budgets (a profile's memory): on CUDA through the allocator's "
@@ -160,6 +161,10 @@ class CheckpointConfig:
                     "on disk.", minimum=1)
 
 
+PLAN_MODES = ("off", "predict", "balance", "maximize")
+"""plan.mode's choices, which mpifed.planning acts on."""
+
+
 @dataclass(frozen=True)
 class PlanConfig:
     mode: str = opt("off", "Start-up performance model (README: Performance model). off: none. predict: probe rounds "
@@ -169,7 +174,7 @@ class PlanConfig:
                     "also re-split the job's global batch (requested batches after memory caps) so that faster "
                     "clients take more and all finish together. maximize: choose the global batch with the best "
                     "predicted throughput within the clients' caps.",
-                    choices=("off", "predict", "balance", "maximize"))
+                    choices=PLAN_MODES)
     points: int = opt(4, "Batch sizes each client times at start-up, geometric from cap/16 to its profile cap, "
                       "plus its own batch; all clients step at once in real probe rounds. 4 suffices for a CPU's "
                       "straight line; use 8 on GPUs, whose curves start with a plateau.", minimum=2)
