@@ -22,6 +22,7 @@ import tomli_w
 from mpifed import units
 from mpifed.datasets import DATASETS
 from mpifed.errors import InputError
+from mpifed.fields import opt, value_problem
 from mpifed.memory import DEFAULT_MARGIN
 from mpifed.models import MODELS
 from mpifed.scaling.policy import ScalingConfig, check_scaling
@@ -29,15 +30,6 @@ from mpifed.scaling.policy import ScalingConfig, check_scaling
 
 class JobError(InputError, ValueError):
     """A job file or override is wrong; the message lists every problem and how to fix it."""
-
-
-def opt(default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None,
-        unit: str = "") -> Any:
-    """A config field with its documentation and the checks `load_job` applies to it."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum, "unit": unit}
-    if isinstance(default, (dict, list, tuple)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -317,9 +309,6 @@ def _convert(tp: Any, value: Any, where: str, meta: dict, errors: list[str]) -> 
     if not ok:
         errors.append(f"{where} = {value!r}: expected {tp.__name__}")
         return None
-    if tp is float and not math.isfinite(value):  # nan passes every `value < minimum` check
-        errors.append(f"{where} = {value!r}: must be a finite number")
-        return None
     return float(value) if tp is float else value
 
 
@@ -342,12 +331,9 @@ def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
         value = _convert(hints[name], data[name], path, f.metadata, errors)
         if value is None:
             continue
-        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
-        if choices and value not in choices:
-            errors.append(f"{path} = {value!r}: must be one of {', '.join(map(str, choices))}")
-            continue
-        if minimum is not None and isinstance(value, (int, float)) and value < minimum:
-            errors.append(f"{path} = {value!r}: must be >= {minimum}")
+        problem = value_problem(f.metadata, value)
+        if problem:
+            errors.append(f"{path} = {value!r}: {problem}")
             continue
         kwargs[name] = value
     return cls(**kwargs)
