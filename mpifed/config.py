@@ -20,24 +20,16 @@ from typing import Any
 import tomli_w
 
 from mpifed import units
+from mpifed.datasets import DATASETS
 from mpifed.errors import InputError
+from mpifed.fields import opt, value_problem
+from mpifed.memory import DEFAULT_MARGIN
 from mpifed.models import MODELS
 from mpifed.scaling.policy import ScalingConfig, check_scaling
-
-DATASETS = ("synthetic", "cifar10", "cifar100", "mnist", "fashionmnist")
 
 
 class JobError(InputError, ValueError):
     """A job file or override is wrong; the message lists every problem and how to fix it."""
-
-
-def opt(default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None,
-        unit: str = "") -> Any:
-    """A config field with its documentation and the checks `load_job` applies to it."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum, "unit": unit}
-    if isinstance(default, (dict, list, tuple)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -54,7 +46,7 @@ class RunConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = opt("synthetic", "synthetic needs no download; the others load through torchvision's own "
-                       "dataset classes from <root>.", choices=DATASETS)
+                       "dataset classes from <root>.", choices=tuple(DATASETS))
     root: str = opt("data", "Directory of torchvision datasets (e.g. data/cifar-10-batches-py).")
     download: bool = opt(False, "Let torchvision download a missing dataset (rank 0 only, before training).")
     partition: str = opt("iid", "How training samples are split among clients: iid shuffles evenly; dirichlet "
@@ -140,8 +132,8 @@ class MemoryConfig:
                              "analytic walk of one training step) and trains with min(requested, max).")
     strict: bool = opt(False, "Refuse to start (naming the client) when a requested batch does not fit, "
                        "instead of capping it.")
-    margin: float = opt(0.05, "Fraction of a client's memory budget kept free for what the model does not "
-                        "see (allocator fragmentation, library workspaces).", minimum=0.0)
+    margin: float = opt(DEFAULT_MARGIN, "Fraction of a client's memory budget kept free for what the model "
+                        "does not see (allocator fragmentation, library workspaces).", minimum=0.0)
     multiple_of: int = opt(1, "Round the max batch down to a multiple of this (8 suits tensor cores).",
                            minimum=1)
     enforce: bool = opt(True, "Bind emulated budgets (a profile's memory): on CUDA through the allocator's "
@@ -161,6 +153,10 @@ class CheckpointConfig:
                     "on disk.", minimum=1)
 
 
+PLAN_MODES = ("off", "predict", "balance", "maximize")
+"""plan.mode's choices, which mpifed.planning acts on."""
+
+
 @dataclass(frozen=True)
 class PlanConfig:
     mode: str = opt("off", "Start-up performance model (README: Performance model). off: none. predict: probe rounds "
@@ -170,7 +166,7 @@ class PlanConfig:
                     "also re-split the job's global batch (requested batches after memory caps) so that faster "
                     "clients take more and all finish together. maximize: choose the global batch with the best "
                     "predicted throughput within the clients' caps.",
-                    choices=("off", "predict", "balance", "maximize"))
+                    choices=PLAN_MODES)
     points: int = opt(4, "Batch sizes each client times at start-up, geometric from cap/16 to its profile cap, "
                       "plus its own batch; all clients step at once in real probe rounds. 4 suffices for a CPU's "
                       "straight line; use 8 on GPUs, whose curves start with a plateau.", minimum=2)
@@ -194,7 +190,9 @@ class PlanConfig:
 
 
 @dataclass(frozen=True)
-class Profile:
+class DeviceProfile:
+    """A [profiles.NAME] table: the device a client emulates (speed, memory, link, data, batch)."""
+
     speed: float = opt(1.0, "Compute speed relative to the device (1 = native). 0.25 emulates a device 4x "
                        "slower by sleeping 3x the measured compute time after each step.", minimum=1e-3)
     memory: float = opt(0.0, "Memory budget in bytes ('2GiB' works); 0 = the device's own memory.",
@@ -259,15 +257,15 @@ class Job:
     compress: CompressConfig = field(default_factory=CompressConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
-    profiles: dict[str, Profile] = field(default_factory=dict)
+    profiles: dict[str, DeviceProfile] = field(default_factory=dict)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(dataclasses.asdict(self))
 
-    def profile(self, name: str) -> Profile:
-        return Profile() if name == "native" else self.profiles[name]
+    def profile(self, name: str) -> DeviceProfile:
+        return DeviceProfile() if name == "native" else self.profiles[name]
 
 
 # --------------------------------------------------------------------------- loading
@@ -311,9 +309,6 @@ def _convert(tp: Any, value: Any, where: str, meta: dict, errors: list[str]) -> 
     if not ok:
         errors.append(f"{where} = {value!r}: expected {tp.__name__}")
         return None
-    if tp is float and not math.isfinite(value):  # nan passes every `value < minimum` check
-        errors.append(f"{where} = {value!r}: must be a finite number")
-        return None
     return float(value) if tp is float else value
 
 
@@ -336,12 +331,9 @@ def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
         value = _convert(hints[name], data[name], path, f.metadata, errors)
         if value is None:
             continue
-        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
-        if choices and value not in choices:
-            errors.append(f"{path} = {value!r}: must be one of {', '.join(map(str, choices))}")
-            continue
-        if minimum is not None and isinstance(value, (int, float)) and value < minimum:
-            errors.append(f"{path} = {value!r}: must be >= {minimum}")
+        problem = value_problem(f.metadata, value)
+        if problem:
+            errors.append(f"{path} = {value!r}: {problem}")
             continue
         kwargs[name] = value
     return cls(**kwargs)

@@ -16,17 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mpifed.datasets import DATASETS, INPUT_SIDE
 from mpifed.errors import InputError
 from mpifed.seeding import Purpose, rng, torch_generator
 
-# Per-channel mean/std of each training set (the usual published values; synthetic measured).
-_STATS = {
-    "synthetic": ((0.5, 0.5, 0.5), (0.19, 0.19, 0.19)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashionmnist": ((0.2860,), (0.3530,)),
-}
 _SYNTHETIC_DATA_SEED = 20250101  # fixed: the task stays the same when run.seed changes
 
 
@@ -58,10 +51,11 @@ class ImageSet:
         if indices is None:
             indices = np.arange(len(self))
         x = torch.from_numpy(np.ascontiguousarray(self.images(indices))).permute(0, 3, 1, 2).float().div_(255)
-        if x.shape[-1] < 32:  # MNIST 28x28 -> 32x32, so every model sees CIFAR-sized inputs
-            pad = (32 - x.shape[-1]) // 2
+        if x.shape[-1] < INPUT_SIDE:  # MNIST 28x28 -> 32x32, so every model sees CIFAR-sized inputs
+            pad = (INPUT_SIDE - x.shape[-1]) // 2
             x = F.pad(x, (pad, pad, pad, pad))
-        mean, std = _STATS[self.name]
+        spec = DATASETS[self.name]
+        mean, std = spec.mean, spec.std
         x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
         return x.contiguous(), torch.from_numpy(np.asarray(self.targets[indices], dtype=np.int64))
 
@@ -77,7 +71,8 @@ class SyntheticSet(ImageSet):
 
     MODES = 3
 
-    def __init__(self, train: bool, size: int, noise: float, classes: int = 10, distort: float = 1.2):
+    def __init__(self, train: bool, size: int, noise: float, classes: int = DATASETS["synthetic"].classes,
+                 distort: float = 1.2):
         self.split, self.noise, self.distort = (1 if train else 2), noise, distort
         labels = rng(_SYNTHETIC_DATA_SEED, Purpose.SYNTHETIC, self.split)
         targets = labels.integers(classes, size=size)
@@ -98,7 +93,7 @@ class SyntheticSet(ImageSet):
         return np.clip(128 + 40 * x, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def synthetic(train: bool, size: int, noise: float, classes: int = 10) -> ImageSet:
+def synthetic(train: bool, size: int, noise: float, classes: int = DATASETS["synthetic"].classes) -> ImageSet:
     return SyntheticSet(train, size, noise, classes)
 
 
@@ -110,16 +105,7 @@ def _smooth(coarse: np.ndarray) -> np.ndarray:
 def _torchvision_class(name: str):
     from torchvision import datasets
 
-    return {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100,
-            "mnist": datasets.MNIST, "fashionmnist": datasets.FashionMNIST}[name]
-
-
-_WHERE = {
-    "cifar10": "<root>/cifar-10-batches-py/ (extract cifar-10-python.tar.gz into <root>)",
-    "cifar100": "<root>/cifar-100-python/ (extract cifar-100-python.tar.gz into <root>)",
-    "mnist": "<root>/MNIST/raw/ (the four uncompressed *-idx?-ubyte files)",
-    "fashionmnist": "<root>/FashionMNIST/raw/ (the four uncompressed *-idx?-ubyte files)",
-}
+    return getattr(datasets, DATASETS[name].torchvision)
 
 
 # torchvision's advice names its own argument ("You can use download=True to download it"); mpifed's is a job field.
@@ -128,7 +114,7 @@ _TORCHVISION_HINT = re.compile(r"\s*[^.]*\bdownload=True\b[^.]*\.?")
 
 def _missing_message(name: str, train: bool, root: str, download: bool, err: Exception) -> str:
     """Why a dataset did not load, where its files go, and the job fields (data.root, data.download) that fix it."""
-    where = _WHERE[name].replace("<root>", str(Path(root)))
+    where = DATASETS[name].files.replace("<root>", str(Path(root)))
     reason = _TORCHVISION_HINT.sub("", str(err)).strip().rstrip(".") or f"{type(err).__name__} reading the files"
     if download:
         fix = "data.download is on, so the download failed or gave bad files: check the network, or put them there"

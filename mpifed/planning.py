@@ -35,14 +35,13 @@ import numpy as np
 
 from mpifed import probes, profiles
 from mpifed.client import ClientSetup
-from mpifed.config import JobError
+from mpifed.config import PLAN_MODES, JobError
 from mpifed.perf import (ClientProfile, CollectiveSample, ComputeCurve, OnlineModel, Profile, Replanner,
                          RoundPrediction, fit_collective, plan_batches, plan_throughput, save_profile)
 from mpifed.perf.straggler import spreads
 from mpifed.perf.report import predict_for
 from mpifed.session import Session, all_batches
 
-MODES = ("off", "predict", "balance", "maximize")
 WARMUP_STEPS = 1
 """Untimed probe rounds per batch size before the timed ones (first-touch allocation, lazy init)."""
 MIN_SECONDS = 1e-6
@@ -184,7 +183,7 @@ def choose_batches(mode: str, profile: Profile, requested: Sequence[int], min_fr
     if mode == "maximize":
         return plan_throughput(profile.curves, profile.max_batches, lambda b: predict_for(profile, b),
                                min_fraction=min_fraction).batches
-    raise ValueError(f"plan.mode = {mode!r}: choose one of {', '.join(MODES)}")
+    raise ValueError(f"plan.mode = {mode!r}: choose one of {', '.join(PLAN_MODES)}")
 
 
 def _device_label(s: Session, client: int) -> str:

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import time
 
-from mpifed.config import Profile
+from mpifed.config import DeviceProfile
 
 
-def compute_delay(profile: Profile, measured: float) -> float:
+def compute_delay(profile: DeviceProfile, measured: float) -> float:
     """Extra seconds that make `measured` compute take as long as on a device `speed` times as fast."""
     return measured * (1.0 / profile.speed - 1.0) if profile.speed < 1.0 else 0.0
 
 
-def link_seconds(profile: Profile, nbytes: int) -> float:
+def link_seconds(profile: DeviceProfile, nbytes: int) -> float:
     """Seconds an emulated link adds to a transfer of `nbytes`: latency + nbytes / bandwidth (0 for a
     native link). Added to the real transfer, in both directions, rather than padding it up to that:
     a client sees a broadcast start only when the server is ready, so the time it waits (the server

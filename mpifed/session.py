@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mpifed.cluster import StopRequest, StoppedEarly, World, pick_device
-from mpifed.config import Job, Profile, client_batches, resolve_clients
+from mpifed.config import DeviceProfile, Job, client_batches, resolve_clients
 from mpifed.data import ImageSet, load_dataset
 from mpifed.exchange import Exchange
 from mpifed.flat import FlatModel
@@ -55,7 +55,7 @@ class Session:
         may move them between rounds."""
         return self.job.scaling.grow_batch or self.job.plan.replan
 
-    def profile(self, client: int) -> Profile:
+    def profile(self, client: int) -> DeviceProfile:
         return self.job.profile(self.profile_names[client])
 
     def weight(self, client: int) -> float:

@@ -46,6 +46,18 @@ def test_help_lists_every_command_with_its_help_without_loading_the_benchmarks()
     assert bench.exit_code == 0 and "OOM-driven search" in bench.output, bench.output  # bench memory's help
 
 
+def test_memory_help_lists_the_model_registry_and_default_margin():
+    from mpifed.memory import DEFAULT_MARGIN
+    from mpifed.models import MODELS
+
+    for command in (["memory"], ["bench", "memory"]):
+        result = CliRunner().invoke(main, [*command, "--help"])
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.output.split())
+        assert f"Model from the registry: {', '.join(sorted(MODELS))}." in text, text
+        assert f"DEFAULT_MARGIN ({DEFAULT_MARGIN})" in text, text
+
+
 def test_print_job_resolves_overrides_without_mpi(tmp_path):
     result = CliRunner().invoke(main, ["train", "--print-job", "--set", "train.rounds=7", "--name", "x"])
     assert result.exit_code == 0, result.output

@@ -1,6 +1,11 @@
+import dataclasses
+import math
+import re
+
 import pytest
 
-from mpifed.config import JobError, load_job, parse_override, resolve_clients
+from mpifed.compress import codec_names
+from mpifed.config import CompressConfig, JobError, load_job, parse_override, resolve_clients
 from mpifed import units
 
 
@@ -100,3 +105,29 @@ def test_clients_adapt_to_world_size_unless_fixed():
         resolve_clients(fixed, 4)
     with pytest.raises(JobError, match="at least 2 MPI ranks"):
         resolve_clients(load_job(), 1)
+
+
+def test_codec_choices_are_the_codec_registry():
+    """compress.codec lists its choices in the order its help explains them; the registry is the real list."""
+    codec = next(f for f in dataclasses.fields(CompressConfig) if f.name == "codec")
+    assert sorted(codec.metadata["choices"]) == codec_names()
+    assert set(codec_names()) <= set(re.findall(r"\w+", codec.metadata["doc"]))
+
+
+def test_scaling_bounds_are_stated_once_and_checked_on_load_and_in_code():
+    """The metadata's bounds are what both a job file and a config built in code are held to."""
+    from mpifed.scaling import ScalingConfig, ServerScalingPolicy
+
+    bad = {"threshold": (0.0, "must be > 0.0"), "noise_ema": (1.0, "must be in [0.0, 1.0)"),
+           "batch_rate": (0.0, "must be in (0.0, 1.0]"), "window": (0, "must be >= 1"),
+           "scale": (math.inf, "must be a finite number"), "method": ("scaled", "must be one of none, step")}
+    with pytest.raises(JobError) as err:
+        load_job(overrides=[f"scaling.{name}={value!r}" if isinstance(value, str) else f"scaling.{name}={value}"
+                            for name, (value, _) in bad.items()])
+    text = str(err.value)
+    assert f"{len(bad)} problem(s)" in text
+    for name, (value, allowed) in bad.items():
+        assert f"scaling.{name} = {value!r}: {allowed}" in text, text
+        with pytest.raises(ValueError, match=re.escape(f"scaling.{name} = {value!r}: {allowed}")):
+            ServerScalingPolicy(ScalingConfig(**{name: value}), [4], seed=0)
+    load_job(overrides=["scaling.batch_rate=1.0", "scaling.noise_ema=0.0"])  # the closed ends are allowed

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from conftest import write_mnist
-from mpifed.data import ClientSampler, DatasetError, _missing_message, augment, load_dataset, partition, synthetic
+from mpifed.data import (ClientSampler, DatasetError, ImageSet, _missing_message, _torchvision_class, augment,
+                         load_dataset, partition, synthetic)
+from mpifed.datasets import DATASETS
 
 
 def test_synthetic_is_deterministic_and_subsets_match_the_whole():
@@ -118,3 +120,19 @@ def test_dataset_files_in_the_wrong_format_say_which_and_where(tmp_path):
             (raw / f"{split}-{kind}-ubyte").write_bytes(b"garbage")
     with pytest.raises(DatasetError, match=r"mnist \(test split\) not found or corrupt: .*MNIST/raw/"):
         load_dataset("mnist", train=False, root=str(tmp_path))
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_dataset_table_matches_what_the_data_layer_feeds(name):
+    """`mpifed memory` sizes models with the table's input shape and class count: the data layer must agree."""
+    spec = DATASETS[name]
+    assert len(spec.std) == spec.channels
+    if name == "synthetic":
+        ds = synthetic(True, 4, 2.5)
+        assert ds.num_classes == spec.classes
+    else:
+        side = 28 if spec.channels == 1 else 32  # MNIST-style images are padded to the model input
+        ds = ImageSet(np.zeros((4, side, side, spec.channels), np.uint8), np.zeros(4, np.int64), spec.classes, name)
+        assert _torchvision_class(name).__name__ == spec.torchvision and "<root>" in spec.files
+    x, _ = ds.tensors()
+    assert x.shape == (4, *spec.input_shape)

@@ -16,14 +16,8 @@ from functools import partial
 
 import click
 
-#: Input shape and class count of each dataset, as the data layer feeds them (MNIST padded to 32x32).
-DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
-    "cifar10": ((3, 32, 32), 10),
-    "cifar100": ((3, 32, 32), 100),
-    "mnist": ((1, 32, 32), 10),
-    "fashionmnist": ((1, 32, 32), 10),
-    "synthetic": ((3, 32, 32), 10),
-}
+from mpifed.commands.lazy_help import LazyHelpOption
+from mpifed.datasets import DATASETS
 
 #: Largest batch of the default sweep (powers of two from 1, then the max batch itself).
 SWEEP_CAP = 256
@@ -68,12 +62,24 @@ def sweep(largest: int, cap: int = SWEEP_CAP) -> list[int]:
 OPTIMIZERS = ("sgd", "adam", "none")
 
 
+def _model_help() -> str:
+    from mpifed.models import MODELS
+
+    return f"Model from the registry: {', '.join(sorted(MODELS))}."
+
+
+def _margin_help() -> str:
+    from mpifed.memory import DEFAULT_MARGIN
+
+    return f"Fraction of the budget kept free. Default: mpifed.memory.DEFAULT_MARGIN ({DEFAULT_MARGIN})."
+
+
 def model_options(f):
     """--model, --dataset, --optimizer, --budget, --device, --margin, --multiple-of (shared with bench)."""
     for option in reversed([
-        click.option("--model", "model_name", default="resnet18", show_default=True,
-                     help="Model from the registry: cnn, resnet18, resnet50, vgg11, vgg11_bn."),
-        click.option("--dataset", type=click.Choice(sorted(DATASET_SHAPES)), default="cifar10",
+        click.option("--model", "model_name", default="resnet18", show_default=True, cls=LazyHelpOption,
+                     help_text=_model_help),
+        click.option("--dataset", type=click.Choice(sorted(DATASETS)), default="cifar10",
                      show_default=True, help="Sets the input shape and the class count."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True,
                      help="sgd: one momentum buffer per parameter; adam: two; none: gradients only "
@@ -83,8 +89,7 @@ def model_options(f):
                           "(CUDA) or MemAvailable (CPU)."),
         click.option("--device", "device_name", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="auto: cuda if a GPU is visible, else cpu."),
-        click.option("--margin", type=float, default=None,
-                     help="Fraction of the budget kept free. Default: mpifed.memory.DEFAULT_MARGIN (0.05)."),
+        click.option("--margin", type=float, default=None, cls=LazyHelpOption, help_text=_margin_help),
         click.option("--multiple-of", type=int, default=1, show_default=True,
                      help="Round the max batch down to a multiple of this (e.g. 8)."),
     ]):
@@ -96,7 +101,7 @@ def build(model_name: str, dataset: str):
     """(model, input shape, class count); an unknown model name is a usage error."""
     from mpifed.models import build_model
 
-    shape, classes = DATASET_SHAPES[dataset]
+    shape, classes = DATASETS[dataset].input_shape, DATASETS[dataset].classes
     try:
         return build_model(model_name, classes, shape[0]), shape, classes
     except ValueError as e:

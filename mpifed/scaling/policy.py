@@ -11,11 +11,12 @@ step scale, so step+teacher gives s * (g + n).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
+from mpifed.fields import field_problems, opt
 from mpifed.scaling.detector import CriticalPhaseDetector
 from mpifed.scaling.noisescale import (NoiseEstimate, NoiseScaleTracker, estimate_from_coordinate_squares,
                                        estimate_from_gradients, estimate_from_norms,
@@ -29,45 +30,41 @@ STATS_KEYS = ("grad_norm", "rel_change", "critical", "scale", "noise_scale", "si
               "teacher_std")
 
 
-def _knob(default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None) -> Any:
-    """A field with the metadata keys mpifed.config reads (doc, choices, minimum, unit)."""
-    return field(default=default, metadata={"doc": doc, "choices": choices, "minimum": minimum, "unit": ""})
-
-
 @dataclass(frozen=True)
 class ScalingConfig:
     """The `[scaling]` table of a job. Cross-field checks: `check_scaling`."""
 
-    method: str = _knob("none", "none: aggregate used as is (statistics are still logged); step: multiply "
-                        "by `scale` outside critical phases (Tyagi 2025); teacher: add small-batch noise; "
-                        "step+teacher: both, noise first.", choices=METHODS)
-    scale: float = _knob(0.0, "Step factor s applied outside critical phases (dimensionless). 0 = the "
-                         "square-root rule sqrt(B / small_batch) of Hoffer et al. (2017), which matches "
-                         "the small batch's step noise.", minimum=0.0)
-    small_batch: int = _knob(0, "b, samples: the small batch the teacher imitates and the sqrt rule "
-                             "refers to; must be below the global batch B. 0 = unset, allowed only when "
-                             "neither needs it. No default exists in the literature: use the batch the "
-                             "small-batch baseline trains with.", minimum=0)
-    window: int = _knob(100, "Detection window, iterations. Accordion compares per-epoch gradient norms; "
-                        "100 is about one CIFAR-10 epoch at B = 512 (50000 / 512).", minimum=1)
-    threshold: float = _knob(0.5, "Relative change of the window-mean gradient norm that marks a critical "
-                             "phase; 0.5 is Accordion's (Agarwal et al., MLSys 2021) value.", minimum=0.0)
-    warmup: int = _knob(500, "Leading iterations that are always critical. 500 is about 5 CIFAR-10 epochs "
-                        "at B = 512, the 5-epoch warmup of Goyal et al. (2017) that Accordion also uses.",
-                        minimum=0)
-    only_outside_critical: bool = _knob(True, "Teacher noise only outside critical phases, where the large "
-                                        "batch is otherwise left alone; false = every iteration.")
-    per_layer: bool = _knob(True, "Teacher uses each layer's mean variance; false = the per-coordinate "
-                            "diagonal, which needs sum_k b_k g_k^2 per coordinate: gather codecs give it "
-                            "for free (the server decodes every client), summable codecs add one dense "
-                            "float32 vector to each client's upload (2x the uncompressed bytes).")
-    noise_ema: float = _knob(0.95, "EMA decay per round of tr(Sigma) and |G|^2 for the logged noise scale; "
-                             "McCandlish et al. (2018) smooth both but give no value; 0.95 (~20 rounds) "
-                             "is this project's choice.", minimum=0.0)
-    grow_batch: bool = _knob(False, "Let the batch controller grow the global batch towards the noise "
-                             "scale, within the clients' memory limits (McCandlish et al. 2018).")
-    batch_rate: float = _knob(0.1, "Batch controller: fraction of the gap to the noise scale closed per "
-                              "round; 0.1 is this project's choice (slow next to noise_ema).", minimum=0.0)
+    method: str = opt("none", "none: aggregate used as is (statistics are still logged); step: multiply "
+                      "by `scale` outside critical phases (Tyagi 2025); teacher: add small-batch noise; "
+                      "step+teacher: both, noise first.", choices=METHODS)
+    scale: float = opt(0.0, "Step factor s applied outside critical phases (dimensionless). 0 = the "
+                       "square-root rule sqrt(B / small_batch) of Hoffer et al. (2017), which matches "
+                       "the small batch's step noise.", minimum=0.0)
+    small_batch: int = opt(0, "b, samples: the small batch the teacher imitates and the sqrt rule "
+                           "refers to; must be below the global batch B. 0 = unset, allowed only when "
+                           "neither needs it. No default exists in the literature: use the batch the "
+                           "small-batch baseline trains with.", minimum=0)
+    window: int = opt(100, "Detection window, iterations. Accordion compares per-epoch gradient norms; "
+                      "100 is about one CIFAR-10 epoch at B = 512 (50000 / 512).", minimum=1)
+    threshold: float = opt(0.5, "Relative change of the window-mean gradient norm that marks a critical "
+                           "phase; 0.5 is Accordion's (Agarwal et al., MLSys 2021) value.", above=0.0)
+    warmup: int = opt(500, "Leading iterations that are always critical. 500 is about 5 CIFAR-10 epochs "
+                      "at B = 512, the 5-epoch warmup of Goyal et al. (2017) that Accordion also uses.",
+                      minimum=0)
+    only_outside_critical: bool = opt(True, "Teacher noise only outside critical phases, where the large "
+                                      "batch is otherwise left alone; false = every iteration.")
+    per_layer: bool = opt(True, "Teacher uses each layer's mean variance; false = the per-coordinate "
+                          "diagonal, which needs sum_k b_k g_k^2 per coordinate: gather codecs give it "
+                          "for free (the server decodes every client), summable codecs add one dense "
+                          "float32 vector to each client's upload (2x the uncompressed bytes).")
+    noise_ema: float = opt(0.95, "EMA decay per round of tr(Sigma) and |G|^2 for the logged noise scale; "
+                           "McCandlish et al. (2018) smooth both but give no value; 0.95 (~20 rounds) "
+                           "is this project's choice.", minimum=0.0, below=1.0)
+    grow_batch: bool = opt(False, "Let the batch controller grow the global batch towards the noise "
+                           "scale, within the clients' memory limits (McCandlish et al. 2018).")
+    batch_rate: float = opt(0.1, "Batch controller: fraction of the gap to the noise scale closed per "
+                            "round; 0.1 is this project's choice (slow next to noise_ema).", above=0.0,
+                            maximum=1.0)
 
     @property
     def uses_step(self) -> bool:
@@ -85,24 +82,9 @@ class ScalingConfig:
 
 def check_scaling(cfg: ScalingConfig, global_batch: int | None = None,
                   clients: int | None = None) -> list[str]:
-    """Every problem with `cfg` (messages name the field), given B and K when known."""
+    """Problems between `cfg`'s fields, and with B and K when known; messages name the field. Each field's
+    own choices and bounds are its metadata's, checked when a job loads (and by `field_problems`)."""
     errors = []
-    if cfg.method not in METHODS:
-        errors.append(f"scaling.method = {cfg.method!r}: must be one of {', '.join(METHODS)}")
-    if not (cfg.scale >= 0 and math.isfinite(cfg.scale)):
-        errors.append(f"scaling.scale = {cfg.scale!r}: must be a finite number >= 0 (0 = sqrt rule)")
-    if cfg.small_batch < 0:
-        errors.append(f"scaling.small_batch = {cfg.small_batch}: must be >= 1, or 0 when unused")
-    if cfg.window < 1:
-        errors.append(f"scaling.window = {cfg.window}: must be >= 1 (iterations)")
-    if not (cfg.threshold > 0 and math.isfinite(cfg.threshold)):
-        errors.append(f"scaling.threshold = {cfg.threshold!r}: must be a finite number > 0 (e.g. 0.5)")
-    if cfg.warmup < 0:
-        errors.append(f"scaling.warmup = {cfg.warmup}: must be >= 0 (iterations)")
-    if not 0 <= cfg.noise_ema < 1:
-        errors.append(f"scaling.noise_ema = {cfg.noise_ema!r}: must be in [0, 1)")
-    if not 0 < cfg.batch_rate <= 1:
-        errors.append(f"scaling.batch_rate = {cfg.batch_rate!r}: must be in (0, 1]")
     needs_small = cfg.uses_teacher or (cfg.uses_step and cfg.scale == 0)
     if needs_small and cfg.small_batch == 0:
         why = "the teacher imitates it" if cfg.uses_teacher else "scale = 0 selects sqrt(B / small_batch)"
@@ -151,7 +133,7 @@ class ServerScalingPolicy:
     """
 
     def __init__(self, cfg: ScalingConfig, layer_sizes: Sequence[int], seed: int):
-        errors = check_scaling(cfg)
+        errors = field_problems(cfg, "scaling") + check_scaling(cfg)
         if errors:
             raise ValueError("; ".join(errors))
         if not layer_sizes or min(layer_sizes) < 1:
