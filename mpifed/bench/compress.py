@@ -28,7 +28,7 @@ from mpifed.compress import Codec, OneShot, ReduceCodec, RoundContext, codec_nam
 from mpifed.models import build_model
 from mpifed.units import format_bytes
 
-#: Options of each codec in the benchmark; top-k and random-k at 1% density, the issue's point.
+#: Options of each codec in the benchmark; top-k and random-k at 1% density.
 BENCH_OPTIONS: dict[str, dict[str, Any]] = {"topk": {"density": 0.01}, "randomk": {"density": 0.01}}
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 DEFAULT_MARGIN = 0.05
 """Fraction of the budget kept free, and the job's memory.margin default. It covers the CUDA caching
-allocator's fragmentation under a memory fraction and the model's own error (the issue's target is <= 5% on
+allocator's fragmentation under a memory fraction and the model's own error (the target is <= 5% on
 CUDA); larger margins waste memory, since 1.15x the max batch must not fit. On an H100 with an
 8 GiB budget it held for resnet18 and resnet50; vgg11 and the small CNN need the cuDNN workspace
 the walk does not model (mpifed.memory)."""

@@ -106,13 +106,15 @@ class ClientRound:
     for a round whose statistics are unusable (a diverged client): no estimate, no teacher noise.
 
     batches: b_k, samples per client (the weights of the aggregate).
-    grads: decoded flat update of every client (gather codecs), each shaped like the aggregate.
-    sq_norms: |g_k|^2 of each client's decoded update, (K,) or (K, L) per layer (summable codecs;
-        a scalar in the metrics gather). When both are given the gradient route is used.
     weighted_sq: sum_k b_k |g_k|^2, (L,) per layer or (1,): what the server gets when clients append
-        (b_k / B) |g_k|^2 to the update they reduce (multiply the reduced values by B).
+        (b_k / B) |g_k|^2 to the update they reduce (multiply the reduced values by B). Training's
+        route, with every codec: the squares ride in the dense tail of the update reduce.
     coordinate_sq: sum_k (b_k / B) g_k^2 per coordinate, shaped like the aggregate: the full
-        diagonal without the gradients (the per-coordinate teacher). Used before the others.
+        diagonal without the gradients (the per-coordinate teacher). Used before the others; training
+        gets it from the server's decode (gather codecs) or the clients' reduce (summable ones).
+    grads: decoded flat update of every client, each shaped like the aggregate; and
+    sq_norms: |g_k|^2 of each client's decoded update, (K,) or (K, L) per layer: the routes for tests
+        and offline use, where single updates are at hand. When both are given, grads is used.
     """
 
     batches: Sequence[int]
