@@ -260,7 +260,10 @@ def _local_steps(s: Session, model, local_opt, lr: float, sampler: ClientSampler
         if steps > 1:
             local_opt.step()
     if steps == 1:
+        # after the first round the gradients are views into `update`: backward accumulates into it, and
+        # grads_into copies nothing (torch skips a copy onto the same memory), no n-sized copy a round
         model.grads_into(update)
+        model.attach_grads(update)
     else:
         update[: model.n_params].sub_(model.flat[: model.n_params])
     return float(torch.stack(losses).mean())

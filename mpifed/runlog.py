@@ -28,6 +28,7 @@ from typing import Callable
 
 import h5py
 import numpy as np
+from h5py import h5s
 
 from mpifed.errors import InputError
 from mpifed.units import format_bytes
@@ -197,12 +198,9 @@ class RunWriter:
             self.begin_swmr()
             t = self.rounds
             for i, name in enumerate(ITER_FIELDS):
-                ds = self.iter[name]
-                ds.resize(t + 1, axis=0)
-                ds[t] = table[:, i]
+                _append(self.iter[name], t, table[:, i])
             for name, ds in self.server.items():
-                ds.resize(t + 1, axis=0)
-                ds[t] = server.get(name, np.nan)
+                _append(ds, t, server.get(name, np.nan))
             self.file.flush()
         self.rounds += 1
 
@@ -211,8 +209,7 @@ class RunWriter:
             self.begin_swmr()
             e = self.evals
             for name, ds in self.eval.items():
-                ds.resize(e + 1, axis=0)
-                ds[e] = row[name]
+                _append(ds, e, row[name])
             self.file.flush()
         self.evals += 1
 
@@ -249,6 +246,18 @@ class RunWriter:
             kept = f"the {self.rounds} rounds logged before stay in it; " if self.rounds else ""
             raise disk_full(f"run log {self.path}", self.path.parent,
                             kept + resume_advice(self.path.parent)) from err
+
+
+def _append(ds: h5py.Dataset, row: int, values) -> None:
+    """Grow `ds` to row + 1 rows and write `values` there (what ds.resize and ds[row] = values do), with
+    h5py's low-level calls: the high-level ones spend ~0.2 ms of Python each, and a round appends to
+    28 datasets while every client waits for the server's next broadcast."""
+    shape = ds.id.shape[1:]
+    data = np.ascontiguousarray(values, dtype=np.float64).reshape(1, *shape)
+    ds.id.set_extent((row + 1, *shape))
+    space = ds.id.get_space()
+    space.select_hyperslab((row, *(0 for _ in shape)), data.shape)
+    ds.id.write(h5s.create_simple(data.shape), space, data)
 
 
 def _open_log(path: Path, mode: str) -> h5py.File:

@@ -90,7 +90,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         t_down = time.perf_counter() - start
 
         t0 = time.perf_counter()
-        agg_host.fill(0.0)
+        reduced_tail.fill(0.0)  # the server's share of the tail's sum; receive zeroes the rest it fills
         received = channel.receive(rnd, agg_host[:n], weights, squares)
         t1 = time.perf_counter()
         s.exchange.reduce_sum(reduced_tail)

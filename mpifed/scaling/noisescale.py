@@ -94,10 +94,14 @@ def _layer_sums(values: torch.Tensor, layer_sizes: Sequence[int] | None) -> torc
     return torch.stack([part.sum() for part in torch.split(values, list(layer_sizes))])
 
 
-def layer_squares(aggregate: torch.Tensor, layer_sizes: Sequence[int] | None) -> torch.Tensor:
+def layer_squares(aggregate: torch.Tensor, layer_sizes: Sequence[int] | None,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
     """|g|^2 within each layer, float64 (the noise estimate subtracts large numbers: float32 sums
-    lose it). Computed once per round; the norm and the estimate both use it."""
-    return _layer_sums(aggregate.double().square(), layer_sizes)
+    lose it). Computed once per round; the norm and the estimate both use it. `scratch`, a float64
+    tensor shaped like `aggregate`, takes the squares in place of two new model-sized float64 tensors
+    (resnet18: 2 x 88 MB of fresh pages, ~100 ms a round on the server's CPU)."""
+    squares = aggregate.double().square() if scratch is None else scratch.copy_(aggregate).square_()
+    return _layer_sums(squares, layer_sizes)
 
 
 def estimate_from_gradients(client_grads: Sequence[torch.Tensor], batches: Sequence[int],

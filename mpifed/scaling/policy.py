@@ -143,6 +143,7 @@ class ServerScalingPolicy:
         self.cfg, self.layer_sizes, self.seed = cfg, [int(n) for n in layer_sizes], int(seed)
         self.detector = CriticalPhaseDetector(cfg.window, cfg.threshold, cfg.warmup)
         self.tracker = NoiseScaleTracker(cfg.noise_ema)
+        self._squares: torch.Tensor | None = None  # layer_squares' float64 scratch, made in the first round
 
     def estimate(self, grad: torch.Tensor, clients: ClientRound,
                  layer_sq: torch.Tensor | None = None) -> NoiseEstimate | None:
@@ -167,7 +168,9 @@ class ServerScalingPolicy:
         if grad.dim() != 1 or grad.numel() != sum(self.layer_sizes):
             raise ValueError(f"expected the flat aggregate of {sum(self.layer_sizes)} entries, got shape "
                              f"{tuple(grad.shape)}")
-        layer_sq = layer_squares(grad, self.layer_sizes)  # once a round: the norm and the estimate share it
+        if self._squares is None or self._squares.device != grad.device:
+            self._squares = torch.empty(grad.numel(), dtype=torch.float64, device=grad.device)
+        layer_sq = layer_squares(grad, self.layer_sizes, self._squares)  # the norm and the estimate share it
         norm = math.sqrt(float(layer_sq.sum()))  # CPU-GPU sync point: the detector needs it
         critical = self.detector.update(norm)
         estimate = self.estimate(grad, clients, layer_sq)
