@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from mpifed.compress import make_codec
 from mpifed.memory import BudgetGuard
 from mpifed.updates import UpdateChannel
 from mpifed.data import ClientSampler, augment, partition
+from mpifed.optimizers import local_optimizer
 from mpifed.runlog import ITER_FIELDS, column
 from mpifed.schedule import learning_rate
 from mpifed.session import Session
@@ -140,7 +142,7 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
     squares_reduced = coordinate_route(s, channel) == "reduce"
     update = torch.zeros(model.n_params + dense_tail_size(s, channel), dtype=torch.float32, device=s.device)
     update_host = np.empty(update.numel(), np.float32) if on_gpu else update.numpy()
-    local_opt = torch.optim.SGD(model.params, lr=job.optim.lr, weight_decay=job.optim.weight_decay)
+    local_opt = local_optimizer(s)
     row = np.full(len(ITER_FIELDS), np.nan)
     n = model.n_params
     layer_sizes = [p.numel() for p in model.params]
@@ -148,6 +150,9 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
     tail = update_host[n:]
     layer_sq_at = slice(model.size - n, payload_size(model) - n)
     nbytes, nbytes_up = model.size * 4, channel.nbytes + tail.nbytes
+
+    def draw(b: int) -> torch.Tensor:
+        return torch.from_numpy(sampler.next(b)).to(s.device)
 
     if s.start_round:
         _restore_state(s, sampler, channel)
@@ -171,7 +176,7 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
         if setup.guard is not None:
             setup.guard.check(batch)
         lr = learning_rate(job.optim, rnd, job.train.rounds, s.global_batch)
-        loss = _local_steps(s, model, local_opt, lr, sampler, xs, ys, batch, rnd, update)
+        loss = local_steps(s, local_opt, lr, draw, xs, ys, batch, rnd * job.train.local_steps, update)
         if on_gpu:
             torch.cuda.synchronize(s.device)
         measured = time.perf_counter() - t0
@@ -234,12 +239,15 @@ def _restore_state(s: Session, sampler: ClientSampler, channel: UpdateChannel) -
         s.exchange.scatter_rows(None, channel.feedback.residual)
 
 
-def _local_steps(s: Session, model, local_opt, lr: float, sampler: ClientSampler, xs, ys,
-                 batch: int, rnd: int, update: torch.Tensor) -> float:
+def local_steps(s: Session, local_opt, lr: float, draw: Callable[[int], torch.Tensor], xs, ys, batch: int,
+                key: int, update: torch.Tensor) -> float:
     """E=1: the gradient of one batch into `update`. E>1: E SGD steps, the model delta into `update`.
 
+    `draw(b)` gives the positions in xs/ys of b samples, and local step e augments with key + e.
+    Training draws from the client's sampler; the start-up probes (mpifed.probes) run this same
+    function with draws of their own, so what they time is the step that training runs.
     Returns the mean loss over the local steps."""
-    job = s.job
+    job, model = s.job, s.model
     steps = job.train.local_steps
     module = model.module
     module.train()
@@ -249,10 +257,10 @@ def _local_steps(s: Session, model, local_opt, lr: float, sampler: ClientSampler
         group["lr"] = lr
     losses = []
     for step in range(steps):
-        pos = torch.from_numpy(sampler.next(batch)).to(s.device)
+        pos = draw(batch)
         x, y = xs[pos], ys[pos]
         if job.data.augment:
-            x = augment(x, job.run.seed, s.world.rank - 1, rnd * steps + step)
+            x = augment(x, job.run.seed, s.world.rank - 1, key + step)
         module.zero_grad(set_to_none=False)
         loss = F.cross_entropy(module(x), y)
         loss.backward()

@@ -24,11 +24,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mpifed import profiles
-from mpifed.client import ClientSetup, coordinate_route, dense_tail_size, update_channel
-from mpifed.data import augment
+from mpifed.client import ClientSetup, coordinate_route, dense_tail_size, local_steps, update_channel
+from mpifed.optimizers import local_optimizer, server_optimizer
 from mpifed.scaling import ClientRound, ServerScalingPolicy
 from mpifed.seeding import Purpose, rng, torch_generator
 from mpifed.session import Session, stop_if_asked
@@ -38,31 +37,26 @@ PROBE_KEY = 0x9E0BE
 
 
 def client_step(s: Session, setup: ClientSetup) -> Callable[[int], None]:
-    """step(b): this client's E local steps at batch b, emulated slow-down included; blocks until done.
+    """step(b): this client's E local steps at batch b (training's own mpifed.client.local_steps),
+    emulated slow-down included; blocks until done.
 
     Samples are drawn from the client's own data with a private generator, so the training sampler
-    is not advanced. The model's parameters may change (E > 1 runs SGD with lr 0, which leaves them
-    as they are but costs the same); round 0's broadcast overwrites them anyway."""
-    job, client, module = s.job, s.world.rank - 1, s.model.module
+    is not advanced, into a scratch update. The model's parameters may change (E > 1 runs SGD with
+    lr 0, which leaves them as they are but costs the same); round 0's broadcast overwrites them anyway."""
+    job, client = s.job, s.world.rank - 1
     profile = s.profile(client)
-    steps = job.train.local_steps
     xs, ys = setup.xs, setup.ys
     gen = torch_generator(job.run.seed, Purpose.SAMPLE, PROBE_KEY, client)
-    local_opt = torch.optim.SGD(s.model.params, lr=0.0, weight_decay=job.optim.weight_decay)
+    local_opt = local_optimizer(s)
+    update = torch.zeros(s.model.n_params, dtype=torch.float32, device=s.device)
     on_gpu = s.device.type == "cuda"
+
+    def draw(b: int) -> torch.Tensor:
+        return torch.randint(len(ys), (b,), generator=gen).to(s.device)
 
     def step(batch: int) -> None:
         start = time.perf_counter()
-        module.train()
-        for e in range(steps):
-            pos = torch.randint(len(ys), (batch,), generator=gen).to(s.device)
-            x, y = xs[pos], ys[pos]
-            if job.data.augment:
-                x = augment(x, job.run.seed, client, e)
-            module.zero_grad(set_to_none=False)
-            F.cross_entropy(module(x), y).backward()
-            if steps > 1:
-                local_opt.step()
+        local_steps(s, local_opt, 0.0, draw, xs, ys, batch, 0, update)
         if on_gpu:
             torch.cuda.synchronize(s.device)
         profiles.sleep(profiles.compute_delay(profile, time.perf_counter() - start))
@@ -77,12 +71,7 @@ def server_step(s: Session) -> Callable[[], None]:
     scratch = torch.zeros(n, dtype=torch.float32, device=s.device, requires_grad=True)
     scratch.grad = torch.randn(n, generator=torch_generator(job.run.seed, Purpose.SAMPLE, PROBE_KEY, 0),
                                dtype=torch.float32).to(s.device) * 1e-3
-    o = job.optim
-    if job.train.local_steps == 1:
-        opt = torch.optim.SGD([scratch], lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                              weight_decay=o.weight_decay)
-    else:
-        opt = torch.optim.SGD([scratch], lr=o.server_lr, momentum=o.server_momentum)
+    opt = server_optimizer(s, [scratch])
     sizes = [p.numel() for p in model.params]
     policy = ServerScalingPolicy(job.scaling, sizes, job.run.seed)
     layer_sq = torch.ones(len(sizes), dtype=torch.float32, device=s.device)

@@ -21,6 +21,7 @@ from mpifed.client import coordinate_route, dense_tail_size, payload_size, updat
 from mpifed.planning import StartupPlan
 from mpifed.progress import Progress
 from mpifed.scaling import BatchController, ClientRound, ServerScalingPolicy, split_batch
+from mpifed.optimizers import server_optimizer
 from mpifed.runlog import ITER_FIELDS, RunWriter, column
 from mpifed.schedule import learning_rate
 from mpifed.session import Session
@@ -30,14 +31,6 @@ def straggler_wait(t_up: np.ndarray) -> np.ndarray:
     """Per-client time spent in the update collective beyond the quickest client's: the time it
     waited for the slowest one (the quickest client arrived last and waited least)."""
     return t_up - t_up.min()
-
-
-def server_optimizer(s: Session) -> torch.optim.Optimizer:
-    o = s.job.optim
-    if s.job.train.local_steps == 1:
-        return torch.optim.SGD(s.model.params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
-    return torch.optim.SGD(s.model.params, lr=o.server_lr, momentum=o.server_momentum)
 
 
 def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
