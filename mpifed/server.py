@@ -129,13 +129,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         for key, value in values.items():
             row[column(key)] = value
         s.exchange.gather_rows(row, table)
-        table[:, column("t_iter_pred")] = s.t_iter_pred  # the round time, on every rank's row
-        table[1:, column("t_wait")] = straggler_wait(table[1:, column("t_up")])
-        table[1:, column("rejected")] = 0
-        table[[k + 1 for k in received.rejected], column("rejected")] = 1
-        batches = table[1:, column("batch")]
-        train_loss = float(np.dot(batches, table[1:, column("loss")]) / batches.sum())
-        table[0, column("loss")] = train_loss
+        train_loss = _complete_table(s, table, received.rejected)
         writer.append_round(table, dict(stats, lr=lr, global_batch=s.global_batch, train_loss=train_loss,
                                         wall=time.perf_counter() - began))
         if due:  # after its round's row: a crash in between leaves no evaluation of an unlogged round
@@ -145,17 +139,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         if online is not None and rnd > s.start_round:  # a run's first round holds every rank's arrival
             online.observe(s.batches, table[1:, column("t_compute")], t_down, t_up, t_decode,
                            table[0, column("t_iter")] - t_eval)  # the model predicts training rounds
-        if controller is not None:  # the next round's batches, grown towards the noise scale
-            grown = controller.update(stats.get("noise_scale", float("nan")))
-            if grown != s.global_batch:
-                s.batches = np.array(split_batch(grown, caps), dtype=np.int64)
-        if replanner is not None and replanner.observe(online.curves()):
-            s.batches = np.array(replanner.batches, dtype=np.int64)
-            progress.print(f"mpifed: round {done}: step times drifted from the plan; batches now "
-                           f"{', '.join(map(str, s.batches))} (speed factors "
-                           f"{', '.join(f'{v:.2f}' for v in online.speed)})")
-        if online is not None:  # the next round's prediction, from this round and the ones before
-            s.t_iter_pred = online.predict(s.batches).t_round
+        _next_batches(s, done, stats, controller, caps, replanner, online, progress)
         stop = s.exchange.any(bool(s.stop))
         if stop or s.checkpoint_due(done):
             path = _checkpoint(s, done, optimizer, policy, channel, run_dir, time.perf_counter() - began,
@@ -167,6 +151,38 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
 
     checkpoint.save_model(run_dir, model.module.state_dict())
     return last_eval
+
+
+def _complete_table(s: Session, table: np.ndarray, rejected: list[int]) -> float:
+    """What only the server knows, into the gathered round table: the prediction (on every rank's row,
+    since a client's round spans the same interval), each client's wait for the slowest, which clients
+    were rejected, and the batch-weighted training loss (returned)."""
+    table[:, column("t_iter_pred")] = s.t_iter_pred
+    table[1:, column("t_wait")] = straggler_wait(table[1:, column("t_up")])
+    table[1:, column("rejected")] = 0
+    table[[k + 1 for k in rejected], column("rejected")] = 1
+    batches = table[1:, column("batch")]
+    train_loss = float(np.dot(batches, table[1:, column("loss")]) / batches.sum())
+    table[0, column("loss")] = train_loss
+    return train_loss
+
+
+def _next_batches(s: Session, done: int, stats: dict, controller: BatchController | None, caps: list[int],
+                  replanner, online, progress: Progress) -> None:
+    """The next round's batches and its predicted time: grown towards the noise scale (scaling.grow_batch),
+    or re-split where the step times drifted from the plan (plan.replan); the clients learn them from
+    the next round's first broadcast."""
+    if controller is not None:
+        grown = controller.update(stats.get("noise_scale", float("nan")))
+        if grown != s.global_batch:
+            s.batches = np.array(split_batch(grown, caps), dtype=np.int64)
+    if replanner is not None and replanner.observe(online.curves()):
+        s.batches = np.array(replanner.batches, dtype=np.int64)
+        progress.print(f"mpifed: round {done}: step times drifted from the plan; batches now "
+                       f"{', '.join(map(str, s.batches))} (speed factors "
+                       f"{', '.join(f'{v:.2f}' for v in online.speed)})")
+    if online is not None:  # from this round and the ones before
+        s.t_iter_pred = online.predict(s.batches).t_round
 
 
 def _client_round(s: Session, agg: torch.Tensor, received, route: str, tail_ok: bool) -> ClientRound:
