@@ -66,11 +66,11 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         controller = BatchController(s.global_batch, sum(caps), job.scaling.batch_rate)
     online = plan.online_model() if plan is not None else None
     replanner = plan.replanner(s.batches, job.plan.replan_band) if plan is not None and job.plan.replan else None
-    if s.resume is not None:
+    if s.resumed_from is not None:
         _restore(s, optimizer, policy, channel)
         if controller is not None:
-            controller.load_state_dict(s.resume["controller"])
-        began -= float(s.resume["wall"])  # the log's wall clock continues where it stopped
+            controller.load_state_dict(s.resumed_from["controller"])
+        began -= float(s.resumed_from["wall"])  # the log's wall clock continues where it stopped
     for rnd in range(s.start_round, job.train.rounds):
         row[:] = np.nan
         start = time.perf_counter()
@@ -219,7 +219,7 @@ def _checkpoint(s: Session, done: int, optimizer, policy, channel, run_dir: Path
 
 def _restore(s: Session, optimizer, policy, channel) -> None:
     """Load the checkpoint into the server and hand each client its cursor and residual."""
-    state = s.resume
+    state = s.resumed_from
     s.model.module.load_state_dict(state["model"])  # copies into the flat buffer's views
     optimizer.load_state_dict(state["optimizer"])
     policy.load_state_dict(state["policy"])

@@ -32,7 +32,7 @@ class Session:
     dataset: ImageSet              # train split on clients, test split on the server
     stop: StopRequest = field(default_factory=StopRequest.install)  # SIGTERM/SIGUSR1/SIGINT seen by this rank
     start_round: int = 0           # > 0 when resuming
-    resume: dict | None = None     # the checkpoint being resumed (server only)
+    resumed_from: dict | None = None  # the checkpoint being resumed (server only)
     max_batches: list[int] = field(default_factory=list)  # memory-model caps (server only; 0 = unsized)
     data_sizes: list[int] = field(default_factory=list)   # samples per client (server only)
     t_iter_pred: float = float("nan")  # the model's prediction of the next round, s (server; NaN: no plan)

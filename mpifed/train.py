@@ -109,8 +109,8 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
                        f"writable and resume the copy (nothing was changed)")
     runlock.hold(run_dir)
     stored = _stored_job(run_dir / "job.toml", overrides)
-    logged = _logged_job(run_dir / "run.h5") or stored
-    edited = [key for key in _changed_fields(logged, stored) if not key.startswith(RESUME_MAY_CHANGE)]
+    logged_job = _logged_job(run_dir / "run.h5") or stored
+    edited = [key for key in _changed_fields(logged_job, stored) if not key.startswith(RESUME_MAY_CHANGE)]
     if edited:
         raise JobError(f"{run_dir / 'job.toml'} differs from the job run.h5 records (its root attribute 'job') "
                        f"in {', '.join(edited)}: it was edited after the run started, and the resumed rounds "
@@ -124,7 +124,7 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
                        f"make the resumed rounds differ from what run.h5 describes; start a new run for that "
                        f"(on resume only {', '.join(k + '*' if k.endswith('.') else k for k in RESUME_MAY_CHANGE)} "
                        f"may change)")
-    stored_rounds = logged["train"]["rounds"]
+    stored_rounds = logged_job["train"]["rounds"]
     if job.optim.schedule == "cosine" and job.train.rounds != stored_rounds:
         raise JobError(f"optim.schedule = \"cosine\" anneals the learning rate over train.rounds = "
                        f"{stored_rounds}; resuming with {job.train.rounds} would bend the curve mid-run, so "
@@ -138,9 +138,9 @@ def _resume(world: World, resume: str, overrides: list[str]) -> tuple[Job, Start
     if payload["round"] >= job.train.rounds:
         raise JobError(f"{path} is at round {payload['round']} and the job has train.rounds = "
                        f"{job.train.rounds}: nothing left; raise it, e.g. --set train.rounds=2000")
-    logged = _logged_rounds(run_dir / "run.h5")
-    if logged < payload["round"]:
-        raise JobError(f"{run_dir / 'run.h5'} holds {logged} rounds but {path.name} resumes at round "
+    logged_rounds = _logged_rounds(run_dir / "run.h5")
+    if logged_rounds < payload["round"]:
+        raise JobError(f"{run_dir / 'run.h5'} holds {logged_rounds} rounds but {path.name} resumes at round "
                        f"{payload['round']}: the log lost rounds; restore it from a copy (nothing was changed)")
     when = datetime.datetime.now().isoformat(timespec="seconds")
     note = f"resumed at round {payload['round']} from {path.name} ({when})"
@@ -264,7 +264,7 @@ def _holds_files(run_dir: Path) -> bool:
 def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
     """Run this rank's role; return the exit code (0, or STOPPED)."""
     s = open_session(world, job)
-    s.start_round, s.resume, run_dir = start.round, start.checkpoint, start.run_dir
+    s.start_round, s.resumed_from, run_dir = start.round, start.checkpoint, start.run_dir
     setup = None if world.is_server else prepare_client(s)  # partition, data, memory sizing
     stop_if_asked(s)
     plan = plan_startup(s, setup)  # [plan]: time steps and collectives, choose the batches
