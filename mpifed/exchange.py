@@ -20,7 +20,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from mpifed.rollcall import ANSWER_AFTER, ROOT, Position, RollCall, answer, grace
+from mpifed.rollcall import ANSWER_AFTER, LISTEN_EVERY, ROOT, Position, RollCall, answer, grace
 
 
 
@@ -66,7 +66,10 @@ class Exchange:
         advice = "If rounds really take this long, raise comm.timeout"
         if self.comm.rank == ROOT:  # name the stuck rank, then end the job
             call, waited = RollCall(self.comm), waiting.waited
-            waiting.until(waited + grace(self.timeout), call)
+            if waiting.until(waited + grace(self.timeout), call):
+                raise RankTimeout(f"this rank waited {self.timeout:g} s (comm.timeout) in {here.describe()}, and "
+                                  f"every rank joined it {waiting.waited - self.timeout:.1f} s later: a rank was "
+                                  f"late, not stuck. {advice}")
             raise RankTimeout(f"{said}. Roll call: {call.report(here, waiting.waited - waited)}. {advice}")
         # rank 0 is calling the roll and will end the job, or times out soon and will: leave it the word
         if waiting.until(2 * self.timeout + grace(self.timeout)):
@@ -130,17 +133,23 @@ class _Waiting:
     """One wait's clock and polling: Testall, the polite back-off, and, once the wait is long, answering
     rank 0's roll call (or, on rank 0 after its timeout, collecting the answers)."""
 
-    __slots__ = ("exchange", "requests", "number", "kind", "waited", "last", "pause", "answered")
+    __slots__ = ("exchange", "requests", "number", "kind", "waited", "last", "pause", "answered", "listens",
+                 "listened")
 
     def __init__(self, exchange: Exchange, requests: list[MPI.Request], number: int, kind: str):
         self.exchange, self.requests, self.number, self.kind = exchange, requests, number, kind
         self.waited, self.last, self.pause, self.answered = 0.0, time.monotonic(), 1e-6, False
+        # only a client can be called, and only by a rank 0 that has a timeout (all ranks share it)
+        self.listens = bool(exchange.timeout) and exchange.comm.rank != ROOT
+        self.listened = ANSWER_AFTER
 
     def until(self, limit: float, call: RollCall | None = None) -> bool:
         """Poll until the requests complete (True) or `limit` seconds of waiting have passed (False);
-        with `call`, until every rank answered it instead."""
+        with `call`, also stop (False) once every rank answered it."""
         ex = self.exchange
-        while not (call.complete() if call else MPI.Request.Testall(self.requests)):
+        while not MPI.Request.Testall(self.requests):
+            if call is not None and call.complete():
+                return False
             if ex.polite or call:
                 time.sleep(self.pause)
                 self.pause = min(2 * self.pause, ex.max_sleep)
@@ -149,6 +158,7 @@ class _Waiting:
             self.last = now
             if self.waited > limit:
                 return False
-            if self.waited > ANSWER_AFTER and ex.comm.rank != ROOT:
+            if self.listens and self.waited > self.listened:  # a look every LISTEN_EVERY s: the grace is seconds
+                self.listened = self.waited + LISTEN_EVERY
                 self.answered |= answer(ex.comm, Position(self.number, self.kind, self.waited))
-        return call is None
+        return True

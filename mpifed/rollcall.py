@@ -5,9 +5,10 @@ not. So rank 0, when its own wait times out, sends every other rank a roll call 
 tags nothing else uses); a rank that is waiting in a collective answers from inside its wait loop
 with where it is: the collective's number (every rank starts the same collectives in the same order),
 its kind and how long it has waited. A rank that does not answer within the grace is busy outside
-MPI: stuck in its computation or I/O, stopped, or on a lost node. A rank that answers from an earlier
-or later collective has gone out of step. Nothing here runs unless a wait has already lasted
-ANSWER_AFTER seconds, so rounds pay nothing for it.
+MPI: stuck in its computation or I/O, stopped, or on a lost node. A rank one collective ahead or
+behind is normal (a client's part of a reduce to rank 0 ends once its data is sent, so it waits in
+the next broadcast); one in another kind of collective under the same number is a bug. Nothing here
+runs until a wait has lasted ANSWER_AFTER seconds, so a round pays only a counter for it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ CALL_TAG, ANSWER_TAG = 7301, 7302
 ANSWER_AFTER = 0.5
 """Seconds a wait lasts before it looks for a roll call: far below any comm.timeout that makes sense,
 far above a healthy round's wait."""
+LISTEN_EVERY = 0.02
+"""Seconds between two looks for a call in a long wait: answers come well within the grace, and a
+waiting rank does not spend its polls probing."""
 
 KINDS = ("collective", "barrier", "broadcast", "reduce", "allreduce", "allgather", "gather", "scatter")
 
@@ -97,7 +101,7 @@ class RollCall:
                              f"the ranks disagree on their collectives (a bug in mpifed; please report it)")
             else:
                 parts.append(f"{_names(ranks)} {verb} in the same collective")
-        if not silent and all(number <= here.number for number, _ in at):
+        if not silent and all(where == (here.number, here.kind) for where in at):
             parts.append("no rank is missing from it, so MPI itself did not complete it (a network fault?)")
         return "; ".join(parts)
 

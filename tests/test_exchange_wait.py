@@ -110,8 +110,9 @@ def test_start_up_waits_are_polite_and_bounded_by_the_timeout(tmp_path):
 
 
 # Under mpirun -n 4, rounds of broadcast then reduce with comm.timeout 2 s; in round 2 one rank goes
-# wrong: "compute" rank 2 sleeps in its computation, "server" rank 0 does, "skip" rank 3 skips the
-# reduce (the ranks then disagree on their collectives). Each rank prints how its wait ended.
+# wrong: "compute" rank 2 sleeps in its computation, "server" rank 0 does, "late" rank 2 sleeps 3 s
+# (past the timeout, within rank 0's roll-call grace), "skip" rank 3 skips the reduce (the ranks then
+# disagree on their collectives). Each rank prints how its wait ended.
 _ROUNDS = """
 import sys, time
 import numpy as np
@@ -122,8 +123,8 @@ exchange, buf, start = Exchange(comm, polite=True, timeout=2.0), np.zeros(4), ti
 try:
     for step in range(5):
         exchange.broadcast(buf)
-        if step == 2 and comm.rank == {"compute": 2, "server": 0}.get(mode):
-            time.sleep(30)
+        if step == 2 and comm.rank == {"compute": 2, "server": 0, "late": 2}.get(mode):
+            time.sleep(3 if mode == "late" else 30)
         if not (step == 2 and comm.rank == 3 and mode == "skip"):
             exchange.reduce_sum(buf)
     print(f"rank {comm.rank} done", flush=True)
@@ -135,6 +136,7 @@ except RankTimeout as err:
 _NAMED = {  # which rank says it first ("a client": any but rank 0), and what it says
     "compute": ("rank 0", "Roll call: rank 2 (client 1) did not answer within 2 s: busy outside MPI (stuck in its "
                 "computation or I/O, stopped, or on a lost node); "),  # ranks 1 and 3 answered: not named silent
+    "late": ("rank 0", "s later: a rank was late, not stuck"),
     "server": ("a client", "which another rank never joined, and rank 0 did not call the roll within 4 s more: "
                "rank 0 itself is stuck"),
     "skip": ("rank 0", "rank 3 (client 2) waits in collective 6 but in a broadcast, not a reduce: the ranks disagree "
