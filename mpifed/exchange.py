@@ -23,7 +23,6 @@ from mpi4py import MPI
 from mpifed.rollcall import ANSWER_AFTER, LISTEN_EVERY, ROOT, Position, RollCall, answer, grace
 
 
-
 class RankTimeout(RuntimeError):
     """A collective waited longer than comm.timeout: some rank stopped answering."""
 
@@ -61,15 +60,14 @@ class Exchange:
         if waiting.until(self.timeout or math.inf):  # timeout 0: wait for ever
             return
         here = Position(number, kind)
-        said = (f"this rank waited {self.timeout:g} s (comm.timeout) in {here.describe()}, which another rank "
-                f"never joined")
+        waited_in = f"this rank waited {self.timeout:g} s (comm.timeout) in {here.describe()}"
+        said = f"{waited_in}, which another rank never joined"
         advice = "If rounds really take this long, raise comm.timeout"
         if self.comm.rank == ROOT:  # name the stuck rank, then end the job
             call, waited = RollCall(self.comm), waiting.waited
             if waiting.until(waited + grace(self.timeout), call):
-                raise RankTimeout(f"this rank waited {self.timeout:g} s (comm.timeout) in {here.describe()}, and "
-                                  f"every rank joined it {waiting.waited - self.timeout:.1f} s later: a rank was "
-                                  f"late, not stuck. {advice}")
+                raise RankTimeout(f"{waited_in}, and every rank joined it {waiting.waited - self.timeout:.1f} s "
+                                  f"later: a rank was late, not stuck. {advice}")
             raise RankTimeout(f"{said}. Roll call: {call.report(here, waiting.waited - waited)}. {advice}")
         # rank 0 is calling the roll and will end the job, or times out soon and will: leave it the word
         if waiting.until(2 * self.timeout + grace(self.timeout)):
