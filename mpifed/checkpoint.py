@@ -21,8 +21,8 @@ from typing import BinaryIO, Callable
 
 import torch
 
+from mpifed.diskfull import checkpoint_dir, checkpoint_files, resume_advice, write_whole
 from mpifed.errors import InputError
-from mpifed.runlog import disk_full, is_disk_full
 
 FORMAT = 1
 
@@ -37,18 +37,14 @@ def identity(job, clients: int) -> dict:
                 seed=job.run.seed, local_steps=job.train.local_steps)
 
 
-def directory(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 def save(run_dir: Path, payload: dict, keep: int) -> Path:
     """Write `payload` (which holds 'round') atomically and drop all but the newest `keep`. A failed
     write leaves no partial file; on a full disk it raises a DiskFullError that says how to go on
     (torch.save alone reports that as "unexpected pos" in its zip writer)."""
-    final = directory(run_dir) / f"round-{payload['round']:08d}.pt"
+    final = checkpoint_dir(run_dir) / f"round-{payload['round']:08d}.pt"
     write_whole(final, _saver(dict(payload, format=FORMAT)), f"checkpoint {final.name}",
                 lambda: resume_advice(run_dir), lambda: _size(run_dir, payload))
-    for old in candidates(run_dir)[keep:]:
+    for old in checkpoint_files(run_dir)[keep:]:
         old.unlink()
     return final
 
@@ -59,7 +55,7 @@ def save_model(run_dir: Path, state: dict) -> Path:
     path = Path(run_dir) / "model.pt"
 
     def advice() -> str:
-        found = candidates(run_dir)
+        found = checkpoint_files(run_dir)
         keeps = (f"{found[0]} holds the model of its round (torch.load(path, weights_only=True)['model'])"
                  if found else "train again with a run.out (--out) with room")
         return f"free space there; {keeps}"
@@ -72,40 +68,9 @@ def _saver(obj) -> Callable[[BinaryIO], object]:
     return lambda fh: torch.save(obj, fh)
 
 
-def write_whole(path: Path, write: Callable[[BinaryIO], object], what: str, advice: Callable[[], str],
-                needs: Callable[[], int] | None = None) -> None:
-    """write(fh) into a temporary name, fsynced, then renamed over `path`: a reader finds the old file
-    or the new one, never part of one; a failure removes the temporary. On a full disk it raises a
-    DiskFullError naming `what`, the free space (and what it `needs`) and advice() on how to go on."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(err):
-            raise disk_full(what, path.parent, advice(), needs() if needs else None) from err
-        raise
-
-
-def resume_advice(run_dir: Path) -> str:
-    """How to go on after a write of the run failed on a full disk: from its newest checkpoint, if any."""
-    found = candidates(run_dir)
-    if not found:
-        return ("the run wrote no checkpoint to resume from: free space there, or choose another run.out "
-                "(--out), and start it again")
-    return (f"free space there, or move {run_dir} to a disk with room, then continue from {found[0].name} with: "
-            f"mpirun -n RANKS mpifed train --resume {run_dir}, with as many RANKS as this run (new runs: choose "
-            f"a run.out, --out, with room)")
-
-
 def _size(run_dir: Path, payload: dict) -> int:
     """About what a checkpoint takes: as much as the one before, or at least its tensors."""
-    found = candidates(run_dir)
+    found = checkpoint_files(run_dir)
     if found:
         return found[0].stat().st_size
 
@@ -117,11 +82,6 @@ def _size(run_dir: Path, payload: dict) -> int:
         return sum(map(nbytes, value)) if isinstance(value, (list, tuple)) else 0
 
     return nbytes(payload)
-
-
-def candidates(run_dir: Path) -> list[Path]:
-    """Checkpoint files, newest first."""
-    return sorted(directory(run_dir).glob("round-*.pt"), reverse=True)
 
 
 def _load(path: Path) -> dict:
@@ -143,7 +103,7 @@ def choose(run_dir: Path, identity: dict) -> tuple[Path, dict, list[str]]:
     silently train something else.
     """
     notes = []
-    for path in candidates(run_dir):
+    for path in checkpoint_files(run_dir):
         try:
             payload = _load(path)
         except CheckpointError as err:
@@ -160,7 +120,7 @@ def choose(run_dir: Path, identity: dict) -> tuple[Path, dict, list[str]]:
                 fix = f"launch the resume with {stored['clients'] + 1} ranks (mpirun -n {stored['clients'] + 1})"
             raise CheckpointError(f"{path} belongs to a different job ({diffs}); {fix}")
         return path, payload, notes
-    raise CheckpointError(f"no usable checkpoint in {directory(run_dir)}"
+    raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}"
                           + (f" ({'; '.join(notes)})" if notes else "")
                           + "; the job's [checkpoint] every = K writes one every K rounds, and SIGTERM/SIGUSR1 "
                             "or a Ctrl-C write one before stopping")

@@ -1,8 +1,8 @@
 """The MPI world: ranks and roles, node-local rank -> device, thread budget, failing fast.
 
 This is the only module that touches MPI.COMM_WORLD and the process environment; everything else
-receives an explicit communicator. Rank 0 is the server; rank r >= 1 hosts client r - 1, everywhere (the run log's
-/ranks rows, the roll call's names).
+receives an explicit communicator. Rank 0 is the server; which client a rank trains is
+mpifed.placement's to say.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from mpi4py import MPI
 
 from mpifed.errors import InputError
 from mpifed.exchange import RankTimeout
+from mpifed.placement import Placement
 
 
 ABORT_GRACE_SECONDS = 0.5
@@ -42,7 +43,7 @@ class World:
 
     @property
     def role(self) -> str:
-        return "server" if self.is_server else f"client {self.rank - 1}"
+        return Placement.one_per_rank(self.size).role(self.rank)
 
     @property
     def oversubscribed(self) -> bool:

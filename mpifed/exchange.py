@@ -9,7 +9,10 @@ here: 7 spinning ranks slowed a computing one 4.2x).
 With a `timeout`, a wait that lasts longer ends the job (RankTimeout): a stopped, deadlocked or lost
 rank would otherwise hold every other rank in its collective forever. Rank 0's message names that
 rank (mpifed.rollcall); the other ranks leave the word to rank 0.
-If device buffers ever go straight to a CUDA-aware MPI, that belongs in this module alone.
+The roles hand torch tensors, CPU or CUDA, to `broadcast_tensor`, `to_host` and `to_device`: how a
+device buffer reaches MPI (today: staged through a host buffer kept per tensor, since the MPI here
+sees host memory only) is this module's business alone, so a CUDA-aware MPI or NCCL path can
+replace it without touching the round's code.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import math
 import time
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
+from mpifed.placement import Placement
 from mpifed.rollcall import ANSWER_AFTER, LISTEN_EVERY, ROOT, Position, RollCall, answer, grace
 
 
@@ -40,9 +45,11 @@ class Exchange:
     roll call compares these numbers to find a rank that is out of step."""
 
     def __init__(self, comm: MPI.Intracomm, polite: bool, chunk_bytes: int = 256 * 2**20,
-                 max_sleep: float = 2e-4, timeout: float = 0.0):
+                 max_sleep: float = 2e-4, timeout: float = 0.0, placement: Placement | None = None):
         self.comm, self.polite, self.max_sleep, self.timeout = comm, polite, max_sleep, timeout
         self.chunk_bytes = max(1, int(chunk_bytes))
+        self.placement = placement  # names each rank's clients in a roll call
+        self._staging: dict[tuple, np.ndarray] = {}
 
     def _pieces(self, buf: np.ndarray) -> list[np.ndarray]:
         step = max(1, self.chunk_bytes // buf.itemsize)
@@ -64,7 +71,7 @@ class Exchange:
         said = f"{waited_in}, which another rank never joined"
         advice = "If rounds really take this long, raise comm.timeout"
         if self.comm.rank == ROOT:  # name the stuck rank, then end the job
-            call, waited = RollCall(self.comm), waiting.waited
+            call, waited = RollCall(self.comm, self.placement), waiting.waited
             if waiting.until(waited + grace(self.timeout), call):
                 raise RankTimeout(f"{waited_in}, and every rank joined it {waiting.waited - self.timeout:.1f} s "
                                   f"later: a rank was late, not stuck. {advice}")
@@ -76,6 +83,35 @@ class Exchange:
             raise RankTimeout(f"{said}; rank 0 called the roll but did not end the job: see its message")
         raise RankTimeout(f"{said}, and rank 0 did not call the roll within {self.timeout + grace(self.timeout):g} "
                           f"s more: rank 0 itself is stuck (stopped, deadlocked, or on a lost node). {advice}")
+
+    def host(self, tensor: torch.Tensor) -> np.ndarray:
+        """The host memory MPI moves for a flat torch tensor: a CPU tensor's own memory (no copy), or
+        the host buffer kept for a device tensor (reused every round: no new allocation)."""
+        if tensor.device.type == "cpu":
+            return tensor.numpy()
+        key = (tensor.device, tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        if key not in self._staging:
+            self._staging[key] = torch.empty(tensor.numel(), dtype=tensor.dtype).numpy()
+        return self._staging[key]
+
+    def to_host(self, tensor: torch.Tensor) -> np.ndarray:
+        """`tensor`'s values in host memory for MPI: its own memory, or copied into its host buffer."""
+        host = self.host(tensor)
+        if tensor.device.type != "cpu":
+            torch.from_numpy(host).copy_(tensor)
+        return host
+
+    def to_device(self, tensor: torch.Tensor) -> None:
+        """What MPI wrote into `tensor`'s host buffer (`host(tensor)`), into the tensor itself."""
+        if tensor.device.type != "cpu":
+            tensor.copy_(torch.from_numpy(self.host(tensor)))
+
+    def broadcast_tensor(self, tensor: torch.Tensor) -> None:
+        """Root's flat torch tensor into every rank's, wherever it lives (see `host`)."""
+        host = self.to_host(tensor) if self.comm.rank == ROOT else self.host(tensor)
+        self.broadcast(host)
+        if self.comm.rank != ROOT:
+            self.to_device(tensor)
 
     def broadcast(self, buf: np.ndarray) -> None:
         """Root's `buf` into every rank's `buf` (same shape and dtype everywhere)."""

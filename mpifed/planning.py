@@ -40,6 +40,7 @@ from mpifed.perf import (ClientProfile, CollectiveSample, ComputeCurve, OnlineMo
                          RoundPrediction, fit_collective, plan_batches, plan_throughput, save_profile)
 from mpifed.perf.straggler import spreads
 from mpifed.perf.report import predict_for
+from mpifed.placement import SERVER
 from mpifed.session import Session, all_batches
 
 WARMUP_STEPS = 1
@@ -203,7 +204,7 @@ def plan_startup(s: Session, setup: ClientSetup | None) -> StartupPlan | None:
     global_batch = int(all_batches(s, 0 if setup is None else setup.batch).sum())
     grid, info = [], None
     if setup is not None:
-        client = s.world.rank - 1
+        client = s.client
         cap = profile_cap(cfg.mode, setup.max_batch, global_batch, cfg.profile_max)
         if cap < 2:
             if 0 < setup.max_batch < 2:
@@ -221,7 +222,9 @@ def plan_startup(s: Session, setup: ClientSetup | None) -> StartupPlan | None:
     batches = None
     if s.world.is_server:
         plan = _plan(s, gathered, start)
-        batches = [None] + plan.batches
+        batches = [None] * s.world.size  # one per rank, for the scatter
+        for k, b in enumerate(plan.batches):
+            batches[s.placement.rank_of(k)] = b
     s.exchange.arrive()  # clients wait politely while the server fits the plan
     mine_planned = comm.scatter(batches, root=0)
     if setup is not None:
@@ -235,7 +238,8 @@ def _plan(s: Session, gathered: list, start: float) -> StartupPlan:
     """Rank 0: fit the curves and terms from the probe rounds, build the Profile, choose and predict
     the batches."""
     cfg, p = s.job.plan, s.world.size
-    server, infos, tables = gathered[0][1], [g[0] for g in gathered[1:]], [g[1] for g in gathered[1:]]
+    per_client = s.placement.by_client(gathered)
+    server, infos, tables = gathered[SERVER][1], [g[0] for g in per_client], [g[1] for g in per_client]
     t_bcast, t_up, t_server = probe_terms(server, tables)
     model_bytes, up_bytes = 4 * s.model.size, probes.update_bytes(s)
     up = probes.update_collective(s)
@@ -244,7 +248,7 @@ def _plan(s: Session, gathered: list, start: float) -> StartupPlan:
     for k, (info, table) in enumerate(zip(infos, tables)):
         link = profiles.link_seconds(s.profile(k), model_bytes) + profiles.link_seconds(s.profile(k), up_bytes)
         curve, samples = fit_client(table, link, jitter[k])
-        clients.append(ClientProfile(k, k + 1, info["device"], int(info["cap"]), curve, samples))
+        clients.append(ClientProfile(k, s.placement.rank_of(k), info["device"], int(info["cap"]), curve, samples))
         links.append(link)
     comm_model = fit_collective([CollectiveSample("bcast", p, model_bytes, t_bcast),
                                  CollectiveSample(up, p, up_bytes, t_up)])

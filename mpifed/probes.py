@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mpifed import profiles
-from mpifed.client import ClientSetup, coordinate_route, dense_tail_size, local_steps, update_channel
+from mpifed.client import ClientSetup, local_steps
 from mpifed.optimizers import local_optimizer, server_optimizer
 from mpifed.scaling import ClientRound, ServerScalingPolicy
 from mpifed.seeding import Purpose, rng, torch_generator
@@ -43,7 +43,7 @@ def client_step(s: Session, setup: ClientSetup) -> Callable[[int], None]:
     Samples are drawn from the client's own data with a private generator, so the training sampler
     is not advanced, into a scratch update. The model's parameters may change (E > 1 runs SGD with
     lr 0, which leaves them as they are but costs the same); round 0's broadcast overwrites them anyway."""
-    job, client = s.job, s.world.rank - 1
+    job, client = s.job, s.client
     profile = s.profile(client)
     xs, ys = setup.xs, setup.ys
     gen = torch_generator(job.run.seed, Purpose.SAMPLE, PROBE_KEY, client)
@@ -95,13 +95,12 @@ def server_step(s: Session) -> Callable[[], None]:
 
 def update_bytes(s: Session) -> int:
     """Bytes one client uploads per round: the codec's payload plus the dense float32 tail."""
-    channel = update_channel(s, None)
-    return channel.nbytes + 4 * dense_tail_size(s, channel)
+    return s.protocol().nbytes_up
 
 
 def update_collective(s: Session) -> str:
     """The collective that carries the update: "reduce" for summable codecs, "gatherv" for the others."""
-    return "reduce" if update_channel(s, None).codec.summable else "gatherv"
+    return s.protocol().up_collective
 
 
 PROBE_COLUMNS = ("batch", "t_compute", "t_down", "t_up", "t_decode")
@@ -111,9 +110,10 @@ clients fill batch and t_compute, the server t_down, t_up and t_decode; the rest
 
 def probe_rounds(s: Session, setup: ClientSetup | None, grid: Sequence[int], repeats: int,
                  warmup: int = 1) -> np.ndarray:
-    """Rounds of the real path at start-up: the server broadcasts, every client steps at its batch
-    grid[i] (client_step), encodes and sends through the job's update channel, the server receives,
-    decodes and runs its step (server_step). Each grid size is run `warmup` times untimed and then
+    """Rounds of the real path at start-up, through training's own protocol (mpifed.protocol): the
+    server broadcasts, every client steps at its batch grid[i] (client_step) and sends its update
+    (send_update: the codec, the norms, the dense tail), the server receives and decodes it
+    (receive_update) and runs its step (server_step). Each grid size is run `warmup` times untimed and then
     `repeats` times in a row, as training repeats one size: cycling through the sizes instead made
     a step ~16% slower (the CPU's kernel and allocator caches are rebuilt for each new shape).
     Returns this rank's (repeats * len(grid), len(PROBE_COLUMNS)) table.
@@ -122,16 +122,14 @@ def probe_rounds(s: Session, setup: ClientSetup | None, grid: Sequence[int], rep
     ranks make it (K clients stepping at once, the server waking to poll, a slow client's emulation
     sleeping), and the broadcast and update overlap the clients' compute; only a round has all of
     that. Collective: every rank calls it with grids of the same length (the server's is ignored)."""
-    model, ex = s.model, s.exchange
-    client = None if s.world.is_server else s.world.rank - 1
-    channel = update_channel(s, client)   # a throwaway channel: its error feedback is discarded
-    n = model.n_params
-    buf = np.zeros(model.size, np.float32)  # scratch: never the model's own buffer
-    tail = np.zeros(dense_tail_size(s, channel), np.float32)
-    update = (1e-3 * rng(s.job.run.seed, Purpose.SAMPLE, PROBE_KEY, s.world.rank).standard_normal(n)
-              ).astype(np.float32)
-    out = np.zeros(n, np.float32)
-    squares = np.zeros(n, np.float32) if coordinate_route(s, channel) == "decode" else None
+    model, client = s.model, s.client
+    protocol = s.protocol()  # a throwaway channel: its error feedback is discarded
+    scratch = torch.zeros(model.size, dtype=torch.float32, device=s.device)  # never the model's own buffer
+    update = torch.zeros(protocol.layout.update_size, dtype=torch.float32, device=s.device)
+    update[: model.n_params] = torch.from_numpy(
+        (1e-3 * rng(s.job.run.seed, Purpose.SAMPLE, PROBE_KEY, s.world.rank).standard_normal(model.n_params)
+         ).astype(np.float32))
+    aggregate = torch.zeros(protocol.layout.aggregate_size, dtype=torch.float32, device=s.device)
     weights = s.batches / s.batches.sum()
     step = server_step(s) if client is None else client_step(s, setup)
     order = [i for i in range(len(grid)) for _ in range(warmup + repeats)]
@@ -141,19 +139,15 @@ def probe_rounds(s: Session, setup: ClientSetup | None, grid: Sequence[int], rep
         stop_if_asked(s)  # outside the timing: a slow client's round at a large probe size takes long
         row = table[j]
         start = time.perf_counter()
-        ex.broadcast(buf)
+        protocol.share_model(scratch)
         t0 = time.perf_counter()
         if client is not None:
             step(int(grid[i]))
             row[:2] = grid[i], time.perf_counter() - t0
-            channel.send(update, 0)
-            ex.reduce_sum(tail)
+            protocol.send_update(0, update, 1.0)  # weight 1: the same work, and the update stays as it is
             continue
         row[2] = t0 - start
-        channel.receive(0, out, weights, squares)
-        t1 = time.perf_counter()
-        ex.reduce_sum(tail)
-        row[3] = channel.comm_seconds + time.perf_counter() - t1
+        _, row[3] = protocol.receive_update(0, aggregate, weights)
         step()
         row[4] = time.perf_counter() - t0 - row[3]
     return table[timed]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
+from mpifed.placement import Placement
+
 ROOT = 0
 CALL_TAG, ANSWER_TAG = 7301, 7302
 ANSWER_AFTER = 0.5
@@ -66,7 +68,8 @@ def answer(comm: MPI.Intracomm, here: Position) -> bool:
 class RollCall:
     """Rank 0's side: call every other rank, then collect the answers that come."""
 
-    def __init__(self, comm: MPI.Intracomm):
+    def __init__(self, comm: MPI.Intracomm, placement: Placement | None = None):
+        self.placement = placement or Placement.one_per_rank(comm.size)  # names each rank's clients
         self.ranks = range(1, comm.size)
         self.rows = np.full((comm.size, 3), np.nan)
         empty = [np.empty(0, dtype=np.uint8), MPI.BYTE]
@@ -87,27 +90,21 @@ class RollCall:
             else:
                 there = Position.decode(self.rows[r])
                 at.setdefault((there.number, there.kind), []).append(r)
-        parts = []
+        parts, names = [], self.placement.names
         if silent:
-            parts.append(f"{_names(silent)} did not answer within {waited_for_answers:.0f} s: busy outside MPI "
+            parts.append(f"{names(silent)} did not answer within {waited_for_answers:.0f} s: busy outside MPI "
                          f"(stuck in its computation or I/O, stopped, or on a lost node)")
         for (number, kind), ranks in sorted(at.items()):
             verb = "waits" if len(ranks) == 1 else "wait"
             if number != here.number:
                 step = f"{abs(number - here.number)} {'ahead' if number > here.number else 'behind'}"
-                parts.append(f"{_names(ranks)} {verb} in {Position(number, kind).describe()}, {step}")
+                parts.append(f"{names(ranks)} {verb} in {Position(number, kind).describe()}, {step}")
             elif kind != here.kind:
-                parts.append(f"{_names(ranks)} {verb} in collective {number} but in a {kind}, not a {here.kind}: "
+                parts.append(f"{names(ranks)} {verb} in collective {number} but in a {kind}, not a {here.kind}: "
                              f"the ranks disagree on their collectives (a bug in mpifed; please report it)")
             else:
-                parts.append(f"{_names(ranks)} {verb} in the same collective")
+                parts.append(f"{names(ranks)} {verb} in the same collective")
         if not silent and all(where == (here.number, here.kind) for where in at):
             parts.append("no rank is missing from it, so MPI itself did not complete it (a network fault?)")
         return "; ".join(parts)
 
-
-def _names(ranks: list[int]) -> str:
-    if len(ranks) == 1:
-        return f"rank {ranks[0]} (client {ranks[0] - 1})"
-    listed = ", ".join(map(str, ranks))
-    return f"ranks {listed} (clients {', '.join(str(r - 1) for r in ranks)})"

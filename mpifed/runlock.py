@@ -17,8 +17,8 @@ import os
 import socket
 from pathlib import Path
 
-from mpifed import runlog
 from mpifed.config import JobError
+from mpifed.diskfull import disk_full, is_disk_full
 
 LOCK_NAME = "run.lock"
 
@@ -63,6 +63,6 @@ def hold(run_dir: Path) -> bool:
 
 def _unwritable(err: OSError, run_dir: Path) -> Exception:
     """The first write into a run directory failed: a full disk says so; anything else is left as is."""
-    if runlog.is_disk_full(err):
-        return runlog.disk_full(LOCK_NAME, run_dir, "free space there, or choose another run.out (--out)")
+    if is_disk_full(err):
+        return disk_full(LOCK_NAME, run_dir, "free space there, or choose another run.out (--out)")
     return err

@@ -20,7 +20,6 @@ disk) leaves the old one as it was.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 from pathlib import Path
@@ -30,8 +29,7 @@ import h5py
 import numpy as np
 from h5py import h5s
 
-from mpifed.errors import InputError
-from mpifed.units import format_bytes
+from mpifed.diskfull import disk_full, is_disk_full, resume_advice
 
 SCHEMA = 1
 
@@ -68,44 +66,6 @@ RANK_COLUMNS = ("role", "host", "device", "profile", "emulated", "speed", "memor
 
 def column(name: str) -> int:
     return ITER_FIELDS.index(name)
-
-
-class DiskFullError(InputError, OSError):
-    """A file of the run could not be written because its disk (or quota) is full. The message says
-    where, how much is free and how to go on: a traceback adds nothing to that."""
-
-
-_FULL = (errno.ENOSPC, errno.EDQUOT)
-_FULL_TEXT = tuple(os.strerror(code) for code in _FULL)
-
-
-def is_disk_full(err: BaseException | None) -> bool:
-    """Whether `err`, or an error it arose from, is ENOSPC/EDQUOT. HDF5 names the errno only in its
-    message, and torch.save reports it as the context of its own RuntimeError."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if getattr(err, "errno", None) in _FULL or any(text in str(err) for text in _FULL_TEXT):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def disk_full(what: str, folder: Path, advice: str, needs: int | None = None) -> DiskFullError:
-    """The error for a write that found the disk holding `folder` full: what failed, the free space
-    (and what the file needs, when known), and `advice` on how to go on."""
-    where = Path(folder)
-    while not where.exists() and where != where.parent:  # a folder the failed write was to create
-        where = where.parent
-    try:
-        free = format_bytes(shutil.disk_usage(where).free)
-    except OSError:
-        free = "unknown"
-    needed = f", it needs about {format_bytes(needs)}" if needs else ""
-    err = DiskFullError(f"{what} could not be written: the disk holding {folder} is full ({free} free{needed}); "
-                        f"{advice}")
-    err.errno = errno.ENOSPC
-    return err
 
 
 class RunWriter:
@@ -242,7 +202,6 @@ class RunWriter:
         """Note that a write failed (close() then keeps quiet); a full disk raises the error that says so."""
         self.failed = True
         if is_disk_full(err):
-            from mpifed.checkpoint import resume_advice  # imports torch, which reading logs does not need
             kept = f"the {self.rounds} rounds logged before stay in it; " if self.rounds else ""
             raise disk_full(f"run log {self.path}", self.path.parent,
                             kept + resume_advice(self.path.parent)) from err

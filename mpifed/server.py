@@ -1,5 +1,8 @@
 """The server's rounds: broadcast the model, sum the clients' weighted updates, step, log, evaluate.
 
+The round's collectives are mpifed.protocol's (the clients run the same steps); what is the
+server's own is here: aggregating, the scaling policy, the optimizer step, the log and evaluation.
+
 Each client pre-multiplies its update by b_k / B, so the sum the server gets is g = sum_k (b_k / B) u_k
 (from the MPI reduce for summable codecs, from its own validate-and-decode of the gathered payloads
 for the others: mpifed.updates), the gradient of the union of all client batches
@@ -17,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from mpifed import checkpoint
-from mpifed.client import coordinate_route, dense_tail_size, payload_size, update_channel
 from mpifed.planning import StartupPlan
 from mpifed.progress import Progress
 from mpifed.scaling import BatchController, ClientRound, ServerScalingPolicy, split_batch
 from mpifed.optimizers import server_optimizer
+from mpifed.placement import SERVER
+from mpifed.protocol import RoundProtocol, UpdateLayout
 from mpifed.runlog import ITER_FIELDS, RunWriter, column
 from mpifed.schedule import learning_rate
 from mpifed.session import Session
@@ -36,17 +40,11 @@ def straggler_wait(t_up: np.ndarray) -> np.ndarray:
 def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
                plan: StartupPlan | None = None) -> dict:
     job, model = s.job, s.model
-    on_gpu = s.device.type == "cuda"
-    host = np.empty(model.size, np.float32) if on_gpu else model.flat.numpy()
-    channel = update_channel(s, None)
-    n = model.n_params
-    route = coordinate_route(s, channel)
+    protocol = s.protocol()
+    lay, n = protocol.layout, model.n_params
     # [sum of updates | BatchNorm statistics | per-layer squares | per-coordinate squares, if any]
-    agg = torch.zeros(payload_size(model) + n * bool(route), dtype=torch.float32, device=s.device)
-    agg_host = np.empty(agg.numel(), np.float32) if on_gpu else agg.numpy()
-    reduced_tail = agg_host[n: n + dense_tail_size(s, channel)]
-    squares = agg_host[payload_size(model):] if route == "decode" else None
-    grad = agg[: model.n_params]
+    agg = torch.zeros(lay.aggregate_size, dtype=torch.float32, device=s.device)
+    grad = agg[:n]
     model.attach_grads(grad)
     optimizer = server_optimizer(s)
     policy = ServerScalingPolicy(job.scaling, [p.numel() for p in model.params], job.run.seed)
@@ -54,7 +52,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
     weights = s.batches / s.global_batch
     table = np.empty((s.world.size, len(ITER_FIELDS)))
     row = np.full(len(ITER_FIELDS), np.nan)
-    nbytes, nbytes_up = model.size * 4, channel.nbytes + reduced_tail.nbytes
+    nbytes, nbytes_up = model.size * 4, protocol.nbytes_up
     began = time.perf_counter()
     last_eval: dict = {}
 
@@ -67,46 +65,37 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
     online = plan.online_model() if plan is not None else None
     replanner = plan.replanner(s.batches, job.plan.replan_band) if plan is not None and job.plan.replan else None
     if s.resumed_from is not None:
-        _restore(s, optimizer, policy, channel)
+        _restore(s, optimizer, policy, protocol)
         if controller is not None:
             controller.load_state_dict(s.resumed_from["controller"])
         began -= float(s.resumed_from["wall"])  # the log's wall clock continues where it stopped
     for rnd in range(s.start_round, job.train.rounds):
         row[:] = np.nan
         start = time.perf_counter()
-        if s.batches_may_change:
-            s.exchange.broadcast(s.batches)
+        protocol.share_batches(s.batches)
+        if protocol.batches_may_change:
             weights = s.batches / s.global_batch
-        if on_gpu:
-            torch.from_numpy(host).copy_(model.flat)  # into the staging buffer: no new host tensor
-        s.exchange.broadcast(host)
+        protocol.share_model(model.flat)
         t_down = time.perf_counter() - start
 
         t0 = time.perf_counter()
-        reduced_tail.fill(0.0)  # the server's share of the tail's sum; receive zeroes the rest it fills
-        received = channel.receive(rnd, agg_host[:n], weights, squares)
-        t1 = time.perf_counter()
-        s.exchange.reduce_sum(reduced_tail)
-        t_up = channel.comm_seconds + time.perf_counter() - t1
+        received, t_up = protocol.receive_update(rnd, agg, weights)
         for message in received.messages:
             progress.warn(f"mpifed: {message}")
 
-        t1 = time.perf_counter()
-        if on_gpu:
-            agg.copy_(torch.from_numpy(agg_host))
         lr = learning_rate(job.optim, rnd, job.train.rounds, s.global_batch)
         if job.train.local_steps > 1:
             lr = job.optim.server_lr
         for group in optimizer.param_groups:
             group["lr"] = lr
         stats: dict = {}
-        tail_ok = bool(np.isfinite(reduced_tail).all())  # False: a client diverged (summed, so unnamed)
+        tail_ok = bool(torch.isfinite(agg[lay.tail]).all())  # False: a client diverged (summed, so unnamed)
         if received.ok and not tail_ok:
             progress.warn(f"mpifed: round {rnd}: the clients' BatchNorm statistics or update norms hold a "
                           f"non-finite value (a client diverged): the server keeps its own statistics and "
                           f"skips this round's noise estimate")
         if received.ok:
-            scaled, stats = policy.apply(rnd, grad, _client_round(s, agg, received, route, tail_ok))
+            scaled, stats = policy.apply(rnd, grad, _client_round(s, agg, received, lay, tail_ok))
             if scaled is not grad:
                 grad.copy_(scaled)
             optimizer.step()
@@ -128,7 +117,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
                       grad_norm=stats.get("grad_norm", np.nan))
         for key, value in values.items():
             row[column(key)] = value
-        s.exchange.gather_rows(row, table)
+        protocol.gather_rows(row, table)
         train_loss = _complete_table(s, table, received.rejected)
         writer.append_round(table, dict(stats, lr=lr, global_batch=s.global_batch, train_loss=train_loss,
                                         wall=time.perf_counter() - began))
@@ -137,12 +126,12 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         progress.update(done, train_loss, last_eval.get("test_acc"), s.global_batch * job.train.local_steps,
                         time.perf_counter() - start)
         if online is not None and rnd > s.start_round:  # a run's first round holds every rank's arrival
-            online.observe(s.batches, table[1:, column("t_compute")], t_down, t_up, t_decode,
-                           table[0, column("t_iter")] - t_eval)  # the model predicts training rounds
+            online.observe(s.batches, table[s.placement.client_ranks, column("t_compute")], t_down, t_up,
+                           t_decode, table[SERVER, column("t_iter")] - t_eval)  # the model predicts training rounds
         _next_batches(s, done, stats, controller, caps, replanner, online, progress)
-        stop = s.exchange.any(bool(s.stop))
+        stop = protocol.agree_stop(bool(s.stop))
         if stop or s.checkpoint_due(done):
-            path = _checkpoint(s, done, optimizer, policy, channel, run_dir, time.perf_counter() - began,
+            path = _checkpoint(s, done, optimizer, policy, protocol, run_dir, time.perf_counter() - began,
                                controller.state_dict() if controller is not None else {})
             if stop:
                 progress.print(f"mpifed: stopped by a signal after round {done}; checkpoint {path}; "
@@ -157,13 +146,14 @@ def _complete_table(s: Session, table: np.ndarray, rejected: list[int]) -> float
     """What only the server knows, into the gathered round table: the prediction (on every rank's row,
     since a client's round spans the same interval), each client's wait for the slowest, which clients
     were rejected, and the batch-weighted training loss (returned)."""
+    clients = s.placement.client_ranks
     table[:, column("t_iter_pred")] = s.t_iter_pred
-    table[1:, column("t_wait")] = straggler_wait(table[1:, column("t_up")])
-    table[1:, column("rejected")] = 0
-    table[[k + 1 for k in rejected], column("rejected")] = 1
-    batches = table[1:, column("batch")]
-    train_loss = float(np.dot(batches, table[1:, column("loss")]) / batches.sum())
-    table[0, column("loss")] = train_loss
+    table[clients, column("t_wait")] = straggler_wait(table[clients, column("t_up")])
+    table[clients, column("rejected")] = 0
+    table[[s.placement.rank_of(k) for k in rejected], column("rejected")] = 1
+    batches = table[clients, column("batch")]
+    train_loss = float(np.dot(batches, table[clients, column("loss")]) / batches.sum())
+    table[SERVER, column("loss")] = train_loss
     return train_loss
 
 
@@ -185,7 +175,7 @@ def _next_batches(s: Session, done: int, stats: dict, controller: BatchControlle
         s.t_iter_pred = online.predict(s.batches).t_round
 
 
-def _client_round(s: Session, agg: torch.Tensor, received, route: str, tail_ok: bool) -> ClientRound:
+def _client_round(s: Session, agg: torch.Tensor, received, lay: UpdateLayout, tail_ok: bool) -> ClientRound:
     """The clients' statistics for the scaling policy, out of the reduced tail (and the decoded squares);
     none when the tail is not finite (the policy then estimates nothing this round)."""
     # a rejected client is left out of the decoded sums (which are rescaled to the others' weight)
@@ -193,43 +183,30 @@ def _client_round(s: Session, agg: torch.Tensor, received, route: str, tail_ok: 
     batches = [int(b) for k, b in enumerate(s.batches) if k not in rejected]
     if not tail_ok:
         return ClientRound(batches)
-    size, layers = s.model.size, payload_size(s.model)
-    layer_sq = agg[size: layers] * s.global_batch
-    if not route:
+    layer_sq = agg[lay.layer_sq] * s.global_batch
+    if not lay.route:
         return ClientRound(batches, weighted_sq=layer_sq)
-    return ClientRound(batches, weighted_sq=layer_sq, coordinate_sq=agg[layers:])
+    return ClientRound(batches, weighted_sq=layer_sq, coordinate_sq=agg[lay.coordinate_sq])
 
 
-def _checkpoint(s: Session, done: int, optimizer, policy, channel, run_dir: Path, wall: float,
+def _checkpoint(s: Session, done: int, optimizer, policy, protocol: RoundProtocol, run_dir: Path, wall: float,
                 controller: dict) -> Path:
     """Collect every client's state and write the checkpoint for resuming at round `done`."""
-    cursors = np.zeros((s.world.size, 1), dtype=np.int64)
-    s.exchange.gather_rows(np.zeros(1, dtype=np.int64), cursors)
-    residuals = torch.zeros(0)
-    if channel.codec.error_feedback:
-        table = np.zeros((s.world.size, channel.n), dtype=np.float32)
-        s.exchange.gather_rows(np.zeros(channel.n, dtype=np.float32), table)
-        residuals = torch.from_numpy(table[1:])
+    cursors, residuals = protocol.collect_state()
     payload = dict(round=done, identity=checkpoint.identity(s.job, s.n_clients), model=s.model.module.state_dict(),
                    optimizer=optimizer.state_dict(), policy=policy.state_dict(),
-                   cursors=torch.from_numpy(cursors[1:, 0]), residuals=residuals, wall=wall,
+                   cursors=cursors, residuals=residuals, wall=wall,
                    batches=torch.from_numpy(s.batches.copy()), controller=controller)
     return checkpoint.save(run_dir, payload, s.job.checkpoint.keep)
 
 
-def _restore(s: Session, optimizer, policy, channel) -> None:
+def _restore(s: Session, optimizer, policy, protocol: RoundProtocol) -> None:
     """Load the checkpoint into the server and hand each client its cursor and residual."""
     state = s.resumed_from
     s.model.module.load_state_dict(state["model"])  # copies into the flat buffer's views
     optimizer.load_state_dict(state["optimizer"])
     policy.load_state_dict(state["policy"])
-    cursors = np.zeros((s.world.size, 1), dtype=np.int64)
-    cursors[1:, 0] = state["cursors"].numpy()
-    s.exchange.scatter_rows(cursors, np.zeros(1, dtype=np.int64))
-    if channel.codec.error_feedback:
-        table = np.zeros((s.world.size, channel.n), dtype=np.float32)
-        table[1:] = state["residuals"].numpy()
-        s.exchange.scatter_rows(table, np.zeros(channel.n, dtype=np.float32))
+    protocol.hand_out_state(state["cursors"], state["residuals"])
 
 
 def _eval_indices(s: Session) -> np.ndarray:

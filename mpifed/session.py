@@ -17,6 +17,8 @@ from mpifed.data import ImageSet, load_dataset
 from mpifed.exchange import Exchange
 from mpifed.flat import FlatModel
 from mpifed.models import build_model
+from mpifed.placement import Placement
+from mpifed.protocol import RoundProtocol, round_protocol
 from mpifed.seeding import Purpose, forked_torch_rng
 
 
@@ -30,6 +32,7 @@ class Session:
     profile_names: list[str]       # per client
     batches: np.ndarray            # per client, samples per local step
     dataset: ImageSet              # train split on clients, test split on the server
+    placement: Placement           # which rank trains which client
     stop: StopRequest = field(default_factory=StopRequest.install)  # SIGTERM/SIGUSR1/SIGINT seen by this rank
     start_round: int = 0           # > 0 when resuming
     resumed_from: dict | None = None  # the checkpoint being resumed (server only)
@@ -43,7 +46,17 @@ class Session:
 
     @property
     def n_clients(self) -> int:
-        return self.world.size - 1
+        return self.placement.n_clients
+
+    @property
+    def client(self) -> int | None:
+        """The client this rank trains (None on the server)."""
+        return self.placement.client_on(self.world.rank)
+
+    def protocol(self) -> RoundProtocol:
+        """This rank's side of the round (mpifed.protocol), with its own update channel."""
+        return round_protocol(self.job, self.model, self.exchange, self.placement, self.world.rank,
+                              self.batches_may_change)
 
     @property
     def global_batch(self) -> int:
@@ -65,22 +78,31 @@ class Session:
 
 def open_session(world: World, job: Job) -> Session:
     names = resolve_clients(job, world.size)
+    placement = Placement.one_per_rank(world.size)
     device = pick_device(world, job.run.device)
     polite = job.comm.wait == "sleep" or (job.comm.wait == "auto" and world.oversubscribed)
-    exchange = Exchange(world.comm, polite, int(job.comm.chunk_mib * 2**20), timeout=job.comm.timeout)
+    exchange = Exchange(world.comm, polite, int(job.comm.chunk_mib * 2**20), timeout=job.comm.timeout,
+                        placement=placement)
     dataset = _load_data(world, job, exchange)
     with forked_torch_rng(job.run.seed, Purpose.INIT):  # same init on every rank, global RNG untouched
         module = build_model(job.model.name, dataset.num_classes, dataset.channels)
     model = FlatModel(module, device)
     batches = np.array(client_batches(job, names), dtype=np.int64)
-    return Session(world, job, device, model, exchange, names, batches, dataset)
+    return Session(world, job, device, model, exchange, names, batches, dataset, placement)
 
 
 def all_batches(s: Session, mine: int) -> np.ndarray:
     """Every client's batch, on every rank (the server passes 0)."""
     everyone = np.zeros(s.world.size, dtype=np.int64)
     s.exchange.wait([s.world.comm.Iallgather(np.array([mine], dtype=np.int64), everyone)], "allgather")
-    return everyone[1:]
+    return everyone[s.placement.client_ranks]
+
+
+def gather_rank_facts(s: Session, facts: dict | None) -> list[dict] | None:
+    """Once, at start-up: every rank's static facts (the run log's /ranks row) to the server, pickled;
+    the server (facts None) gets one dict per rank, rank 0 first."""
+    s.exchange.arrive()  # clients prepare at their own pace: the server waits politely
+    return s.world.comm.gather(facts, root=0)
 
 
 def stop_if_asked(s: Session) -> None:

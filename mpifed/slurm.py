@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from importlib import resources
 
+import click
+
+from mpifed.trainargs import job_overrides, parse
+
 TEMPLATES = ("single-node", "multi-node", "array")
 LAUNCHERS = ("srun", "mpirun")
 _FIELD = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -76,19 +80,15 @@ def sbatch_word_problem(name: str, value: str | None) -> str | None:
 
 
 def train_options(args: Sequence[str]) -> dict[str, object]:
-    """`mpifed train`'s options in `args` (what follows `--`), read by that command's own parser so
-    that a typo fails when the script is rendered, not when the job starts in the queue. Returns its
-    parameters, with --name and --out folded into `overrides` as train does. Raises ValueError for
-    what train would refuse and for what the script itself decides (--job, --resume, --print-job)."""
-    import click
-
-    from mpifed.commands.train import job_overrides, train
-
+    """`mpifed train`'s options in `args` (what follows `--`), read by that command's own parser
+    (mpifed.trainargs) so that a typo fails when the script is rendered, not when the job starts in the
+    queue. Returns its parameters, with --name and --out folded into `overrides` as train does. Raises
+    ValueError for what train would refuse and for what the script itself decides (--job, --resume,
+    --print-job)."""
     try:
-        ctx = train.make_context("mpifed train", list(args), help_option_names=[])
+        params = parse(args)
     except click.ClickException as err:
         raise ValueError(f"arguments after -- (for mpifed train): {err.format_message()}") from None
-    params = dict(ctx.params)
     refused = [("job_file", "--job: the script passes the job file itself; give it to mpifed slurm --job"),
                ("resume", "--resume: the script trains its job file from the start; for a job that resumes "
                           "itself after the time limit use mpifed slurm --requeue"),

@@ -7,7 +7,7 @@ import pytest
 import tomli_w
 
 from mpifed.config import Job, JobError
-from mpifed.train import _changed_fields, _stored_job
+from mpifed.resume import _changed_fields, _stored_job
 
 
 def _stored(tmp_path, **changes):

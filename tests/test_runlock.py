@@ -8,7 +8,7 @@ import pytest
 
 from mpifed import runlock
 from mpifed.config import JobError
-from mpifed.train import _resume
+from mpifed.resume import resume_run as _resume
 
 HOLDER = """
 import sys, time

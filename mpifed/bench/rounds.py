@@ -1,8 +1,8 @@
 """`mpifed bench rounds`: one round's exchange per codec at n ranks, as a ratio to dense fp32.
 
-A round here is what a codec changes: the model broadcast plus the whole update path a training
-round runs (mpifed.updates.UpdateChannel: client encode and error feedback, the codec's collectives
-with the job's waiting mode, the server's validation and decoding). The local training step is the
+A round here is what a codec changes: training's own protocol steps (mpifed.protocol) for the model
+broadcast and the whole update path (client encode, error feedback and norms, the codec's collectives
+with the job's waiting mode, the dense tail, the server's validation and decoding). The local training step is the
 same whatever the codec, so it is left out; add it back with the step times of `mpifed bench
 compress`. Codecs are timed interleaved, one round each per repeat, so drift hits all alike.
 """
@@ -55,41 +55,49 @@ def compare_round_times(run_round: Callable[[Codec], float], codecs: Mapping[str
 
 
 def _worker(model_name: str, codec_names: list[str], repeats: int) -> None:
+    import torch
+
     from mpifed.cluster import init_world
     from mpifed.compress import make_codec
     from mpifed.exchange import Exchange
     from mpifed.flat import FlatModel
     from mpifed.models import build_model
+    from mpifed.placement import Placement
+    from mpifed.protocol import RoundProtocol
     from mpifed.updates import UpdateChannel
 
     world = init_world()
     flat = FlatModel(build_model(model_name, 10))
-    exchange = Exchange(world.comm, polite=world.oversubscribed)
-    n, client = flat.n_params, (None if world.is_server else world.rank - 1)
-    layers = [(name, shape) for name, shape in flat.layout]
+    placement = Placement.one_per_rank(world.size)
+    exchange = Exchange(world.comm, polite=world.oversubscribed, placement=placement)
+    n, client = flat.n_params, placement.client_on(world.rank)
+    layers = list(flat.layout)
     gen = np.random.default_rng(world.rank)
-    update = (1e-3 * gen.standard_normal(n)).astype(np.float32)
-    out = np.zeros(n, np.float32)
-    weights = np.full(world.size - 1, 1.0 / (world.size - 1))
-    channels = {name: UpdateChannel(make_codec(name, layers=layers), exchange, n, 0, client) for name in codec_names}
-    by_codec = {id(ch.codec): ch for ch in channels.values()}
+    weights = np.full(placement.n_clients, 1.0 / placement.n_clients)
+    protocols = {name: RoundProtocol(exchange, flat, UpdateChannel(make_codec(name, layers=layers), exchange, n, 0,
+                                                                   client), placement, world.rank)
+                 for name in codec_names}
+    by_codec = {id(p.channel.codec): p for p in protocols.values()}
+    size = max(p.layout.update_size if client is not None else p.layout.aggregate_size for p in protocols.values())
+    buffer = torch.zeros(size)
+    buffer[:n] = torch.from_numpy((1e-3 * gen.standard_normal(n)).astype(np.float32))
     counter = [0]
 
     def run_round(codec) -> float:
-        channel = by_codec[id(codec)]
+        protocol = by_codec[id(codec)]
         world.comm.Barrier()
         start = time.perf_counter()
-        exchange.broadcast(flat.flat.numpy())
+        protocol.share_model(flat.flat)
         if client is None:
-            channel.receive(counter[0], out, weights)
-        else:
-            channel.send(update, counter[0])
+            protocol.receive_update(counter[0], buffer[: protocol.layout.aggregate_size], weights)
+        else:  # weight 1: the same work, and the update stays as it is from round to round
+            protocol.send_update(counter[0], buffer[: protocol.layout.update_size], 1.0)
         counter[0] += 1
         return world.comm.bcast(time.perf_counter() - start, root=0)
 
-    rows = compare_round_times(run_round, {name: ch.codec for name, ch in channels.items()}, repeats)
+    rows = compare_round_times(run_round, {name: p.channel.codec for name, p in protocols.items()}, repeats)
     if world.is_server:
-        result = [dict(codec=r.codec, seconds=r.seconds, ratio=r.vs_dense, nbytes=channels[r.codec].nbytes)
+        result = [dict(codec=r.codec, seconds=r.seconds, ratio=r.vs_dense, nbytes=protocols[r.codec].channel.nbytes)
                   for r in rows]
         report(dict(model=model_name, ranks=world.size, n=n, rows=result))
 

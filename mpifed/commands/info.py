@@ -19,6 +19,7 @@ def info():
 
     import mpifed
     from mpifed.cluster import init_world
+    from mpifed.placement import Placement
 
     world = init_world()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -36,7 +37,8 @@ def info():
     click.echo(f"MPI standard {'.'.join(map(str, MPI.Get_version()))}")
     click.echo(f"world size   {world.size} (rank 0 = server, {world.size - 1} clients)")
     click.echo(f"hosts        {len({r[1] for r in rows})}")
+    placement = Placement.one_per_rank(world.size)
     for rank, host, local, cores, ngpu in rows:
-        role = "server" if rank == 0 else f"client {rank - 1}"
+        role = placement.role(rank)
         device = f"cuda:{local % ngpu}" if ngpu else "cpu"
         click.echo(f"  rank {rank:>3}  {role:<10} {host}  local rank {local}  cores {cores}  device {device}")

@@ -1,0 +1,239 @@
+"""One round's protocol: the order of its collectives and the update's wire layout, for both roles.
+
+Every rank issues the same collectives in the same order, or the job deadlocks. So each step of a
+round is written once, here, with its server side and its client side next to each other; training
+(mpifed.server, mpifed.client), the start-up probe rounds (mpifed.probes) and `mpifed bench rounds`
+all run these methods, and a new step is added in this one place. A round, top to bottom:
+
+  1. batches  server -> clients  every client's batch b_k, when they may change between rounds
+  2. model    server -> clients  the flat model [parameters | float buffers], received in place
+              (the clients now train: E local steps, mpifed.client; no collective)
+  3. update   clients -> server  w_k u_k through the codec's channel (a reduce of summable payloads,
+                                 or a gather the server validates client by client), then the
+                                 dense tail by one reduce
+  4. rows     clients -> server  one fixed-size row of timings and metrics per rank, for the run log
+  5. stop     all                did any rank get a signal? (one tiny allreduce)
+  6. state    clients -> server  after a round that checkpoints: each client's sampler cursor and
+                                 error-feedback residual (resuming: server -> clients, before round 1)
+
+The update on the wire (UpdateLayout), one float32 vector per client, w_k = b_k / B:
+
+  [ w_k u_k (n parameters) | w_k BatchNorm statistics | w_k |u_k,l|^2 per layer | w_k u_k^2 per coordinate ]
+    through the codec        `-------------------- the dense tail, summed by one reduce ------------------'
+
+so the sums the server gets are the global batch's update, its BatchNorm statistics and the squared
+norms the noise-scale estimate needs, with no extra round trip. The per-coordinate squares are
+there only for the per-coordinate teacher with a summable codec ("reduce"); with a gathered codec
+the server squares what it decodes ("decode"). The server's aggregate has the same layout, with the
+decoded squares in the last n places for "decode".
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mpifed.compress import make_codec
+from mpifed.config import Job
+from mpifed.exchange import Exchange
+from mpifed.flat import FlatModel
+from mpifed.placement import SERVER, Placement
+from mpifed.updates import Received, UpdateChannel
+
+
+@dataclass(frozen=True)
+class UpdateLayout:
+    """Where each part of an update (and of the server's aggregate) lies; see the module docstring."""
+
+    n: int        # parameters
+    size: int     # parameters + float buffers (the flat model)
+    layers: int   # parameter tensors, one squared norm each
+    route: str    # per-coordinate squares: '' not needed, 'reduce' clients send them, 'decode' the server squares
+
+    @classmethod
+    def of(cls, model: FlatModel, per_coordinate: bool, summable: bool) -> UpdateLayout:
+        route = ("reduce" if summable else "decode") if per_coordinate else ""
+        return cls(model.n_params, model.size, len(model.params), route)
+
+    @property
+    def payload(self) -> int:
+        """Floats of update, statistics and per-layer squares."""
+        return self.size + self.layers
+
+    @property
+    def buffers(self) -> slice:
+        return slice(self.n, self.size)
+
+    @property
+    def layer_sq(self) -> slice:
+        return slice(self.size, self.payload)
+
+    @property
+    def coordinate_sq(self) -> slice:
+        return slice(self.payload, self.payload + self.n)
+
+    @property
+    def tail(self) -> slice:
+        """The dense tail, which every rank reduces: statistics, per-layer squares, reduced squares."""
+        return slice(self.n, self.payload + self.n * (self.route == "reduce"))
+
+    @property
+    def update_size(self) -> int:
+        """Floats of a client's update vector."""
+        return self.tail.stop
+
+    @property
+    def aggregate_size(self) -> int:
+        """Floats of the server's aggregate: the tail, and the decoded squares where it squares them."""
+        return self.payload + self.n * bool(self.route)
+
+
+def payload_size(model: FlatModel) -> int:
+    """Floats in one update before any per-coordinate squares (what memory sizing holds per client)."""
+    return model.size + len(model.params)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A client's update, once sent: the norm of what the server decodes, and the seconds spent in
+    collectives (the rest of the step is encoding)."""
+
+    grad_norm: float
+    comm_seconds: float
+
+
+class RoundProtocol:
+    """One rank's side of every round; the same object serves the server and a client (`is_server`)."""
+
+    def __init__(self, exchange: Exchange, model: FlatModel, channel: UpdateChannel, placement: Placement,
+                 rank: int, per_coordinate: bool = False, batches_may_change: bool = False):
+        self.exchange, self.model, self.channel, self.placement = exchange, model, channel, placement
+        self.layout = UpdateLayout.of(model, per_coordinate, channel.codec.summable)
+        self.is_server = rank == SERVER
+        self.batches_may_change = batches_may_change
+        self.layer_sizes = [p.numel() for p in model.params]
+
+    @property
+    def nbytes_up(self) -> int:
+        """Bytes one client uploads per round: the codec's payload plus the dense float32 tail."""
+        return self.channel.nbytes + 4 * (self.layout.tail.stop - self.layout.tail.start)
+
+    @property
+    def up_collective(self) -> str:
+        """The collective that carries the update: 'reduce' (summable codecs) or 'gatherv'."""
+        return "reduce" if self.channel.codec.summable else "gatherv"
+
+    # 1. batches -------------------------------------------------------------------------------------
+    def share_batches(self, batches: np.ndarray) -> None:
+        """The server's b_k into every rank's `batches`, in rounds whose batches may have moved (the
+        noise-scale controller or the re-planner)."""
+        if self.batches_may_change:
+            self.exchange.broadcast(batches)
+
+    # 2. model ---------------------------------------------------------------------------------------
+    def share_model(self, flat: torch.Tensor) -> None:
+        """The server's flat model into every client's, in place (staging is the exchange's)."""
+        self.exchange.broadcast_tensor(flat)
+
+    # 3. update, client side -------------------------------------------------------------------------
+    def send_update(self, rnd: int, update: torch.Tensor, weight: float, corrupt: str = "") -> Sent:
+        """`update` holds u_k and the BatchNorm statistics; weight it by w_k, fill its tail, send it.
+
+        The per-layer |u_k|^2 are those of what the server decodes, weighted like the update: the
+        reduction then hands the server sum_k b_k |u_k|^2 / B for the noise-scale estimate. A lossless
+        codec sends the update itself, whose norms the device computes fastest (foreach norms: 10x
+        faster than squaring into a float64 temporary; relative difference ~1e-4). `corrupt` is
+        debug fault injection."""
+        lay, ex = self.layout, self.exchange
+        update.mul_(weight)
+        host = ex.to_host(update)
+        sent = self.channel.send(host[: lay.n], rnd, corrupt)
+        lossless = self.channel.lossless
+        layers = self.model.param_view(update) if lossless else torch.from_numpy(sent).split(self.layer_sizes)
+        layer_sq = torch.stack(torch._foreach_norm(layers)).double().square().cpu().numpy()
+        if lay.route == "reduce":  # in place in the tail: no n-sized temporary per round
+            coordinate_sq = np.square(sent, out=host[lay.coordinate_sq])
+            coordinate_sq /= np.float32(weight)
+        host[lay.layer_sq] = layer_sq / weight
+        t0 = time.perf_counter()
+        ex.reduce_sum(host[lay.tail])
+        return Sent(float(np.sqrt(layer_sq.sum())) / weight, self.channel.comm_seconds + time.perf_counter() - t0)
+
+    # 3. update, server side -------------------------------------------------------------------------
+    def receive_update(self, rnd: int, aggregate: torch.Tensor, weights: np.ndarray) -> tuple[Received, float]:
+        """The clients' decoded, summed update into `aggregate` (layout above); returns what arrived and
+        the seconds spent in collectives."""
+        lay, ex = self.layout, self.exchange
+        host = ex.host(aggregate)
+        host[lay.tail].fill(0.0)  # the server's share of the tail's sum; receive zeroes the rest it fills
+        squares = host[lay.coordinate_sq] if lay.route == "decode" else None
+        received = self.channel.receive(rnd, host[: lay.n], weights, squares)
+        t0 = time.perf_counter()
+        ex.reduce_sum(host[lay.tail])
+        seconds = self.channel.comm_seconds + time.perf_counter() - t0
+        ex.to_device(aggregate)
+        return received, seconds
+
+    # 4. rows ----------------------------------------------------------------------------------------
+    def gather_rows(self, row: np.ndarray, table: np.ndarray | None = None) -> None:
+        """Every rank's row of timings and metrics into the server's (ranks, fields) `table`."""
+        self.exchange.gather_rows(row, table)
+
+    # 5. stop ----------------------------------------------------------------------------------------
+    def agree_stop(self, asked: bool) -> bool:
+        """True on every rank when any rank was asked to stop (SIGTERM, SIGUSR1, Ctrl-C)."""
+        return self.exchange.any(asked)
+
+    # 6. state, for a checkpoint ---------------------------------------------------------------------
+    def send_state(self, cursor: int) -> None:
+        """Client side: this client's sampler cursor and error-feedback residual, to the server."""
+        self.exchange.gather_rows(np.array([cursor], dtype=np.int64), None)
+        if self.channel.feedback is not None:
+            self.exchange.gather_rows(self.channel.feedback.residual, None)
+
+    def collect_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Server side: every client's (cursor, residual), in client order (no residuals: empty)."""
+        ranks, n = self.placement.client_ranks, self.channel.n
+        cursors = np.zeros((self.placement.world_size, 1), dtype=np.int64)
+        self.exchange.gather_rows(np.zeros(1, dtype=np.int64), cursors)
+        residuals = torch.zeros(0)
+        if self.channel.codec.error_feedback:
+            table = np.zeros((self.placement.world_size, n), dtype=np.float32)
+            self.exchange.gather_rows(np.zeros(n, dtype=np.float32), table)
+            residuals = torch.from_numpy(table[ranks])
+        return torch.from_numpy(cursors[ranks, 0]), residuals
+
+    def hand_out_state(self, cursors: torch.Tensor, residuals: torch.Tensor) -> None:
+        """Server side, resuming: each client's cursor and residual from the checkpoint, to that client."""
+        ranks, n = self.placement.client_ranks, self.channel.n
+        table = np.zeros((self.placement.world_size, 1), dtype=np.int64)
+        table[ranks, 0] = cursors.numpy()
+        self.exchange.scatter_rows(table, np.zeros(1, dtype=np.int64))
+        if self.channel.codec.error_feedback:
+            table = np.zeros((self.placement.world_size, n), dtype=np.float32)
+            table[ranks] = residuals.numpy()
+            self.exchange.scatter_rows(table, np.zeros(n, dtype=np.float32))
+
+    def receive_state(self) -> int:
+        """Client side, resuming: this client's cursor (returned) and residual (into its channel)."""
+        cursor = np.zeros(1, dtype=np.int64)
+        self.exchange.scatter_rows(None, cursor)
+        if self.channel.feedback is not None:
+            self.exchange.scatter_rows(None, self.channel.feedback.residual)
+        return int(cursor[0])
+
+
+def update_channel(job: Job, model: FlatModel, exchange: Exchange, client: int | None) -> UpdateChannel:
+    """The job's codec and error feedback over `exchange`, for `client` (None: the server)."""
+    codec = make_codec(job.compress.codec, layers=list(model.layout), **job.compress.options)
+    return UpdateChannel(codec, exchange, model.n_params, job.run.seed, client)
+
+
+def round_protocol(job: Job, model: FlatModel, exchange: Exchange, placement: Placement, rank: int,
+                   batches_may_change: bool = False) -> RoundProtocol:
+    """A rank's protocol for the job: its own update channel (a client's carries its error feedback)."""
+    channel = update_channel(job, model, exchange, placement.client_on(rank))
+    return RoundProtocol(exchange, model, channel, placement, rank, job.scaling.per_coordinate, batches_may_change)
