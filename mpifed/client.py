@@ -167,14 +167,16 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
 
 
 def local_steps(s: Session, local_opt, lr: float, draw: Callable[[int], torch.Tensor], xs, ys, batch: int,
-                key: int, update: torch.Tensor) -> float:
+                key: int, update: torch.Tensor, client: int | None = None) -> float:
     """E=1: the gradient of one batch into `update`. E>1: E SGD steps, the model delta into `update`.
 
     `draw(b)` gives the positions in xs/ys of b samples, and local step e augments with key + e.
     Training draws from the client's sampler; the start-up probes (mpifed.probes) run this same
     function with draws of their own, so what they time is the step that training runs.
+    `client` (default: this rank's own) keys the augmentation; a pooled worker passes each client it trains.
     Returns the mean loss over the local steps."""
     job, model = s.job, s.model
+    client = s.client if client is None else client
     steps = job.train.local_steps
     module = model.module
     module.train()
@@ -187,7 +189,7 @@ def local_steps(s: Session, local_opt, lr: float, draw: Callable[[int], torch.Te
         pos = draw(batch)
         x, y = xs[pos], ys[pos]
         if job.data.augment:
-            x = augment(x, job.run.seed, s.client, key + step)
+            x = augment(x, job.run.seed, client, key + step)
         module.zero_grad(set_to_none=False)
         loss = F.cross_entropy(module(x), y)
         loss.backward()

@@ -218,8 +218,16 @@ class ClientGroup:
 
 @dataclass(frozen=True)
 class ClientsConfig:
-    count: int = opt(0, "Number of clients; 0 = world size - 1, so `mpirun -n N` works for any N >= 2.",
-                     minimum=0)
+    count: int = opt(0, "Number of clients N; 0 = world size - 1, one per client rank, so `mpirun -n N` works for "
+                     "any N >= 2. More clients than client ranks: each rank trains several (README: Many clients "
+                     "per rank).", minimum=0)
+    per_round: int = opt(0, "Clients K sampled each round (FedAvg's client fraction C = K / N), without "
+                         "replacement, seeded by (run.seed, round); 0 = all N every round.", minimum=0)
+    sampling: str = opt("uniform", "How the K clients are drawn: uniform, or data (probability proportional to a "
+                        "client's samples).", choices=("uniform", "data"))
+    placement: str = opt("balanced", "How a round's clients go to the ranks: balanced (longest predicted step "
+                         "first, onto the least loaded rank: slow clients share a rank with fewer), or "
+                         "round-robin.", choices=("balanced", "round-robin"))
     profile: str = opt("native", "Profile of clients not covered by a group.")
     groups: tuple[ClientGroup, ...] = opt((), "[[clients.groups]] tables, assigned to clients 0, 1, ... in order.")
 
@@ -449,28 +457,57 @@ def check_job(job: Job) -> list[str]:
 
 def resolve_clients(job: Job, world_size: int) -> list[str]:
     """Profile name of each client, for a world of `world_size` ranks (rank 0 is the server)."""
-    n = world_size - 1
-    if n < 1:
+    workers = world_size - 1
+    if workers < 1:
         raise JobError(f"mpifed needs at least 2 MPI ranks (1 server + 1 client), got {world_size}; "
                        f"launch with e.g. `mpirun -n 4 mpifed train`")
-    if job.clients.count and job.clients.count != n:
-        raise JobError(f"the job fixes clients.count = {job.clients.count} but {world_size} ranks were "
-                       f"started (1 server + {n} clients); launch with `mpirun -n {job.clients.count + 1}` "
-                       f"or set clients.count = 0 to adapt to the world size")
+    n = job.clients.count or workers
+    if n < workers:
+        raise JobError(f"the job has clients.count = {n} but {world_size} ranks were started (1 server + "
+                       f"{workers} client ranks), so {workers - n} rank(s) would never train; launch with "
+                       f"`mpirun -n {n + 1}`, or set clients.count = 0 to adapt to the world size")
+    if job.clients.per_round > n:
+        raise JobError(f"clients.per_round = {job.clients.per_round} samples more clients than the job's "
+                       f"{n}; set it to at most {n} (0 = all)")
     grouped = sum(g.count for g in job.clients.groups)
     if grouped > n:
-        raise JobError(f"clients.groups assign {grouped} clients but only {n} client ranks were started; "
-                       f"launch with `mpirun -n {grouped + 1}` or shrink the groups")
+        raise JobError(f"clients.groups assign {grouped} clients but the job has {n} (clients.count, or one "
+                       f"per client rank: {workers}); launch with `mpirun -n {grouped + 1}`, set clients.count = "
+                       f"{grouped} or more (ranks then train several clients each), or shrink the groups")
     names = [g.profile for g in job.clients.groups for _ in range(g.count)]
     names += [job.clients.profile] * (n - len(names))
     for what in FAULTS:
         rank = getattr(job.debug, f"{what}_rank")
         if rank >= world_size:
             raise JobError(f"debug.{what}_rank = {rank} but the world has ranks 0..{world_size - 1}")
-    problems = check_scaling(job.scaling, sum(client_batches(job, names)), n)
+    if n != workers or job.clients.per_round:
+        problems = pooled_limits(job)
+        if problems:
+            raise JobError(f"with {n} clients on {workers} client ranks, each rank trains several clients a "
+                           f"round, which this version supports without: " + "; ".join(problems))
+    batches = client_batches(job, names)
+    k = job.clients.per_round or n  # the global batch a round trains with, for equal batches
+    problems = check_scaling(job.scaling, sum(batches) * k // n, k)
     if problems:
         raise JobError(f"with {n} clients: " + "; ".join(problems))
     return names
+
+
+def pooled_limits(job: Job) -> list[str]:
+    """What pooled clients (several a rank, placed each round) cannot run yet, each with the fix."""
+    out = []
+    from mpifed.compress import make_codec
+
+    if make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options).error_feedback:
+        out.append(f"error feedback (compress.codec = {job.compress.codec!r} keeps a residual per client; pooled "
+                   f"clients do not keep one yet: set compress.options.error_feedback = false, or use "
+                   f"one client per rank)")
+    if job.plan.mode != "off":
+        out.append(f"plan.mode = {job.plan.mode!r} (set plan.mode = \"off\"; clients are placed by "
+                   f"clients.placement)")
+    if job.scaling.grow_batch:
+        out.append("scaling.grow_batch (the batches are the clients' profiles')")
+    return out
 
 
 def client_batches(job: Job, names: list[str]) -> list[int]:

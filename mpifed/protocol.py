@@ -5,13 +5,17 @@ round is written once, here, with its server side and its client side next to ea
 (mpifed.server, mpifed.client), the start-up probe rounds (mpifed.probes) and `mpifed bench rounds`
 all run these methods, and a new step is added in this one place. A round, top to bottom:
 
+  0. clients  server -> workers  pooled clients only: the round's K clients, the rank that trains each,
+                                 and each one's sampler cursor (mpifed.sampling; one int64 buffer)
   1. batches  server -> clients  every client's batch b_k, when they may change between rounds
   2. model    server -> clients  the flat model [parameters | float buffers], received in place
               (the clients now train: E local steps, mpifed.client; no collective)
   3. update   clients -> server  w_k u_k through the codec's channel (a reduce of summable payloads,
                                  or a gather the server validates client by client), then the
                                  dense tail by one reduce
+                                 (pooled: a worker sums its clients' weighted updates and sends once)
   4. rows     clients -> server  one fixed-size row of timings and metrics per rank, for the run log
+                                 (pooled: and the (K, fields) metrics of the round's clients, by one reduce)
   5. stop     all                did any rank get a signal? (one tiny allreduce)
   6. state    clients -> server  after a round that checkpoints: each client's sampler cursor and
                                  error-feedback residual (resuming: server -> clients, before round 1)
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mpifed.compress import make_codec
+from mpifed.compress import ErrorFeedback, make_codec
 from mpifed.config import Job
 from mpifed.exchange import Exchange
 from mpifed.flat import FlatModel
@@ -126,6 +130,13 @@ class RoundProtocol:
         """The collective that carries the update: 'reduce' (summable codecs) or 'gatherv'."""
         return "reduce" if self.channel.codec.summable else "gatherv"
 
+    # 0. clients (pooled) ----------------------------------------------------------------------------
+    def share_assignment(self, assignment: np.ndarray) -> None:
+        """The server's (3, K) int64 [client ids; their ranks; their sampler cursors] into every rank's,
+        when clients are pooled (placed each round)."""
+        if self.placement.pooled:
+            self.exchange.broadcast(assignment)
+
     # 1. batches -------------------------------------------------------------------------------------
     def share_batches(self, batches: np.ndarray) -> None:
         """The server's b_k into every rank's `batches`, in rounds whose batches may have moved (the
@@ -162,15 +173,61 @@ class RoundProtocol:
         ex.reduce_sum(host[lay.tail])
         return Sent(float(np.sqrt(layer_sq.sum())) / weight, self.channel.comm_seconds + time.perf_counter() - t0)
 
+    # 3. update, a pooled worker's side: add_client per client trained, then send_sum once -----------
+    def add_client(self, rnd: int, update: torch.Tensor, weight: float, total: torch.Tensor, client: int,
+                   feedback: ErrorFeedback | None = None, corrupt: str = "") -> tuple[np.ndarray | None, float]:
+        """One client a pooled worker trained: `update` holds its u_k and BatchNorm statistics (and is
+        weighted by w_k here); its share goes into the worker's `total`, laid out like an update:
+        summable codecs add w_k u_k itself (they are linear: encoding the worker's sum sends what its
+        clients' encodings would add up to); gathered codecs encode the client's own payload, returned
+        for `send_sum`, with the client's error feedback. Either way the tail gets the weighted
+        statistics, w_k |u_k,l|^2 of what the server decodes, and w_k u_k^2 where the squares are reduced.
+        Returns (the payload or None, the norm of the client's update as the server decodes it)."""
+        lay = self.layout
+        update.mul_(weight)
+        payload = None
+        if self.channel.codec.summable:
+            total[: lay.size].add_(update[: lay.size])
+            layers = self.model.param_view(update)
+            if lay.route == "reduce":
+                total[lay.coordinate_sq].addcmul_(update[: lay.n], update[: lay.n], value=1.0 / weight)
+        else:
+            host = self.exchange.to_host(update)
+            payload, sent = self.channel.encode(host[: lay.n], rnd, client, feedback, corrupt)
+            total[lay.buffers].add_(update[lay.buffers])
+            layers = torch.from_numpy(sent).to(total.device).split(self.layer_sizes)
+        layer_sq = torch.stack(torch._foreach_norm(layers)).double().square()
+        total[lay.layer_sq] += (layer_sq / weight).to(total.dtype)
+        return payload, float(layer_sq.sum().sqrt()) / weight
+
+    def send_sum(self, rnd: int, total: torch.Tensor, payloads: list[np.ndarray]) -> float:
+        """A pooled worker's update, once for all its clients (`add_client`): the summed payload (summable
+        codecs) or its clients' payloads (gathered), then the tail by the round's one reduce. A worker
+        with no client this round sends zeros and no payload. Returns the seconds spent in collectives."""
+        lay, ex = self.layout, self.exchange
+        host = ex.to_host(total)
+        if self.channel.codec.summable:
+            self.channel.send(host[: lay.n], rnd, "")
+        else:
+            self.channel.send_payloads(payloads)
+        t0 = time.perf_counter()
+        ex.reduce_sum(host[lay.tail])
+        return self.channel.comm_seconds + time.perf_counter() - t0
+
     # 3. update, server side -------------------------------------------------------------------------
-    def receive_update(self, rnd: int, aggregate: torch.Tensor, weights: np.ndarray) -> tuple[Received, float]:
+    def receive_update(self, rnd: int, aggregate: torch.Tensor, weights: np.ndarray,
+                       assignment: np.ndarray | None = None) -> tuple[Received, float]:
         """The clients' decoded, summed update into `aggregate` (layout above); returns what arrived and
-        the seconds spent in collectives."""
+        the seconds spent in collectives. Pooled: `assignment` is the round's (step 0), and `weights` are
+        its clients' w_k in its order."""
         lay, ex = self.layout, self.exchange
         host = ex.host(aggregate)
         host[lay.tail].fill(0.0)  # the server's share of the tail's sum; receive zeroes the rest it fills
         squares = host[lay.coordinate_sq] if lay.route == "decode" else None
-        received = self.channel.receive(rnd, host[: lay.n], weights, squares)
+        if assignment is not None and not self.channel.codec.summable:
+            received = self.channel.receive_pooled(rnd, host[: lay.n], assignment[0], assignment[1], weights, squares)
+        else:
+            received = self.channel.receive(rnd, host[: lay.n], weights, squares)
         t0 = time.perf_counter()
         ex.reduce_sum(host[lay.tail])
         seconds = self.channel.comm_seconds + time.perf_counter() - t0
@@ -181,6 +238,11 @@ class RoundProtocol:
     def gather_rows(self, row: np.ndarray, table: np.ndarray | None = None) -> None:
         """Every rank's row of timings and metrics into the server's (ranks, fields) `table`."""
         self.exchange.gather_rows(row, table)
+
+    def reduce_client_rows(self, rows: np.ndarray) -> None:
+        """Pooled: the (K, fields) float64 metrics of the round's clients, each worker filling the rows of
+        the clients it trained and zeros elsewhere, summed into the server's `rows`."""
+        self.exchange.reduce_sum(rows)
 
     # 5. stop ----------------------------------------------------------------------------------------
     def agree_stop(self, asked: bool) -> bool:

@@ -21,7 +21,6 @@ from mpifed import checkpoint, runlock, runlog
 from mpifed.cluster import World
 from mpifed.config import Job, JobError, load_job, resolve_clients
 from mpifed.diskfull import DiskFullError
-from mpifed.placement import Placement
 
 
 def resume_run(world: World, resume: str, overrides: list[str]) -> tuple[Job, dict, str]:
@@ -60,8 +59,7 @@ def resume_run(world: World, resume: str, overrides: list[str]) -> tuple[Job, di
                        f"the rounds logged and the rounds to come would follow different schedules. Start a "
                        f"new run for more rounds (runs meant to be extended: optim.schedule = \"step\" or "
                        f"\"constant\")")
-    resolve_clients(job, world.size)
-    n_clients = Placement.one_per_rank(world.size).n_clients
+    n_clients = len(resolve_clients(job, world.size))
     path, payload, notes = checkpoint.choose(run_dir, checkpoint.identity(job, n_clients))
     for note in notes:
         print(f"mpifed: {note}", file=sys.stderr, flush=True)

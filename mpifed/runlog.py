@@ -10,6 +10,8 @@ Layout (schema 1):
   /iter/<field>   (T, N) one row per round, one column per rank; ITER_FIELDS below, seconds/bytes/samples
   /server/<name>  (T,) server-side series: SERVER_FIELDS below
   /eval/<name>    (E,) round, test_loss, test_acc, wall
+  /clients/<f>    (T, K) pooled clients only (more clients than client ranks, or sampled): per round, the
+                  K clients that trained, in id order; CLIENT_FIELDS below
   /models         attrs of fitted models: memory.client<k>.<field> (static_bytes, per_sample_bytes,
                   ...), and the performance model when a run fits one
 A crash loses at most the round in flight: every append is followed by a flush. A log is only ever
@@ -53,6 +55,16 @@ ITER_FIELDS = (
     "grad_norm",    # L2 norm of this rank's update as the server decodes it (server: of the aggregate)
     "rejected",     # 1 when the server refused this client's payload this round (server: how many)
 )
+CLIENT_FIELDS = (
+    "id",           # the client
+    "rank",         # the worker rank that trained it this round
+    "batch",        # its samples this round (all local steps)
+    "loss",         # mean loss of its local steps
+    "t_compute",    # its local steps, emulated slow-down included
+    "grad_norm",    # L2 norm of its (unweighted) update, as the server decodes it
+    "bytes_up",     # its own payload (gathered codecs); 0 where it travels inside its worker's sum
+    "rejected",     # 1 when the server refused its payload this round
+)
 # Server series: lr, global batch (samples), train loss (batch-weighted client mean), wall (s since
 # start), and the scaling policy's statistics (mpifed.scaling.STATS_KEYS): norm of the aggregate,
 # its relative change between windows, the critical flag, the applied scale, the gradient noise
@@ -76,7 +88,7 @@ class RunWriter:
     written, so a full disk fails that write (with its errno) and leaves no dirty chunk behind, which
     HDF5 2.0 would try to write again at exit and crash on."""
 
-    def __init__(self, path: Path, attrs: dict, ranks: dict[str, list]):
+    def __init__(self, path: Path, attrs: dict, ranks: dict[str, list], clients_per_round: int = 0):
         self.path, self.failed, self.rounds, self.evals = Path(path), False, 0, 0
         with self._guard(closing=True):
             self.file = _open_log(self.path, "w")
@@ -95,6 +107,8 @@ class RunWriter:
             self.iter = {f: self._series(f"iter/{f}", (n,)) for f in ITER_FIELDS}
             self.server = {f: self._series(f"server/{f}", ()) for f in SERVER_FIELDS}
             self.eval = {f: self._series(f"eval/{f}", ()) for f in EVAL_FIELDS}
+            self.clients = {f: self._series(f"clients/{f}", (clients_per_round,)) for f in CLIENT_FIELDS
+                            if clients_per_round}
             self.file.create_group("models")
 
     @classmethod
@@ -115,7 +129,9 @@ class RunWriter:
             resumes = [*map(str, src.attrs.get("resumes", [])), note]
 
         def trim(dst: h5py.File) -> None:
-            for name in (*(f"iter/{f}" for f in ITER_FIELDS), *(f"server/{f}" for f in SERVER_FIELDS)):
+            series = (*(f"iter/{f}" for f in ITER_FIELDS), *(f"server/{f}" for f in SERVER_FIELDS),
+                      *(f"clients/{f}" for f in CLIENT_FIELDS if "clients" in dst))
+            for name in series:
                 dst[name].resize(min(rounds, dst[name].shape[0]), axis=0)
             for name in EVAL_FIELDS:
                 dst[f"eval/{name}"].resize(evals, axis=0)
@@ -131,6 +147,7 @@ class RunWriter:
             self.iter = {f: self.file[f"iter/{f}"] for f in ITER_FIELDS}
             self.server = {f: self.file[f"server/{f}"] for f in SERVER_FIELDS}
             self.eval = {f: self.file[f"eval/{f}"] for f in EVAL_FIELDS}
+            self.clients = {f: self.file[f"clients/{f}"] for f in CLIENT_FIELDS if "clients" in self.file}
             self.begin_swmr()
         return self
 
@@ -153,7 +170,9 @@ class RunWriter:
         if not self.file.swmr_mode:
             self.file.swmr_mode = True
 
-    def append_round(self, table: np.ndarray, server: dict[str, float]) -> None:
+    def append_round(self, table: np.ndarray, server: dict[str, float], clients: np.ndarray | None = None) -> None:
+        """One round: the (ranks, ITER_FIELDS) table, the server's series, and for pooled clients the
+        (K, CLIENT_FIELDS) table of the clients that trained."""
         with self._guard():
             self.begin_swmr()
             t = self.rounds
@@ -161,6 +180,8 @@ class RunWriter:
                 _append(self.iter[name], t, table[:, i])
             for name, ds in self.server.items():
                 _append(ds, t, server.get(name, np.nan))
+            for i, name in enumerate(CLIENT_FIELDS if clients is not None else ()):
+                _append(self.clients[name], t, clients[:, i])
             self.file.flush()
         self.rounds += 1
 

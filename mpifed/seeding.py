@@ -20,6 +20,7 @@ class Purpose(IntEnum):
     AUGMENT = 4
     INIT = 5
     CODEC = 6
+    CLIENTS = 7
 
 
 def rng(seed: int, purpose: Purpose, *keys: int) -> np.random.Generator:

@@ -26,7 +26,8 @@ from mpifed.scaling import BatchController, ClientRound, ServerScalingPolicy, sp
 from mpifed.optimizers import server_optimizer
 from mpifed.placement import SERVER
 from mpifed.protocol import RoundProtocol, UpdateLayout
-from mpifed.runlog import ITER_FIELDS, RunWriter, column
+from mpifed.runlog import CLIENT_FIELDS, ITER_FIELDS, RunWriter, column
+from mpifed.sampling import ClientPool
 from mpifed.schedule import learning_rate
 from mpifed.session import Session
 
@@ -53,6 +54,11 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
     table = np.empty((s.world.size, len(ITER_FIELDS)))
     row = np.full(len(ITER_FIELDS), np.nan)
     nbytes, nbytes_up = model.size * 4, protocol.nbytes_up
+    senders = s.placement.workers  # ranks that send an update: one per client, or each pooled worker once
+    pool = _client_pool(s)
+    if pool is not None:
+        assignment = np.zeros((3, s.placement.round_size), dtype=np.int64)
+        clients = np.zeros((s.placement.round_size, len(CLIENT_FIELDS)))
     began = time.perf_counter()
     last_eval: dict = {}
 
@@ -65,13 +71,18 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
     online = plan.online_model() if plan is not None else None
     replanner = plan.replanner(s.batches, job.plan.replan_band) if plan is not None and job.plan.replan else None
     if s.resumed_from is not None:
-        _restore(s, optimizer, policy, protocol)
+        _restore(s, optimizer, policy, protocol, pool)
         if controller is not None:
             controller.load_state_dict(s.resumed_from["controller"])
         began -= float(s.resumed_from["wall"])  # the log's wall clock continues where it stopped
     for rnd in range(s.start_round, job.train.rounds):
         row[:] = np.nan
         start = time.perf_counter()
+        round_batch = s.global_batch
+        if pool is not None:  # the round's K clients, on which ranks, from which cursors
+            round_batch = int(s.batches[pool.assign(rnd, assignment)].sum())
+            weights = s.batches[assignment[0]] / round_batch
+            protocol.share_assignment(assignment)
         protocol.share_batches(s.batches)
         if protocol.batches_may_change:
             weights = s.batches / s.global_batch
@@ -79,11 +90,11 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         t_down = time.perf_counter() - start
 
         t0 = time.perf_counter()
-        received, t_up = protocol.receive_update(rnd, agg, weights)
+        received, t_up = protocol.receive_update(rnd, agg, weights, assignment if pool is not None else None)
         for message in received.messages:
             progress.warn(f"mpifed: {message}")
 
-        lr = learning_rate(job.optim, rnd, job.train.rounds, s.global_batch)
+        lr = learning_rate(job.optim, rnd, job.train.rounds, round_batch)
         if job.train.local_steps > 1:
             lr = job.optim.server_lr
         for group in optimizer.param_groups:
@@ -95,7 +106,8 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
                           f"non-finite value (a client diverged): the server keeps its own statistics and "
                           f"skips this round's noise estimate")
         if received.ok:
-            scaled, stats = policy.apply(rnd, grad, _client_round(s, agg, received, lay, tail_ok))
+            sampled = assignment[0] if pool is not None else None
+            scaled, stats = policy.apply(rnd, grad, _client_round(s, agg, received, lay, tail_ok, sampled))
             if scaled is not grad:
                 grad.copy_(scaled)
             optimizer.step()
@@ -112,18 +124,22 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         t_eval = time.perf_counter() - t0
 
         values = dict(t_down=t_down, t_up=t_up, t_decode=t_decode, t_eval=t_eval, t_wait=t_up, t_emul=0.0,
-                      t_iter=time.perf_counter() - start, batch=s.global_batch, rejected=len(received.rejected),
-                      bytes_up=nbytes_up * s.n_clients, bytes_down=nbytes * s.n_clients,
+                      t_iter=time.perf_counter() - start, batch=round_batch, rejected=len(received.rejected),
+                      bytes_up=nbytes_up * senders, bytes_down=nbytes * senders,
                       grad_norm=stats.get("grad_norm", np.nan))
         for key, value in values.items():
             row[column(key)] = value
+        if pool is not None:
+            clients[:] = 0.0
+            protocol.reduce_client_rows(clients)
+            _complete_clients(s, clients, assignment, received.rejected)
         protocol.gather_rows(row, table)
-        train_loss = _complete_table(s, table, received.rejected)
-        writer.append_round(table, dict(stats, lr=lr, global_batch=s.global_batch, train_loss=train_loss,
-                                        wall=time.perf_counter() - began))
+        train_loss = _complete_table(s, table, received.rejected, clients if pool is not None else None)
+        writer.append_round(table, dict(stats, lr=lr, global_batch=round_batch, train_loss=train_loss,
+                                        wall=time.perf_counter() - began), clients if pool is not None else None)
         if due:  # after its round's row: a crash in between leaves no evaluation of an unlogged round
             writer.append_eval(last_eval)
-        progress.update(done, train_loss, last_eval.get("test_acc"), s.global_batch * job.train.local_steps,
+        progress.update(done, train_loss, last_eval.get("test_acc"), round_batch * job.train.local_steps,
                         time.perf_counter() - start)
         if online is not None and rnd > s.start_round:  # a run's first round holds every rank's arrival
             online.observe(s.batches, table[s.placement.client_ranks, column("t_compute")], t_down, t_up,
@@ -132,7 +148,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         stop = protocol.agree_stop(bool(s.stop))
         if stop or s.checkpoint_due(done):
             path = _checkpoint(s, done, optimizer, policy, protocol, run_dir, time.perf_counter() - began,
-                               controller.state_dict() if controller is not None else {})
+                               controller.state_dict() if controller is not None else {}, pool)
             if stop:
                 progress.print(f"mpifed: stopped by a signal after round {done}; checkpoint {path}; "
                                f"continue with: mpirun -n {s.world.size} mpifed train --resume {run_dir}")
@@ -142,17 +158,46 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
     return last_eval
 
 
-def _complete_table(s: Session, table: np.ndarray, rejected: list[int]) -> float:
+def _client_pool(s: Session) -> ClientPool | None:
+    """The sampler and placer of pooled clients (mpifed.sampling); None with one client per rank."""
+    if not s.placement.pooled:
+        return None
+    c = s.job.clients
+    return ClientPool(s.job.run.seed, s.batches, [s.profile(k).speed for k in range(s.n_clients)], s.data_sizes,
+                      s.placement.round_size, s.placement.workers, s.job.train.local_steps,
+                      by_data=c.sampling == "data", balanced=c.placement == "balanced")
+
+
+def _complete_clients(s: Session, clients: np.ndarray, assignment: np.ndarray, rejected: list[int]) -> None:
+    """The pooled clients' table: what the server knows (id, rank, samples, rejections) beside what the
+    workers sent."""
+    ids, ranks = assignment[0], assignment[1]
+    clients[:, CLIENT_FIELDS.index("id")] = ids
+    clients[:, CLIENT_FIELDS.index("rank")] = ranks
+    clients[:, CLIENT_FIELDS.index("batch")] = s.batches[ids] * s.job.train.local_steps
+    clients[:, CLIENT_FIELDS.index("rejected")] = np.isin(ids, rejected)
+
+
+def _complete_table(s: Session, table: np.ndarray, rejected: list[int], clients: np.ndarray | None) -> float:
     """What only the server knows, into the gathered round table: the prediction (on every rank's row,
-    since a client's round spans the same interval), each client's wait for the slowest, which clients
-    were rejected, and the batch-weighted training loss (returned)."""
-    clients = s.placement.client_ranks
+    since a client's round spans the same interval), each client rank's wait for the slowest, which
+    clients were rejected, and the batch-weighted training loss (returned; pooled: over the round's
+    clients, whose table is `clients`)."""
+    ranks = s.placement.worker_ranks
     table[:, column("t_iter_pred")] = s.t_iter_pred
-    table[clients, column("t_wait")] = straggler_wait(table[clients, column("t_up")])
-    table[clients, column("rejected")] = 0
-    table[[s.placement.rank_of(k) for k in rejected], column("rejected")] = 1
-    batches = table[clients, column("batch")]
-    train_loss = float(np.dot(batches, table[clients, column("loss")]) / batches.sum())
+    table[ranks, column("t_wait")] = straggler_wait(table[ranks, column("t_up")])
+    table[ranks, column("rejected")] = 0
+    if clients is None:
+        table[[s.placement.rank_of(k) for k in rejected], column("rejected")] = 1
+    else:  # a worker's count of rejected clients
+        on = clients[:, CLIENT_FIELDS.index("rank")].astype(np.int64)
+        table[ranks, column("rejected")] = np.bincount(on, clients[:, CLIENT_FIELDS.index("rejected")],
+                                                      minlength=len(ranks) + 1)[ranks]
+    if clients is None:
+        batches, losses = table[ranks, column("batch")], table[ranks, column("loss")]
+    else:
+        batches, losses = clients[:, CLIENT_FIELDS.index("batch")], clients[:, CLIENT_FIELDS.index("loss")]
+    train_loss = float(np.dot(batches, losses) / batches.sum())
     table[SERVER, column("loss")] = train_loss
     return train_loss
 
@@ -175,24 +220,31 @@ def _next_batches(s: Session, done: int, stats: dict, controller: BatchControlle
         s.t_iter_pred = online.predict(s.batches).t_round
 
 
-def _client_round(s: Session, agg: torch.Tensor, received, lay: UpdateLayout, tail_ok: bool) -> ClientRound:
+def _client_round(s: Session, agg: torch.Tensor, received, lay: UpdateLayout, tail_ok: bool,
+                  sampled: np.ndarray | None = None) -> ClientRound:
     """The clients' statistics for the scaling policy, out of the reduced tail (and the decoded squares);
-    none when the tail is not finite (the policy then estimates nothing this round)."""
+    none when the tail is not finite (the policy then estimates nothing this round). `sampled`: the
+    round's pooled clients (None: every client)."""
     # a rejected client is left out of the decoded sums (which are rescaled to the others' weight)
     rejected = set(received.rejected)
-    batches = [int(b) for k, b in enumerate(s.batches) if k not in rejected]
+    ids = range(s.n_clients) if sampled is None else sampled.tolist()
+    batches = [int(s.batches[k]) for k in ids if k not in rejected]
     if not tail_ok:
         return ClientRound(batches)
-    layer_sq = agg[lay.layer_sq] * s.global_batch
+    layer_sq = agg[lay.layer_sq] * (s.global_batch if sampled is None else int(s.batches[sampled].sum()))
     if not lay.route:
         return ClientRound(batches, weighted_sq=layer_sq)
     return ClientRound(batches, weighted_sq=layer_sq, coordinate_sq=agg[lay.coordinate_sq])
 
 
 def _checkpoint(s: Session, done: int, optimizer, policy, protocol: RoundProtocol, run_dir: Path, wall: float,
-                controller: dict) -> Path:
-    """Collect every client's state and write the checkpoint for resuming at round `done`."""
-    cursors, residuals = protocol.collect_state()
+                controller: dict, pool: ClientPool | None) -> Path:
+    """Collect every client's state (pooled: the server's own cursors) and write the checkpoint for
+    resuming at round `done`."""
+    if pool is None:
+        cursors, residuals = protocol.collect_state()
+    else:
+        cursors, residuals = torch.from_numpy(pool.cursors.copy()), torch.zeros(0)
     payload = dict(round=done, identity=checkpoint.identity(s.job, s.n_clients), model=s.model.module.state_dict(),
                    optimizer=optimizer.state_dict(), policy=policy.state_dict(),
                    cursors=cursors, residuals=residuals, wall=wall,
@@ -200,13 +252,17 @@ def _checkpoint(s: Session, done: int, optimizer, policy, protocol: RoundProtoco
     return checkpoint.save(run_dir, payload, s.job.checkpoint.keep)
 
 
-def _restore(s: Session, optimizer, policy, protocol: RoundProtocol) -> None:
-    """Load the checkpoint into the server and hand each client its cursor and residual."""
+def _restore(s: Session, optimizer, policy, protocol: RoundProtocol, pool: ClientPool | None) -> None:
+    """Load the checkpoint into the server and hand each client its cursor and residual (pooled: the
+    server keeps the cursors and sends them with each round's assignment)."""
     state = s.resumed_from
     s.model.module.load_state_dict(state["model"])  # copies into the flat buffer's views
     optimizer.load_state_dict(state["optimizer"])
     policy.load_state_dict(state["policy"])
-    protocol.hand_out_state(state["cursors"], state["residuals"])
+    if pool is None:
+        protocol.hand_out_state(state["cursors"], state["residuals"])
+    else:
+        pool.cursors[:] = state["cursors"].numpy()
 
 
 def _eval_indices(s: Session) -> np.ndarray:

@@ -78,7 +78,7 @@ class Session:
 
 def open_session(world: World, job: Job) -> Session:
     names = resolve_clients(job, world.size)
-    placement = Placement.one_per_rank(world.size)
+    placement = Placement.of_job(len(names), world.size, job.clients.per_round)
     device = pick_device(world, job.run.device)
     polite = job.comm.wait == "sleep" or (job.comm.wait == "auto" and world.oversubscribed)
     exchange = Exchange(world.comm, polite, int(job.comm.chunk_mib * 2**20), timeout=job.comm.timeout,

@@ -229,7 +229,7 @@ class SlurmOptions:
 
     def job_problems(self, job_file: str) -> list[str]:
         """What `mpifed train` would refuse in `job_file` with the arguments after `--`, found now
-        rather than once the job leaves the queue, and a fixed client count that the ranks miss."""
+        rather than once the job leaves the queue, and more ranks than a fixed client count can use."""
         from mpifed.config import JobError, load_job
 
         train = train_options(self.mpifed_args)
@@ -240,11 +240,11 @@ class SlurmOptions:
             return [f"mpifed train would refuse the job{where}: " + str(err).replace("\n", "\n  ")]
         p = []
         count = job.clients.count
-        if count and self.ntasks != count + 1:
-            p.append(f"{job_file} fixes clients.count = {count}, so it needs {count + 1} ranks, but "
-                     f"ntasks = {self.ntasks}; choose --nodes and --gpus-per-node with nodes x gpus = "
-                     f"{count} (or, on one node, --ntasks {count + 1}), or set clients.count = 0 in the "
-                     f"job to use every rank")
+        if count and self.ntasks > count + 1:
+            p.append(f"{job_file} fixes clients.count = {count}, so at most {count + 1} ranks can train "
+                     f"(one client each), but ntasks = {self.ntasks}; choose --nodes and --gpus-per-node with "
+                     f"nodes x gpus <= {count} (or, on one node, --ntasks {count + 1} or fewer: each rank then "
+                     f"trains several clients), or set clients.count = 0 in the job to use every rank")
         if train["auto_resume"] and not self.requeue and job.run.timestamp:
             p.append("--auto-resume after -- needs a fixed run directory: add --set run.timestamp=false and "
                      "a fixed --name, or use mpifed slurm --requeue, which sets both")

@@ -28,43 +28,61 @@ from mpifed.server import run_server
 from mpifed.scaling import check_scaling
 from mpifed.placement import SERVER
 from mpifed.session import Session, agree_batches, gather_rank_facts, open_session, restore_batches, stop_if_asked
+from mpifed.worker import agree_pooled_batches, prepare_worker, run_worker
 
 
 def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
     """Run this rank's role; return the exit code (0, or STOPPED)."""
     s = open_session(world, job)
     s.start_round, s.resumed_from, run_dir = start.round, start.checkpoint, start.run_dir
-    setup = None if world.is_server else prepare_client(s)  # partition, data, memory sizing
+    pooled = s.placement.pooled  # several clients a rank, placed each round (mpifed.worker)
+    if world.is_server:
+        setup = None
+    else:  # partition, data, memory sizing
+        setup = prepare_worker(s) if pooled else prepare_client(s)
     stop_if_asked(s)
-    plan = plan_startup(s, setup)  # [plan]: time steps and collectives, choose the batches
-    agree_batches(s, 0 if setup is None else setup.batch)   # waits politely while clients prepare
+    if pooled:  # plan.mode is off (config.pooled_limits)
+        plan = None
+        agree_pooled_batches(s, None if setup is None else setup.caps)
+    else:
+        plan = plan_startup(s, setup)  # [plan]: time steps and collectives, choose the batches
+        agree_batches(s, 0 if setup is None else setup.batch)   # waits politely while clients prepare
     if start.round:
         restore_batches(s, start.checkpoint)
-    check = check_scaling(job.scaling, s.global_batch, s.n_clients)
+    k = s.placement.round_size
+    check = check_scaling(job.scaling, s.global_batch * k // s.n_clients, k)
     if check:
         raise JobError("after memory sizing: " + "; ".join(check))
     if not world.is_server:
+        if pooled:
+            return STOPPED if run_worker(s, setup) else 0
         return STOPPED if run_client(s, setup) else 0
-    infos = gather_rank_facts(s, None)  # each client's /ranks row (client._report_setup)
+    infos = gather_rank_facts(s, None)  # each client rank's /ranks row (client/worker._report_setup)
     infos[SERVER] = dict(role="server", host=world.host, device=str(s.device), profile="-", emulated=False,
                     speed=1.0, memory_budget=0.0, bandwidth=0.0, latency=0.0, data_size=len(s.dataset),
                     requested_batch=0, max_batch=0, batch=s.global_batch)
     ranks = {key: [info[key] for info in infos] for key in RANK_COLUMNS}
-    clients = s.placement.by_client(infos)
-    s.max_batches = [int(info["max_batch"]) for info in clients]
-    s.data_sizes = [int(info["data_size"]) for info in clients]
+    if pooled:
+        s.data_sizes = [int(n) for n in infos[1]["data_sizes"]]
+        memory_models = {f"memory.profile.{name}": record for name, record in infos[1]["memory_models"].items()}
+        messages = sorted({info["message"] for info in infos[1:] if info["message"]})
+    else:
+        clients = s.placement.by_client(infos)
+        s.max_batches = [int(info["max_batch"]) for info in clients]
+        s.data_sizes = [int(info["data_size"]) for info in clients]
+        memory_models = {f"memory.client{k}": info["memory_model"] for k, info in enumerate(clients)
+                         if info["memory_model"]}
+        messages = [info["message"] for info in clients if info["message"]]
     if start.checkpoint is not None:
         writer = RunWriter.reopen(run_dir / "run.h5", start.round, start.note, job.to_toml())
     else:
-        writer = RunWriter(run_dir / "run.h5", _attrs(world, s), ranks)
-        for k, info in enumerate(clients):
-            if info["memory_model"]:
-                writer.set_model_attrs(f"memory.client{k}", info["memory_model"])
+        writer = RunWriter(run_dir / "run.h5", _attrs(world, s), ranks, k if pooled else 0)
+        for name, record in memory_models.items():
+            writer.set_model_attrs(name, record)
         if plan is not None:
             plan.record(writer, run_dir)
         writer.begin_swmr()
     write_job(run_dir, job)  # set-up and the log succeeded: the job is what runs
-    messages = [info["message"] for info in clients if info["message"]]
     progress = Progress(progress_mode, job.train.rounds, job.train.eval_every or job.train.rounds)
     for message in messages:
         progress.print(f"mpifed: memory model: {message}")
@@ -74,8 +92,10 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
         s.t_iter_pred = predict_for(plan.profile, s.batches.tolist()).t_round  # what the rounds will run
         progress.print(f"mpifed: resuming with the checkpoint's batches {', '.join(map(str, s.batches))}, not "
                        f"this start-up plan's; predicted round {1e3 * s.t_iter_pred:.1f} ms")
-    progress.print(f"mpifed: {s.n_clients} clients on {len(set(ranks['host']))} host(s), model {job.model.name} "
-                   f"({s.model.n_params:,} parameters), global batch {s.global_batch}, log {run_dir / 'run.h5'}")
+    sampled = f" ({k} a round, on {s.placement.workers} ranks)" if pooled else ""
+    progress.print(f"mpifed: {s.n_clients} clients{sampled} on {len(set(ranks['host']))} host(s), model "
+                   f"{job.model.name} ({s.model.n_params:,} parameters), global batch "
+                   f"{s.global_batch * k // s.n_clients}, log {run_dir / 'run.h5'}")
     try:
         final = run_server(s, writer, run_dir, progress, plan)
     finally:

@@ -106,27 +106,61 @@ class UpdateChannel:
         """Send this client's weighted update; return what the server will decode from it (the
         codec's round trip, for error feedback and honest norms). `corrupt` is fault injection."""
         self._reset_clock()
-        ctx = RoundContext(self.seed, rnd, self.client)
-        x = self.feedback.compensate(weighted) if self.feedback is not None else weighted
-        if corrupt == "nan":
-            x = x.copy()
-            x[0] = np.nan
         if self.codec.summable:
+            ctx = RoundContext(self.seed, rnd, self.client)
+            x = _corrupted(self.feedback.compensate(weighted) if self.feedback is not None else weighted, corrupt)
             try:
                 own = self.codec.exchange(x, ctx, self.collective, keep_own=True).own
             except PayloadError:  # a multi-phase codec saw a non-finite sum on every rank
                 own = np.zeros(self.n, np.float32)
-        else:
-            payload = self.codec.encode(x, ctx)
-            own = self.codec.decode(payload, self.n, ctx)
-            if corrupt == "truncate":
-                payload = payload[:-1]
-            elif corrupt == "garbage":
-                payload = np.full_like(payload, 0xFF)
-            self._gather(payload)
-        if self.feedback is not None:
-            self.feedback.update(x, own)
+            if self.feedback is not None:
+                self.feedback.update(x, own)
+            return own
+        payload, own = self.encode(weighted, rnd, self.client, self.feedback, corrupt)
+        self._gather(payload)
         return own
+
+    def encode(self, weighted: np.ndarray, rnd: int, client: int, feedback: ErrorFeedback | None,
+               corrupt: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """Gathered codecs: `client`'s payload for round `rnd`, and what the server will decode of it;
+        `feedback` (the client's residual, or None) compensates the update and keeps what was dropped."""
+        ctx = RoundContext(self.seed, rnd, client)
+        x = _corrupted(feedback.compensate(weighted) if feedback is not None else weighted, corrupt)
+        payload = self.codec.encode(x, ctx)
+        own = self.codec.decode(payload, self.n, ctx)
+        if corrupt == "truncate":
+            payload = payload[:-1]
+        elif corrupt == "garbage":
+            payload = np.full_like(payload, 0xFF)
+        if feedback is not None:
+            feedback.update(x, own)
+        return payload, own
+
+    def send_payloads(self, payloads: list[np.ndarray]) -> None:
+        """A pooled worker's clients' payloads (gathered codecs), in one gather: their byte lengths as int64,
+        then the payloads, in the order of the round's assignment."""
+        self._reset_clock()
+        header = np.array([p.size for p in payloads], dtype=np.int64).view(np.uint8)
+        self._gather(np.concatenate([header, *payloads]))
+
+    def receive_pooled(self, rnd: int, out: np.ndarray, ids: np.ndarray, ranks: np.ndarray, weights: np.ndarray,
+                       squares: np.ndarray | None = None) -> Received:
+        """Server side of `send_payloads`: each worker's bytes split into its clients' payloads, each then
+        validated, rejected or summed by client id like one client per rank (`receive`)."""
+        self._reset_clock()
+        blobs = self._gather(np.zeros(0, np.uint8))
+        payloads: list[np.ndarray] = [np.zeros(0, np.uint8)] * len(ids)
+        messages = []
+        for rank in np.unique(ranks):
+            slots = np.flatnonzero(ranks == rank)
+            split = split_payloads(blobs[rank], len(slots))
+            if split is None:
+                messages.append(f"round {rnd}: rank {rank} sent {blobs[rank].size} bytes that do not split into "
+                                f"its {len(slots)} clients' payloads; all of them are rejected")
+                continue
+            for slot, payload in zip(slots, split):
+                payloads[slot] = payload
+        return self._aggregated(rnd, payloads, ids.tolist(), out, weights, squares, messages)
 
     def receive(self, rnd: int, out: np.ndarray, weights: np.ndarray, squares: np.ndarray | None = None) -> Received:
         """Fill `out` with the decoded sum of the clients' weighted updates, and `squares` (gather codecs
@@ -147,10 +181,36 @@ class UpdateChannel:
                                             f"codec cannot say which client sent it: step skipped"])
             return Received(True)
         payloads = self._gather(np.zeros(0, np.uint8))[1:]
-        clients = list(range(len(payloads)))
+        return self._aggregated(rnd, payloads, list(range(len(payloads))), out, weights, squares)
+
+    def _aggregated(self, rnd: int, payloads: list[np.ndarray], clients: list[int], out: np.ndarray,
+                    weights: np.ndarray, squares: np.ndarray | None, messages: list[str] | None = None) -> Received:
+        """Validate, reject by client id, decode and sum gathered payloads (mpifed.compress.aggregate)."""
         result = aggregate(self.codec, payloads, clients, self.n, self.seed, rnd, weights=weights, squares=squares,
                            out=out)
-        messages = [str(r) for r in result.rejections]
+        messages = [*(messages or []), *(str(r) for r in result.rejections)]
         if not result.accepted:
             messages.append(f"round {rnd}: every client's update was rejected: step skipped")
         return Received(bool(result.accepted), [r.client for r in result.rejections], messages)
+
+
+def split_payloads(blob: np.ndarray, count: int) -> list[np.ndarray] | None:
+    """`count` payloads out of one worker's bytes [count int64 lengths | payloads]; None when the bytes do
+    not add up (the worker builds the lengths itself, so only a transport fault gets here)."""
+    head = 8 * count
+    if blob.size < head:
+        return None
+    lengths = np.frombuffer(blob[:head].tobytes(), dtype=np.int64)
+    if (lengths < 0).any() or head + int(lengths.sum()) != blob.size:
+        return None
+    ends = head + np.cumsum(lengths)
+    return [blob[end - size: end] for end, size in zip(ends, lengths)]
+
+
+def _corrupted(x: np.ndarray, corrupt: str) -> np.ndarray:
+    """debug.corrupt = "nan": a copy of the update with one NaN; else the update itself."""
+    if corrupt != "nan":
+        return x
+    x = x.copy()
+    x[0] = np.nan
+    return x

@@ -24,7 +24,8 @@ def test_cli_surface_is_frozen():
     assert _options(main.commands["train"]) == {"--job", "--set", "--name", "--out", "--progress", "--resume",
                                                     "--auto-resume", "--print-job"}
     bench = main.commands["bench"]
-    assert {"exchange", "compress", "memory", "plan", "rounds"} <= set(bench.list_commands(click.Context(bench)))
+    assert {"exchange", "compress", "memory", "plan", "rounds", "clients"} \
+        <= set(bench.list_commands(click.Context(bench)))
     assert _options(main.commands["analyze"]) == {"--out", "--json", "--no-plots"}
     assert _options(main.commands["watch"]) == {"--interval", "--idle", "--once"}
 

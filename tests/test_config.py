@@ -101,8 +101,9 @@ def test_clients_adapt_to_world_size_unless_fixed():
         resolve_clients(job, 2)
     fixed = load_job(overrides=["clients.count=15"])
     assert len(resolve_clients(fixed, 16)) == 15
-    with pytest.raises(JobError, match=r"clients.count = 15 but 4 ranks.*mpirun -n 16"):
-        resolve_clients(fixed, 4)
+    assert len(resolve_clients(fixed, 4)) == 15  # three worker ranks, five clients each
+    with pytest.raises(JobError, match=r"clients.count = 15 but 17 ranks.*1 rank\(s\) would never train.*mpirun -n 16"):
+        resolve_clients(fixed, 17)
     with pytest.raises(JobError, match="at least 2 MPI ranks"):
         resolve_clients(load_job(), 1)
 

@@ -159,9 +159,10 @@ def test_an_unwritable_output_ends_every_rank_with_the_path(tmp_path):
 
 
 def test_rank_count_that_does_not_fit_the_job_fails_at_once(tmp_path):
-    proc = train(3, tmp_path, "count", "--set", "clients.count=5", timeout=120)
+    proc = train(3, tmp_path, "count", "--set", "clients.count=1", timeout=120)
     assert proc.returncode == 2
-    assert "clients.count = 5 but 3 ranks" in proc.stderr and "mpirun -n 6" in proc.stderr
+    assert "clients.count = 1 but 3 ranks" in proc.stderr and "would never train" in proc.stderr
+    assert "mpirun -n 2" in proc.stderr
 
 
 def test_missing_dataset_ends_the_job_with_where_the_files_go(tmp_path):

@@ -28,6 +28,7 @@ from mpifed.probes import probe_rounds
 from mpifed.progress import Progress
 from mpifed.server import run_server
 from mpifed.session import open_session
+from mpifed.worker import prepare_worker, run_worker
 
 WORLD = 3  # a server and two clients
 SMALL = ["data.train_size=300", "data.test_size=64", "train.rounds=3", "train.batch=16", "train.eval_every=0"]
@@ -73,7 +74,7 @@ class _Comm(SimpleNamespace):
 
 
 class _Writer:
-    def append_round(self, table, server):
+    def append_round(self, table, server, clients=None):
         assert table.shape[0] == WORLD
 
     def append_eval(self, values):
@@ -85,20 +86,22 @@ def _session(rank: int, overrides: list[str]):
     world = World(_Comm(rank=rank, size=WORLD), rank, WORLD, 0, 1, "test", torch.get_num_threads())
     s = open_session(world, job)
     s.exchange = RecordingExchange(rank)
-    s.max_batches, s.data_sizes = [0] * (WORLD - 1), [300] * (WORLD - 1)
+    s.max_batches, s.data_sizes = [0] * s.n_clients, [300] * s.n_clients
     return s
 
 
 def run_sides(overrides: list[str], tmp: Path, resume_from: dict | None = None) -> tuple[list, list]:
-    """Each side's recorded collectives over one training run (rank 0, then rank 1)."""
+    """Each side's recorded collectives over one training run (rank 0, then rank 1: a client, or a
+    worker when the job pools its clients)."""
     server, client = _session(0, overrides), _session(1, overrides)
     for s in (server, client):
         if resume_from is not None:
             s.start_round = int(resume_from["round"])
     server.resumed_from = resume_from
-    setup = prepare_client(client)
+    pooled = client.placement.pooled
+    setup = prepare_worker(client) if pooled else prepare_client(client)
     client.exchange.calls.clear()  # from here on, both sides run the rounds
-    run_client(client, setup)
+    (run_worker if pooled else run_client)(client, setup)
     run_server(server, _Writer(), tmp, Progress("off", server.job.train.rounds, 1))
     report, *rounds = client.exchange.calls
     assert report == ("barrier",)  # the client's start-up report, whose server side is train.py's
@@ -126,6 +129,12 @@ JOBS = {
     "per-coordinate, gathered": ["scaling.method=teacher", "scaling.per_layer=false", "scaling.small_batch=8",
                                  "compress.codec=qsgd"],
     "grown batches": ["scaling.grow_batch=true"],
+    "pooled": ["clients.count=5", "clients.per_round=3"],
+    "pooled, topk, checkpoints": ["clients.count=5", "clients.per_round=3", "compress.codec=topk",
+                                  "compress.options={error_feedback = false}", "checkpoint.every=2"],
+    "pooled, powersgd, per-coordinate": ["clients.count=4", "compress.codec=powersgd",
+                                         "compress.options={error_feedback = false}", "scaling.method=teacher",
+                                         "scaling.per_layer=false", "scaling.small_batch=8"],
 }
 
 
@@ -161,3 +170,10 @@ def test_a_missing_step_is_found():
     assert first_difference(server, [server[0], ("gather", "<f8", 16)]) == \
         "collective 1: server ('reduce', '<f4', 5, True), client ('gather', '<f8', 16)"
     assert first_difference([("gatherv", "|u1")], [("gatherv", "|u1")]) == ""
+
+
+def test_pooled_rounds_open_with_the_assignment(tmp_path):
+    """Pooled clients: each round starts with the (3, K) assignment, before the batches and the model."""
+    server, worker = run_sides(JOBS["pooled"], tmp_path)
+    assert server[0] == worker[0] == ("broadcast", "<i8", 3 * 3)
+    assert server.count(("broadcast", "<i8", 9)) == 3  # once a round

@@ -352,10 +352,12 @@ def test_time_limit_signal_reaches_every_rank(tmp_path, launcher):
     assert [p.read_text() for p in sorted(tmp_path.glob("usr1-*.txt"))] == ["yes"] * 3
 
 
-def test_a_job_that_fixes_its_client_count_must_get_that_many_ranks(tmp_path):
+def test_a_job_that_fixes_its_client_count_gets_no_more_ranks_than_it_can_use(tmp_path):
+    """Fewer ranks than clients is fine (each rank trains several clients); more would leave ranks idle."""
     job = tmp_path / "fixed.toml"
     job.write_text("[clients]\ncount = 15\n")
-    with pytest.raises(ValueError, match=r"clients.count = 15, so it needs 16 ranks, but ntasks = 17"):
+    with pytest.raises(ValueError, match=r"clients.count = 15, so at most 16 ranks can train.*ntasks = 17"):
         SlurmOptions(job=str(job), nodes=4, gpus_per_node=4)
     assert SlurmOptions(job=str(job), nodes=5, gpus_per_node=3).ntasks == 16
     assert SlurmOptions(job=str(job), nodes=1, gpus_per_node=8, ntasks=16).ntasks == 16
+    assert SlurmOptions(job=str(job), nodes=1, gpus_per_node=4).ntasks == 5

@@ -49,6 +49,7 @@ class Run:
     server: dict[str, np.ndarray]   # (T,)
     eval: dict[str, np.ndarray]     # (E,)
     models: dict[str, object] = field(default_factory=dict)
+    pooled: dict[str, np.ndarray] = field(default_factory=dict)  # (T, K) /clients, when clients were pooled
 
     @property
     def rounds(self) -> int:
@@ -169,7 +170,9 @@ def read(f: h5py.File, p: Path) -> Run:
     n_eval = min((len(a) for a in evals.values()), default=0)
     evals = {k: v[:n_eval] for k, v in evals.items()}
     models = {k: _plain(v) for k, v in f["models"].attrs.items()} if "models" in f else {}
-    return Run(path=p, attrs=attrs, job=job, ranks=ranks, iter=iters, server=server, eval=evals, models=models)
+    pooled = {k: v[:rounds] for k, v in _group(f, "clients").items()}
+    return Run(path=p, attrs=attrs, job=job, ranks=ranks, iter=iters, server=server, eval=evals, models=models,
+               pooled=pooled)
 
 
 def _group(f: h5py.File, name: str) -> dict[str, np.ndarray]:

@@ -164,6 +164,36 @@ class RankStats:
 
 
 @dataclass(frozen=True)
+class Participation:
+    """Pooled clients (/clients): how often each of the N clients trained, and its time per round."""
+
+    clients: int                    # N
+    trained: int                    # clients that trained at least once
+    rounds_min: int                 # rounds per client: fewest, median, most
+    rounds_median: float
+    rounds_max: int
+    t_compute_median: float         # seconds a client's round took, median over client-rounds
+    t_compute_p95: float
+    slowest: list[int]              # the clients with the longest median round, slowest first (up to 5)
+
+
+def participation(run: Run) -> Participation | None:
+    """Participation counts and per-client time, from the log's /clients; None with one client per rank."""
+    if not run.pooled:
+        return None
+    n = int(run.job.get("clients", {}).get("count") or run.world_size - 1)
+    ids = run.pooled["id"].astype(np.int64).ravel()
+    seconds = run.pooled["t_compute"].ravel()
+    counts = np.bincount(ids, minlength=n)
+    per_client = [np.median(seconds[ids == k]) if counts[k] else -np.inf for k in range(n)]
+    slowest = [int(k) for k in np.argsort(per_client)[::-1][:5] if counts[k]]
+    return Participation(clients=n, trained=int((counts > 0).sum()), rounds_min=int(counts.min()),
+                         rounds_median=float(np.median(counts)), rounds_max=int(counts.max()),
+                         t_compute_median=_median(seconds), t_compute_p95=float(np.percentile(seconds, 95)),
+                         slowest=slowest)
+
+
+@dataclass(frozen=True)
 class Summary:
     name: str
     path: str
@@ -182,6 +212,7 @@ class Summary:
     perf_points: int                # steady rounds with a prediction
     accuracy: Accuracy
     ranks: list[RankStats]
+    participation: Participation | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values: NaN becomes None."""
@@ -210,7 +241,8 @@ def summarize(run: Run) -> Summary:
                    bytes_up_per_round=bytes_per_round(run, "bytes_up"),
                    bytes_down_per_round=bytes_per_round(run, "bytes_down"),
                    client_wait_share=client_share(run, "t_wait"), client_emul_share=client_share(run, "t_emul"),
-                   perf_mdape=mdape, perf_points=points, accuracy=accuracy(run), ranks=ranks)
+                   perf_mdape=mdape, perf_points=points, accuracy=accuracy(run), ranks=ranks,
+                   participation=participation(run))
 
 
 def _mean(x: np.ndarray) -> float:

@@ -87,6 +87,19 @@ def rank_table(s: Summary) -> Table:
     return table
 
 
+def participation_table(s: Summary) -> Table:
+    """Pooled clients: how many trained, how often, and how long a client's round took."""
+    p = s.participation
+    table = Table(title=f"{s.name}: clients sampled from {p.clients:,}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("trained at least once", f"{p.trained:,} of {p.clients:,}")
+    table.add_row("rounds per client", f"min {p.rounds_min}, median {p.rounds_median:g}, max {p.rounds_max}")
+    table.add_row("a client's round", f"median {_ms(p.t_compute_median)} ms, p95 {_ms(p.t_compute_p95)} ms")
+    table.add_row("slowest clients", ", ".join(map(str, p.slowest)))
+    return table
+
+
 def comparison_table(summaries: list[Summary]) -> Table:
     table = Table(title="comparison")
     table.add_column("", style="bold")
@@ -135,6 +148,8 @@ def analyze(paths: tuple[str, ...], out: str | None, as_json: bool, no_plots: bo
     for s in summaries:
         console.print(run_table(s))
         console.print(rank_table(s))
+        if s.participation is not None:
+            console.print(participation_table(s))
     if len(summaries) > 1:
         console.print(comparison_table(summaries))
     for p in plots:

@@ -1,0 +1,185 @@
+"""A worker rank's rounds when clients are pooled: train the round's clients one after another, send once.
+
+With more clients than client ranks, or K of N sampled each round (mpifed.placement), a rank is a
+worker and a client is data, a sampler cursor and a device profile. Each round the server says which
+clients train and where (protocol step 0); a worker trains each of its clients from the broadcast model
+(the model is reset between them), hands each update to `RoundProtocol.add_client` (summable codecs:
+w_k u_k into one buffer; gathered codecs: the client's own payload), and takes part in the round's
+collectives once: a reduce stays O(ranks), not O(clients), and a gather carries one payload per client.
+
+State: a client's sampler cursor is all it carries between rounds (the local optimizer is plain SGD,
+rebuilt from the model); the server keeps the N cursors (8 bytes a client) and sends each with the
+assignment, so a client may train on any rank and a checkpoint holds them all.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from mpifed import memory as mem
+from mpifed import profiles
+from mpifed.client import InjectedFault, local_steps, partitions
+from mpifed.data import ClientSampler
+from mpifed.optimizers import local_optimizer
+from mpifed.protocol import payload_size
+from mpifed.runlog import CLIENT_FIELDS, ITER_FIELDS, column
+from mpifed.schedule import learning_rate
+from mpifed.session import Session, gather_rank_facts
+
+
+@dataclass
+class WorkerSetup:
+    """What a worker prepares once: every client's partition, the whole train split on the device, and
+    the memory model's cap per profile (sized once per profile, not per client)."""
+
+    parts: list[np.ndarray]
+    xs: torch.Tensor
+    ys: torch.Tensor
+    caps: np.ndarray            # per profile name (sorted), largest batch; 0 = not sized
+    memory: dict                # profile name -> fitted memory model record
+    messages: list[str]
+
+
+def prepare_worker(s: Session) -> WorkerSetup:
+    """Partition for all N clients, load the train split once, size each profile's batch."""
+    job = s.job
+    parts = partitions(s)
+    xs, ys = s.dataset.tensors()
+    xs, ys = xs.to(s.device), ys.to(s.device)
+    names = sorted(set(s.profile_names))
+    caps, records, messages = np.zeros(len(names), dtype=np.int64), {}, []
+    if job.memory.size_clients:
+        step = mem.StepSpec(optimizer="none" if job.train.local_steps == 1 else "sgd", momentum=0.0,
+                            weight_decay=job.optim.weight_decay, keep_grads=True)
+        # held outside the step: the train split, the update and its sum, the E>1 start copy and the reset copy
+        held = xs.nbytes + ys.nbytes + 4 * (2 * payload_size(s.model) + 2 * s.model.size)
+        for i, name in enumerate(names):
+            profile = job.profile(name)
+            budget = profile.memory or mem.device_budget(s.device) // (1 if s.device.type == "cuda"
+                                                                         else s.world.local_size)
+            requested = max(int(b) for b, p in zip(s.batches, s.profile_names) if p == name)
+            sizing = mem.size_client(s.model.module, tuple(xs.shape[1:]), s.dataset.num_classes, step, s.device,
+                                     int(budget), requested, f"profile {name} (rank {s.world.rank})",
+                                     strict=job.memory.strict, margin=job.memory.margin,
+                                     multiple_of=job.memory.multiple_of, extra_static_bytes=int(held))
+            caps[i], records[name] = sizing.max_batch, sizing.model.as_record()
+            if sizing.message:
+                messages.append(sizing.message)
+    return WorkerSetup(parts, xs, ys, caps, records, messages)
+
+
+def agree_pooled_batches(s: Session, caps: np.ndarray | None) -> None:
+    """Every client's batch on every rank: its profile's batch, capped by the smallest cap any worker
+    found for that profile (the server passes None)."""
+    names = sorted(set(s.profile_names))
+    everyone = np.zeros((s.world.size, len(names)), dtype=np.int64)
+    mine = np.zeros(len(names), dtype=np.int64) if caps is None else caps
+    s.exchange.wait([s.world.comm.Iallgather(mine, everyone)], "allgather")
+    sized = everyone[1:]
+    cap = np.where((sized > 0).any(axis=0), np.where(sized > 0, sized, np.iinfo(np.int64).max).min(axis=0), 0)
+    by_name = dict(zip(names, cap.tolist()))
+    s.batches = np.array([min(int(b), by_name[p]) if by_name[p] else int(b)
+                          for b, p in zip(s.batches, s.profile_names)], dtype=np.int64)
+
+
+def run_worker(s: Session, setup: WorkerSetup) -> bool:
+    """This worker's rounds; True when a signal stopped the run early."""
+    job, world, model = s.job, s.world, s.model
+    _report_setup(s, setup)
+    protocol = s.protocol()
+    lay, k_round, steps = protocol.layout, s.placement.round_size, job.train.local_steps
+    update = torch.zeros(lay.update_size, dtype=torch.float32, device=s.device)
+    total = torch.zeros(lay.update_size, dtype=torch.float32, device=s.device)
+    broadcast = torch.empty(model.size, dtype=torch.float32, device=s.device)
+    assignment = np.zeros((3, k_round), dtype=np.int64)
+    clients = np.zeros((k_round, len(CLIENT_FIELDS)))
+    local_opt = local_optimizer(s)
+    row = np.full(len(ITER_FIELDS), np.nan)
+    nbytes, nbytes_up = model.size * 4, protocol.nbytes_up
+    gathered, tail_bytes = not protocol.channel.codec.summable, 4 * (lay.tail.stop - lay.tail.start)
+
+    for rnd in range(s.start_round, job.train.rounds):
+        row[:] = np.nan
+        clients[:] = 0.0
+        start = time.perf_counter()
+        protocol.share_assignment(assignment)
+        protocol.share_batches(s.batches)
+        protocol.share_model(model.flat)
+        t_down = time.perf_counter() - start
+        if job.debug.fail_rank == world.rank and job.debug.fail_round == rnd:
+            raise InjectedFault(f"debug.fail_rank = {world.rank}: failing on purpose in round {rnd}")
+
+        ids, ranks, cursors = assignment
+        mine = np.flatnonzero(ranks == world.rank)
+        round_batch = int(s.batches[ids].sum())
+        lr = learning_rate(job.optim, rnd, job.train.rounds, round_batch)
+        total.zero_()
+        t0, emul, link, t_compute, samples, losses, payloads = time.perf_counter(), 0.0, 0.0, 0.0, 0, [], []
+        if len(mine) > 1:
+            broadcast.copy_(model.flat)
+        for j, slot in enumerate(mine):
+            client, batch = int(ids[slot]), int(s.batches[ids[slot]])
+            profile = s.profile(client)
+            if j:  # every client starts from the broadcast model, BatchNorm statistics included
+                model.flat.copy_(broadcast)
+            link += profiles.sleep(profiles.link_seconds(profile, nbytes))  # its download, emulated
+            sampler = ClientSampler(setup.parts[client], job.run.seed, client, int(cursors[slot]))
+            part = setup.parts[client]
+
+            def draw(b: int) -> torch.Tensor:
+                return torch.from_numpy(part[sampler.next(b)]).to(s.device)
+
+            began = time.perf_counter()
+            loss = local_steps(s, local_opt, lr, draw, setup.xs, setup.ys, batch, rnd * steps, update, client)
+            if s.device.type == "cuda":
+                torch.cuda.synchronize(s.device)
+            slowed = job.debug.slow_rank == world.rank and rnd >= job.debug.slow_round
+            pace = replace(profile, speed=profile.speed * job.debug.slow_speed) if slowed else profile
+            emul += profiles.sleep(profiles.compute_delay(pace, time.perf_counter() - began))
+            seconds = time.perf_counter() - began
+            model.buffers_into(update)
+            hit = job.debug.corrupt_rank == world.rank and job.debug.corrupt_round == rnd and j == 0
+            payload, norm = protocol.add_client(rnd, update, batch / round_batch, total, client,
+                                                corrupt=job.debug.corrupt if hit else "")
+            if payload is not None:
+                payloads.append(payload)
+            link += profiles.sleep(profiles.link_seconds(profile, nbytes_up))  # its upload, emulated
+            t_compute += seconds
+            samples += batch * steps
+            losses.append(loss * batch)
+            clients[slot, [CLIENT_FIELDS.index(f) for f in ("loss", "t_compute", "grad_norm", "bytes_up")]] = (
+                loss, seconds, norm, payload.size if payload is not None else 0)
+        t_encode = time.perf_counter() - t0 - t_compute - link
+
+        t0 = time.perf_counter()
+        t_up = protocol.send_sum(rnd, total, payloads)
+        t_encode += time.perf_counter() - t0 - t_up
+        protocol.reduce_client_rows(clients)
+        loss = sum(losses) / (samples / steps) if samples else np.nan
+        values = dict(t_down=t_down, t_compute=t_compute, t_encode=t_encode, t_up=t_up + link, t_emul=emul + link,
+                      t_iter=time.perf_counter() - start, batch=samples, loss=loss, grad_norm=np.nan,
+                      bytes_up=sum(p.size for p in payloads) + tail_bytes if gathered else nbytes_up,
+                      bytes_down=nbytes)
+        for key, value in values.items():
+            row[column(key)] = value
+        protocol.gather_rows(row)
+        if protocol.agree_stop(bool(s.stop)):
+            return True
+    return False
+
+
+def _report_setup(s: Session, setup: WorkerSetup) -> None:
+    """Once, at start-up: this worker's /ranks row; rank 1 adds what the server needs of all N clients
+    (their data sizes, the memory model per profile, the sizing messages)."""
+    facts = dict(role=s.placement.role(s.world.rank), host=s.world.host, device=str(s.device), profile="pooled",
+                 emulated=False,
+                 speed=1.0, memory_budget=0.0, bandwidth=0.0, latency=0.0, data_size=len(setup.ys),
+                 requested_batch=0, max_batch=int(setup.caps.max(initial=0)), batch=0, memory_model={},
+                 message="; ".join(setup.messages))
+    if s.world.rank == 1:
+        facts.update(data_sizes=[len(p) for p in setup.parts], memory_models=setup.memory)
+    gather_rank_facts(s, facts)

@@ -1,0 +1,166 @@
+"""Many clients per rank under real MPI: K of N clients sampled each round and placed on W < K worker
+ranks train exactly what one process would train on the same sampled clients."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from click.testing import CliRunner
+
+from conftest import mpi_run, ok, train
+from mpifed.commands.analyze import analyze
+from mpifed.config import load_job
+from mpifed.data import ClientSampler, load_dataset, partition
+from mpifed.models import build_model
+from mpifed.runlog import CLIENT_FIELDS
+from mpifed.sampling import sample_clients
+from mpifed.schedule import learning_rate
+from mpifed.seeding import Purpose, forked_torch_rng
+
+pytestmark = pytest.mark.mpi
+
+N, K = 6, 4  # six clients, four a round, on the two worker ranks of `mpirun -n 3`
+# clients 0 and 1 hold twice the data and train with batch 24, the others with 8: unequal weights
+POOLED = ["--set", f"clients.count={N}", "--set", f"clients.per_round={K}", "--set", "train.batch=8",
+          "--set", 'clients.groups=[{count = 2, profile = "big"}]', "--set", "profiles.big.batch=24",
+          "--set", "profiles.big.data=2.0", "--set", 'data.partition="dirichlet"', "--set", "checkpoint.every=2"]
+
+
+def _state(path):
+    return torch.load(path, weights_only=True)
+
+
+class PooledReference:
+    """The job's N clients in one process, from the same seeds: partitions, samplers, the sampled ids."""
+
+    def __init__(self, run_dir):
+        self.job = job = load_job(run_dir / "job.toml")
+        data = load_dataset("synthetic", True, size=job.data.train_size, noise=job.data.noise)
+        parts = partition(data.targets, np.array([2.0, 2.0] + [1.0] * (N - 2)), "dirichlet", job.run.seed,
+                          job.data.alpha)
+        self.samplers = [ClientSampler(p, job.run.seed, k) for k, p in enumerate(parts)]
+        self.tensors = [data.tensors(p) for p in parts]
+        self.batches = [24, 24] + [8] * (N - 2)
+        with forked_torch_rng(job.run.seed, Purpose.INIT):
+            self.model = build_model("cnn", 10)
+        self.got = _state(run_dir / "model.pt")
+
+    def sampled(self, rnd):
+        return sample_clients(self.job.run.seed, rnd, N, K).tolist()
+
+    def draw(self, client):
+        x, y = self.tensors[client]
+        pos = torch.from_numpy(self.samplers[client].next(self.batches[client]))
+        return x[pos], y[pos]
+
+    def lr(self, rnd, ids):
+        return learning_rate(self.job.optim, rnd, self.job.train.rounds, sum(self.batches[k] for k in ids))
+
+    def assert_matches(self, model):
+        for name, want in model.state_dict().items():
+            assert torch.allclose(self.got[name], want, atol=2e-5, rtol=1e-4), name
+
+
+def test_sampled_fedsgd_is_sgd_on_the_union_and_resumes_bit_for_bit(tmp_path):
+    """E=1: K=4 sampled clients of 6 on 2 worker ranks equal one process's SGD on the union of the sampled
+    clients' batches; /clients logs who trained where; a run that died and resumed ends bit for bit where
+    the uninterrupted run ends (the sampled ids and every client's sampler cursor come back)."""
+    ok(train(3, tmp_path, "sgd", *POOLED, "--set", "optim.nesterov=true"))
+    ref = PooledReference(tmp_path / "sgd")
+    o = ref.job.optim
+    opt = torch.optim.SGD(ref.model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True,
+                          weight_decay=o.weight_decay)
+    rounds = ref.job.train.rounds
+    for rnd in range(rounds):
+        ids = ref.sampled(rnd)
+        xs, ys = zip(*[ref.draw(k) for k in ids])
+        for group in opt.param_groups:
+            group["lr"] = ref.lr(rnd, ids)
+        opt.zero_grad()
+        F.cross_entropy(ref.model(torch.cat(xs)), torch.cat(ys)).backward()
+        opt.step()
+    ref.assert_matches(ref.model)
+
+    with h5py.File(tmp_path / "sgd" / "run.h5") as f:
+        log = {name: f[f"clients/{name}"][:] for name in CLIENT_FIELDS}
+        assert f["iter/t_iter"].shape == (rounds, 3)
+        assert [r.decode() for r in f["ranks/role"][:]] == ["server", "worker", "worker"]
+        assert f["iter/batch"][:, 1:].sum(axis=1).tolist() == f["server/global_batch"][:].tolist()
+    for name in CLIENT_FIELDS:
+        assert log[name].shape == (rounds, K), name
+    assert log["id"].tolist() == [ref.sampled(rnd) for rnd in range(rounds)]
+    assert set(np.unique(log["rank"])) <= {1, 2} and (log["rank"] == 1).any() and (log["rank"] == 2).any()
+    assert log["batch"].tolist() == [[ref.batches[k] for k in ref.sampled(rnd)] for rnd in range(rounds)]
+    assert np.isfinite(log["loss"]).all() and (log["t_compute"] > 0).all() and (log["grad_norm"] > 0).all()
+    result = CliRunner().invoke(analyze, ["--json", "--no-plots", str(tmp_path / "sgd")])
+    assert result.exit_code == 0, result.output
+    counts = np.bincount(np.concatenate([ref.sampled(rnd) for rnd in range(rounds)]), minlength=N)
+    seen = json.loads(result.output)["participation"]
+    assert seen["clients"] == N and seen["trained"] == (counts > 0).sum()
+    assert (seen["rounds_min"], seen["rounds_max"]) == (counts.min(), counts.max())
+
+    died = train(3, tmp_path, "died", *POOLED, "--set", "optim.nesterov=true", "--set", "debug.fail_rank=2",
+                 "--set", "debug.fail_round=3", timeout=120)
+    assert died.returncode != 0 and "failing on purpose in round 3" in died.stderr
+    ok(mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--progress", "log"], tmp_path))
+    full, resumed = _state(tmp_path / "sgd" / "model.pt"), _state(tmp_path / "died" / "model.pt")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    with h5py.File(tmp_path / "died" / "run.h5") as f:
+        assert "resumed at round 2" in f.attrs["resumes"][0]
+        for name in ("id", "rank", "batch", "loss", "grad_norm"):
+            assert np.array_equal(f[f"clients/{name}"][:], log[name]), name
+
+
+def test_sampled_fedavg_is_the_weighted_average_of_the_sampled_clients_local_models(tmp_path):
+    """E=3: each round's K sampled clients train from the same global model, one after another on
+    their worker; the server's model is sum_k (b_k/B) w_k over those K."""
+    ok(train(3, tmp_path, "avg", *POOLED, "--set", "train.local_steps=3"))
+    ref = PooledReference(tmp_path / "avg")
+    global_state = {k: v.clone() for k, v in ref.model.state_dict().items()}
+    for rnd in range(ref.job.train.rounds):
+        ids = ref.sampled(rnd)
+        total = sum(ref.batches[k] for k in ids)
+        average = {n: torch.zeros_like(v) for n, v in global_state.items()}
+        for k in ids:
+            ref.model.load_state_dict(global_state)
+            opt = torch.optim.SGD(ref.model.parameters(), lr=ref.lr(rnd, ids), weight_decay=ref.job.optim.weight_decay)
+            for _ in range(3):
+                x, y = ref.draw(k)
+                opt.zero_grad()
+                F.cross_entropy(ref.model(x), y).backward()
+                opt.step()
+            for n, v in ref.model.state_dict().items():
+                average[n] += ref.batches[k] / total * v
+        global_state = average
+    ref.model.load_state_dict(global_state)
+    ref.assert_matches(ref.model)
+
+
+def test_gathered_payloads_travel_per_client_whichever_rank_trains_them(tmp_path):
+    """QSGD (a gathered codec): each sampled client's payload reaches the server on its own, keyed by its
+    id, so a corrupt payload from one client is rejected alone, and the model does not depend on which
+    rank trained which client (2 worker ranks or 3)."""
+    qsgd = ["--set", 'compress.codec="qsgd"']
+    proc = ok(train(3, tmp_path, "corrupt", *POOLED, *qsgd, "--set", "debug.corrupt_rank=1",
+                    "--set", "debug.corrupt_round=2"))
+    with h5py.File(tmp_path / "corrupt" / "run.h5") as f:
+        rejected, ranks, ids = (f[f"clients/{name}"][:] for name in ("rejected", "rank", "id"))
+        assert f["iter/rejected"][2].tolist() == [1, 1, 0] and f["iter/rejected"][[0, 1, 3, 4, 5]].sum() == 0
+        assert (f["clients/bytes_up"][:] > 0).all()
+    first_on_1 = int(np.flatnonzero(ranks[2] == 1)[0])  # debug.corrupt_rank malforms its first client's payload
+    assert np.flatnonzero(rejected.ravel()).tolist() == [2 * K + first_on_1]
+    assert f"client {int(ids[2, first_on_1])}" in proc.stdout + proc.stderr
+
+    ok(train(3, tmp_path, "two", *POOLED, *qsgd))
+    ok(train(4, tmp_path, "three", *POOLED, *qsgd))
+    two, three = _state(tmp_path / "two" / "model.pt"), _state(tmp_path / "three" / "model.pt")
+    assert all(torch.allclose(two[k].float(), three[k].float(), atol=1e-6) for k in two)
+    with h5py.File(tmp_path / "two" / "run.h5") as f, h5py.File(tmp_path / "three" / "run.h5") as g:
+        assert not np.array_equal(f["clients/rank"][:], g["clients/rank"][:])  # placed differently
+        assert np.allclose(f["clients/loss"][:], g["clients/loss"][:], atol=1e-6)
