@@ -498,10 +498,11 @@ def pooled_limits(job: Job) -> list[str]:
     out = []
     from mpifed.compress import make_codec
 
-    if make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options).error_feedback:
-        out.append(f"error feedback (compress.codec = {job.compress.codec!r} keeps a residual per client; pooled "
-                   f"clients do not keep one yet: set compress.options.error_feedback = false, or use "
-                   f"one client per rank)")
+    codec = make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options)
+    if codec.error_feedback and codec.summable:
+        out.append(f"error feedback with compress.codec = {job.compress.codec!r}, which is summed: a worker sums "
+                   f"its clients' updates before encoding, so no residual would be a client's (set "
+                   f"compress.options.error_feedback = false, or use a gathered codec: topk, qsgd, efsign)")
     if job.plan.mode != "off":
         out.append(f"plan.mode = {job.plan.mode!r} (set plan.mode = \"off\"; clients are placed by "
                    f"clients.placement)")

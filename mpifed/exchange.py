@@ -148,6 +148,16 @@ class Exchange:
         self.wait([self.comm.Iallreduce(MPI.IN_PLACE, value, op=MPI.MAX)], "allreduce")
         return bool(value[0])
 
+    def move(self, sends: list[tuple[np.ndarray, int]], receives: list[tuple[np.ndarray, int]],
+             kind: str = "move") -> None:
+        """Point to point: each (buffer, rank) of `sends` to that rank, each of `receives` filled from its
+        rank, waited for like a collective. Every rank calls it at the same step, with or without
+        messages, so that the ranks' counts of waits stay in step for the roll call; messages between two
+        ranks match in the order both sides list them (MPI does not let them overtake)."""
+        requests = [self.comm.Isend(buf, dest=rank, tag=MOVE_TAG) for buf, rank in sends]
+        requests += [self.comm.Irecv(buf, source=rank, tag=MOVE_TAG) for buf, rank in receives]
+        self.wait(requests, kind)
+
     def gather_bytes(self, payload: np.ndarray) -> list[np.ndarray] | None:
         """Variable-size uint8 payloads to root (Gatherv with explicit counts and displacements).
 
@@ -161,6 +171,10 @@ class Exchange:
         recv = np.empty(int(counts.sum()), dtype=np.uint8)
         self.wait([self.comm.Igatherv(payload, [recv, counts, displs, MPI.BYTE], root=ROOT)], "gather")
         return [recv[d: d + c] for d, c in zip(displs, counts)]
+
+
+MOVE_TAG = 7303
+"""The tag of `Exchange.move`'s point-to-point messages (the roll call's are 7301 and 7302)."""
 
 
 class _Waiting:

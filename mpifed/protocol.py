@@ -132,10 +132,33 @@ class RoundProtocol:
 
     # 0. clients (pooled) ----------------------------------------------------------------------------
     def share_assignment(self, assignment: np.ndarray) -> None:
-        """The server's (3, K) int64 [client ids; their ranks; their sampler cursors] into every rank's,
-        when clients are pooled (placed each round)."""
+        """The server's (4, K) int64 [client ids; their ranks; their sampler cursors; the rank holding each
+        one's error-feedback residual] into every rank's, when clients are pooled (placed each round)."""
         if self.placement.pooled:
             self.exchange.broadcast(assignment)
+
+    @property
+    def pooled_feedback(self) -> bool:
+        """Pooled clients with error feedback: their residuals move between ranks (below)."""
+        return self.placement.pooled and self.channel.codec.error_feedback
+
+    def move_residuals(self, assignment: np.ndarray, held: dict[int, np.ndarray]) -> None:
+        """Error feedback with pooled clients: each of the round's clients' residual, from the rank that
+        holds it (assignment row 3: -1 none yet, 0 the server after a resume, else the worker that last
+        trained it) to the rank that trains it now, point to point. `held` is this rank's {client:
+        residual}: what it sends leaves it; what it receives, or a new zero residual, joins it."""
+        if not self.pooled_feedback:
+            return
+        me, n = self.exchange.comm.rank, self.channel.n
+        sends, receives = [], []
+        for client, rank, holder in zip(*assignment[[0, 1, 3]].tolist()):
+            if holder == me and rank != me:
+                sends.append((held.pop(client), rank))
+            elif rank == me and holder != me:
+                held[client] = np.zeros(n, dtype=np.float32)
+                if holder >= 0:
+                    receives.append((held[client], holder))
+        self.exchange.move(sends, receives, "residuals")
 
     # 1. batches -------------------------------------------------------------------------------------
     def share_batches(self, batches: np.ndarray) -> None:
@@ -278,6 +301,28 @@ class RoundProtocol:
             table = np.zeros((self.placement.world_size, n), dtype=np.float32)
             table[ranks] = residuals.numpy()
             self.exchange.scatter_rows(table, np.zeros(n, dtype=np.float32))
+
+    def send_residuals(self, held: dict[int, np.ndarray]) -> None:
+        """A pooled worker's side of a checkpoint with error feedback: every residual it holds, in client
+        order, to the server."""
+        if self.pooled_feedback:
+            self.exchange.move([(held[k], SERVER) for k in sorted(held)], [], "residuals")
+
+    def collect_residuals(self, holders: np.ndarray, held: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Server side: the residual of every pooled client that has one, from the rank holding it (or
+        the server's own `held`): (client ids ascending, (M, n) float32). None kept: two empty arrays."""
+        if not self.pooled_feedback:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.channel.n), dtype=np.float32)
+        ids = np.flatnonzero(holders >= 0)
+        table = np.zeros((len(ids), self.channel.n), dtype=np.float32)
+        receives = []
+        for row, client in zip(table, ids.tolist()):
+            if holders[client] == SERVER:
+                row[:] = held[client]
+            else:
+                receives.append((row, int(holders[client])))
+        self.exchange.move([], receives, "residuals")
+        return ids, table
 
     def receive_state(self) -> int:
         """Client side, resuming: this client's cursor (returned) and residual (into its channel)."""

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from mpifed import runlock
 from mpifed.cluster import World
-from mpifed.config import Job, JobError, load_job, resolve_clients
+from mpifed.config import Job, JobError, load_job
 from mpifed.diskfull import checkpoint_files, resume_advice, write_whole
 from mpifed.errors import InputError
 from mpifed.exchange import Exchange
 from mpifed.resume import resume_run
+from mpifed.worker import check_client_state
 
 
 @dataclass
@@ -68,7 +69,7 @@ def prepare(world: World, job_file: str | None, overrides: list[str], resume: st
 
 def _new(world: World, job_file: str | None, overrides: list[str]) -> tuple[Job, Start]:
     job = load_job(job_file, overrides)
-    resolve_clients(job, world.size)
+    check_client_state(job, world.size)  # resolves the clients too
     return job, Start(_make_run_dir(job))
 
 

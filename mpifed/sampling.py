@@ -52,8 +52,10 @@ def predicted_seconds(batches: Sequence[int], speeds: Sequence[float], local_ste
 
 
 class ClientPool:
-    """The server's view of pooled clients: each round's (3, K) assignment [ids; ranks; cursors], and
-    every client's sampler cursor (advanced by the samples it drew), which a checkpoint stores."""
+    """The server's view of pooled clients: each round's (4, K) assignment [ids; ranks; cursors; holders],
+    every client's sampler cursor (advanced by the samples it drew), which a checkpoint stores, and the
+    rank that holds its error-feedback residual (-1: none yet; 0: the server, which keeps a resumed
+    run's residuals in `residuals` until it sends them on)."""
 
     def __init__(self, seed: int, batches: Sequence[int], speeds: Sequence[float], sizes: Sequence[int],
                  per_round: int, workers: int, local_steps: int, by_data: bool, balanced: bool):
@@ -63,14 +65,26 @@ class ClientPool:
         self.sizes = np.asarray(sizes, dtype=np.int64) if by_data else None
         self.per_round = per_round
         self.cursors = np.zeros(len(self.batches), dtype=np.int64)
+        self.holders = np.full(len(self.batches), -1, dtype=np.int64)
+        self.residuals: dict[int, np.ndarray] = {}
 
     def assign(self, rnd: int, out: np.ndarray) -> np.ndarray:
-        """Round `rnd`'s clients into `out` (3, K): ids (ascending), the rank (1..W) of each, its cursor;
-        then their cursors move on by what they will draw. Returns the ids."""
+        """Round `rnd`'s clients into `out` (4, K): ids (ascending), the rank (1..W) of each, its cursor,
+        the rank holding its residual; then their cursors move on by what they will draw, and their
+        residuals will be on the ranks that train them. Returns the ids."""
         ids = sample_clients(self.seed, rnd, len(self.batches), self.per_round, self.sizes)
         seconds = predicted_seconds(self.batches[ids], self.speeds[ids], self.local_steps)
         out[0] = ids
         out[1] = place_clients(seconds, self.workers, self.balanced) + 1
         out[2] = self.cursors[ids]
+        out[3] = self.holders[ids]
         self.cursors[ids] += self.batches[ids] * self.local_steps
+        self.holders[ids] = out[1]
         return ids
+
+    def restore(self, cursors: np.ndarray, residual_clients: np.ndarray, residuals: np.ndarray) -> None:
+        """A checkpoint's cursors, and its residuals, which the server now holds."""
+        self.cursors[:] = cursors
+        self.holders[:] = -1
+        self.holders[residual_clients] = 0
+        self.residuals = {int(k): row.copy() for k, row in zip(residual_clients, residuals)}

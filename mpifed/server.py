@@ -57,7 +57,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
     senders = s.placement.workers  # ranks that send an update: one per client, or each pooled worker once
     pool = _client_pool(s)
     if pool is not None:
-        assignment = np.zeros((3, s.placement.round_size), dtype=np.int64)
+        assignment = np.zeros((4, s.placement.round_size), dtype=np.int64)
         clients = np.zeros((s.placement.round_size, len(CLIENT_FIELDS)))
     began = time.perf_counter()
     last_eval: dict = {}
@@ -83,6 +83,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
             round_batch = int(s.batches[pool.assign(rnd, assignment)].sum())
             weights = s.batches[assignment[0]] / round_batch
             protocol.share_assignment(assignment)
+            protocol.move_residuals(assignment, pool.residuals)
         protocol.share_batches(s.batches)
         if protocol.batches_may_change:
             weights = s.batches / s.global_batch
@@ -241,28 +242,37 @@ def _checkpoint(s: Session, done: int, optimizer, policy, protocol: RoundProtoco
                 controller: dict, pool: ClientPool | None) -> Path:
     """Collect every client's state (pooled: the server's own cursors) and write the checkpoint for
     resuming at round `done`."""
+    pooled = {}
     if pool is None:
         cursors, residuals = protocol.collect_state()
-    else:
-        cursors, residuals = torch.from_numpy(pool.cursors.copy()), torch.zeros(0)
+    else:  # the residuals of the clients that have one, and which clients those are
+        ids, table = protocol.collect_residuals(pool.holders, pool.residuals)
+        cursors, residuals = torch.from_numpy(pool.cursors.copy()), torch.from_numpy(table)
+        pooled = dict(residual_clients=torch.from_numpy(ids))
     payload = dict(round=done, identity=checkpoint.identity(s.job, s.n_clients), model=s.model.module.state_dict(),
                    optimizer=optimizer.state_dict(), policy=policy.state_dict(),
                    cursors=cursors, residuals=residuals, wall=wall,
-                   batches=torch.from_numpy(s.batches.copy()), controller=controller)
+                   batches=torch.from_numpy(s.batches.copy()), controller=controller, **pooled)
     return checkpoint.save(run_dir, payload, s.job.checkpoint.keep)
 
 
 def _restore(s: Session, optimizer, policy, protocol: RoundProtocol, pool: ClientPool | None) -> None:
     """Load the checkpoint into the server and hand each client its cursor and residual (pooled: the
-    server keeps the cursors and sends them with each round's assignment)."""
+    server keeps the cursors, sends them with each round's assignment, and holds the residuals until
+    their clients train). A checkpoint of either kind resumes either way: with one client per rank
+    every client's residual is stored, pooled only those of clients that have one (`residual_clients`)."""
     state = s.resumed_from
     s.model.module.load_state_dict(state["model"])  # copies into the flat buffer's views
     optimizer.load_state_dict(state["optimizer"])
     policy.load_state_dict(state["policy"])
+    residuals = state["residuals"]
+    clients = state.get("residual_clients", torch.arange(len(residuals) if residuals.numel() else 0))
     if pool is None:
-        protocol.hand_out_state(state["cursors"], state["residuals"])
+        if residuals.numel() and len(clients) != s.n_clients:  # a pooled checkpoint's: the others start at zero
+            residuals = torch.zeros(s.n_clients, residuals.shape[1]).index_copy_(0, clients, residuals)
+        protocol.hand_out_state(state["cursors"], residuals)
     else:
-        pool.cursors[:] = state["cursors"].numpy()
+        pool.restore(state["cursors"].numpy(), clients.numpy(), residuals.numpy())
 
 
 def _eval_indices(s: Session) -> np.ndarray:

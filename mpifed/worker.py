@@ -7,9 +7,11 @@ clients train and where (protocol step 0); a worker trains each of its clients f
 w_k u_k into one buffer; gathered codecs: the client's own payload), and takes part in the round's
 collectives once: a reduce stays O(ranks), not O(clients), and a gather carries one payload per client.
 
-State: a client's sampler cursor is all it carries between rounds (the local optimizer is plain SGD,
-rebuilt from the model); the server keeps the N cursors (8 bytes a client) and sends each with the
-assignment, so a client may train on any rank and a checkpoint holds them all.
+State: a client carries its sampler cursor and, with error feedback, its residual between rounds (the
+local optimizer is plain SGD, rebuilt from the model). The server keeps the N cursors (8 bytes a
+client) and sends each with the assignment; a residual (n float32) stays on the worker that trained
+the client last and moves point to point to the rank that trains it next (protocol.move_residuals),
+so it follows its client and a checkpoint gathers them all on the server.
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ import torch
 from mpifed import memory as mem
 from mpifed import profiles
 from mpifed.client import InjectedFault, local_steps, partitions
+from mpifed.compress import ErrorFeedback, make_codec
+from mpifed.config import Job, JobError, resolve_clients
 from mpifed.data import ClientSampler
+from mpifed.datasets import DATASETS
+from mpifed.models import build_model
 from mpifed.optimizers import local_optimizer
+from mpifed.placement import Placement
 from mpifed.protocol import payload_size
 from mpifed.runlog import CLIENT_FIELDS, ITER_FIELDS, column
 from mpifed.schedule import learning_rate
 from mpifed.session import Session, gather_rank_facts
+from mpifed.units import format_bytes
 
 
 @dataclass
@@ -42,6 +50,40 @@ class WorkerSetup:
     caps: np.ndarray            # per profile name (sorted), largest batch; 0 = not sized
     memory: dict                # profile name -> fitted memory model record
     messages: list[str]
+
+
+WORKER_FIELDS = [CLIENT_FIELDS.index(f) for f in ("loss", "t_compute", "grad_norm", "bytes_up")]
+"""The columns of /clients a worker fills; the server adds id, rank, batch and rejected."""
+
+RESIDUAL_SHARE = 0.5
+"""The most of a node's available memory that the clients' error-feedback residuals may take."""
+
+
+def residual_problem(n_clients: int, n_params: int, available: int, codec: str) -> str:
+    """Why N residuals of n float32 would not fit (all of them are on rank 0 at each checkpoint), or ''."""
+    need = 4 * n_clients * n_params
+    if need <= RESIDUAL_SHARE * available:
+        return ""
+    return (f"error feedback (compress.codec = {codec!r}) keeps a residual of {n_params:,} float32 per client: "
+            f"{n_clients:,} clients x {format_bytes(4 * n_params)} = {format_bytes(need)}, spread over the worker "
+            f"ranks and gathered on rank 0 at each checkpoint, but this node has {format_bytes(available)} "
+            f"available ({RESIDUAL_SHARE:.0%} of it is the limit); lower clients.count to at most "
+            f"{int(RESIDUAL_SHARE * available // (4 * n_params)):,}, use a smaller model, or set "
+            f"compress.options.error_feedback = false")
+
+
+def check_client_state(job: Job, world_size: int) -> None:
+    """Rank 0, before the run starts: refuse a pooled job whose clients' error-feedback residuals would
+    not fit in this node's memory."""
+    n_clients = len(resolve_clients(job, world_size))
+    codec = make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options)
+    if not (Placement.of_job(n_clients, world_size, job.clients.per_round).pooled and codec.error_feedback):
+        return
+    spec = DATASETS[job.data.dataset]
+    n_params = sum(p.numel() for p in build_model(job.model.name, spec.classes, spec.channels).parameters())
+    problem = residual_problem(n_clients, n_params, mem.device_budget("cpu"), job.compress.codec)
+    if problem:
+        raise JobError(problem)
 
 
 def prepare_worker(s: Session) -> WorkerSetup:
@@ -95,7 +137,8 @@ def run_worker(s: Session, setup: WorkerSetup) -> bool:
     update = torch.zeros(lay.update_size, dtype=torch.float32, device=s.device)
     total = torch.zeros(lay.update_size, dtype=torch.float32, device=s.device)
     broadcast = torch.empty(model.size, dtype=torch.float32, device=s.device)
-    assignment = np.zeros((3, k_round), dtype=np.int64)
+    assignment = np.zeros((4, k_round), dtype=np.int64)
+    held: dict[int, np.ndarray] = {}  # error-feedback residuals of the clients this rank trained last
     clients = np.zeros((k_round, len(CLIENT_FIELDS)))
     local_opt = local_optimizer(s)
     row = np.full(len(ITER_FIELDS), np.nan)
@@ -107,13 +150,14 @@ def run_worker(s: Session, setup: WorkerSetup) -> bool:
         clients[:] = 0.0
         start = time.perf_counter()
         protocol.share_assignment(assignment)
+        protocol.move_residuals(assignment, held)
         protocol.share_batches(s.batches)
         protocol.share_model(model.flat)
         t_down = time.perf_counter() - start
         if job.debug.fail_rank == world.rank and job.debug.fail_round == rnd:
             raise InjectedFault(f"debug.fail_rank = {world.rank}: failing on purpose in round {rnd}")
 
-        ids, ranks, cursors = assignment
+        ids, ranks, cursors = assignment[:3]
         mine = np.flatnonzero(ranks == world.rank)
         round_batch = int(s.batches[ids].sum())
         lr = learning_rate(job.optim, rnd, job.train.rounds, round_batch)
@@ -143,16 +187,16 @@ def run_worker(s: Session, setup: WorkerSetup) -> bool:
             seconds = time.perf_counter() - began
             model.buffers_into(update)
             hit = job.debug.corrupt_rank == world.rank and job.debug.corrupt_round == rnd and j == 0
-            payload, norm = protocol.add_client(rnd, update, batch / round_batch, total, client,
-                                                corrupt=job.debug.corrupt if hit else "")
+            feedback = ErrorFeedback(model.n_params, held[client]) if client in held else None
+            payload, norm = protocol.add_client(rnd, update, batch / round_batch, total, client, feedback,
+                                                job.debug.corrupt if hit else "")
             if payload is not None:
                 payloads.append(payload)
             link += profiles.sleep(profiles.link_seconds(profile, nbytes_up))  # its upload, emulated
             t_compute += seconds
             samples += batch * steps
             losses.append(loss * batch)
-            clients[slot, [CLIENT_FIELDS.index(f) for f in ("loss", "t_compute", "grad_norm", "bytes_up")]] = (
-                loss, seconds, norm, payload.size if payload is not None else 0)
+            clients[slot, WORKER_FIELDS] = loss, seconds, norm, payload.size if payload is not None else 0
         t_encode = time.perf_counter() - t0 - t_compute - link
 
         t0 = time.perf_counter()
@@ -167,7 +211,10 @@ def run_worker(s: Session, setup: WorkerSetup) -> bool:
         for key, value in values.items():
             row[column(key)] = value
         protocol.gather_rows(row)
-        if protocol.agree_stop(bool(s.stop)):
+        stop = protocol.agree_stop(bool(s.stop))
+        if stop or s.checkpoint_due(rnd + 1):
+            protocol.send_residuals(held)
+        if stop:
             return True
     return False
 

@@ -142,25 +142,57 @@ def test_sampled_fedavg_is_the_weighted_average_of_the_sampled_clients_local_mod
     ref.assert_matches(ref.model)
 
 
-def test_gathered_payloads_travel_per_client_whichever_rank_trains_them(tmp_path):
+def test_gathered_payloads_travel_per_client_and_a_corrupt_one_is_rejected_alone(tmp_path):
     """QSGD (a gathered codec): each sampled client's payload reaches the server on its own, keyed by its
-    id, so a corrupt payload from one client is rejected alone, and the model does not depend on which
-    rank trained which client (2 worker ranks or 3)."""
-    qsgd = ["--set", 'compress.codec="qsgd"']
-    proc = ok(train(3, tmp_path, "corrupt", *POOLED, *qsgd, "--set", "debug.corrupt_rank=1",
+    id, so a corrupt payload from one client is rejected alone, the others of its rank accepted."""
+    proc = ok(train(3, tmp_path, "corrupt", *POOLED, "--set", 'compress.codec="qsgd"', "--set", "debug.corrupt_rank=2",
                     "--set", "debug.corrupt_round=2"))
     with h5py.File(tmp_path / "corrupt" / "run.h5") as f:
         rejected, ranks, ids = (f[f"clients/{name}"][:] for name in ("rejected", "rank", "id"))
-        assert f["iter/rejected"][2].tolist() == [1, 1, 0] and f["iter/rejected"][[0, 1, 3, 4, 5]].sum() == 0
+        assert f["iter/rejected"][2].tolist() == [1, 0, 1] and f["iter/rejected"][[0, 1, 3, 4, 5]].sum() == 0
         assert (f["clients/bytes_up"][:] > 0).all()
-    first_on_1 = int(np.flatnonzero(ranks[2] == 1)[0])  # debug.corrupt_rank malforms its first client's payload
-    assert np.flatnonzero(rejected.ravel()).tolist() == [2 * K + first_on_1]
-    assert f"client {int(ids[2, first_on_1])}" in proc.stdout + proc.stderr
+    first_on_2 = int(np.flatnonzero(ranks[2] == 2)[0])  # debug.corrupt_rank malforms its first client's payload
+    assert (ranks[2] == 2).sum() > 1  # ... and rank 2 trained others that round, which were accepted
+    assert np.flatnonzero(rejected.ravel()).tolist() == [2 * K + first_on_2]
+    assert f"client {int(ids[2, first_on_2])}" in proc.stdout + proc.stderr
 
-    ok(train(3, tmp_path, "two", *POOLED, *qsgd))
-    ok(train(4, tmp_path, "three", *POOLED, *qsgd))
+
+def test_error_feedback_residuals_follow_their_clients_and_resume_bit_for_bit(tmp_path):
+    """Top-k with error feedback: a client's residual moves to whichever rank trains it next, so 2 or 3
+    worker ranks (other placements, other moves) train the same model; a run that died resumes, with the
+    residuals its checkpoint gathered, to the uninterrupted run's model bit for bit."""
+    topk = ["--set", 'compress.codec="topk"', "--set", "compress.options={density = 0.05, error_feedback = true}"]
+    ok(train(3, tmp_path, "two", *POOLED, *topk))
+    ok(train(4, tmp_path, "three", *POOLED, *topk))
     two, three = _state(tmp_path / "two" / "model.pt"), _state(tmp_path / "three" / "model.pt")
     assert all(torch.allclose(two[k].float(), three[k].float(), atol=1e-6) for k in two)
     with h5py.File(tmp_path / "two" / "run.h5") as f, h5py.File(tmp_path / "three" / "run.h5") as g:
-        assert not np.array_equal(f["clients/rank"][:], g["clients/rank"][:])  # placed differently
+        ranks = f["clients/rank"][:]
+        assert not np.array_equal(ranks, g["clients/rank"][:])  # placed differently
         assert np.allclose(f["clients/loss"][:], g["clients/loss"][:], atol=1e-6)
+        moved = {k: set(ranks[f["clients/id"][:] == k].tolist()) for k in range(N)}
+        assert any(len(r) > 1 for r in moved.values())  # some client trained on both ranks: its residual moved
+    ok(train(3, tmp_path, "plain", *POOLED, "--set", 'compress.codec="topk"', "--set",
+                           "compress.options={density = 0.05, error_feedback = false}"))
+    plain = _state(tmp_path / "plain" / "model.pt")
+    assert not all(torch.allclose(two[k].float(), plain[k].float(), atol=1e-6) for k in two)
+
+    died = train(3, tmp_path, "died", *POOLED, *topk, "--set", "debug.fail_rank=1", "--set", "debug.fail_round=3",
+                 timeout=120)
+    assert died.returncode != 0 and "failing on purpose in round 3" in died.stderr
+    state = _state(tmp_path / "died" / "checkpoints" / "round-00000002.pt")
+    n_params = sum(p.numel() for p in build_model("cnn", 10).parameters())
+    assert state["residuals"].shape == (len(state["residual_clients"]), n_params)
+    assert len(state["residual_clients"]) > 0 and state["residuals"].abs().sum(dim=1).gt(0).all()
+    ok(mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--progress", "log"], tmp_path))
+    resumed = _state(tmp_path / "died" / "model.pt")
+    assert all(torch.equal(two[k], resumed[k]) for k in two)
+
+
+def test_residuals_that_would_not_fit_are_refused_before_training(tmp_path):
+    proc = train(3, tmp_path, "huge", "--set", "clients.count=400000", "--set", "clients.per_round=10",
+                 "--set", 'compress.codec="topk"', timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "keeps a residual of 19,466 float32 per client: 400,000 clients" in proc.stderr
+    assert "lower clients.count to at most" in proc.stderr and "error_feedback = false" in proc.stderr
+    assert not (tmp_path / "huge").exists()  # refused before the run directory was made

@@ -63,6 +63,9 @@ class RecordingExchange(Exchange):
     def arrive(self):
         self.calls.append(("barrier",))
 
+    def move(self, sends, receives, kind="move"):  # point to point: each side its own messages
+        self.calls.append(("move", kind))
+
     def gather_bytes(self, payload):
         self.calls.append(("gatherv", payload.dtype.str))
         return [np.zeros(0, np.uint8)] * WORLD if self.comm.rank == 0 else None
@@ -132,6 +135,8 @@ JOBS = {
     "pooled": ["clients.count=5", "clients.per_round=3"],
     "pooled, topk, checkpoints": ["clients.count=5", "clients.per_round=3", "compress.codec=topk",
                                   "compress.options={error_feedback = false}", "checkpoint.every=2"],
+    "pooled, efsign (residuals move), checkpoints": ["clients.count=5", "clients.per_round=3", "compress.codec=efsign",
+                                                     "checkpoint.every=2"],
     "pooled, powersgd, per-coordinate": ["clients.count=4", "compress.codec=powersgd",
                                          "compress.options={error_feedback = false}", "scaling.method=teacher",
                                          "scaling.per_layer=false", "scaling.small_batch=8"],
@@ -155,6 +160,17 @@ def test_resumed_rounds_agree(tmp_path):
     assert [c[0] for c in server[:2]] == ["scatter", "scatter"]  # cursors, then residuals
 
 
+def test_resumed_pooled_rounds_agree(tmp_path):
+    """A pooled resume: the server holds the checkpoint's residuals and moves each to its client's rank."""
+    job = ["clients.count=5", "clients.per_round=3", "compress.codec=efsign", "checkpoint.every=2"]
+    run_sides(job, tmp_path)
+    _, state, _ = checkpoint.choose(tmp_path, checkpoint.identity(load_job(overrides=SMALL + job), 5))
+    assert state["residuals"].shape[0] == len(state["residual_clients"]) > 0
+    server, worker = run_sides(job + ["train.rounds=5"], tmp_path, resume_from=state)
+    assert first_difference(server, worker) == ""
+    assert server[1] == ("move", "residuals")
+
+
 def test_probe_rounds_agree(tmp_path):
     overrides = ["compress.codec=topk", "plan.mode=predict"]
     server, client = _session(0, overrides), _session(1, overrides)
@@ -175,5 +191,5 @@ def test_a_missing_step_is_found():
 def test_pooled_rounds_open_with_the_assignment(tmp_path):
     """Pooled clients: each round starts with the (3, K) assignment, before the batches and the model."""
     server, worker = run_sides(JOBS["pooled"], tmp_path)
-    assert server[0] == worker[0] == ("broadcast", "<i8", 3 * 3)
-    assert server.count(("broadcast", "<i8", 9)) == 3  # once a round
+    assert server[0] == worker[0] == ("broadcast", "<i8", 4 * 3)
+    assert server.count(("broadcast", "<i8", 12)) == 3  # once a round

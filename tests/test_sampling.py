@@ -60,12 +60,14 @@ def test_a_pool_assigns_ranks_and_cursors_and_a_restored_pool_continues_the_same
         return ClientPool(0, [8, 8, 16, 8, 32, 8], [1.0, 0.5, 1.0, 1.0, 1.0, 0.25], [10] * 6, per_round=3,
                           workers=2, local_steps=2, by_data=False, balanced=True)
 
-    a, out = pool(), np.zeros((3, 3), dtype=np.int64)
-    rows = []
+    a, out = pool(), np.zeros((4, 3), dtype=np.int64)
+    rows, last_rank = [], {}
     for rnd in range(6):
         ids = a.assign(rnd, out)
         assert out[0].tolist() == ids.tolist() == sample_clients(0, rnd, 6, 3).tolist()
         assert set(out[1].tolist()) <= {1, 2}
+        assert out[3].tolist() == [last_rank.get(k, -1) for k in ids.tolist()]  # its residual: where it trained last
+        last_rank.update(zip(ids.tolist(), out[1].tolist()))
         rows.append(out.copy())
     drawn = np.zeros(6, dtype=np.int64)
     for row in rows:
@@ -75,10 +77,13 @@ def test_a_pool_assigns_ranks_and_cursors_and_a_restored_pool_continues_the_same
     for rnd in range(3):
         b.assign(rnd, out)
     restored = pool()
-    restored.cursors[:] = b.cursors
+    held = np.flatnonzero(b.holders >= 0)
+    restored.restore(b.cursors, held, np.ones((len(held), 4), np.float32))
+    assert set(restored.residuals) == set(held.tolist()) and (restored.holders[held] == 0).all()
     for rnd in range(3, 6):
         restored.assign(rnd, out)
-        assert np.array_equal(out, rows[rnd])  # ids, ranks and cursors as the uninterrupted pool's
+        assert np.array_equal(out[:3], rows[rnd][:3])  # ids, ranks and cursors as the uninterrupted pool's
+        assert set(out[3].tolist()) <= {-1, 0, 1, 2}  # residuals: on the server until their clients train
 
 
 def test_placement_of_pooled_clients_has_workers_not_fixed_ranks():
@@ -116,15 +121,27 @@ def test_what_pooled_clients_do_not_run_yet_is_refused_with_the_fix():
                                              "scaling.method=teacher", "scaling.per_layer=false",
                                              "scaling.small_batch=8", "debug.corrupt_rank=1", "debug.corrupt=\"nan\"",
                                              "debug.slow_rank=1"])) == []
-    job = load_job(overrides=['compress.codec="topk"', "compress.options={density = 0.1, error_feedback = true}",
-                              'plan.mode="predict"', "scaling.grow_batch=true"])
+    for codec in ("topk", "efsign"):  # error feedback with a gathered codec: the residual is the client's
+        assert pooled_limits(load_job(overrides=[f'compress.codec="{codec}"'])) == [], codec
+    job = load_job(overrides=['compress.codec="powersgd"', 'plan.mode="predict"', "scaling.grow_batch=true"])
     problems = pooled_limits(job)
     assert len(problems) == 3
-    assert "error feedback (compress.codec = 'topk'" in problems[0] and "error_feedback = false" in problems[0]
+    assert "error feedback with compress.codec = 'powersgd', which is summed" in problems[0]
+    assert "error_feedback = false" in problems[0] and "topk, qsgd, efsign" in problems[0]
     assert 'plan.mode = "off"' in problems[1] and "scaling.grow_batch" in problems[2]
-    assert "compress.codec = 'efsign'" in pooled_limits(load_job(overrides=['compress.codec="efsign"']))[0]
-    assert "compress.codec = 'topk'" in pooled_limits(load_job(overrides=['compress.codec="topk"']))[0]
-    assert "compress.codec = 'powersgd'" in pooled_limits(load_job(overrides=['compress.codec="powersgd"']))[0]
-    with pytest.raises(JobError, match=r"with 100 clients on 3 client ranks.*compress.codec = 'efsign'"):
-        resolve_clients(load_job(overrides=["clients.count=100", 'compress.codec="efsign"']), 4)
-    assert len(resolve_clients(load_job(overrides=['compress.codec="efsign"']), 4)) == 3  # one a rank: all codecs
+    randomk = ['compress.codec="randomk"', "compress.options={error_feedback = true, unbiased = false}"]
+    assert "compress.codec = 'randomk'" in pooled_limits(load_job(overrides=randomk))[0]
+    with pytest.raises(JobError, match=r"with 100 clients on 3 client ranks.*compress.codec = 'powersgd'"):
+        resolve_clients(load_job(overrides=["clients.count=100", 'compress.codec="powersgd"']), 4)
+    assert len(resolve_clients(load_job(overrides=['compress.codec="powersgd"']), 4)) == 3  # one a rank: all codecs
+
+
+def test_residuals_that_would_not_fit_are_refused_with_the_numbers():
+    from mpifed.worker import residual_problem
+
+    resnet50 = 23_520_842  # parameters of torchvision's resnet50 with a 10-class head
+    problem = residual_problem(10_000, resnet50, 64 * 2**30, "topk")
+    assert "keeps a residual of 23,520,842 float32 per client: 10,000 clients x 89.72 MiB = 876.22 GiB" in problem
+    assert "64.00 GiB available" in problem and "lower clients.count to at most 365" in problem
+    assert "error_feedback = false" in problem
+    assert residual_problem(1_000, 19_466, 64 * 2**30, "topk") == ""  # 78 MB: fits

@@ -20,8 +20,9 @@ from mpifed.compress.base import as_flat_f32, check_count
 
 
 class ErrorFeedback:
-    def __init__(self, n: int):
-        self.residual = np.zeros(check_count(n), dtype=np.float32)
+    def __init__(self, n: int, residual: np.ndarray | None = None):
+        """A zero residual of n values, or `residual` itself (a pooled client's, kept by its worker)."""
+        self.residual = np.zeros(check_count(n), dtype=np.float32) if residual is None else residual
 
     def compensate(self, x: Any) -> np.ndarray:
         """The update plus everything dropped so far (a new array; x is not modified)."""
