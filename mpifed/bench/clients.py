@@ -59,15 +59,20 @@ def mpifed_round(ranks: int, args: list[str], out: Path, name: str, mean: bool =
     return float(np.mean(t_iter) if mean else np.median(t_iter)), int(peak.split()[1]) / 1024
 
 
-def loop_round(args: dict) -> float:
-    """The plain loop in a fresh 1-thread process; its median round seconds."""
+def loop_round(args: dict, copies: int = 1) -> float:
+    """The plain loop in fresh 1-thread processes, `copies` of them at once (2: what two cores give two
+    independent processes, the ceiling of any 2-rank speed-up); the mean of their median round seconds."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "mpifed.bench.clients", json.dumps(args)], capture_output=True,
-                          text=True, env=env, timeout=1800)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    if proc.returncode or not lines:
-        raise click.ClickException(f"the plain torch loop failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len(MARK):])["seconds"]
+    procs = [subprocess.Popen([sys.executable, "-m", "mpifed.bench.clients", json.dumps(args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(copies)]
+    seconds = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=1800)
+        lines = [line for line in out.splitlines() if line.startswith(MARK)]
+        if proc.returncode or not lines:
+            raise click.ClickException(f"the plain torch loop failed (exit {proc.returncode}):\n{err[-3000:]}")
+        seconds.append(json.loads(lines[-1][len(MARK):])["seconds"])
+    return statistics.mean(seconds)
 
 
 def _plain_loop(n: int, k: int, steps: int, batch: int, model: str, rounds: int, train_size: int) -> None:
@@ -144,16 +149,20 @@ def _table(title: str, columns: tuple[str, ...]):
 
 def floor_table(w: Work, sizes: list[int]):
     """The plain loop beside mpifed at each world size, interleaved."""
-    loop, runs = [], {r: [] for r in sizes}
+    loop, pair, runs = [], [], {r: [] for r in sizes}
+    args = dict(n=100, k=w.k, steps=w.steps, batch=w.batch, model=w.model, rounds=w.rounds, train_size=12000)
     for rep in range(w.repeats):
-        loop.append(loop_round(dict(n=100, k=w.k, steps=w.steps, batch=w.batch, model=w.model, rounds=w.rounds,
-                                    train_size=12000)))
+        loop.append(loop_round(args))
+        pair.append(loop_round(args, copies=2))
         for r in sizes:
             runs[r].append(mpifed_round(r, w.args(100), w.out, f"floor-{r}-{rep}")[0])
     base = statistics.median(loop)
     table = _table(f"against the compute floor: {w.what}, N = 100; median of {w.repeats} interleaved runs",
                    ("runner", "threads", "round (ms)", "round / loop", "throughput / loop"))
     table.add_row("plain torch loop", "1", f"{1e3 * base:.1f}", "1.00x", "1.00x")
+    two = statistics.median(pair)
+    table.add_row("two plain loops at once (the cores' ceiling)", "1 each", f"{1e3 * two:.1f}", f"{two / base:.2f}x",
+                  f"{2 * base / two:.2f}x")
     for r in sizes:
         t = statistics.median(runs[r])
         table.add_row(f"mpifed, {r - 1} worker rank(s)", "1 each", f"{1e3 * t:.1f}", f"{t / base:.2f}x",
@@ -177,11 +186,12 @@ def counts_table(w: Work, ns: list[int]):
     return table
 
 
-def placement_table(w: Work, ranks: int, k: int, slow: int, spread: float):
+def placement_table(w: Work, ranks: int, k: int, slow: int, spread: float, base: float):
     """Balanced against round-robin placement, clients' speeds spread `spread`x. Every client is emulated
-    (native compute is a quarter of its time or less), so that workers sharing few cores still run at
-    their profiles' speeds; E = 1 and three times the rounds, for many sampled mixes."""
-    hetero = ["--set", "profiles.fast.speed=0.25", "--set", f"profiles.slow.speed={0.25 / spread}",
+    (native compute is the fraction `base` of a fast client's time, less of a slow one's), so that
+    workers sharing few cores still run near their profiles' speeds; E = 1 and three times the rounds,
+    for many sampled mixes."""
+    hetero = ["--set", f"profiles.fast.speed={base}", "--set", f"profiles.slow.speed={base / spread}",
               "--set", "clients.profile=\"fast\"", "--set", f"clients.groups=[{{count = {slow}, profile = \"slow\"}}]"]
     runs = {p: [] for p in ("balanced", "round-robin")}
     for rep in range(w.repeats):
@@ -189,8 +199,9 @@ def placement_table(w: Work, ranks: int, k: int, slow: int, spread: float):
             args = w.args(100, k=k, steps=1, rounds=3 * w.rounds) + hetero + ["--set", f"clients.placement=\"{p}\""]
             runs[p].append(mpifed_round(ranks, args, w.out, f"place-{p}-{rep}", mean=True)[0])
     table = _table(f"placement: {w.model}, K = {k} of N = 100 clients a round on {ranks - 1} worker ranks, E = 1, "
-                   f"batch {w.batch}, {3 * w.rounds} rounds; {slow} clients at speed {0.25 / spread:g}, the others at "
-                   f"0.25 ({spread:g}x); mean round (sampled rounds differ), median of {w.repeats} interleaved runs",
+                   f"batch {w.batch}, {3 * w.rounds} rounds; {slow} clients at speed {base / spread:g}, the others at "
+                   f"{base:g} ({spread:g}x); mean round (sampled rounds differ), median of {w.repeats} "
+                   f"interleaved runs",
                    ("placement", "round (ms)", "throughput vs round-robin"))
     rr = statistics.median(runs["round-robin"])
     for p, times in runs.items():
@@ -213,7 +224,9 @@ def placement_table(w: Work, ranks: int, k: int, slow: int, spread: float):
 @click.option("--slow", default=10, show_default=True, help="Placement: how many of the 100 clients are slow.")
 @click.option("--placement-ranks", default=6, show_default=True, help="Placement: world size.")
 @click.option("--placement-k", default=16, show_default=True, help="Placement: clients sampled each round.")
-def clients(parts, ranks, counts, k, steps, batch, model, rounds, repeats, spread, slow, placement_ranks, placement_k):
+@click.option("--base-speed", default=0.25, show_default=True, help="Placement: the fast clients' emulated speed.")
+def clients(parts, ranks, counts, k, steps, batch, model, rounds, repeats, spread, slow, placement_ranks, placement_k,
+            base_speed):
     """Many clients per rank: mpifed against a plain torch loop, the cost of N, balanced placement."""
     from rich.console import Console
 
@@ -226,7 +239,7 @@ def clients(parts, ranks, counts, k, steps, batch, model, rounds, repeats, sprea
             elif part == "counts":
                 console.print(counts_table(w, [int(c) for c in counts.split(",")]))
             else:
-                console.print(placement_table(w, placement_ranks, placement_k, slow, spread))
+                console.print(placement_table(w, placement_ranks, placement_k, slow, spread, base_speed))
 
 if __name__ == "__main__":
     _plain_loop(**json.loads(sys.argv[1]))
