@@ -135,10 +135,11 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
         if setup.guard is not None:
             setup.guard.check(batch)
         lr = learning_rate(job.optim, rnd, job.train.rounds, s.global_batch)
+        native = profiles.native_start()
         loss = local_steps(s, local_opt, lr, draw, xs, ys, batch, rnd * job.train.local_steps, update)
         if s.device.type == "cuda":
             torch.cuda.synchronize(s.device)
-        measured = time.perf_counter() - t0
+        measured = profiles.native_seconds(native, s.device.type == "cuda")
         pace = slowed if job.debug.slow_rank == world.rank and rnd >= job.debug.slow_round else profile
         emul += profiles.sleep(profiles.compute_delay(pace, measured))
         t_compute = time.perf_counter() - t0

@@ -165,7 +165,9 @@ class PlanConfig:
                     "the rounds before it) beside t_iter; batches as the job asks. balance: "
                     "also re-split the job's global batch (requested batches after memory caps) so that faster "
                     "clients take more and all finish together. maximize: choose the global batch with the best "
-                    "predicted throughput within the clients' caps.",
+                    "predicted throughput within the clients' caps. Pooled clients (several a rank): off or predict, "
+                    "which times each device profile once and predicts each round from its placement, and the "
+                    "balanced placement uses those times (mpifed.pool_model).",
                     choices=PLAN_MODES)
     points: int = opt(4, "Batch sizes each client times at start-up, geometric from cap/16 to its profile cap, "
                       "plus its own batch; all clients step at once in real probe rounds. 4 suffices for a CPU's "
@@ -194,7 +196,8 @@ class DeviceProfile:
     """A [profiles.NAME] table: the device a client emulates (speed, memory, link, data, batch)."""
 
     speed: float = opt(1.0, "Compute speed relative to the device (1 = native). 0.25 emulates a device 4x "
-                       "slower by sleeping 3x the measured compute time after each step.", minimum=1e-3)
+                       "slower by sleeping 3x the native compute time after each step (on a CPU its CPU time).",
+                       minimum=1e-3)
     memory: float = opt(0.0, "Memory budget in bytes ('2GiB' works); 0 = the device's own memory.",
                         minimum=0.0, unit="bytes")
     bandwidth: float = opt(0.0, "Link bandwidth in bytes/s ('100Mbit/s' works); 0 = the real link.",
@@ -503,9 +506,10 @@ def pooled_limits(job: Job) -> list[str]:
         out.append(f"error feedback with compress.codec = {job.compress.codec!r}, which is summed: a worker sums "
                    f"its clients' updates before encoding, so no residual would be a client's (set "
                    f"compress.options.error_feedback = false, or use a gathered codec: topk, qsgd, efsign)")
-    if job.plan.mode != "off":
-        out.append(f"plan.mode = {job.plan.mode!r} (set plan.mode = \"off\"; clients are placed by "
-                   f"clients.placement)")
+    if job.plan.mode not in ("off", "predict"):
+        out.append(f"plan.mode = {job.plan.mode!r}: pooled clients train with their profiles' batches (set "
+                   f"plan.mode = \"predict\" for the round model, or \"off\"; clients.placement = \"balanced\" "
+                   f"balances the round)")
     if job.scaling.grow_batch:
         out.append("scaling.grow_batch (the batches are the clients' profiles')")
     return out

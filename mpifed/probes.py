@@ -27,6 +27,7 @@ import torch
 
 from mpifed import profiles
 from mpifed.client import ClientSetup, local_steps
+from mpifed.config import DeviceProfile
 from mpifed.optimizers import local_optimizer, server_optimizer
 from mpifed.scaling import ClientRound, ServerScalingPolicy
 from mpifed.seeding import Purpose, rng, torch_generator
@@ -38,15 +39,19 @@ PROBE_KEY = 0x9E0BE
 
 def client_step(s: Session, setup: ClientSetup) -> Callable[[int], None]:
     """step(b): this client's E local steps at batch b (training's own mpifed.client.local_steps),
-    emulated slow-down included; blocks until done.
+    emulated slow-down included; blocks until done (profile_step with the client's own data)."""
+    return profile_step(s, s.profile(s.client), setup.xs, setup.ys, s.client)
 
-    Samples are drawn from the client's own data with a private generator, so the training sampler
-    is not advanced, into a scratch update. The model's parameters may change (E > 1 runs SGD with
-    lr 0, which leaves them as they are but costs the same); round 0's broadcast overwrites them anyway."""
-    job, client = s.job, s.client
-    profile = s.profile(client)
-    xs, ys = setup.xs, setup.ys
-    gen = torch_generator(job.run.seed, Purpose.SAMPLE, PROBE_KEY, client)
+
+def profile_step(s: Session, profile: DeviceProfile, xs: torch.Tensor, ys: torch.Tensor,
+                 key: int) -> Callable[[int], None]:
+    """step(b): E local steps at batch b on samples of xs/ys, slowed down to `profile`'s speed.
+
+    Samples are drawn with a private generator (keyed by `key`), so no training sampler is advanced,
+    into a scratch update. The model's parameters may change (E > 1 runs SGD with lr 0, which leaves
+    them as they are but costs the same); round 0's broadcast overwrites them anyway."""
+    job = s.job
+    gen = torch_generator(job.run.seed, Purpose.SAMPLE, PROBE_KEY, key)
     local_opt = local_optimizer(s)
     update = torch.zeros(s.model.n_params, dtype=torch.float32, device=s.device)
     on_gpu = s.device.type == "cuda"
@@ -55,11 +60,11 @@ def client_step(s: Session, setup: ClientSetup) -> Callable[[int], None]:
         return torch.randint(len(ys), (b,), generator=gen).to(s.device)
 
     def step(batch: int) -> None:
-        start = time.perf_counter()
-        local_steps(s, local_opt, 0.0, draw, xs, ys, batch, 0, update)
+        start = profiles.native_start()
+        local_steps(s, local_opt, 0.0, draw, xs, ys, batch, 0, update, key)
         if on_gpu:
             torch.cuda.synchronize(s.device)
-        profiles.sleep(profiles.compute_delay(profile, time.perf_counter() - start))
+        profiles.sleep(profiles.compute_delay(profile, profiles.native_seconds(start, on_gpu)))
 
     return step
 

@@ -17,6 +17,21 @@ def compute_delay(profile: DeviceProfile, measured: float) -> float:
     return measured * (1.0 / profile.speed - 1.0) if profile.speed < 1.0 else 0.0
 
 
+def native_start() -> tuple[float, float]:
+    """Now, by the wall clock and by this process's CPU time: the start of a compute section."""
+    return time.perf_counter(), time.process_time()
+
+
+def native_seconds(start: tuple[float, float], on_gpu: bool) -> float:
+    """Seconds of compute since `start` as the device itself took them, the time compute_delay slows
+    down: the wall time on a GPU; on a CPU, at most this process's CPU time, so the time the core
+    served other ranks (more ranks than cores) is not slowed down too. Measured here, wall time
+    alone: 5 workers on 2 cores made a client's native step 2-3x longer whenever they all computed
+    at once (a round's first clients), which a 1/16-speed profile turned into 15 times as much sleep."""
+    wall = time.perf_counter() - start[0]
+    return wall if on_gpu else min(wall, time.process_time() - start[1])
+
+
 def link_seconds(profile: DeviceProfile, nbytes: int) -> float:
     """Seconds an emulated link adds to a transfer of `nbytes`: latency + nbytes / bandwidth (0 for a
     native link). Added to the real transfer, in both directions, rather than padding it up to that:

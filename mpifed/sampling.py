@@ -53,15 +53,16 @@ def predicted_seconds(batches: Sequence[int], speeds: Sequence[float], local_ste
 
 class ClientPool:
     """The server's view of pooled clients: each round's (4, K) assignment [ids; ranks; cursors; holders],
+    placed by each client's predicted time (predicted_seconds, or the performance model's with a plan),
     every client's sampler cursor (advanced by the samples it drew), which a checkpoint stores, and the
     rank that holds its error-feedback residual (-1: none yet; 0: the server, which keeps a resumed
     run's residuals in `residuals` until it sends them on)."""
 
-    def __init__(self, seed: int, batches: Sequence[int], speeds: Sequence[float], sizes: Sequence[int],
+    def __init__(self, seed: int, batches: Sequence[int], seconds: Sequence[float], sizes: Sequence[int],
                  per_round: int, workers: int, local_steps: int, by_data: bool, balanced: bool):
         self.seed, self.workers, self.local_steps, self.balanced = seed, workers, local_steps, balanced
         self.batches = np.asarray(batches, dtype=np.int64)
-        self.speeds = np.asarray(speeds, dtype=np.float64)
+        self.seconds = np.asarray(seconds, dtype=np.float64)  # each client's predicted time, which placement balances
         self.sizes = np.asarray(sizes, dtype=np.int64) if by_data else None
         self.per_round = per_round
         self.cursors = np.zeros(len(self.batches), dtype=np.int64)
@@ -73,18 +74,21 @@ class ClientPool:
         the rank holding its residual; then their cursors move on by what they will draw, and their
         residuals will be on the ranks that train them. Returns the ids."""
         ids = sample_clients(self.seed, rnd, len(self.batches), self.per_round, self.sizes)
-        seconds = predicted_seconds(self.batches[ids], self.speeds[ids], self.local_steps)
         out[0] = ids
-        out[1] = place_clients(seconds, self.workers, self.balanced) + 1
+        out[1] = place_clients(self.seconds[ids], self.workers, self.balanced) + 1
         out[2] = self.cursors[ids]
         out[3] = self.holders[ids]
         self.cursors[ids] += self.batches[ids] * self.local_steps
         self.holders[ids] = out[1]
         return ids
 
-    def restore(self, cursors: np.ndarray, residual_clients: np.ndarray, residuals: np.ndarray) -> None:
-        """A checkpoint's cursors, and its residuals, which the server now holds."""
+    def restore(self, cursors: np.ndarray, residual_clients: np.ndarray, residuals: np.ndarray,
+                seconds: np.ndarray | None = None) -> None:
+        """A checkpoint's cursors, its residuals, which the server now holds, and the predicted times its
+        placement balanced (None: a checkpoint without them, whose times were the profiles')."""
         self.cursors[:] = cursors
+        if seconds is not None:
+            self.seconds = np.asarray(seconds, dtype=np.float64)
         self.holders[:] = -1
         self.holders[residual_clients] = 0
         self.residuals = {int(k): row.copy() for k, row in zip(residual_clients, residuals)}

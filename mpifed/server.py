@@ -21,13 +21,14 @@ import torch.nn.functional as F
 
 from mpifed import checkpoint
 from mpifed.planning import StartupPlan
+from mpifed.pool_model import PoolModel
 from mpifed.progress import Progress
 from mpifed.scaling import BatchController, ClientRound, ServerScalingPolicy, split_batch
 from mpifed.optimizers import server_optimizer
 from mpifed.placement import SERVER
 from mpifed.protocol import RoundProtocol, UpdateLayout
 from mpifed.runlog import CLIENT_FIELDS, ITER_FIELDS, RunWriter, column
-from mpifed.sampling import ClientPool
+from mpifed.sampling import ClientPool, predicted_seconds
 from mpifed.schedule import learning_rate
 from mpifed.session import Session
 
@@ -39,7 +40,9 @@ def straggler_wait(t_up: np.ndarray) -> np.ndarray:
 
 
 def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
-               plan: StartupPlan | None = None) -> dict:
+               plan: StartupPlan | PoolModel | None = None) -> dict:
+    """The server's rounds; `plan` is the start-up performance model (a PoolModel when clients are
+    pooled), None without one."""
     job, model = s.job, s.model
     protocol = s.protocol()
     lay, n = protocol.layout, model.n_params
@@ -55,7 +58,9 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
     row = np.full(len(ITER_FIELDS), np.nan)
     nbytes, nbytes_up = model.size * 4, protocol.nbytes_up
     senders = s.placement.workers  # ranks that send an update: one per client, or each pooled worker once
-    pool = _client_pool(s)
+    pool = _client_pool(s, plan)
+    pool_model = plan if isinstance(plan, PoolModel) else None
+    plan = plan if isinstance(plan, StartupPlan) else None
     if pool is not None:
         assignment = np.zeros((4, s.placement.round_size), dtype=np.int64)
         clients = np.zeros((s.placement.round_size, len(CLIENT_FIELDS)))
@@ -82,6 +87,8 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         if pool is not None:  # the round's K clients, on which ranks, from which cursors
             round_batch = int(s.batches[pool.assign(rnd, assignment)].sum())
             weights = s.batches[assignment[0]] / round_batch
+            if pool_model is not None:  # from the placement, before the round
+                s.t_iter_pred = pool_model.predict(assignment)
             protocol.share_assignment(assignment)
             protocol.move_residuals(assignment, pool.residuals)
         protocol.share_batches(s.batches)
@@ -145,6 +152,8 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         if online is not None and rnd > s.start_round:  # a run's first round holds every rank's arrival
             online.observe(s.batches, table[s.placement.client_ranks, column("t_compute")], t_down, t_up,
                            t_decode, table[SERVER, column("t_iter")] - t_eval)  # the model predicts training rounds
+        if pool_model is not None and rnd > s.start_round:
+            pool_model.observe(clients, table[SERVER, column("t_iter")] - t_eval)
         _next_batches(s, done, stats, controller, caps, replanner, online, progress)
         stop = protocol.agree_stop(bool(s.stop))
         if stop or s.checkpoint_due(done):
@@ -159,12 +168,18 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
     return last_eval
 
 
-def _client_pool(s: Session) -> ClientPool | None:
-    """The sampler and placer of pooled clients (mpifed.sampling); None with one client per rank."""
+def _client_pool(s: Session, plan) -> ClientPool | None:
+    """The sampler and placer of pooled clients (mpifed.sampling), placing by the performance model's
+    times where a plan exists, else by samples over speed; None with one client per rank."""
     if not s.placement.pooled:
         return None
     c = s.job.clients
-    return ClientPool(s.job.run.seed, s.batches, [s.profile(k).speed for k in range(s.n_clients)], s.data_sizes,
+    if isinstance(plan, PoolModel):
+        seconds = plan.client_seconds()
+    else:
+        speeds = [s.profile(k).speed for k in range(s.n_clients)]
+        seconds = predicted_seconds(s.batches, speeds, s.job.train.local_steps)
+    return ClientPool(s.job.run.seed, s.batches, seconds, s.data_sizes,
                       s.placement.round_size, s.placement.workers, s.job.train.local_steps,
                       by_data=c.sampling == "data", balanced=c.placement == "balanced")
 
@@ -248,7 +263,7 @@ def _checkpoint(s: Session, done: int, optimizer, policy, protocol: RoundProtoco
     else:  # the residuals of the clients that have one, and which clients those are
         ids, table = protocol.collect_residuals(pool.holders, pool.residuals)
         cursors, residuals = torch.from_numpy(pool.cursors.copy()), torch.from_numpy(table)
-        pooled = dict(residual_clients=torch.from_numpy(ids))
+        pooled = dict(residual_clients=torch.from_numpy(ids), client_seconds=torch.from_numpy(pool.seconds.copy()))
     payload = dict(round=done, identity=checkpoint.identity(s.job, s.n_clients), model=s.model.module.state_dict(),
                    optimizer=optimizer.state_dict(), policy=policy.state_dict(),
                    cursors=cursors, residuals=residuals, wall=wall,
@@ -272,7 +287,9 @@ def _restore(s: Session, optimizer, policy, protocol: RoundProtocol, pool: Clien
             residuals = torch.zeros(s.n_clients, residuals.shape[1]).index_copy_(0, clients, residuals)
         protocol.hand_out_state(state["cursors"], residuals)
     else:
-        pool.restore(state["cursors"].numpy(), clients.numpy(), residuals.numpy())
+        seconds = state.get("client_seconds")  # what the placement balanced, so it places as before
+        pool.restore(state["cursors"].numpy(), clients.numpy(), residuals.numpy(),
+                     None if seconds is None or len(seconds) != s.n_clients else seconds.numpy())
 
 
 def _eval_indices(s: Session) -> np.ndarray:

@@ -21,6 +21,7 @@ from mpifed.cluster import STOPPED, World
 from mpifed.config import Job, JobError
 from mpifed.perf.report import predict_for
 from mpifed.planning import plan_startup
+from mpifed.pool_model import start_pool_model
 from mpifed.progress import Progress
 from mpifed.rundir import Start, write_job
 from mpifed.runlog import RANK_COLUMNS, RunWriter
@@ -41,9 +42,9 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
     else:  # partition, data, memory sizing
         setup = prepare_worker(s) if pooled else prepare_client(s)
     stop_if_asked(s)
-    if pooled:  # plan.mode is off (config.pooled_limits)
-        plan = None
+    if pooled:  # [plan]: a curve per profile, each round predicted from its placement
         agree_pooled_batches(s, None if setup is None else setup.caps)
+        plan = start_pool_model(s, setup)
     else:
         plan = plan_startup(s, setup)  # [plan]: time steps and collectives, choose the batches
         agree_batches(s, 0 if setup is None else setup.batch)   # waits politely while clients prepare
@@ -88,7 +89,7 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
         progress.print(f"mpifed: memory model: {message}")
     for line in plan.describe() if plan is not None else ():
         progress.print(f"mpifed: {line}")
-    if plan is not None and start.round and s.batches.tolist() != plan.batches:
+    if not pooled and plan is not None and start.round and s.batches.tolist() != plan.batches:
         s.t_iter_pred = predict_for(plan.profile, s.batches.tolist()).t_round  # what the rounds will run
         progress.print(f"mpifed: resuming with the checkpoint's batches {', '.join(map(str, s.batches))}, not "
                        f"this start-up plan's; predicted round {1e3 * s.t_iter_pred:.1f} ms")

@@ -144,6 +144,7 @@ def run_worker(s: Session, setup: WorkerSetup) -> bool:
     row = np.full(len(ITER_FIELDS), np.nan)
     nbytes, nbytes_up = model.size * 4, protocol.nbytes_up
     gathered, tail_bytes = not protocol.channel.codec.summable, 4 * (lay.tail.stop - lay.tail.start)
+    on_gpu = s.device.type == "cuda"
 
     for rnd in range(s.start_round, job.train.rounds):
         row[:] = np.nan
@@ -177,14 +178,14 @@ def run_worker(s: Session, setup: WorkerSetup) -> bool:
             def draw(b: int) -> torch.Tensor:
                 return torch.from_numpy(part[sampler.next(b)]).to(s.device)
 
-            began = time.perf_counter()
+            began = profiles.native_start()
             loss = local_steps(s, local_opt, lr, draw, setup.xs, setup.ys, batch, rnd * steps, update, client)
-            if s.device.type == "cuda":
+            if on_gpu:
                 torch.cuda.synchronize(s.device)
             slowed = job.debug.slow_rank == world.rank and rnd >= job.debug.slow_round
             pace = replace(profile, speed=profile.speed * job.debug.slow_speed) if slowed else profile
-            emul += profiles.sleep(profiles.compute_delay(pace, time.perf_counter() - began))
-            seconds = time.perf_counter() - began
+            emul += profiles.sleep(profiles.compute_delay(pace, profiles.native_seconds(began, on_gpu)))
+            seconds = time.perf_counter() - began[0]
             model.buffers_into(update)
             hit = job.debug.corrupt_rank == world.rank and job.debug.corrupt_round == rnd and j == 0
             feedback = ErrorFeedback(model.n_params, held[client]) if client in held else None

@@ -19,7 +19,8 @@ from mpifed.config import load_job
 from mpifed.data import ClientSampler, load_dataset, partition
 from mpifed.models import build_model
 from mpifed.runlog import CLIENT_FIELDS
-from mpifed.sampling import sample_clients
+from mpifed.perf import ComputeCurve
+from mpifed.sampling import place_clients, sample_clients
 from mpifed.schedule import learning_rate
 from mpifed.seeding import Purpose, forked_torch_rng
 
@@ -187,6 +188,37 @@ def test_error_feedback_residuals_follow_their_clients_and_resume_bit_for_bit(tm
     ok(mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--progress", "log"], tmp_path))
     resumed = _state(tmp_path / "died" / "model.pt")
     assert all(torch.equal(two[k], resumed[k]) for k in two)
+
+
+def test_a_planned_pooled_run_predicts_each_round_from_its_placement_and_resumes_its_placement(tmp_path):
+    """plan.mode = "predict" with pooled clients: one curve per profile (clients 0 and 1, batch 24 at a
+    quarter speed, take far longer than the others at batch 8), every round predicted before it from its
+    placement, and the balanced placement by the curves' times, which the checkpoint keeps: a run that
+    died and resumed (whose second start-up timed its own curves) places every round by the first's."""
+    planned = ["--set", "profiles.big.speed=0.25", "--set", 'plan.mode="predict"', "--set", "plan.points=2",
+               "--set", "plan.repeats=2"]
+    died = train(3, tmp_path, "planned", *POOLED, *planned, "--set", "debug.fail_rank=1", "--set",
+                 "debug.fail_round=3", timeout=120)
+    assert died.returncode != 0 and "failing on purpose in round 3" in died.stderr
+    assert "profile big: t(b)" in died.stdout and "the busiest worker's clients" in died.stdout
+    resumed = ok(mpi_run(3, ["train", "--resume", str(tmp_path / "planned"), "--progress", "log"], tmp_path))
+    assert "profile big: t(b)" in resumed.stdout
+    with h5py.File(tmp_path / "planned" / "run.h5") as f:
+        models = dict(f["models"].attrs)
+        predicted, measured = f["iter/t_iter_pred"][:, 0], f["iter/t_iter"][:, 0]
+        ids, ranks = f["clients/id"][:].astype(int), f["clients/rank"][:].astype(int)
+    curves = {name: ComputeCurve.from_dict({k: models[f"perf.profile.{name}.{k}"] for k in ("a", "c", "t_floor")})
+              for name in ("big", "native")}
+    assert models["perf.profile.big.batch"] == 24 and models["perf.profile.native.clients"] == N - 2
+    seconds = np.array([curves["big"].predict(24)] * 2 + [curves["native"].predict(8)] * (N - 2))
+    assert seconds[0] > 4 * seconds[2]  # 3x the samples at a quarter of the speed
+    assert np.isfinite(predicted).all() and (predicted > 0).all() and np.isfinite(measured).all()
+    state = _state(sorted((tmp_path / "planned" / "checkpoints").glob("round-*.pt"))[-1])
+    assert np.allclose(state["client_seconds"].numpy(), seconds)  # the first start-up's times, kept
+    for rnd in range(len(ids)):
+        assert ranks[rnd].tolist() == (place_clients(seconds[ids[rnd]], 2) + 1).tolist(), rnd
+    result = CliRunner().invoke(analyze, ["--json", "--no-plots", str(tmp_path / "planned")])
+    assert result.exit_code == 0, result.output
 
 
 def test_residuals_that_would_not_fit_are_refused_before_training(tmp_path):

@@ -57,7 +57,8 @@ def test_balanced_placement_beats_round_robin_with_a_4x_speed_spread():
 
 def test_a_pool_assigns_ranks_and_cursors_and_a_restored_pool_continues_the_same():
     def pool():
-        return ClientPool(0, [8, 8, 16, 8, 32, 8], [1.0, 0.5, 1.0, 1.0, 1.0, 0.25], [10] * 6, per_round=3,
+        seconds = predicted_seconds([8, 8, 16, 8, 32, 8], [1.0, 0.5, 1.0, 1.0, 1.0, 0.25], 2)
+        return ClientPool(0, [8, 8, 16, 8, 32, 8], seconds, [10] * 6, per_round=3,
                           workers=2, local_steps=2, by_data=False, balanced=True)
 
     a, out = pool(), np.zeros((4, 3), dtype=np.int64)
@@ -123,12 +124,14 @@ def test_what_pooled_clients_do_not_run_yet_is_refused_with_the_fix():
                                              "debug.slow_rank=1"])) == []
     for codec in ("topk", "efsign"):  # error feedback with a gathered codec: the residual is the client's
         assert pooled_limits(load_job(overrides=[f'compress.codec="{codec}"'])) == [], codec
-    job = load_job(overrides=['compress.codec="powersgd"', 'plan.mode="predict"', "scaling.grow_batch=true"])
+    assert pooled_limits(load_job(overrides=['plan.mode="predict"'])) == []  # the round model from the placement
+    job = load_job(overrides=['compress.codec="powersgd"', 'plan.mode="balance"', "scaling.grow_batch=true"])
     problems = pooled_limits(job)
     assert len(problems) == 3
     assert "error feedback with compress.codec = 'powersgd', which is summed" in problems[0]
     assert "error_feedback = false" in problems[0] and "topk, qsgd, efsign" in problems[0]
-    assert 'plan.mode = "off"' in problems[1] and "scaling.grow_batch" in problems[2]
+    assert "plan.mode = 'balance'" in problems[1] and 'plan.mode = "predict"' in problems[1]
+    assert "scaling.grow_batch" in problems[2]
     randomk = ['compress.codec="randomk"', "compress.options={error_feedback = true, unbiased = false}"]
     assert "compress.codec = 'randomk'" in pooled_limits(load_job(overrides=randomk))[0]
     with pytest.raises(JobError, match=r"with 100 clients on 3 client ranks.*compress.codec = 'powersgd'"):

@@ -8,8 +8,8 @@ Three measurements, each side by side in one run (interleaved, so load drifts hi
   placement  clients whose speeds spread `spread`x (emulated profiles), balanced against round-robin
              placement: the throughput ratio. What balance gains depends on K, W and how many clients
              are slow: K a multiple of W with equal clients gains nothing, a few slow clients the most
-mpifed's round time is the median of the server's t_iter in run.h5 (rank 0's whole round), the first
-rounds left out (start-up); the loop's is the median of its own rounds.
+mpifed's round time is the median of the server's t_iter in run.h5 (rank 0's whole round, less the
+last round's evaluation), the first rounds left out (start-up); the loop's is the median of its own rounds.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def mpifed_round(ranks: int, args: list[str], out: Path, name: str, mean: bool =
         raise click.ClickException(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     peak = [line for line in proc.stdout.splitlines() if line.startswith("PEAK ")][-1]
     with h5py.File(out / name / "run.h5") as f:
-        t_iter = f["iter/t_iter"][WARMUP:, 0]
+        t_iter = f["iter/t_iter"][WARMUP:, 0] - np.nan_to_num(f["iter/t_eval"][WARMUP:, 0])  # the last round's test
     return float(np.mean(t_iter) if mean else np.median(t_iter)), int(peak.split()[1]) / 1024
 
 
