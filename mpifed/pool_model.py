@@ -103,8 +103,9 @@ class PoolModel:
     def model_attrs(self) -> dict[str, dict]:
         """/models attributes: perf.profile.<name> (its curve, batch, samples) and perf.round."""
         out = {}
-        for i, (name, curve, samples) in enumerate(zip(self.names, self.curves, self.samples)):
-            out[f"perf.profile.{name}"] = dict(curve.to_dict(), batch=self._profile_batches()[i],
+        for i, (name, curve, samples, b) in enumerate(zip(self.names, self.curves, self.samples,
+                                                          self._profile_batches())):
+            out[f"perf.profile.{name}"] = dict(curve.to_dict(), batch=b,
                                               clients=int((self.profile_of == i).sum()),
                                               profile_batches=np.array([b for b, _ in samples], dtype=np.int64),
                                               profile_seconds=np.array([t for _, t in samples]))
@@ -123,8 +124,7 @@ class PoolModel:
         lines = [f"plan (predict, pooled clients; start-up profile {self.seconds:.1f} s): a round = broadcast "
                  f"{ms(self.t_bcast)} + update {ms(self.t_up)} + server {ms(self.t_server)} ms + the busiest "
                  f"worker's clients"]
-        for i, (name, curve) in enumerate(zip(self.names, self.curves)):
-            b = self._profile_batches()[i]
+        for name, curve, b in zip(self.names, self.curves, self._profile_batches()):
             lines.append(f"  profile {name}: t(b) = max({ms(curve.t_floor)}, {ms(curve.a)} + {1e3 * curve.c:.3f} b) "
                          f"ms (fit rms {100 * curve.rel_rms:.1f}%), a client at b={b}: {ms(curve.predict(b))} ms")
         return lines
