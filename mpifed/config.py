@@ -510,8 +510,6 @@ def pooled_limits(job: Job) -> list[str]:
         out.append(f"plan.mode = {job.plan.mode!r}: pooled clients train with their profiles' batches (set "
                    f"plan.mode = \"predict\" for the round model, or \"off\"; clients.placement = \"balanced\" "
                    f"balances the round)")
-    if job.scaling.grow_batch:
-        out.append("scaling.grow_batch (the batches are the clients' profiles')")
     return out
 
 

@@ -67,10 +67,17 @@ class PoolModel:
         return self.t_bcast + self.t_up + self.t_server
 
     def steps(self, ids: np.ndarray, corrected: bool = True) -> np.ndarray:
-        """Predicted seconds of clients `ids`' local steps, without their links."""
+        """Predicted seconds of clients `ids`' local steps at their batches, without their links."""
         factors = np.array(self.calibration.factors[:-1] if corrected else [1.0] * len(self.names))
-        by_profile = np.array([c.predict(int(b)) for c, b in zip(self.curves, self._profile_batches())])
-        return (factors * by_profile)[self.profile_of[ids]]
+        which, out = self.profile_of[ids], np.empty(len(ids))
+        for i, curve in enumerate(self.curves):
+            mine = which == i
+            out[mine] = factors[i] * np.atleast_1d(curve.predict(self.batches[ids][mine]))
+        return out
+
+    def rebatch(self, batches) -> None:
+        """The clients' batches from now on (grown by scaling.grow_batch, or a resumed run's)."""
+        self.batches = np.asarray(batches, dtype=np.int64).copy()
 
     def client_seconds(self) -> np.ndarray:
         """Every client's predicted time at start-up (its steps and its link): what placement balances."""

@@ -82,6 +82,11 @@ class ClientPool:
         self.holders[ids] = out[1]
         return ids
 
+    def rebatch(self, batches: Sequence[int], seconds: Sequence[float]) -> None:
+        """The clients' batches from now on (scaling.grow_batch) and their predicted times at them."""
+        self.batches = np.asarray(batches, dtype=np.int64).copy()
+        self.seconds = np.asarray(seconds, dtype=np.float64)
+
     def restore(self, cursors: np.ndarray, residual_clients: np.ndarray, residuals: np.ndarray,
                 seconds: np.ndarray | None = None) -> None:
         """A checkpoint's cursors, its residuals, which the server now holds, and the predicted times its

@@ -72,7 +72,9 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         # a client's batch is bounded by its memory (0: not sized) and by its own data
         caps = [min(int(m) if m > 0 else int(b), max(int(d), int(b)))
                 for m, b, d in zip(s.max_batches, s.batches, s.data_sizes)]
-        controller = BatchController(s.global_batch, sum(caps), job.scaling.batch_rate)
+        # the controller steers a round's batch: pooled, K of the N clients' batches on average
+        k, n = s.placement.round_size, s.n_clients
+        controller = BatchController(s.global_batch * k // n, sum(caps) * k // n, job.scaling.batch_rate)
     online = plan.online_model() if plan is not None else None
     replanner = plan.replanner(s.batches, job.plan.replan_band) if plan is not None and job.plan.replan else None
     if s.resumed_from is not None:
@@ -92,7 +94,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
             protocol.share_assignment(assignment)
             protocol.move_residuals(assignment, pool.residuals)
         protocol.share_batches(s.batches)
-        if protocol.batches_may_change:
+        if protocol.batches_may_change and pool is None:  # pooled: the round's weights, above
             weights = s.batches / s.global_batch
         protocol.share_model(model.flat)
         t_down = time.perf_counter() - start
@@ -155,6 +157,8 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         if pool_model is not None and rnd > s.start_round:
             pool_model.observe(clients, table[SERVER, column("t_iter")] - t_eval)
         _next_batches(s, done, stats, controller, caps, replanner, online, progress)
+        if pool is not None and not np.array_equal(pool.batches, s.batches):  # grown: place by the new times
+            pool.rebatch(s.batches, _client_seconds(s, pool_model))
         stop = protocol.agree_stop(bool(s.stop))
         if stop or s.checkpoint_due(done):
             path = _checkpoint(s, done, optimizer, policy, protocol, run_dir, time.perf_counter() - began,
@@ -174,14 +178,18 @@ def _client_pool(s: Session, plan) -> ClientPool | None:
     if not s.placement.pooled:
         return None
     c = s.job.clients
-    if isinstance(plan, PoolModel):
-        seconds = plan.client_seconds()
-    else:
-        speeds = [s.profile(k).speed for k in range(s.n_clients)]
-        seconds = predicted_seconds(s.batches, speeds, s.job.train.local_steps)
-    return ClientPool(s.job.run.seed, s.batches, seconds, s.data_sizes,
+    return ClientPool(s.job.run.seed, s.batches, _client_seconds(s, plan), s.data_sizes,
                       s.placement.round_size, s.placement.workers, s.job.train.local_steps,
                       by_data=c.sampling == "data", balanced=c.placement == "balanced")
+
+
+def _client_seconds(s: Session, plan) -> np.ndarray:
+    """Each pooled client's predicted time at its batch: the performance model's, else samples / speed."""
+    if isinstance(plan, PoolModel):
+        plan.rebatch(s.batches)
+        return plan.client_seconds()
+    speeds = [s.profile(k).speed for k in range(s.n_clients)]
+    return predicted_seconds(s.batches, speeds, s.job.train.local_steps)
 
 
 def _complete_clients(s: Session, clients: np.ndarray, assignment: np.ndarray, rejected: list[int]) -> None:
@@ -220,13 +228,15 @@ def _complete_table(s: Session, table: np.ndarray, rejected: list[int], clients:
 
 def _next_batches(s: Session, done: int, stats: dict, controller: BatchController | None, caps: list[int],
                   replanner, online, progress: Progress) -> None:
-    """The next round's batches and its predicted time: grown towards the noise scale (scaling.grow_batch),
+    """The next round's batches and its predicted time: grown towards the noise scale (scaling.grow_batch;
+    pooled: every client's batch, so that K of them hold the grown batch on average),
     or re-split where the step times drifted from the plan (plan.replan); the clients learn them from
     the next round's first broadcast."""
     if controller is not None:
         grown = controller.update(stats.get("noise_scale", float("nan")))
-        if grown != s.global_batch:
-            s.batches = np.array(split_batch(grown, caps), dtype=np.int64)
+        k, n = s.placement.round_size, s.n_clients  # pooled: the controller steers a round's K clients
+        if grown != s.global_batch * k // n:
+            s.batches = np.array(split_batch(grown * n // k, caps), dtype=np.int64)
     if replanner is not None and replanner.observe(online.curves()):
         s.batches = np.array(replanner.batches, dtype=np.int64)
         progress.print(f"mpifed: round {done}: step times drifted from the plan; batches now "

@@ -116,7 +116,7 @@ def prepare_worker(s: Session) -> WorkerSetup:
 
 def agree_pooled_batches(s: Session, caps: np.ndarray | None) -> None:
     """Every client's batch on every rank: its profile's batch, capped by the smallest cap any worker
-    found for that profile (the server passes None)."""
+    found for that profile (the server passes None); that cap is the client's max batch (grow_batch)."""
     names = sorted(set(s.profile_names))
     everyone = np.zeros((s.world.size, len(names)), dtype=np.int64)
     mine = np.zeros(len(names), dtype=np.int64) if caps is None else caps
@@ -126,6 +126,7 @@ def agree_pooled_batches(s: Session, caps: np.ndarray | None) -> None:
     by_name = dict(zip(names, cap.tolist()))
     s.batches = np.array([min(int(b), by_name[p]) if by_name[p] else int(b)
                           for b, p in zip(s.batches, s.profile_names)], dtype=np.int64)
+    s.max_batches = [int(by_name[p]) for p in s.profile_names]  # 0: not sized
 
 
 def run_worker(s: Session, setup: WorkerSetup) -> bool:

@@ -68,6 +68,18 @@ class PooledReference:
             assert torch.allclose(self.got[name], want, atol=2e-5, rtol=1e-4), name
 
 
+def _died_and_resumed_as(tmp_path, full: str, args: list[str], fail_rank: int, fail_round: int):
+    """Run `args` again, failing on `fail_rank` in `fail_round`, and resume it: it must end with run `full`'s
+    model, bit for bit. Returns the resumed run's log."""
+    died = train(3, tmp_path, "died", *args, "--set", f"debug.fail_rank={fail_rank}", "--set",
+                 f"debug.fail_round={fail_round}", timeout=120)
+    assert died.returncode != 0 and f"failing on purpose in round {fail_round}" in died.stderr
+    ok(mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--progress", "log"], tmp_path))
+    want, resumed = _state(tmp_path / full / "model.pt"), _state(tmp_path / "died" / "model.pt")
+    assert all(torch.equal(want[k], resumed[k]) for k in want)
+    return tmp_path / "died" / "run.h5"
+
+
 def test_sampled_fedsgd_is_sgd_on_the_union_and_resumes_bit_for_bit(tmp_path):
     """E=1: K=4 sampled clients of 6 on 2 worker ranks equal one process's SGD on the union of the sampled
     clients' batches; /clients logs who trained where; a run that died and resumed ends bit for bit where
@@ -106,13 +118,7 @@ def test_sampled_fedsgd_is_sgd_on_the_union_and_resumes_bit_for_bit(tmp_path):
     assert seen["clients"] == N and seen["trained"] == (counts > 0).sum()
     assert (seen["rounds_min"], seen["rounds_max"]) == (counts.min(), counts.max())
 
-    died = train(3, tmp_path, "died", *POOLED, "--set", "optim.nesterov=true", "--set", "debug.fail_rank=2",
-                 "--set", "debug.fail_round=3", timeout=120)
-    assert died.returncode != 0 and "failing on purpose in round 3" in died.stderr
-    ok(mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--progress", "log"], tmp_path))
-    full, resumed = _state(tmp_path / "sgd" / "model.pt"), _state(tmp_path / "died" / "model.pt")
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
-    with h5py.File(tmp_path / "died" / "run.h5") as f:
+    with h5py.File(_died_and_resumed_as(tmp_path, "sgd", [*POOLED, "--set", "optim.nesterov=true"], 2, 3)) as f:
         assert "resumed at round 2" in f.attrs["resumes"][0]
         for name in ("id", "rank", "batch", "loss", "grad_norm"):
             assert np.array_equal(f[f"clients/{name}"][:], log[name]), name
@@ -219,6 +225,34 @@ def test_a_planned_pooled_run_predicts_each_round_from_its_placement_and_resumes
         assert ranks[rnd].tolist() == (place_clients(seconds[ids[rnd]], 2) + 1).tolist(), rnd
     result = CliRunner().invoke(analyze, ["--json", "--no-plots", str(tmp_path / "planned")])
     assert result.exit_code == 0, result.output
+
+
+def test_pooled_batches_grow_with_the_noise_scale_within_each_clients_data_and_resume_bit_for_bit(tmp_path):
+    """scaling.grow_batch with pooled clients: every client's batch grows (never shrinks), capped by its own
+    data, the sampled clients' batches make the round's batch, and a run that died and resumed grows as
+    the uninterrupted run (the controller's state and every client's batch come back)."""
+    grow = [*POOLED, "--set", "train.rounds=24", "--set", "train.eval_every=12", "--set", "scaling.grow_batch=true",
+            "--set", "scaling.batch_rate=0.5", "--set", "scaling.noise_ema=0.5"]
+    ok(train(3, tmp_path, "grow", *grow))
+    ref = PooledReference(tmp_path / "grow")
+    data = np.array([len(y) for _, y in ref.tensors])
+    with h5py.File(tmp_path / "grow" / "run.h5") as f:
+        ids, batch = f["clients/id"][:].astype(int), f["clients/batch"][:].astype(int)
+        total = f["server/global_batch"][:]
+        log = {name: f[f"clients/{name}"][:] for name in ("id", "rank", "batch", "loss", "grad_norm")}
+    assert ids.tolist() == [ref.sampled(rnd) for rnd in range(24)]
+    assert batch[0].tolist() == [ref.batches[k] for k in ids[0]]  # the profiles' batches first
+    assert np.array_equal(batch.sum(axis=1), total)                 # the sampled clients make the round
+    assert total[-1] > 2 * total[0]                                 # it grew
+    assert (batch <= np.maximum(data, ref.batches)[ids]).all() and (batch >= 1).all()
+    for client in range(N):  # a client's batch never shrinks, whichever rounds it trained in
+        assert (np.diff(batch[ids == client]) >= 0).all(), client
+
+    with h5py.File(_died_and_resumed_as(tmp_path, "grow", grow, 1, 13)) as f:
+        assert "resumed at round 12" in f.attrs["resumes"][0]
+        assert np.array_equal(f["server/global_batch"][:], total)
+        for name, want in log.items():
+            assert np.array_equal(f[f"clients/{name}"][:], want), name
 
 
 def test_residuals_that_would_not_fit_are_refused_before_training(tmp_path):

@@ -49,3 +49,10 @@ def test_the_rounds_calibrate_each_profile_and_the_fixed_terms():
     m.observe(clients_table([1], [1], [0.026]), float("nan"))  # a profile not in the round keeps its factor
     assert m.calibration.factors[1] == pytest.approx(slow) and m.calibration.factors[2] == pytest.approx(fixed)
     assert m.client_seconds() == pytest.approx(model().client_seconds())  # placement keeps the start-up times
+
+
+def test_grown_batches_are_predicted_per_client_at_their_own_batch():
+    m = model()
+    m.rebatch([16, 32, 16, 16, 48, 16])  # scaling.grow_batch: each client's batch, whatever its profile
+    assert m.client_seconds() == pytest.approx([0.026, 0.042, 0.104, 0.026, 0.232, 0.076])
+    assert m.steps(np.array([4, 1])) == pytest.approx([0.232, 0.042])
