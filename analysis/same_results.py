@@ -8,10 +8,12 @@ code, then compare. Each argument is a run directory, or a folder of run directo
     bash analysis/same_results_runs.sh .           runs/after     # the same runs, the new code
     python analysis/same_results.py runs/before runs/after        # every run, by name
     python analysis/same_results.py runs/before/topk runs/after/topk
+    python analysis/same_results.py runs/before runs/after --added "attrs['data_plane']"   # a new attribute
 
 Compared: run.h5's datasets (dtype, shape, bytes: NaN matches NaN at the same place), root and /models
 attributes; model.pt and every checkpoints/round-*.pt (same names; tensors bitwise, dicts, lists).
 Not compared, being measured rather than computed: /iter/t_* (t_iter_pred too: predicted from timings),
+/clients/t_* (a pooled client's compute time),
 /server/wall, /eval/wall, a checkpoint's 'wall'; /ranks/max_batch of a rank without a memory budget (its
 cap then comes from the free memory at start-up: MemAvailable on a CPU, which moves between runs);
 /models perf.* (fitted to probe timings) and memory.*.verified_peak (a measured peak, CUDA only); root
@@ -29,7 +31,7 @@ import h5py
 import numpy as np
 import torch
 
-MEASURED_DATASETS = re.compile(r"iter/t_\w+|server/wall|eval/wall")
+MEASURED_DATASETS = re.compile(r"(iter|clients)/t_\w+|server/wall|eval/wall")
 MEASURED_MODEL_ATTRS = re.compile(r"perf\..*|memory\..*\.verified_peak")
 MEASURED_ROOT_ATTRS = {"started", "command"}
 MEASURED_CHECKPOINT_KEY = "wall"
@@ -133,11 +135,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("first", type=Path, help="a run directory, or a folder of run directories")
     parser.add_argument("second", type=Path, help="the same from the other code")
+    parser.add_argument("--added", action="append", default=[], metavar="WHERE",
+                        help="a run.h5 attribute (e.g. \"attrs['data_plane']\") or job field (\"attrs['job']['comm']"
+                             "['data']\") the second code adds: present in the second run only, it is listed, "
+                             "not counted as a difference (repeatable)")
     args, failed = parser.parse_args(), 0
+    added = {f"run.h5 {where}: only in second" for where in args.added}
     for a, b in run_pairs(args.first, args.second):
         missing = [str(run) for run in (a, b) if not (run / "run.h5").exists()]
-        differences = [f"no run.h5 in {', '.join(missing)}"] if missing else compare_runs(a, b)
-        print(f"{a.name}: {f'{len(differences)} difference(s)' if differences else 'identical'}")
+        found = [f"no run.h5 in {', '.join(missing)}"] if missing else compare_runs(a, b)
+        differences = [line for line in found if line not in added]
+        print(f"{a.name}: {f'{len(differences)} difference(s)' if differences else 'identical'}"
+              + "".join(f"; added: {line.split(': only')[0][7:]}" for line in found if line in added))
         for line in differences:
             print(f"  {line}")
         failed += bool(differences)

@@ -112,6 +112,12 @@ class CommConfig:
                          "round, evaluation and checkpoint included, and the slowest client's set-up (data, memory "
                          "sizing, planning probes). While rank 0 reads the job, the other ranks wait the default.",
                          minimum=0.0)
+    data: str = opt("auto", "Which engine moves the round's large buffers (the model broadcast, the update reduce, "
+                    "gathered payloads); MPI always carries the control. mpi-host: MPI on host memory (CUDA "
+                    "tensors staged through host buffers); nccl: torch.distributed started from the MPI world, "
+                    "NCCL for CUDA tensors and gloo on CPU; auto: nccl when every rank computes on CUDA and "
+                    "torch has NCCL, else mpi-host. The choice and why are run.h5 attrs data_plane and "
+                    "data_plane_reason.", choices=("auto", "mpi-host", "nccl"))
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ With a `timeout`, a wait that lasts longer ends the job (RankTimeout): a stopped
 rank would otherwise hold every other rank in its collective forever. Rank 0's message names that
 rank (mpifed.rollcall); the other ranks leave the word to rank 0.
 The roles hand torch tensors, CPU or CUDA, to `broadcast_tensor`, `to_host` and `to_device`: how a
-device buffer reaches MPI (today: staged through a host buffer kept per tensor, since the MPI here
-sees host memory only) is this module's business alone, so a CUDA-aware MPI or NCCL path can
-replace it without touching the round's code.
+device buffer reaches MPI (staged through a host buffer kept per tensor, since the MPI here sees host
+memory only) is this module's business alone. The round's large buffers (`broadcast_tensor`,
+`reduce_data`, `gather_bytes`) go through the job's data plane (mpifed.dataplane: MPI itself, or
+torch.distributed's NCCL / gloo), whose work handles are waited on here like MPI's requests.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpifed.dataplane import TorchPlane
 from mpifed.placement import Placement
 from mpifed.rollcall import ANSWER_AFTER, LISTEN_EVERY, ROOT, Position, RollCall, answer, grace
 
@@ -52,23 +54,31 @@ class Exchange:
     roll call compares these numbers to find a rank that is out of step."""
 
     def __init__(self, comm: MPI.Intracomm, polite: bool, chunk_bytes: int = 256 * 2**20,
-                 max_sleep: float = 2e-4, timeout: float = 0.0, placement: Placement | None = None):
+                 max_sleep: float = 2e-4, timeout: float = 0.0, placement: Placement | None = None,
+                 data: TorchPlane | None = None):
         self.comm, self.polite, self.max_sleep, self.timeout = comm, polite, max_sleep, timeout
         self.chunk_bytes = max(1, int(chunk_bytes))
         self.placement = placement  # names each rank's clients in a roll call
+        self.data = data  # the round's large buffers: None = MPI, else torch.distributed
+        self.data_plane = ("mpi-host", "")  # (name, why), for the run log
         self._staging: dict[tuple, np.ndarray] = {}
 
     def _pieces(self, buf: np.ndarray) -> list[np.ndarray]:
         step = max(1, self.chunk_bytes // buf.itemsize)
         return [buf[i: i + step] for i in range(0, max(buf.size, 1), step)]
 
-    def wait(self, requests: list[MPI.Request], kind: str = "collective") -> None:
+    def wait(self, requests: list, kind: str = "collective") -> None:
+        """Wait for MPI requests or torch.distributed work handles (one kind a call), politely and timed."""
         Exchange.started += 1
         if not self.polite and not self.timeout:
-            MPI.Request.Waitall(requests)
+            if requests and not isinstance(requests[0], MPI.Request):
+                for work in requests:
+                    work.wait()
+            else:
+                MPI.Request.Waitall(requests)
             return
         number = Exchange.started
-        if MPI.Request.Testall(requests):  # already done: nothing to time
+        if _complete(requests):  # already done: nothing to time
             return
         waiting = _Waiting(self, requests, number, kind)
         if waiting.until(self.timeout or math.inf):  # timeout 0: wait for ever
@@ -115,6 +125,9 @@ class Exchange:
 
     def broadcast_tensor(self, tensor: torch.Tensor) -> None:
         """Root's flat torch tensor into every rank's, wherever it lives (see `host`)."""
+        if self.data is not None:
+            self._on_data_plane(*self.data.broadcast(tensor), "broadcast")
+            return
         host = self.to_host(tensor) if self.comm.rank == ROOT else self.host(tensor)
         self.broadcast(host)
         if self.comm.rank != ROOT:
@@ -135,6 +148,24 @@ class Exchange:
         else:
             reqs = [self.comm.Ireduce(piece, None, op=op, root=ROOT) for piece in self._pieces(buf)]
         self.wait(reqs, "allreduce" if everyone else "reduce")
+
+    def reduce_data(self, buf: np.ndarray, op: MPI.Op = MPI.SUM, everyone: bool = False,
+                    as_tensor=torch.from_numpy) -> None:
+        """`reduce_sum` of a round's large buffer, on the data plane: MPI with `op`, or torch.distributed's
+        sum of `as_tensor(buf)` (the codec's view of its payload: 16-bit floats for fp16 / bf16 bits)."""
+        if self.data is None:
+            self.reduce_sum(buf, op, everyone)
+        else:
+            self._on_data_plane(*self.data.reduce(as_tensor(buf), everyone), "allreduce" if everyone else "reduce")
+
+    def reduce_tensor(self, tensor: torch.Tensor) -> None:
+        """Every rank's `tensor` summed into root's, where it lies, on the torch data plane (codec none's
+        direct path: mpifed.protocol)."""
+        self._on_data_plane(*self.data.reduce(tensor, False), "reduce")
+
+    def _on_data_plane(self, works: list, finish, kind: str) -> None:
+        self.wait(works, kind)
+        finish()
 
     def gather_rows(self, row: np.ndarray, table: np.ndarray | None) -> None:
         """Fixed-size per-rank rows into root's (size, len(row)) table."""
@@ -168,7 +199,10 @@ class Exchange:
     def gather_bytes(self, payload: np.ndarray) -> list[np.ndarray] | None:
         """Variable-size uint8 payloads to root (Gatherv with explicit counts and displacements).
 
-        Root receives one array per rank (its own included, normally empty)."""
+        Root receives one array per rank (its own included, normally empty). On a torch data plane the
+        lengths travel by MPI and the payloads, padded to the longest, by the plane's gather."""
+        if self.data is not None:
+            return self._gather_on_data_plane(payload)
         counts = np.zeros(self.comm.size, dtype=np.int64) if self.comm.rank == ROOT else None
         self.wait([self.comm.Igather(np.array([payload.size], dtype=np.int64), counts, root=ROOT)], "gather")
         if self.comm.rank != ROOT:
@@ -178,6 +212,22 @@ class Exchange:
         recv = np.empty(int(counts.sum()), dtype=np.uint8)
         self.wait([self.comm.Igatherv(payload, [recv, counts, displs, MPI.BYTE], root=ROOT)], "gather")
         return [recv[d: d + c] for d, c in zip(displs, counts)]
+
+    def _gather_on_data_plane(self, payload: np.ndarray) -> list[np.ndarray] | None:
+        counts = np.zeros(self.comm.size, dtype=np.int64)
+        self.wait([self.comm.Iallgather(np.array([payload.size], dtype=np.int64), counts)], "allgather")
+        width = int(counts.max())
+        if width == 0:  # nothing to gather: the same number of waits on every rank all the same
+            self.wait([], "gather")
+            return [np.zeros(0, np.uint8)] * self.comm.size if self.comm.rank == ROOT else None
+        mine = torch.zeros(width, dtype=torch.uint8)
+        mine.numpy()[: payload.size] = payload
+        rows = torch.empty((self.comm.size, width), dtype=torch.uint8) if self.comm.rank == ROOT else None
+        self._on_data_plane(*self.data.gather(mine, rows), "gather")
+        if rows is None:
+            return None
+        table = rows.numpy()
+        return [table[rank, :count] for rank, count in enumerate(counts.tolist())]
 
 
 MOVE_TAG = 7303
@@ -202,7 +252,7 @@ class _Waiting:
         """Poll until the requests complete (True) or `limit` seconds of waiting have passed (False);
         with `call`, also stop (False) once every rank answered it."""
         ex = self.exchange
-        while not MPI.Request.Testall(self.requests):
+        while not _complete(self.requests):
             if call is not None and call.complete():
                 return False
             if ex.polite or call:
@@ -219,3 +269,14 @@ class _Waiting:
                 self.listened = self.waited + LISTEN_EVERY
                 self.answered |= answer(ex.comm, Position(self.number, self.kind, self.waited))
         return True
+
+
+def _complete(requests: list) -> bool:
+    """Whether every MPI request or torch work handle has completed; a torch work that failed raises here."""
+    if not requests or isinstance(requests[0], MPI.Request):
+        return MPI.Request.Testall(requests)
+    if all(work.is_completed() for work in requests):
+        for work in requests:
+            work.wait()  # raises the collective's error (a peer that died), if any
+        return True
+    return False

@@ -12,7 +12,8 @@ all run these methods, and a new step is added in this one place. A round, top t
               (the clients now train: E local steps, mpifed.client; no collective)
   3. update   clients -> server  w_k u_k through the codec's channel (a reduce of summable payloads,
                                  or a gather the server validates client by client), then the
-                                 dense tail by one reduce
+                                 dense tail by one reduce (codec none on a torch data plane: both
+                                 in one reduce, where the update lies)
                                  (pooled: a worker sums its clients' weighted updates and sends once)
   4. rows     clients -> server  one fixed-size row of timings and metrics per rank, for the run log
                                  (pooled: and the (K, fields) metrics of the round's clients, by one reduce)
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mpifed.compress import ErrorFeedback, make_codec
+from mpifed.compress import ErrorFeedback, PayloadError, make_codec
 from mpifed.config import Job
 from mpifed.exchange import Exchange
 from mpifed.flat import FlatModel
@@ -126,6 +127,13 @@ class RoundProtocol:
         return self.channel.nbytes + 4 * (self.layout.tail.stop - self.layout.tail.start)
 
     @property
+    def direct(self) -> bool:
+        """Codec none on a torch data plane: the update and its tail reduce where they lie (on the GPU with
+        NCCL), in one collective, with no host staging and no encoding."""
+        codec = self.channel.codec
+        return self.exchange.data is not None and self.channel.lossless and not codec.error_feedback
+
+    @property
     def up_collective(self) -> str:
         """The collective that carries the update: 'reduce' (summable codecs) or 'gatherv'."""
         return "reduce" if self.channel.codec.summable else "gatherv"
@@ -183,6 +191,8 @@ class RoundProtocol:
         debug fault injection."""
         lay, ex = self.layout, self.exchange
         update.mul_(weight)
+        if self.direct:
+            return self._send_direct(update, weight, corrupt)
         host = ex.to_host(update)
         sent = self.channel.send(host[: lay.n], rnd, corrupt)
         lossless = self.channel.lossless
@@ -193,8 +203,23 @@ class RoundProtocol:
             coordinate_sq /= np.float32(weight)
         host[lay.layer_sq] = layer_sq / weight
         t0 = time.perf_counter()
-        ex.reduce_sum(host[lay.tail])
+        ex.reduce_data(host[lay.tail])
         return Sent(float(np.sqrt(layer_sq.sum())) / weight, self.channel.comm_seconds + time.perf_counter() - t0)
+
+    def _send_direct(self, update: torch.Tensor, weight: float, corrupt: str) -> Sent:
+        """`send_update` on the device (`direct`): the same tail, computed there, and one reduce."""
+        lay = self.layout
+        layer_sq = torch.stack(torch._foreach_norm(self.model.param_view(update))).double().square()
+        if corrupt == "nan":  # as the host path: the norms are the clean update's, the payload is not
+            update[0] = float("nan")
+        if lay.route == "reduce":
+            squares = update[lay.coordinate_sq]
+            torch.square(update[: lay.n], out=squares)
+            squares.div_(torch.tensor(weight, dtype=squares.dtype, device=squares.device))
+        update[lay.layer_sq] = (layer_sq / weight).to(update.dtype)
+        t0 = time.perf_counter()
+        self.exchange.reduce_tensor(update[: lay.update_size])
+        return Sent(float(np.sqrt(layer_sq.cpu().numpy().sum())) / weight, time.perf_counter() - t0)
 
     # 3. update, a pooled worker's side: add_client per client trained, then send_sum once -----------
     def add_client(self, rnd: int, update: torch.Tensor, weight: float, total: torch.Tensor, client: int,
@@ -228,13 +253,17 @@ class RoundProtocol:
         codecs) or its clients' payloads (gathered), then the tail by the round's one reduce. A worker
         with no client this round sends zeros and no payload. Returns the seconds spent in collectives."""
         lay, ex = self.layout, self.exchange
+        if self.direct:
+            t0 = time.perf_counter()
+            ex.reduce_tensor(total[: lay.update_size])
+            return time.perf_counter() - t0
         host = ex.to_host(total)
         if self.channel.codec.summable:
             self.channel.send(host[: lay.n], rnd, "")
         else:
             self.channel.send_payloads(payloads)
         t0 = time.perf_counter()
-        ex.reduce_sum(host[lay.tail])
+        ex.reduce_data(host[lay.tail])
         return self.channel.comm_seconds + time.perf_counter() - t0
 
     # 3. update, server side -------------------------------------------------------------------------
@@ -244,6 +273,8 @@ class RoundProtocol:
         the seconds spent in collectives. Pooled: `assignment` is the round's (step 0), and `weights` are
         its clients' w_k in its order."""
         lay, ex = self.layout, self.exchange
+        if self.direct:
+            return self._receive_direct(rnd, aggregate)
         host = ex.host(aggregate)
         host[lay.tail].fill(0.0)  # the server's share of the tail's sum; receive zeroes the rest it fills
         squares = host[lay.coordinate_sq] if lay.route == "decode" else None
@@ -252,10 +283,26 @@ class RoundProtocol:
         else:
             received = self.channel.receive(rnd, host[: lay.n], weights, squares)
         t0 = time.perf_counter()
-        ex.reduce_sum(host[lay.tail])
+        ex.reduce_data(host[lay.tail])
         seconds = self.channel.comm_seconds + time.perf_counter() - t0
         ex.to_device(aggregate)
         return received, seconds
+
+    def _receive_direct(self, rnd: int, aggregate: torch.Tensor) -> tuple[Received, float]:
+        """`receive_update` on the device (`direct`): the server adds zeros; a non-finite sum is refused
+        as the MPI path refuses it (codec none's check)."""
+        lay = self.layout
+        aggregate[: lay.update_size].zero_()
+        t0 = time.perf_counter()
+        self.exchange.reduce_tensor(aggregate[: lay.update_size])
+        seconds = time.perf_counter() - t0
+        if not bool(torch.isfinite(aggregate[: lay.n]).all()):
+            try:
+                self.channel.codec.validate(aggregate[: lay.n].cpu().numpy(), lay.n, None)
+            except PayloadError as err:
+                return Received(False, [], [f"round {rnd}: the summed update is not usable ({err}); a summable "
+                                            f"codec cannot say which client sent it: step skipped"]), seconds
+        return Received(True), seconds
 
     # 4. rows ----------------------------------------------------------------------------------------
     def gather_rows(self, row: np.ndarray, table: np.ndarray | None = None) -> None:

@@ -14,6 +14,7 @@ import torch
 from mpifed.cluster import StopRequest, StoppedEarly, World, pick_device
 from mpifed.config import DeviceProfile, Job, client_batches, resolve_clients
 from mpifed.data import ImageSet, load_dataset
+from mpifed.dataplane import open_plane
 from mpifed.exchange import Exchange
 from mpifed.flat import FlatModel
 from mpifed.models import build_model
@@ -81,8 +82,11 @@ def open_session(world: World, job: Job) -> Session:
     placement = Placement.of_job(len(names), world.size, job.clients.per_round)
     device = pick_device(world, job.run.device)
     polite = job.comm.wait == "sleep" or (job.comm.wait == "auto" and world.oversubscribed)
+    plane, plane_name, plane_reason = open_plane(job.comm.data, world.comm, device, job.comm.timeout,
+                                                 one_host=world.local_size == world.size)
     exchange = Exchange(world.comm, polite, int(job.comm.chunk_mib * 2**20), timeout=job.comm.timeout,
-                        placement=placement)
+                        placement=placement, data=plane)
+    exchange.data_plane = (plane_name, plane_reason)
     dataset = _load_data(world, job, exchange)
     with forked_torch_rng(job.run.seed, Purpose.INIT):  # same init on every rank, global RNG untouched
         module = build_model(job.model.name, dataset.num_classes, dataset.channels)

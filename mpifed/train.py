@@ -116,4 +116,5 @@ def _attrs(world: World, s: Session) -> dict:
                 job=s.job.to_toml(), command=" ".join(sys.argv), world_size=world.size,
                 started=datetime.datetime.now().isoformat(timespec="seconds"),
                 wait_mode="sleep" if s.exchange.polite else "poll",
+                data_plane=s.exchange.data_plane[0], data_plane_reason=s.exchange.data_plane[1],
                 n_params=s.model.n_params, n_buffers=s.model.n_buffers)

@@ -2,14 +2,15 @@
 
 The update a client sends is its weighted gradient (or model delta) w_k u_k, w_k = b_k / B, as a
 flat float32 vector of the model's parameters. What travels depends on the codec (job [compress]):
-  summable codecs (none, fp16, bf16, randomk, powersgd) -> MPI reduce of equal-size payloads, the
+  summable codecs (none, fp16, bf16, randomk, powersgd) -> a reduce of equal-size payloads, the
       server decodes the sum; a non-finite sum cannot be traced to a client, so the round's step is
       skipped and logged.
-  other codecs (topk, qsgd, sign, efsign) -> Gatherv of byte payloads; the server validates each
+  other codecs (topk, qsgd, sign, efsign) -> a gather of byte payloads; the server validates each
       one (length, index range, finite values), rejects the bad ones by client and round, and sums
       the rest, rescaled to the accepted clients' share of the weight.
 BatchNorm statistics and the per-layer squared norms that feed the noise-scale estimate travel
-beside the update as a small dense tail (one more reduce).
+beside the update as a small dense tail (one more reduce). Both go through the job's data plane
+(comm.data: MPI, or torch.distributed's NCCL / gloo; mpifed.dataplane).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class _Collective:
     """The `allreduce(payload) -> sum | None` callable a summable codec's phases run through."""
 
     def __init__(self, codec: Codec, exchange: Exchange):
-        self.exchange, self.op = exchange, _mpi_op(codec)
+        self.exchange, self.codec, self.op = exchange, codec, _mpi_op(codec)
         self.everyone = getattr(codec, "all_ranks_need_sum", False)
         self.seconds = 0.0
 
@@ -53,7 +54,7 @@ class _Collective:
         # allreduce overwrites the buffer on every rank: never hand the codec's own array to it
         buf = np.array(payload, copy=True) if self.everyone else np.ascontiguousarray(payload)
         t0 = time.perf_counter()
-        self.exchange.reduce_sum(buf, op=self.op, everyone=self.everyone)
+        self.exchange.reduce_data(buf, op=self.op, everyone=self.everyone, as_tensor=self.codec.sum_view)
         self.seconds += time.perf_counter() - t0
         return buf if (self.everyone or self.exchange.comm.rank == ROOT) else None
 

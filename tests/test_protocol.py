@@ -38,9 +38,15 @@ class RecordingExchange(Exchange):
     """Records every collective this rank issues instead of communicating. A root's gathers come back
     filled with its own row (gatherv: one empty payload per rank), so its loop runs on."""
 
-    def __init__(self, rank: int):
-        super().__init__(SimpleNamespace(rank=rank, size=WORLD), polite=False)
+    def __init__(self, rank: int, data_plane: bool = False):
+        super().__init__(SimpleNamespace(rank=rank, size=WORLD), polite=False, data=data_plane or None)
         self.calls: list[tuple] = []
+
+    def broadcast_tensor(self, tensor):  # as MPI's, or the torch data plane's (comm.data = "nccl")
+        self.calls.append(("broadcast", "<f4", tensor.numel(), self.data is not None))
+
+    def reduce_tensor(self, tensor):  # codec none's direct path on a torch data plane
+        self.calls.append(("reduce", "tensor", tensor.numel()))
 
     def broadcast(self, buf):
         self.calls.append(("broadcast", buf.dtype.str, buf.size))
@@ -72,6 +78,9 @@ class RecordingExchange(Exchange):
 
 
 class _Comm(SimpleNamespace):
+    def allgather(self, obj):  # the data plane's check of every rank's device
+        return [obj] * WORLD
+
     def gather(self, obj, root=0):  # the pickled start-up gather of /ranks facts
         return [dict(max_batch=0, data_size=1)] * WORLD if self.rank == root else None
 
@@ -87,8 +96,9 @@ class _Writer:
 def _session(rank: int, overrides: list[str]):
     job = load_job(overrides=SMALL + overrides)
     world = World(_Comm(rank=rank, size=WORLD), rank, WORLD, 0, 1, "test", torch.get_num_threads())
-    s = open_session(world, job)
-    s.exchange = RecordingExchange(rank)
+    on_torch = job.comm.data == "nccl"  # recorded, not opened: the rounds must issue the plane's calls alike
+    s = open_session(world, dataclasses.replace(job, comm=dataclasses.replace(job.comm, data="mpi-host")))
+    s.exchange = RecordingExchange(rank, data_plane=on_torch)
     s.max_batches, s.data_sizes = [0] * s.n_clients, [300] * s.n_clients
     return s
 
@@ -132,6 +142,9 @@ JOBS = {
     "per-coordinate, gathered": ["scaling.method=teacher", "scaling.per_layer=false", "scaling.small_batch=8",
                                  "compress.codec=qsgd"],
     "grown batches": ["scaling.grow_batch=true"],
+    "torch data plane, direct": ["comm.data=nccl", "scaling.method=step+teacher", "scaling.per_layer=false",
+                                 "scaling.small_batch=8", "checkpoint.every=2"],
+    "torch data plane, pooled": ["comm.data=nccl", "clients.count=5", "clients.per_round=3"],
     "pooled": ["clients.count=5", "clients.per_round=3"],
     "pooled, topk, checkpoints": ["clients.count=5", "clients.per_round=3", "compress.codec=topk",
                                   "compress.options={error_feedback = false}", "checkpoint.every=2"],
@@ -147,7 +160,9 @@ JOBS = {
 def test_training_rounds_agree(overrides, tmp_path):
     server, client = run_sides(overrides, tmp_path)
     assert first_difference(server, client) == ""
-    assert ("broadcast", "<f4", _session(0, overrides).model.size) in server  # the model went out
+    on_torch = "comm.data=nccl" in overrides
+    assert ("broadcast", "<f4", _session(0, overrides).model.size, on_torch) in server  # the model went out
+    assert any(call[1:2] == ("tensor",) for call in server) == on_torch  # codec none: the update where it lies
 
 
 def test_resumed_rounds_agree(tmp_path):

@@ -34,8 +34,8 @@ def write_run(folder: Path, *, loss=(2.0, 1.5, 1.25), weight=0.5, t_iter=0.1, st
     return folder
 
 
-def same_results(a: Path, b: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "analysis" / "same_results.py"), str(a), str(b)],
+def same_results(a: Path, b: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "analysis" / "same_results.py"), str(a), str(b), *options],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -70,3 +70,19 @@ def test_a_run_missing_from_one_side_is_reported(tmp_path):
     done = same_results(tmp_path / "before", tmp_path / "after")
     assert done.returncode == 1
     assert "default: identical" in done.stdout and "topk: 1 difference(s)" in done.stdout
+
+
+def test_what_the_new_code_adds_is_listed_only_when_named(tmp_path):
+    """A new job field and attribute: named with --added, present in the second run alone, they are listed
+    and the runs identical; unnamed, or missing from the second run, they stay differences."""
+    a, b = write_run(tmp_path / "a"), write_run(tmp_path / "b")
+    with h5py.File(b / "run.h5", "a") as f:
+        f.attrs["data_plane"] = "mpi-host"
+        f.attrs["job"] = f.attrs["job"] + '\n[comm]\ndata = "auto"\n'
+    added = ["--added", "attrs['data_plane']", "--added", "attrs['job']['comm']"]
+    done = same_results(a, b, *added)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "a: identical; added: attrs['data_plane']; added: attrs['job']['comm']"
+    assert "run.h5 attrs['data_plane']: only in second" in same_results(a, b).stdout
+    assert same_results(b, a, *added).returncode == 1  # what the first run has alone is no addition
+    assert same_results(a, b, "--added", "attrs['data_plane']").returncode == 1  # the job field unnamed

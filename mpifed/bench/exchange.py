@@ -1,6 +1,8 @@
-"""`mpifed bench exchange`: one round's model exchange, three transports, same model, same ranks.
+"""`mpifed bench exchange`: one round's model exchange, four transports, same model, same ranks.
 
-  mpifed     Exchange.broadcast of the flat model + Exchange.reduce_sum of the flat updates
+  mpifed     Exchange.broadcast of the flat model + Exchange.reduce_sum of the flat updates (MPI)
+  gloo       the same Exchange calls on the torch.distributed data plane (comm.data = "nccl", which is
+             gloo on CPU): broadcast_tensor + reduce_tensor, codec none's direct path
   pickled    what many FL frameworks do: torch.save the state dict to bytes, send it to each client
              point-to-point, torch.load it there; each client sends its serialized gradients back,
              the server deserializes and sums them
@@ -44,22 +46,30 @@ def _worker(models: list[str], rounds: int) -> None:
     from mpi4py import MPI
 
     from mpifed.cluster import init_world
+    from mpifed.dataplane import TorchPlane
     from mpifed.exchange import Exchange
     from mpifed.flat import FlatModel
     from mpifed.models import build_model
 
     world = init_world()
     comm = world.comm
+    plane = TorchPlane(comm, torch.device("cpu"), 0.0, world.local_size == world.size)
     results = []
     for name in models:
         flat = FlatModel(build_model(name, 10))
         buf = flat.flat.numpy()
         update = np.ones(flat.size, np.float32)
         exchange = Exchange(comm, polite=world.oversubscribed)
+        on_gloo = Exchange(comm, polite=world.oversubscribed, data=plane)
+        tensor = torch.ones(flat.size)
 
         def mpifed_round():
             exchange.broadcast(buf)
             exchange.reduce_sum(update if comm.rank else np.zeros_like(update))
+
+        def gloo_round():
+            on_gloo.broadcast_tensor(flat.flat)
+            on_gloo.reduce_tensor(tensor if comm.rank else torch.zeros_like(tensor))
 
         def bare_round():
             comm.Bcast(buf, root=0)
@@ -91,8 +101,8 @@ def _worker(models: list[str], rounds: int) -> None:
                 comm.send(blob.getvalue(), dest=0)
 
         row = dict(model=name, ranks=comm.size, mbytes=flat.size * 4 / 1e6, wait="sleep" if exchange.polite else "poll")
-        row.update(_interleaved_medians(comm, dict(mpifed=mpifed_round, bare=bare_round, pickled=pickled_round),
-                                        rounds))
+        row.update(_interleaved_medians(comm, dict(mpifed=mpifed_round, gloo=gloo_round, bare=bare_round,
+                                                   pickled=pickled_round), rounds))
         results.append(row)
     if comm.rank == 0:
         report(results)
@@ -104,7 +114,7 @@ def _worker(models: list[str], rounds: int) -> None:
 @click.option("--rounds", default=5, show_default=True, help="Timed rounds per transport (after one warm-up).")
 @click.option("--timeout", default=900, show_default=True, help="Seconds allowed per mpirun.")
 def exchange(ranks, models, rounds, timeout):
-    """Model exchange time: mpifed vs pickled point-to-point vs bare mpi4py collectives."""
+    """Model exchange time: mpifed on MPI and on gloo vs pickled point-to-point vs bare mpi4py collectives."""
     from rich.console import Console
     from rich.table import Table
 
@@ -112,13 +122,13 @@ def exchange(ranks, models, rounds, timeout):
     for n in [int(r) for r in ranks.split(",")]:
         rows += run_worker(n, "mpifed.bench.exchange", [models, str(rounds)], timeout)
     table = Table(title="one round's model exchange (broadcast + update reduction), median seconds")
-    for col in ("ranks", "model", "MB", "wait", "mpifed", "bare mpi4py", "pickled p2p",
-                "pickled / mpifed", "mpifed / bare"):
+    for col in ("ranks", "model", "MB", "wait", "mpifed", "gloo", "bare mpi4py", "pickled p2p",
+                "gloo / mpifed", "pickled / mpifed", "mpifed / bare"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["ranks"]), r["model"], f"{r['mbytes']:.1f}", r["wait"], f"{r['mpifed']:.4f}",
-                      f"{r['bare']:.4f}", f"{r['pickled']:.4f}", f"{r['pickled'] / r['mpifed']:.2f}x",
-                      f"{r['mpifed'] / r['bare']:.2f}x")
+                      f"{r['gloo']:.4f}", f"{r['bare']:.4f}", f"{r['pickled']:.4f}", f"{r['gloo'] / r['mpifed']:.2f}x",
+                      f"{r['pickled'] / r['mpifed']:.2f}x", f"{r['mpifed'] / r['bare']:.2f}x")
     Console(width=160).print(table)
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Generator, NamedTuple, Sequence
 
 import numpy as np
+import torch
 
 from mpifed.seeding import Purpose, rng as seeded_rng
 
@@ -236,6 +237,13 @@ class ReduceCodec(Codec):
         """b <- combine(a, b), in place: what an MPI user op must do with its inout buffer. Override
         it where a temporary-free sum is faster (the op runs once per reduction-tree step)."""
         b[...] = self.combine(a, b)
+
+    def sum_view(self, payload: np.ndarray) -> torch.Tensor:
+        """The payload as a tensor whose plain sum is `combine` (for a torch.distributed data plane, which
+        sums natively); the payload's memory itself, so the sum lands in it."""
+        if not self.native_sum:
+            raise NotImplementedError(f"codec {self.name!r} has no tensor view for a torch data plane")
+        return torch.from_numpy(payload)
 
     @abstractmethod
     def phases(self, x: Any, ctx: RoundContext, keep_own: bool = False) -> Phases:

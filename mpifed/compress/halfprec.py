@@ -97,6 +97,10 @@ class HalfPrecision(OneShotReduce):
             raise ValueError(f"{self.format} combine_into needs a writable destination")
         _as_half(b, self.format).add_(_as_half(a, self.format))
 
+    def sum_view(self, payload: np.ndarray) -> torch.Tensor:
+        """The bit patterns as 16-bit floats, which torch.distributed sums (rounded like combine_into)."""
+        return _as_half(payload, self.format)
+
     def validate(self, payload: np.ndarray, n: int, ctx: RoundContext) -> None:
         payload = check_reduce_payload(payload, U16, n, self.format)
         # Non-finite (inf, NaN) = all exponent bits set, i.e. magnitude bits >= inf's pattern: one

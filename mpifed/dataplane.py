@@ -1,0 +1,142 @@
+"""The data plane (job field comm.data): which engine moves the round's large buffers.
+
+MPI always carries the control: the job, the placement, the batches, the rows of timings, the stop
+flag and the roll call. The data plane carries what grows with the model: the model's broadcast,
+the update's reduce (and a multi-phase codec's allreduces) and the gathered payloads.
+
+  mpi-host  MPI on host memory: a CPU tensor's own memory, a CUDA tensor staged through a host
+            buffer kept per tensor (mpifed.exchange).
+  nccl      torch.distributed's process group, started from the MPI world: rank 0 opens a TCPStore
+            on a free port and broadcasts its address over MPI, so no launcher or environment
+            variable is needed. NCCL moves CUDA tensors device to device; on CPU the same code path
+            runs with gloo (which is how it is tested without a GPU).
+  auto      nccl where every rank computes on CUDA and torch has NCCL, else mpi-host.
+
+Its work handles are waited on by the exchange like MPI's requests (polite, timed, answering rank
+0's roll call), so a stuck collective of either engine ends the job with the stuck rank named.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import socket
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from mpi4py import MPI
+
+from mpifed.errors import InputError
+
+ROOT = 0
+PLANES = ("auto", "mpi-host", "nccl")
+
+
+def choose_plane(wanted: str, comm: MPI.Intracomm, device: torch.device) -> tuple[str, str]:
+    """(plane, why), the same on every rank: the job's choice, or auto's, checked against every rank's
+    device (a start-up collective)."""
+    devices = comm.allgather(device.type)
+    if wanted == "mpi-host":
+        return "mpi-host", "comm.data = \"mpi-host\""
+    same = len(set(devices)) == 1
+    if wanted == "nccl":
+        if not same:
+            ranks = ", ".join(f"rank {r} on {d}" for r, d in enumerate(devices))
+            raise InputError(f"comm.data = \"nccl\" needs every rank on the same kind of device, but {ranks}: set "
+                             f"run.device to \"cuda\" (or \"cpu\") for every rank, or comm.data = \"mpi-host\"")
+        if devices[0] == "cuda" and not dist.is_nccl_available():
+            raise InputError("comm.data = \"nccl\" but this torch has no NCCL: install a CUDA build of torch, "
+                             "or set comm.data = \"mpi-host\"")
+        return "nccl", f"comm.data = \"nccl\" ({backend_for(devices[0])} for {devices[0]} tensors)"
+    if same and devices[0] == "cuda" and dist.is_nccl_available():
+        return "nccl", "auto: every rank on CUDA and torch has NCCL (device buffers move without host staging)"
+    if devices[0] == "cuda" or not same:
+        return "mpi-host", "auto: not every rank on CUDA, or no NCCL in this torch: MPI through host buffers"
+    return "mpi-host", "auto: CPU tensors, which MPI moves in place (mpifed bench exchange times gloo beside it)"
+
+
+def backend_for(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+class TorchPlane:
+    """torch.distributed collectives on tensors, for the exchange. Each call returns (work handles, a
+    finish step to run once they completed): a host tensor handed to NCCL is staged through a device
+    buffer kept per shape, and a reduce works on a copy off the root (gloo overwrites a non-root's input
+    with partial sums, where MPI leaves it as it was)."""
+
+    def __init__(self, comm: MPI.Intracomm, device: torch.device, timeout: float, one_host: bool):
+        self.backend = backend_for(device.type)
+        self.device = device if self.backend == "nccl" else torch.device("cpu")
+        self.rank = comm.rank
+        self._scratch: dict[tuple, torch.Tensor] = {}
+        # torch's own timeout stays out of the way of comm.timeout, which names the stuck rank first
+        limit = datetime.timedelta(seconds=3 * timeout + 600 if timeout else 30 * 86400)
+        host = "127.0.0.1" if one_host else socket.gethostbyname(socket.gethostname())
+        store = None
+        if comm.rank == ROOT:
+            store = dist.TCPStore(host, 0, comm.size, True, timeout=limit, wait_for_workers=False)
+        host, port = comm.bcast((host, store.port if store is not None else 0), root=ROOT)
+        if store is None:
+            store = dist.TCPStore(host, port, comm.size, False, timeout=limit)
+        options = dict(device_id=device) if self.backend == "nccl" else {}
+        dist.init_process_group(self.backend, store=store, rank=comm.rank, world_size=comm.size, timeout=limit,
+                                **options)
+        self._store = store
+        atexit.register(self.close)  # before mpi4py finalizes MPI (registered earlier, so run later)
+
+    @property
+    def name(self) -> str:
+        return f"nccl ({self.backend})"
+
+    def _kept(self, like: torch.Tensor, role: str) -> torch.Tensor:
+        key = (role, like.shape, like.dtype)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty(like.shape, dtype=like.dtype, device=self.device)
+        return self._scratch[key]
+
+    def broadcast(self, t: torch.Tensor) -> tuple[list, Callable[[], None]]:
+        moved = t if t.device == self.device else self._kept(t, "broadcast")
+        if moved is not t and self.rank == ROOT:
+            moved.copy_(t)
+        work = dist.broadcast(moved, ROOT, async_op=True)
+        return [work], (lambda: t.copy_(moved)) if moved is not t and self.rank != ROOT else _nothing
+
+    def reduce(self, t: torch.Tensor, everyone: bool) -> tuple[list, Callable[[], None]]:
+        keeps = everyone or self.rank == ROOT  # the sum lands in t
+        moved = t if (t.device == self.device and keeps) else self._kept(t, "reduce").copy_(t)
+        if everyone:
+            work = dist.all_reduce(moved, async_op=True)
+        else:
+            work = dist.reduce(moved, ROOT, async_op=True)
+        return [work], (lambda: t.copy_(moved)) if moved is not t and keeps else _nothing
+
+    def gather(self, t: torch.Tensor, rows: torch.Tensor | None) -> tuple[list, Callable[[], None]]:
+        """Every rank's equal-length `t` into root's (size, len) `rows`. A collective, not point to point:
+        gloo completes a send or receive only inside its blocking wait, which a timed wait cannot poll."""
+        moved = t.to(self.device)
+        into = None if rows is None else list((rows if rows.device == self.device else
+                                              torch.empty_like(rows, device=self.device)).unbind())
+        work = dist.gather(moved, into, dst=ROOT, async_op=True)
+        if into is None or rows.device == self.device:
+            return [work], _nothing
+        return [work], lambda: rows.copy_(torch.stack(into))
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _nothing() -> None:
+    pass
+
+
+def open_plane(wanted: str, comm: MPI.Intracomm, device: torch.device, timeout: float,
+               one_host: bool) -> tuple[TorchPlane | None, str, str]:
+    """(the torch plane or None for MPI's own, the plane's name, why it was chosen)."""
+    plane, why = choose_plane(wanted, comm, device)
+    if plane == "mpi-host":
+        return None, plane, why
+    torch_plane = TorchPlane(comm, device, timeout, one_host)
+    return torch_plane, torch_plane.name, why

@@ -1,0 +1,141 @@
+"""comm.data = "nccl" under real MPI, on gloo (this machine has no GPU): torch.distributed carries the model
+and the updates, MPI the control and the rows. With two clients every sum has a single order (the server
+adds zeros), so each run computes what the MPI path computes, bit for bit; and a rank stuck outside a
+gloo collective is named by rank 0's roll call as in an MPI one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import MPIRUN, ok, train
+from mpifed.dataplane import choose_plane
+from mpifed.errors import InputError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+from same_results import compare_runs  # noqa: E402
+
+pytestmark = pytest.mark.mpi
+
+POOLED = ["--set", "clients.count=6", "--set", "clients.per_round=4"]
+CASES = {  # codec none takes the direct path (the update reduced where it lies, with its tail)
+    "none": ["--set", 'scaling.method="teacher"', "--set", "scaling.small_batch=4", "--set", "scaling.per_layer=false",
+             "--set", "scaling.only_outside_critical=false", "--set", "checkpoint.every=3",  # squares in the tail
+             "--set", 'plan.mode="predict"',  # the start-up probes' rounds too
+             "--set", "debug.corrupt_rank=2", "--set", "debug.corrupt_round=4", "--set", 'debug.corrupt="nan"'],
+    "fp16": ["--set", 'compress.codec="fp16"'],  # 16-bit floats summed by gloo, as MPI's user op sums them
+    "powersgd": ["--set", 'compress.codec="powersgd"'],  # allreduces on every rank
+    "topk-pooled": ["--set", 'compress.codec="topk"', "--set", "compress.options={density = 0.05, "
+                    "error_feedback = true}", *POOLED],  # payloads point to point, residuals moving
+    "none-pooled": POOLED,
+}
+EXPECTED = ("run.h5 attrs['data_plane']", "run.h5 attrs['data_plane_reason']", "run.h5 attrs['job']['comm']['data']")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_gloo_data_plane_computes_what_mpi_computes(tmp_path, case):
+    runs = {plane: tmp_path / plane / "run" for plane in ("mpi-host", "nccl")}
+    for plane, run in runs.items():  # one run name, two folders: the job differs in comm.data alone
+        run.parent.mkdir()
+        ok(train(3, run.parent, "run", *CASES[case], "--set", f'comm.data="{plane}"', "--set", "comm.timeout=60"))
+    with h5py.File(runs["nccl"] / "run.h5") as f:
+        assert f.attrs["data_plane"] == "nccl (gloo)" and "comm.data" in f.attrs["data_plane_reason"]
+    with h5py.File(runs["mpi-host"] / "run.h5") as f:
+        assert f.attrs["data_plane"] == "mpi-host"
+    differences = compare_runs(runs["mpi-host"], runs["nccl"])
+    assert [d for d in differences if not d.startswith(EXPECTED)] == []
+    assert len(differences) == 3, differences  # the choice itself is logged
+    a, b = (torch.load(run / "model.pt", weights_only=True) for run in runs.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if case == "none":
+        with h5py.File(runs["nccl"] / "run.h5") as f:  # a NaN in the sum: the step skipped, as on MPI
+            norms = f["server/grad_norm"][:]
+            assert not np.isfinite(norms[4]) and np.isfinite(np.delete(norms, 4)).all()
+        _table_of_compute_against_exchange(runs)
+
+
+def _table_of_compute_against_exchange(runs):
+    """analysis/data_planes.py on the two runs: a row per plane, its ratios those of the logs' medians."""
+    script = Path(__file__).resolve().parents[1] / "analysis" / "data_planes.py"
+    proc = subprocess.run([sys.executable, str(script), *map(str, runs.values()), "--allreduce", "0.001"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.strip("| ").split(" | ") for line in proc.stdout.splitlines()[2:]]
+    assert [row[1] for row in rows] == ["mpi-host", "nccl (gloo)"]
+    for row, run in zip(rows, runs.values()):
+        with h5py.File(run / "run.h5") as f:
+            steady = [r for r in range(3, 6) if r + 1 not in f["eval/round"][:]]  # rounds 4 and 5
+            compute = np.median(f["iter/t_compute"][steady, 1:].max(axis=1))
+            rnd = np.median(f["iter/t_iter"][steady, 0])
+        assert row[3] == str(len(steady))
+        assert row[-2] == f"{rnd / compute:.2f}x" and row[-1] == f"{rnd / (compute + 0.001):.2f}x"
+
+
+_STUCK = """
+import time
+import numpy as np
+import torch
+from mpi4py import MPI
+from mpifed.dataplane import TorchPlane
+from mpifed.exchange import Exchange, RankTimeout
+comm = MPI.COMM_WORLD
+exchange = Exchange(comm, polite=True, timeout=2.0, data=TorchPlane(comm, torch.device("cpu"), 2.0, True))
+model, start = torch.zeros(1000), time.monotonic()
+try:
+    for step in range(5):
+        exchange.broadcast_tensor(model)
+        if step == 2 and comm.rank == 2:
+            time.sleep(30)
+        exchange.reduce_tensor(model)
+    print(f"rank {comm.rank} done", flush=True)
+except RankTimeout as err:
+    print(f"rank {comm.rank} timeout after {time.monotonic() - start:.1f} s: {err}", flush=True)
+    comm.Abort(1)
+"""
+
+
+def test_a_rank_stuck_outside_a_gloo_collective_is_named(tmp_path):
+    if MPIRUN is None:
+        pytest.skip("mpirun not found; install the MPICH wheel: pip install -e '.[mpich]'")
+    proc = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-c", _STUCK], cwd=tmp_path, timeout=120,
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    timeouts = [line for line in proc.stdout.splitlines() if " timeout after " in line]
+    assert len(timeouts) == 1 and timeouts[0].startswith("rank 0 "), proc.stdout + proc.stderr
+    assert "Roll call: rank 2 (client 1) did not answer within 2 s: busy outside MPI" in timeouts[0]
+    assert float(timeouts[0].split(" timeout after ")[1].split(" s")[0]) < 20  # not gloo's own timeout
+
+
+class _Devices:
+    """A communicator stand-in whose ranks compute on `devices`."""
+
+    def __init__(self, *devices):
+        self.devices = list(devices)
+
+    def allgather(self, mine):
+        return self.devices
+
+
+def test_the_choice_is_checked_against_every_ranks_device(monkeypatch):
+    cpu = torch.device("cpu")
+    assert choose_plane("auto", _Devices("cpu", "cpu", "cpu"), cpu)[0] == "mpi-host"
+    assert choose_plane("nccl", _Devices("cpu", "cpu"), cpu) == ("nccl", 'comm.data = "nccl" (gloo for cpu tensors)')
+    assert choose_plane("mpi-host", _Devices("cuda", "cuda"), cpu)[0] == "mpi-host"
+    monkeypatch.setattr("torch.distributed.is_nccl_available", lambda: True)
+    plane, why = choose_plane("auto", _Devices("cuda", "cuda"), cpu)
+    assert plane == "nccl" and "every rank on CUDA" in why
+    assert choose_plane("auto", _Devices("cpu", "cuda"), cpu)[0] == "mpi-host"  # a CPU server: MPI
+    with pytest.raises(InputError, match=r'needs every rank on the same kind of device, but rank 0 on cpu, '
+                                         r'rank 1 on cuda.*comm.data = "mpi-host"'):
+        choose_plane("nccl", _Devices("cpu", "cuda"), cpu)
+    monkeypatch.setattr("torch.distributed.is_nccl_available", lambda: False)
+    assert choose_plane("auto", _Devices("cuda", "cuda"), cpu)[0] == "mpi-host"
+    with pytest.raises(InputError, match="this torch has no NCCL"):
+        choose_plane("nccl", _Devices("cuda", "cuda"), cpu)
