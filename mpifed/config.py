@@ -114,10 +114,12 @@ class CommConfig:
                          minimum=0.0)
     data: str = opt("auto", "Which engine moves the round's large buffers (the model broadcast, the update reduce, "
                     "gathered payloads); MPI always carries the control. mpi-host: MPI on host memory (CUDA "
-                    "tensors staged through host buffers); nccl: torch.distributed started from the MPI world, "
-                    "NCCL for CUDA tensors and gloo on CPU; auto: nccl when every rank computes on CUDA and "
-                    "torch has NCCL, else mpi-host. The choice and why are run.h5 attrs data_plane and "
-                    "data_plane_reason.", choices=("auto", "mpi-host", "nccl"))
+                    "tensors staged through pinned host buffers); mpi-device: MPI handed the CUDA tensors, where "
+                    "the MPI library is CUDA-aware (MPIX_Query_cuda_support); nccl: torch.distributed started "
+                    "from the MPI world, NCCL for CUDA tensors and gloo on CPU; auto: on CUDA, nccl where torch "
+                    "has NCCL, else mpi-device where MPI is CUDA-aware, else mpi-host. The choice and why are "
+                    "run.h5 attrs data_plane and data_plane_reason.",
+                    choices=("auto", "mpi-host", "mpi-device", "nccl"))
 
 
 @dataclass(frozen=True)

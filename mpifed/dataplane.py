@@ -4,13 +4,15 @@ MPI always carries the control: the job, the placement, the batches, the rows of
 flag and the roll call. The data plane carries what grows with the model: the model's broadcast,
 the update's reduce (and a multi-phase codec's allreduces) and the gathered payloads.
 
-  mpi-host  MPI on host memory: a CPU tensor's own memory, a CUDA tensor staged through a host
-            buffer kept per tensor (mpifed.exchange).
+  mpi-host  MPI on host memory: a CPU tensor's own memory, a CUDA tensor staged through a pinned
+            host buffer kept per tensor (mpifed.exchange).
+  mpi-device  MPI handed the CUDA tensors themselves, where the MPI library says it is CUDA-aware
+            (MPIX_Query_cuda_support, which Open MPI and MPICH export; never guessed).
   nccl      torch.distributed's process group, started from the MPI world: rank 0 opens a TCPStore
             on a free port and broadcasts its address over MPI, so no launcher or environment
             variable is needed. NCCL moves CUDA tensors device to device; on CPU the same code path
             runs with gloo (which is how it is tested without a GPU).
-  auto      nccl where every rank computes on CUDA and torch has NCCL, else mpi-host.
+  auto      on CUDA: nccl where torch has NCCL, else mpi-device where MPI is CUDA-aware; else mpi-host.
 
 Its work handles are waited on by the exchange like MPI's requests (polite, timed, answering rank
 0's roll call), so a stuck collective of either engine ends the job with the stuck rank named.
@@ -19,8 +21,10 @@ Its work handles are waited on by the exchange like MPI's requests (polite, time
 from __future__ import annotations
 
 import atexit
+import ctypes
 import datetime
 import socket
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -30,16 +34,47 @@ from mpi4py import MPI
 from mpifed.errors import InputError
 
 ROOT = 0
-PLANES = ("auto", "mpi-host", "nccl")
+PLANES = ("auto", "mpi-host", "mpi-device", "nccl")
+
+
+def mpi_cuda_aware() -> tuple[bool, str]:
+    """Whether this process's MPI library says it moves CUDA memory, and how that is known: its own
+    MPIX_Query_cuda_support(), looked up in the libmpi this process loaded. No answer is a no."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if Path(line.split()[-1]).name.startswith("libmpi")})
+    except OSError:
+        return False, "the loaded MPI library could not be found (no /proc/self/maps)"
+    for path in paths:
+        query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+        if query is not None:
+            query.restype = ctypes.c_int
+            aware = bool(query())
+            return aware, f"MPIX_Query_cuda_support() = {int(aware)} in {Path(path).name}"
+    return False, f"no MPIX_Query_cuda_support in {', '.join(paths) or 'any loaded libmpi'}"
 
 
 def choose_plane(wanted: str, comm: MPI.Intracomm, device: torch.device) -> tuple[str, str]:
     """(plane, why), the same on every rank: the job's choice, or auto's, checked against every rank's
-    device (a start-up collective)."""
-    devices = comm.allgather(device.type)
+    device and MPI (a start-up collective)."""
+    aware, how = mpi_cuda_aware() if device.type == "cuda" else (False, "CPU tensors")
+    ranks = comm.allgather((device.type, aware, how))
+    devices = [d for d, _, _ in ranks]
     if wanted == "mpi-host":
         return "mpi-host", "comm.data = \"mpi-host\""
     same = len(set(devices)) == 1
+    if wanted == "mpi-device":
+        if devices != ["cuda"] * len(devices):
+            cpu = ", ".join(str(r) for r, d in enumerate(devices) if d != "cuda")
+            raise InputError(f"comm.data = \"mpi-device\" hands CUDA tensors to MPI, but rank(s) {cpu} compute on "
+                             f"the CPU: set run.device = \"cuda\" on GPU nodes, or comm.data = \"mpi-host\" (CPU "
+                             f"tensors already travel in their own memory)")
+        unaware = [f"rank {r} ({h})" for r, (_, a, h) in enumerate(ranks) if not a]
+        if unaware:
+            raise InputError(f"comm.data = \"mpi-device\" but this MPI is not CUDA-aware on {', '.join(unaware[:3])}: "
+                             f"set comm.data = \"nccl\" or \"mpi-host\", or use an MPI built with CUDA (Open MPI "
+                             f"with CUDA or UCX, MVAPICH2-GDR)")
+        return "mpi-device", f"comm.data = \"mpi-device\" ({ranks[0][2]})"
     if wanted == "nccl":
         if not same:
             ranks = ", ".join(f"rank {r} on {d}" for r, d in enumerate(devices))
@@ -51,6 +86,8 @@ def choose_plane(wanted: str, comm: MPI.Intracomm, device: torch.device) -> tupl
         return "nccl", f"comm.data = \"nccl\" ({backend_for(devices[0])} for {devices[0]} tensors)"
     if same and devices[0] == "cuda" and dist.is_nccl_available():
         return "nccl", "auto: every rank on CUDA and torch has NCCL (device buffers move without host staging)"
+    if same and devices[0] == "cuda" and all(a for _, a, _ in ranks):
+        return "mpi-device", f"auto: every rank on CUDA, no NCCL in torch, and MPI is CUDA-aware ({ranks[0][2]})"
     if devices[0] == "cuda" or not same:
         return "mpi-host", "auto: not every rank on CUDA, or no NCCL in this torch: MPI through host buffers"
     return "mpi-host", "auto: CPU tensors, which MPI moves in place (mpifed bench exchange times gloo beside it)"
@@ -65,6 +102,8 @@ class TorchPlane:
     finish step to run once they completed): a host tensor handed to NCCL is staged through a device
     buffer kept per shape, and a reduce works on a copy off the root (gloo overwrites a non-root's input
     with partial sums, where MPI leaves it as it was)."""
+
+    carries_host = True  # host buffers (encoded payloads, the tail) go through torch.distributed too
 
     def __init__(self, comm: MPI.Intracomm, device: torch.device, timeout: float, one_host: bool):
         self.backend = backend_for(device.type)
@@ -128,15 +167,45 @@ class TorchPlane:
             dist.destroy_process_group()
 
 
+class MpiDevicePlane:
+    """MPI handed tensors themselves (mpi4py reads their DLPack): with a CUDA-aware MPI, device memory
+    moves without host staging. The calls of TorchPlane, returning MPI requests; host buffers (encoded
+    payloads) stay on the exchange's own MPI path. Large tensors travel in pieces, as host buffers do."""
+
+    name = "mpi-device"
+    carries_host = False
+
+    def __init__(self, comm: MPI.Intracomm, chunk_bytes: int):
+        self.comm, self.chunk_bytes = comm, max(1, int(chunk_bytes))
+
+    def _pieces(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if t.is_cuda:  # MPI reads the memory now: the kernels that write it must have finished
+            torch.cuda.current_stream(t.device).synchronize()
+        return list(t.split(max(1, self.chunk_bytes // t.element_size()))) if t.numel() else [t]
+
+    def broadcast(self, t: torch.Tensor) -> tuple[list, Callable[[], None]]:
+        return [self.comm.Ibcast(piece, root=ROOT) for piece in self._pieces(t)], _nothing
+
+    def reduce(self, t: torch.Tensor, everyone: bool) -> tuple[list, Callable[[], None]]:
+        pieces = self._pieces(t)
+        if everyone:
+            return [self.comm.Iallreduce(MPI.IN_PLACE, p, op=MPI.SUM) for p in pieces], _nothing
+        if self.comm.rank == ROOT:
+            return [self.comm.Ireduce(MPI.IN_PLACE, p, op=MPI.SUM, root=ROOT) for p in pieces], _nothing
+        return [self.comm.Ireduce(p, None, op=MPI.SUM, root=ROOT) for p in pieces], _nothing
+
+
 def _nothing() -> None:
     pass
 
 
-def open_plane(wanted: str, comm: MPI.Intracomm, device: torch.device, timeout: float,
-               one_host: bool) -> tuple[TorchPlane | None, str, str]:
-    """(the torch plane or None for MPI's own, the plane's name, why it was chosen)."""
+def open_plane(wanted: str, comm: MPI.Intracomm, device: torch.device, timeout: float, one_host: bool,
+               chunk_bytes: int) -> tuple[TorchPlane | MpiDevicePlane | None, str, str]:
+    """(the plane, None for MPI's host path; the plane's name; why it was chosen)."""
     plane, why = choose_plane(wanted, comm, device)
     if plane == "mpi-host":
         return None, plane, why
+    if plane == "mpi-device":
+        return MpiDevicePlane(comm, chunk_bytes), plane, why
     torch_plane = TorchPlane(comm, device, timeout, one_host)
     return torch_plane, torch_plane.name, why

@@ -82,10 +82,10 @@ def open_session(world: World, job: Job) -> Session:
     placement = Placement.of_job(len(names), world.size, job.clients.per_round)
     device = pick_device(world, job.run.device)
     polite = job.comm.wait == "sleep" or (job.comm.wait == "auto" and world.oversubscribed)
+    chunk = int(job.comm.chunk_mib * 2**20)
     plane, plane_name, plane_reason = open_plane(job.comm.data, world.comm, device, job.comm.timeout,
-                                                 one_host=world.local_size == world.size)
-    exchange = Exchange(world.comm, polite, int(job.comm.chunk_mib * 2**20), timeout=job.comm.timeout,
-                        placement=placement, data=plane)
+                                                 world.local_size == world.size, chunk)
+    exchange = Exchange(world.comm, polite, chunk, timeout=job.comm.timeout, placement=placement, data=plane)
     exchange.data_plane = (plane_name, plane_reason)
     dataset = _load_data(world, job, exchange)
     with forked_torch_rng(job.run.seed, Purpose.INIT):  # same init on every rank, global RNG untouched

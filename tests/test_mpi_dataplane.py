@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import MPIRUN, ok, train
-from mpifed.dataplane import choose_plane
+from mpifed.dataplane import choose_plane, mpi_cuda_aware
 from mpifed.errors import InputError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
@@ -114,28 +114,74 @@ def test_a_rank_stuck_outside_a_gloo_collective_is_named(tmp_path):
 
 
 class _Devices:
-    """A communicator stand-in whose ranks compute on `devices`."""
+    """A communicator stand-in whose ranks compute on `devices` (their MPI CUDA-aware or not)."""
 
-    def __init__(self, *devices):
-        self.devices = list(devices)
+    def __init__(self, *devices, aware=False):
+        self.ranks = [(d, aware and d == "cuda", "MPIX_Query_cuda_support() = %d in libmpi.so" % aware)
+                      for d in devices]
 
     def allgather(self, mine):
-        return self.devices
+        return self.ranks
 
 
-def test_the_choice_is_checked_against_every_ranks_device(monkeypatch):
+def test_the_choice_is_checked_against_every_ranks_device_and_mpi(monkeypatch):
     cpu = torch.device("cpu")
     assert choose_plane("auto", _Devices("cpu", "cpu", "cpu"), cpu)[0] == "mpi-host"
     assert choose_plane("nccl", _Devices("cpu", "cpu"), cpu) == ("nccl", 'comm.data = "nccl" (gloo for cpu tensors)')
     assert choose_plane("mpi-host", _Devices("cuda", "cuda"), cpu)[0] == "mpi-host"
     monkeypatch.setattr("torch.distributed.is_nccl_available", lambda: True)
-    plane, why = choose_plane("auto", _Devices("cuda", "cuda"), cpu)
-    assert plane == "nccl" and "every rank on CUDA" in why
+    plane, why = choose_plane("auto", _Devices("cuda", "cuda", aware=True), cpu)
+    assert plane == "nccl" and "every rank on CUDA" in why  # NCCL first
     assert choose_plane("auto", _Devices("cpu", "cuda"), cpu)[0] == "mpi-host"  # a CPU server: MPI
     with pytest.raises(InputError, match=r'needs every rank on the same kind of device, but rank 0 on cpu, '
                                          r'rank 1 on cuda.*comm.data = "mpi-host"'):
         choose_plane("nccl", _Devices("cpu", "cuda"), cpu)
     monkeypatch.setattr("torch.distributed.is_nccl_available", lambda: False)
     assert choose_plane("auto", _Devices("cuda", "cuda"), cpu)[0] == "mpi-host"
+    plane, why = choose_plane("auto", _Devices("cuda", "cuda", aware=True), cpu)
+    assert plane == "mpi-device" and "MPIX_Query_cuda_support() = 1" in why
     with pytest.raises(InputError, match="this torch has no NCCL"):
         choose_plane("nccl", _Devices("cuda", "cuda"), cpu)
+    assert choose_plane("mpi-device", _Devices("cuda", "cuda", aware=True), cpu)[0] == "mpi-device"
+    with pytest.raises(InputError, match=r'not CUDA-aware on rank 0 \(MPIX_Query_cuda_support\(\) = 0.*"nccl"'):
+        choose_plane("mpi-device", _Devices("cuda", "cuda"), cpu)
+    with pytest.raises(InputError, match=r"rank\(s\) 0 compute on the CPU"):
+        choose_plane("mpi-device", _Devices("cpu", "cuda", aware=True), cpu)
+
+
+def test_this_machines_mpi_says_it_is_not_cuda_aware():
+    """PyPI's MPICH wheel answers MPIX_Query_cuda_support() with 0: asked, not guessed."""
+    aware, how = mpi_cuda_aware()
+    assert not aware and how.startswith("MPIX_Query_cuda_support() = 0 in libmpi"), how
+
+
+_DEVICE_PLANE = """
+import numpy as np
+import torch
+from mpi4py import MPI
+from mpifed.dataplane import MpiDevicePlane
+from mpifed.exchange import Exchange
+comm = MPI.COMM_WORLD
+exchange = Exchange(comm, polite=True, timeout=30.0, data=MpiDevicePlane(comm, chunk_bytes=256))
+model = torch.arange(1000, dtype=torch.float32) if comm.rank == 0 else torch.zeros(1000)
+exchange.broadcast_tensor(model)  # tensors handed to MPI themselves, in pieces of 64 floats
+update = torch.full((1000,), float(comm.rank))
+exchange.reduce_tensor(update)
+payloads = exchange.gather_bytes(np.full(comm.rank, comm.rank, dtype=np.uint8))  # host bytes: MPI's own path
+if comm.rank == 0:
+    print("sum", update[:3].tolist(), "payloads", [p.tolist() for p in payloads])
+print(f"rank {comm.rank} model ok {torch.equal(model, torch.arange(1000.0))} update {update[0].item()}")
+"""
+
+
+def test_the_mpi_device_plane_hands_tensors_to_mpi_in_pieces(tmp_path):
+    """On CPU tensors here (the MPI is not CUDA-aware): the same calls a CUDA-aware MPI gets on a GPU."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not found; install the MPICH wheel: pip install -e '.[mpich]'")
+    proc = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-c", _DEVICE_PLANE], cwd=tmp_path, timeout=120,
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = sorted(proc.stdout.splitlines())
+    assert lines[0] == "rank 0 model ok True update 3.0"  # 0 + 1 + 2 into the root
+    assert lines[1:3] == ["rank 1 model ok True update 1.0", "rank 2 model ok True update 2.0"]  # left alone
+    assert lines[3] == "sum [3.0, 3.0, 3.0] payloads [[], [1], [2, 2]]"

@@ -32,3 +32,8 @@ def test_a_device_tensor_is_staged_through_one_kept_buffer():
     ex.to_device(t)
     assert t.cpu().tolist() == [7.0] * 6
     assert ex.host(t) is host  # the same buffer every round: no allocation per round
+    assert torch.from_numpy(host).is_pinned()  # page-locked: the copies are DMA
+    host[:] = 3.0
+    ex.to_device(t)  # queued on the stream, not waited for
+    ex.host(t)[:] = 5.0  # handing the buffer out again waits for that copy first
+    assert t.cpu().tolist() == [3.0] * 6
