@@ -128,10 +128,12 @@ class RoundProtocol:
 
     @property
     def direct(self) -> bool:
-        """Codec none on a torch data plane: the update and its tail reduce where they lie (on the GPU with
-        NCCL), in one collective, with no host staging and no encoding."""
+        """A codec that encodes on the device (none, fp16, bf16; no error feedback) on a torch or device
+        data plane: the update is encoded, reduced and decoded where it lies (on the GPU with NCCL), never
+        staged through host memory. Codec none's payload is the update itself: it and its tail go in one
+        reduce; a 16-bit payload goes in its own, then the tail."""
         codec = self.channel.codec
-        return self.exchange.data is not None and self.channel.lossless and not codec.error_feedback
+        return self.exchange.data is not None and codec.summable and codec.on_device and not codec.error_feedback
 
     @property
     def up_collective(self) -> str:
@@ -207,19 +209,34 @@ class RoundProtocol:
         return Sent(float(np.sqrt(layer_sq.sum())) / weight, self.channel.comm_seconds + time.perf_counter() - t0)
 
     def _send_direct(self, update: torch.Tensor, weight: float, corrupt: str) -> Sent:
-        """`send_update` on the device (`direct`): the same tail, computed there, and one reduce."""
-        lay = self.layout
-        layer_sq = torch.stack(torch._foreach_norm(self.model.param_view(update))).double().square()
-        if corrupt == "nan":  # as the host path: the norms are the clean update's, the payload is not
+        """`send_update` on the device (`direct`): the host path's payload and tail, computed there."""
+        lay, codec, lossless = self.layout, self.channel.codec, self.channel.lossless
+        if lossless:  # as the host path: a lossless codec's norms are the clean update's
+            layer_sq = torch.stack(torch._foreach_norm(self.model.param_view(update))).double().square()
+        if corrupt == "nan":
             update[0] = float("nan")
+        payload = codec.encode_tensor(update[: lay.n])
+        sent = codec.decode_tensor(payload)  # what the server will decode of it
+        if not lossless:
+            layer_sq = torch.stack(torch._foreach_norm(self.model.param_view(sent))).double().square()
         if lay.route == "reduce":
             squares = update[lay.coordinate_sq]
-            torch.square(update[: lay.n], out=squares)
+            torch.square(sent, out=squares)
             squares.div_(torch.tensor(weight, dtype=squares.dtype, device=squares.device))
         update[lay.layer_sq] = (layer_sq / weight).to(update.dtype)
         t0 = time.perf_counter()
-        self.exchange.reduce_tensor(update[: lay.update_size])
+        self._reduce_payload_and_tail(update, payload)
         return Sent(float(np.sqrt(layer_sq.cpu().numpy().sum())) / weight, time.perf_counter() - t0)
+
+    def _reduce_payload_and_tail(self, vector: torch.Tensor, payload: torch.Tensor) -> None:
+        """The direct path's collectives, the same on every rank: codec none's payload is `vector`'s own
+        first n values, so one reduce carries it and the tail; another payload goes first, then the tail."""
+        lay, ex = self.layout, self.exchange
+        if self.channel.lossless:
+            ex.reduce_tensor(vector[: lay.update_size])
+        else:
+            ex.reduce_tensor(payload)
+            ex.reduce_tensor(vector[lay.tail])
 
     # 3. update, a pooled worker's side: add_client per client trained, then send_sum once -----------
     def add_client(self, rnd: int, update: torch.Tensor, weight: float, total: torch.Tensor, client: int,
@@ -254,8 +271,9 @@ class RoundProtocol:
         with no client this round sends zeros and no payload. Returns the seconds spent in collectives."""
         lay, ex = self.layout, self.exchange
         if self.direct:
+            payload = self.channel.codec.encode_tensor(total[: lay.n])
             t0 = time.perf_counter()
-            ex.reduce_tensor(total[: lay.update_size])
+            self._reduce_payload_and_tail(total, payload)
             return time.perf_counter() - t0
         host = ex.to_host(total)
         if self.channel.codec.summable:
@@ -289,16 +307,19 @@ class RoundProtocol:
         return received, seconds
 
     def _receive_direct(self, rnd: int, aggregate: torch.Tensor) -> tuple[Received, float]:
-        """`receive_update` on the device (`direct`): the server adds zeros; a non-finite sum is refused
-        as the MPI path refuses it (codec none's check)."""
-        lay = self.layout
+        """`receive_update` on the device (`direct`): the server adds zeros (its encoding of zeros); a
+        non-finite sum is refused as the host path refuses it (the codec's own check)."""
+        lay, codec = self.layout, self.channel.codec
         aggregate[: lay.update_size].zero_()
+        total = codec.encode_tensor(aggregate[: lay.n])
         t0 = time.perf_counter()
-        self.exchange.reduce_tensor(aggregate[: lay.update_size])
+        self._reduce_payload_and_tail(aggregate, total)
         seconds = time.perf_counter() - t0
+        if not self.channel.lossless:
+            aggregate[: lay.n] = codec.decode_tensor(total)
         if not bool(torch.isfinite(aggregate[: lay.n]).all()):
             try:
-                self.channel.codec.validate(aggregate[: lay.n].cpu().numpy(), lay.n, None)
+                codec.validate(codec.payload_array(total), lay.n, None)
             except PayloadError as err:
                 return Received(False, [], [f"round {rnd}: the summed update is not usable ({err}); a summable "
                                             f"codec cannot say which client sent it: step skipped"]), seconds

@@ -578,6 +578,15 @@ def test_bench_compress_runs_and_reports_checked_bytes():
                                            "--repeats", "1"])
     assert result.exit_code == 0, result.output
     assert "sign" in result.output and "30.1x" in result.output
+    rows = run_bench(["cnn"], ["fp16", "topk"], batch=2, classes=10, steps=1, repeats=1, device=torch.device("cpu"))
+    assert [r.where for r in rows] == ["cpu", "host"]  # fp16 as a tensor on the device, top-k in host memory
+    assert rows[0].nbytes == 2 * rows[0].n and 0 < rows[0].rel_error < 1e-3
+    result = CliRunner().invoke(compress, ["--model", "cnn", "--codec", "bf16", "--batch", "2", "--steps", "1",
+                                           "--repeats", "1", "--device", "cpu"])
+    assert result.exit_code == 0 and "bf16" in result.output, result.output
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(compress, ["--model", "cnn", "--device", "cuda"])
+        assert result.exit_code != 0 and "no CUDA device is visible here" in result.output
 
 
 def test_compare_round_times_takes_medians_against_dense():
@@ -604,3 +613,17 @@ def test_topk_fast_selection_equals_a_full_sort_on_large_vectors(density):
     assert np.array_equal(np.sort(mag[chosen]), np.sort(mag)[n - k:])
     mag[7] = np.nan  # a non-finite update takes the full path, which keeps the NaN (the server rejects it)
     assert 7 in top_indices(mag, k)
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "bf16"])
+def test_codecs_that_run_on_the_device_encode_what_the_host_path_encodes(name):
+    """encode_tensor / decode_tensor (the direct path on a data plane) give the host path's payload bits
+    and decoded values, and the payload array its codec validates."""
+    codec = make_codec(name)
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32) * 100
+    ctx = RoundContext(0, 0, 1)
+    payload = codec.encode_tensor(torch.from_numpy(x))
+    assert codec.on_device and np.array_equal(codec.payload_array(payload), codec.encode(x, ctx))
+    assert np.array_equal(codec.decode_tensor(payload).numpy(), codec.decode(codec.encode(x, ctx), x.size, ctx))
+    codec.validate(codec.payload_array(payload), x.size, ctx)
+    assert not make_codec("topk").on_device

@@ -145,6 +145,10 @@ JOBS = {
     "torch data plane, direct": ["comm.data=nccl", "scaling.method=step+teacher", "scaling.per_layer=false",
                                  "scaling.small_batch=8", "checkpoint.every=2"],
     "torch data plane, pooled": ["comm.data=nccl", "clients.count=5", "clients.per_round=3"],
+    "torch data plane, fp16 on the device": ["comm.data=nccl", "compress.codec=fp16", "scaling.method=teacher",
+                                             "scaling.per_layer=false", "scaling.small_batch=8"],
+    "torch data plane, pooled bf16": ["comm.data=nccl", "compress.codec=bf16", "clients.count=5",
+                                      "clients.per_round=3"],
     "pooled": ["clients.count=5", "clients.per_round=3"],
     "pooled, topk, checkpoints": ["clients.count=5", "clients.per_round=3", "compress.codec=topk",
                                   "compress.options={error_feedback = false}", "checkpoint.every=2"],
@@ -162,7 +166,7 @@ def test_training_rounds_agree(overrides, tmp_path):
     assert first_difference(server, client) == ""
     on_torch = "comm.data=nccl" in overrides
     assert ("broadcast", "<f4", _session(0, overrides).model.size, on_torch) in server  # the model went out
-    assert any(call[1:2] == ("tensor",) for call in server) == on_torch  # codec none: the update where it lies
+    assert any(call[1:2] == ("tensor",) for call in server) == on_torch  # the update where it lies
 
 
 def test_resumed_rounds_agree(tmp_path):

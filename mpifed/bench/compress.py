@@ -8,6 +8,11 @@ forward/backward step. Run:
 
     mpifed bench compress                       # all codecs, resnet18 + resnet50
     mpifed bench compress --model resnet18 --codec topk --codec qsgd
+    mpifed bench compress --device cuda         # the step on the GPU; none, fp16, bf16 encode there
+
+With `--device`, the step runs there and the codecs that encode on the device (`on_device`: what a
+torch or device data plane runs) are timed there, their payload a tensor; the others in host memory,
+as a round runs them (column "where").
 
 Round time against dense at n ranks needs MPI: `mpifed bench rounds` measures it.
 """
@@ -44,31 +49,64 @@ class CodecRow:
     t_encode: float  # seconds, best of the repeats
     t_decode: float  # seconds, best of the repeats (PowerSGD: 0, its decode is inside the phases timed as encode)
     t_step: float  # seconds, best forward/backward step of the model at the benchmark batch
+    where: str = "host"  # where the codec encoded and decoded: "host", or the torch device
 
     @property
     def step_fraction(self) -> float:
         return (self.t_encode + self.t_decode) / self.t_step
 
 
-def gradient_and_step_time(model_name: str, batch: int, classes: int, steps: int, seed: int = 0
+def _synced(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued kernels (a no-op on the CPU), so a time covers the work itself."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def gradient_and_step_time(model_name: str, batch: int, classes: int, steps: int, seed: int = 0,
+                           device: torch.device = torch.device("cpu")
                            ) -> tuple[list[tuple[str, tuple[int, ...]]], np.ndarray, float]:
-    """(layer shapes, a real gradient as the flat float32 update, best forward/backward seconds)."""
+    """(layer shapes, a real gradient as the flat float32 update, best forward/backward seconds on
+    `device`)."""
     gen = torch.Generator().manual_seed(seed)
-    model = build_model(model_name, classes)
+    model = build_model(model_name, classes).to(device)
     model.train()
-    inputs = torch.randn(batch, 3, 32, 32, generator=gen)
-    labels = torch.randint(0, classes, (batch,), generator=gen)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    inputs = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+    labels = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    loss_fn, sync = torch.nn.CrossEntropyLoss(), _synced(device)
     times = []
     for i in range(steps + 1):  # the first step warms up allocators and kernels; not counted
         model.zero_grad(set_to_none=True)
+        sync()
         start = time.perf_counter()
         loss_fn(model(inputs), labels).backward()
+        sync()
         if i:
             times.append(time.perf_counter() - start)
     layers = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).cpu().numpy()
     return layers, grad, min(times)
+
+
+def measure_on_device(codec: Codec, x: np.ndarray, repeats: int, device: torch.device
+                      ) -> tuple[int, float, float, float]:
+    """`measure_codec` for a codec that encodes on the device: the update a tensor there, each time
+    waited for until the device finished."""
+    xt, sync = torch.from_numpy(x).to(device), _synced(device)
+
+    def timed(fn):
+        def run():
+            out = fn()
+            sync()
+            return out
+        return _best_time(run, repeats)
+
+    t_enc, payload = timed(lambda: codec.encode_tensor(xt).clone())  # clone: codec none's payload is x itself
+    t_dec, decoded = timed(lambda: codec.decode_tensor(payload))
+    sent = payload.numel() * payload.element_size()
+    if sent != codec.payload_nbytes(x.size):
+        raise RuntimeError(f"{codec.name}: payload_nbytes says {codec.payload_nbytes(x.size)} bytes, "
+                           f"the payload has {sent}")
+    rel = float(torch.linalg.vector_norm(decoded.float() - xt) / max(float(torch.linalg.vector_norm(xt)), 1e-30))
+    return sent, rel, t_enc, t_dec
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -115,15 +153,21 @@ def measure_codec(codec: Codec, x: np.ndarray, repeats: int) -> tuple[int, float
 
 
 def run_bench(models: Sequence[str], codecs: Sequence[str], batch: int, classes: int, steps: int,
-              repeats: int) -> list[CodecRow]:
+              repeats: int, device: torch.device | None = None) -> list[CodecRow]:
+    """Rows per model and codec; with `device`, the step there and the on-device codecs timed there."""
     rows = []
     for model_name in models:
-        layers, grad, t_step = gradient_and_step_time(model_name, batch, classes, steps)
+        layers, grad, t_step = gradient_and_step_time(model_name, batch, classes, steps,
+                                                      device=device or torch.device("cpu"))
         for name in codecs:
             codec = make_codec(name, layers=layers, **BENCH_OPTIONS.get(name, {}))
-            nbytes, rel, t_enc, t_dec = measure_codec(codec, grad, repeats)
+            there = device is not None and codec.on_device and not codec.error_feedback
+            if there:
+                nbytes, rel, t_enc, t_dec = measure_on_device(codec, grad, repeats, device)
+            else:
+                nbytes, rel, t_enc, t_dec = measure_codec(codec, grad, repeats)
             rows.append(CodecRow(model_name, name, grad.size, nbytes, 4 * grad.size / nbytes, rel,
-                                 t_enc, t_dec, t_step))
+                                 t_enc, t_dec, t_step, str(device) if there else "host"))
     return rows
 
 
@@ -132,10 +176,10 @@ def render(rows: Sequence[CodecRow], console: Console) -> None:
         mine = [r for r in rows if r.model == model_name]
         table = Table(title=f"{model_name}: n = {mine[0].n:,} parameters, one forward/backward step "
                             f"= {mine[0].t_step * 1e3:.0f} ms ({torch.get_num_threads()} threads)")
-        for col in ("codec", "bytes/client", "vs fp32", "rel err", "enc ms", "dec ms", "% of step"):
-            table.add_column(col, justify="left" if col == "codec" else "right")
+        for col in ("codec", "where", "bytes/client", "vs fp32", "rel err", "enc ms", "dec ms", "% of step"):
+            table.add_column(col, justify="left" if col in ("codec", "where") else "right")
         for r in mine:
-            table.add_row(r.codec, format_bytes(r.nbytes), f"{r.dense_ratio:.1f}x", f"{r.rel_error:.3f}",
+            table.add_row(r.codec, r.where, format_bytes(r.nbytes), f"{r.dense_ratio:.1f}x", f"{r.rel_error:.3f}",
                           f"{r.t_encode * 1e3:.1f}", "-" if r.codec == "powersgd" else f"{r.t_decode * 1e3:.1f}",
                           f"{100 * r.step_fraction:.1f}%")
         console.print(table)
@@ -157,8 +201,18 @@ def render(rows: Sequence[CodecRow], console: Console) -> None:
               help="Timed training steps per model (after one warm-up step); the fastest is used.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed encodes and decodes per codec; the fastest is used.")
+@click.option("--device", default=None, help="Torch device (cuda, cuda:1, cpu) for the step and for the codecs "
+              "that encode on the device (none, fp16, bf16); default: all on the host.")
 def compress(models: tuple[str, ...], codecs: tuple[str, ...], batch: int, classes: int, steps: int,
-             repeats: int) -> None:
+             repeats: int, device: str | None) -> None:
     """Bytes per round against dense fp32, and encode+decode time against one training step."""
-    rows = run_bench(models, codecs or codec_names(), batch, classes, steps, repeats)
+    where = None
+    if device is not None:
+        try:
+            where = torch.device(device)
+        except RuntimeError as err:
+            raise click.BadParameter(f"{device!r} is not a torch device ({err}): cuda, cuda:1 or cpu") from None
+        if where.type == "cuda" and not torch.cuda.is_available():
+            raise click.BadParameter("no CUDA device is visible here: run on a GPU node, or leave --device out")
+    rows = run_bench(models, codecs or codec_names(), batch, classes, steps, repeats, where)
     render(rows, Console())

@@ -161,6 +161,7 @@ class Codec(ABC):
     summable: ClassVar[bool]
     error_feedback_default: ClassVar[bool] = False
     needs_layers: ClassVar[bool] = False
+    on_device: ClassVar[bool] = False  # summable codecs with encode_tensor / decode_tensor: see ReduceCodec
 
     def __init__(self, *, error_feedback: bool | None = None):
         self.error_feedback = self.error_feedback_default if error_feedback is None else bool(error_feedback)
@@ -221,7 +222,9 @@ class ReduceCodec(Codec):
     payload_dtype: dtype of every payload buffer. native_sum: True when MPI.SUM on that dtype is the
     right sum (float32 payloads); otherwise the exchange layer wraps `combine_into` in a user-defined
     MPI op. all_ranks_need_sum: True when clients need each collective's sum to go on (multi-phase codecs,
-    warm-started state): use Allreduce; False: Reduce to rank 0 is enough.
+    warm-started state): use Allreduce; False: Reduce to rank 0 is enough. on_device: True when
+    `encode_tensor` / `decode_tensor` encode a torch tensor where it lies (none, fp16, bf16), so on a
+    torch or device data plane the update never visits host memory (mpifed.protocol's direct path).
     """
 
     summable = True
@@ -237,6 +240,18 @@ class ReduceCodec(Codec):
         """b <- combine(a, b), in place: what an MPI user op must do with its inout buffer. Override
         it where a temporary-free sum is faster (the op runs once per reduction-tree step)."""
         b[...] = self.combine(a, b)
+
+    def encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """The payload of float32 tensor `x`, on x's device (codecs with `on_device`)."""
+        raise NotImplementedError(f"codec {self.name!r} encodes in host memory only")
+
+    def decode_tensor(self, payload: torch.Tensor) -> torch.Tensor:
+        """float32 values of a payload tensor (a client's, or the sum), on its device."""
+        raise NotImplementedError(f"codec {self.name!r} decodes in host memory only")
+
+    def payload_array(self, payload: torch.Tensor) -> np.ndarray:
+        """A payload tensor as the host array `validate` checks (copied to the host: for error messages)."""
+        return payload.detach().cpu().numpy()
 
     def sum_view(self, payload: np.ndarray) -> torch.Tensor:
         """The payload as a tensor whose plain sum is `combine` (for a torch.distributed data plane, which

@@ -97,6 +97,17 @@ class HalfPrecision(OneShotReduce):
             raise ValueError(f"{self.format} combine_into needs a writable destination")
         _as_half(b, self.format).add_(_as_half(a, self.format))
 
+    on_device = True
+
+    def encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(_TORCH[self.format])  # round to nearest even, as to_bits
+
+    def decode_tensor(self, payload: torch.Tensor) -> torch.Tensor:
+        return payload.float()
+
+    def payload_array(self, payload: torch.Tensor) -> np.ndarray:
+        return payload.detach().view(torch.int16).cpu().numpy().view(U16)
+
     def sum_view(self, payload: np.ndarray) -> torch.Tensor:
         """The bit patterns as 16-bit floats, which torch.distributed sums (rounded like combine_into)."""
         return _as_half(payload, self.format)

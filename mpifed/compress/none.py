@@ -31,6 +31,14 @@ class Dense(OneShotReduce):
     def decode(self, payload: np.ndarray, n: int, ctx: RoundContext) -> np.ndarray:
         return np.asarray(payload, dtype=F32).copy()
 
+    on_device = True
+
+    def encode_tensor(self, x):
+        return x  # the update is its own payload: no copy
+
+    def decode_tensor(self, payload):
+        return payload
+
     def phases(self, x: Any, ctx: RoundContext, keep_own: bool = False) -> Phases:
         """The update is its own payload, summed where it lies: MPI's reduce leaves a client's buffer as
         it is and sums into the root's, so no encode or decode copies an n-sized array each round."""
