@@ -34,7 +34,6 @@ from mpi4py import MPI
 from mpifed.errors import InputError
 
 ROOT = 0
-PLANES = ("auto", "mpi-host", "mpi-device", "nccl")
 
 
 def mpi_cuda_aware() -> tuple[bool, str]:
@@ -77,8 +76,8 @@ def choose_plane(wanted: str, comm: MPI.Intracomm, device: torch.device) -> tupl
         return "mpi-device", f"comm.data = \"mpi-device\" ({ranks[0][2]})"
     if wanted == "nccl":
         if not same:
-            ranks = ", ".join(f"rank {r} on {d}" for r, d in enumerate(devices))
-            raise InputError(f"comm.data = \"nccl\" needs every rank on the same kind of device, but {ranks}: set "
+            where = ", ".join(f"rank {r} on {d}" for r, d in enumerate(devices))
+            raise InputError(f"comm.data = \"nccl\" needs every rank on the same kind of device, but {where}: set "
                              f"run.device to \"cuda\" (or \"cpu\") for every rank, or comm.data = \"mpi-host\"")
         if devices[0] == "cuda" and not dist.is_nccl_available():
             raise InputError("comm.data = \"nccl\" but this torch has no NCCL: install a CUDA build of torch, "
