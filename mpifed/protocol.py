@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mpifed.compress import ErrorFeedback, PayloadError, make_codec
+from mpifed.compress import ErrorFeedback, PayloadError, RoundContext, make_codec
 from mpifed.config import Job
 from mpifed.exchange import Exchange
 from mpifed.flat import FlatModel
@@ -128,12 +128,21 @@ class RoundProtocol:
 
     @property
     def direct(self) -> bool:
-        """A codec that encodes on the device (none, fp16, bf16; no error feedback) on a torch or device
-        data plane: the update is encoded, reduced and decoded where it lies (on the GPU with NCCL), never
-        staged through host memory. Codec none's payload is the update itself: it and its tail go in one
-        reduce; a 16-bit payload goes in its own, then the tail."""
+        """On a torch or device data plane, a summable codec's update is encoded, reduced and decoded where
+        it lies (on the GPU with NCCL) on every rank, never staged through host memory. Codec none's payload
+        is the update itself: it and its tail go in one reduce; another codec's payloads each go in their
+        own (PowerSGD: P, then Q), then the tail. A gathered codec: see `encodes_on_device`."""
+        return self.exchange.data is not None and self.channel.codec.on_device and self.channel.codec.summable
+
+    @property
+    def encodes_on_device(self) -> bool:
+        """On a data plane, a client of a gathered codec encodes where its update lies, with its error
+        feedback there too; only the compressed payload reaches the server's host-side validation. Pooled
+        clients with error feedback encode on the host, where their residuals live: they move between
+        ranks, and a residual on the device would cross to the host and back for every client trained."""
         codec = self.channel.codec
-        return self.exchange.data is not None and codec.summable and codec.on_device and not codec.error_feedback
+        return (self.exchange.data is not None and codec.on_device and not codec.summable
+                and not (self.placement.pooled and codec.error_feedback))
 
     @property
     def up_collective(self) -> str:
@@ -193,8 +202,8 @@ class RoundProtocol:
         debug fault injection."""
         lay, ex = self.layout, self.exchange
         update.mul_(weight)
-        if self.direct:
-            return self._send_direct(update, weight, corrupt)
+        if self.direct or self.encodes_on_device:
+            return self._send_direct(rnd, update, weight, corrupt)
         host = ex.to_host(update)
         sent = self.channel.send(host[: lay.n], rnd, corrupt)
         lossless = self.channel.lossless
@@ -208,15 +217,30 @@ class RoundProtocol:
         ex.reduce_data(host[lay.tail])
         return Sent(float(np.sqrt(layer_sq.sum())) / weight, self.channel.comm_seconds + time.perf_counter() - t0)
 
-    def _send_direct(self, update: torch.Tensor, weight: float, corrupt: str) -> Sent:
-        """`send_update` on the device (`direct`): the host path's payload and tail, computed there."""
-        lay, codec, lossless = self.layout, self.channel.codec, self.channel.lossless
+    def _send_direct(self, rnd: int, update: torch.Tensor, weight: float, corrupt: str) -> Sent:
+        """`send_update` on the device (`direct`, `encodes_on_device`): the host path's payload, error
+        feedback and tail, computed there. Codec none sends the update and the tail in one reduce; another
+        summable codec exchanges its payloads first; a gathered one's payload goes to the server by the
+        gather; then the tail, by one reduce."""
+        lay, codec, channel, ex = self.layout, self.channel.codec, self.channel, self.exchange
+        lossless, feedback = channel.lossless, channel.feedback
         if lossless:  # as the host path: a lossless codec's norms are the clean update's
             layer_sq = torch.stack(torch._foreach_norm(self.model.param_view(update))).double().square()
         if corrupt == "nan":
             update[0] = float("nan")
-        payload = codec.encode_tensor(update[: lay.n])
-        sent = codec.decode_tensor(payload)  # what the server will decode of it
+        x = update[: lay.n]
+        if feedback is not None:
+            x = x + feedback.on(x.device)
+        ctx = RoundContext(channel.seed, rnd, channel.client)
+        seconds, payload = 0.0, None
+        if lossless:
+            sent = x
+        elif codec.summable:
+            (_, sent), seconds = self._exchange_on_device(x, ctx, keep_own=True)
+        else:
+            payload, sent = self._encoded_on_device(x, ctx, corrupt)
+        if feedback is not None:
+            feedback.update_tensor(x, sent)
         if not lossless:
             layer_sq = torch.stack(torch._foreach_norm(self.model.param_view(sent))).double().square()
         if lay.route == "reduce":
@@ -225,28 +249,54 @@ class RoundProtocol:
             squares.div_(torch.tensor(weight, dtype=squares.dtype, device=squares.device))
         update[lay.layer_sq] = (layer_sq / weight).to(update.dtype)
         t0 = time.perf_counter()
-        self._reduce_payload_and_tail(update, payload)
-        return Sent(float(np.sqrt(layer_sq.cpu().numpy().sum())) / weight, time.perf_counter() - t0)
-
-    def _reduce_payload_and_tail(self, vector: torch.Tensor, payload: torch.Tensor) -> None:
-        """The direct path's collectives, the same on every rank: codec none's payload is `vector`'s own
-        first n values, so one reduce carries it and the tail; another payload goes first, then the tail."""
-        lay, ex = self.layout, self.exchange
-        if self.channel.lossless:
-            ex.reduce_tensor(vector[: lay.update_size])
+        if lossless:
+            ex.reduce_tensor(update[: lay.update_size])
         else:
-            ex.reduce_tensor(payload)
-            ex.reduce_tensor(vector[lay.tail])
+            if payload is not None:
+                channel.send_payload(payload)
+            ex.reduce_tensor(update[lay.tail])
+        return Sent(float(np.sqrt(layer_sq.cpu().numpy().sum())) / weight, seconds + time.perf_counter() - t0)
+
+    def _encoded_on_device(self, x: torch.Tensor, ctx: RoundContext, corrupt: str
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A gathered codec's payload of x, and what the server will decode of it, both where x lies."""
+        codec = self.channel.codec
+        payload = codec.encode_tensor(x, ctx)
+        return _corrupted_payload(payload, corrupt), codec.decode_tensor(payload, x.numel(), ctx)
+
+    def _exchange_on_device(self, x: torch.Tensor, ctx: RoundContext, keep_own: bool = False
+                            ) -> tuple[tuple[torch.Tensor | None, torch.Tensor | None], float]:
+        """A summable codec's phases where x lies, each payload reduced on the data plane (to every rank
+        where the codec needs the sums); ((total, own), seconds in collectives). A non-finite sum of a
+        multi-phase codec, which every rank sees, leaves a client nothing sent (the host path's rule)."""
+        codec = self.channel.codec
+        everyone = codec.all_ranks_need_sum
+        steps, seconds = codec.phases_tensor(x, ctx, keep_own), 0.0
+        payload = next(steps)
+        while True:
+            t0 = time.perf_counter()
+            self.exchange.reduce_tensor(payload, everyone)
+            seconds += time.perf_counter() - t0
+            try:
+                payload = steps.send(payload if (everyone or self.is_server) else None)
+            except StopIteration as done:
+                return done.value, seconds
+            except PayloadError:
+                if self.is_server:
+                    raise
+                return (None, torch.zeros_like(x)), seconds
 
     # 3. update, a pooled worker's side: add_client per client trained, then send_sum once -----------
     def add_client(self, rnd: int, update: torch.Tensor, weight: float, total: torch.Tensor, client: int,
-                   feedback: ErrorFeedback | None = None, corrupt: str = "") -> tuple[np.ndarray | None, float]:
+                   feedback: ErrorFeedback | None = None, corrupt: str = ""
+                   ) -> tuple[np.ndarray | torch.Tensor | None, float]:
         """One client a pooled worker trained: `update` holds its u_k and BatchNorm statistics (and is
         weighted by w_k here); its share goes into the worker's `total`, laid out like an update:
         summable codecs add w_k u_k itself (they are linear: encoding the worker's sum sends what its
         clients' encodings would add up to); gathered codecs encode the client's own payload, returned
-        for `send_sum`, with the client's error feedback. Either way the tail gets the weighted
-        statistics, w_k |u_k,l|^2 of what the server decodes, and w_k u_k^2 where the squares are reduced.
+        for `send_sum`, with the client's error feedback (without it, on a data plane: on the device).
+        Either way the tail gets the weighted statistics, w_k |u_k,l|^2 of what the server decodes, and
+        w_k u_k^2 where the squares are reduced.
         Returns (the payload or None, the norm of the client's update as the server decodes it)."""
         lay = self.layout
         update.mul_(weight)
@@ -256,6 +306,13 @@ class RoundProtocol:
             layers = self.model.param_view(update)
             if lay.route == "reduce":
                 total[lay.coordinate_sq].addcmul_(update[: lay.n], update[: lay.n], value=1.0 / weight)
+        elif self.encodes_on_device:  # no error feedback (`encodes_on_device`)
+            if corrupt == "nan":
+                update[0] = float("nan")
+            payload, sent = self._encoded_on_device(update[: lay.n], RoundContext(self.channel.seed, rnd, client),
+                                                    corrupt)
+            total[lay.buffers].add_(update[lay.buffers])
+            layers = self.model.param_view(sent)
         else:
             host = self.exchange.to_host(update)
             payload, sent = self.channel.encode(host[: lay.n], rnd, client, feedback, corrupt)
@@ -265,16 +322,20 @@ class RoundProtocol:
         total[lay.layer_sq] += (layer_sq / weight).to(total.dtype)
         return payload, float(layer_sq.sum().sqrt()) / weight
 
-    def send_sum(self, rnd: int, total: torch.Tensor, payloads: list[np.ndarray]) -> float:
+    def send_sum(self, rnd: int, total: torch.Tensor, payloads: list[np.ndarray | torch.Tensor]) -> float:
         """A pooled worker's update, once for all its clients (`add_client`): the summed payload (summable
         codecs) or its clients' payloads (gathered), then the tail by the round's one reduce. A worker
         with no client this round sends zeros and no payload. Returns the seconds spent in collectives."""
         lay, ex = self.layout, self.exchange
         if self.direct:
-            payload = self.channel.codec.encode_tensor(total[: lay.n])
+            if self.channel.lossless:
+                t0 = time.perf_counter()
+                ex.reduce_tensor(total[: lay.update_size])
+                return time.perf_counter() - t0
+            _, seconds = self._exchange_on_device(total[: lay.n], RoundContext(self.channel.seed, rnd, None))
             t0 = time.perf_counter()
-            self._reduce_payload_and_tail(total, payload)
-            return time.perf_counter() - t0
+            ex.reduce_tensor(total[lay.tail])
+            return seconds + time.perf_counter() - t0
         host = ex.to_host(total)
         if self.channel.codec.summable:
             self.channel.send(host[: lay.n], rnd, "")
@@ -308,21 +369,27 @@ class RoundProtocol:
 
     def _receive_direct(self, rnd: int, aggregate: torch.Tensor) -> tuple[Received, float]:
         """`receive_update` on the device (`direct`): the server adds zeros (its encoding of zeros); a
-        non-finite sum is refused as the host path refuses it (the codec's own check)."""
-        lay, codec = self.layout, self.channel.codec
+        non-finite sum is refused as the host path refuses it (the codec's own check), after the tail."""
+        lay, ex, codec = self.layout, self.exchange, self.channel.codec
         aggregate[: lay.update_size].zero_()
-        total = codec.encode_tensor(aggregate[: lay.n])
-        t0 = time.perf_counter()
-        self._reduce_payload_and_tail(aggregate, total)
-        seconds = time.perf_counter() - t0
-        if not self.channel.lossless:
-            aggregate[: lay.n] = codec.decode_tensor(total)
-        if not bool(torch.isfinite(aggregate[: lay.n]).all()):
+        problem, t0 = None, time.perf_counter()
+        if self.channel.lossless:
+            ex.reduce_tensor(aggregate[: lay.update_size])
+            seconds = time.perf_counter() - t0
+            if not bool(torch.isfinite(aggregate[: lay.n]).all()):
+                problem = _refusal(codec, aggregate[: lay.n])
+        else:
             try:
-                codec.validate(codec.payload_array(total), lay.n, None)
+                (total, _), seconds = self._exchange_on_device(aggregate[: lay.n], RoundContext(self.channel.seed, rnd))
+                aggregate[: lay.n] = total
             except PayloadError as err:
-                return Received(False, [], [f"round {rnd}: the summed update is not usable ({err}); a summable "
-                                            f"codec cannot say which client sent it: step skipped"]), seconds
+                problem, seconds = err, time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ex.reduce_tensor(aggregate[lay.tail])
+            seconds += time.perf_counter() - t0
+        if problem is not None:
+            return Received(False, [], [f"round {rnd}: the summed update is not usable ({problem}); a summable "
+                                        f"codec cannot say which client sent it: step skipped"]), seconds
         return Received(True), seconds
 
     # 4. rows ----------------------------------------------------------------------------------------
@@ -345,7 +412,7 @@ class RoundProtocol:
         """Client side: this client's sampler cursor and error-feedback residual, to the server."""
         self.exchange.gather_rows(np.array([cursor], dtype=np.int64), None)
         if self.channel.feedback is not None:
-            self.exchange.gather_rows(self.channel.feedback.residual, None)
+            self.exchange.gather_rows(self.channel.feedback.host(), None)
 
     def collect_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Server side: every client's (cursor, residual), in client order (no residuals: empty)."""
@@ -412,3 +479,21 @@ def round_protocol(job: Job, model: FlatModel, exchange: Exchange, placement: Pl
     """A rank's protocol for the job: its own update channel (a client's carries its error feedback)."""
     channel = update_channel(job, model, exchange, placement.client_on(rank))
     return RoundProtocol(exchange, model, channel, placement, rank, job.scaling.per_coordinate, batches_may_change)
+
+
+def _corrupted_payload(payload: torch.Tensor, corrupt: str) -> torch.Tensor:
+    """debug.corrupt's payload faults (the host path's, in mpifed.updates): one byte short, or all 0xFF."""
+    if corrupt == "truncate":
+        return payload[:-1]
+    if corrupt == "garbage":
+        return torch.full_like(payload, 0xFF)
+    return payload
+
+
+def _refusal(codec, total: torch.Tensor) -> PayloadError:
+    """The codec's own words for a non-finite sum (its validate names the first bad value)."""
+    try:
+        codec.validate(codec.payload_array(total), total.numel(), None)
+    except PayloadError as err:
+        return err
+    return PayloadError(f"{codec.name} sum holds a non-finite value")

@@ -87,6 +87,8 @@ def open_session(world: World, job: Job) -> Session:
                                                  world.local_size == world.size, chunk)
     exchange = Exchange(world.comm, polite, chunk, timeout=job.comm.timeout, placement=placement, data=plane)
     exchange.data_plane = (plane_name, plane_reason)
+    if plane is None:
+        exchange.agree_pieces(device)
     dataset = _load_data(world, job, exchange)
     with forked_torch_rng(job.run.seed, Purpose.INIT):  # same init on every rank, global RNG untouched
         module = build_model(job.model.name, dataset.num_classes, dataset.channels)

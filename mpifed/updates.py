@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
 from mpifed.compress import Codec, ErrorFeedback, PayloadError, RoundContext
@@ -137,12 +138,21 @@ class UpdateChannel:
             feedback.update(x, own)
         return payload, own
 
-    def send_payloads(self, payloads: list[np.ndarray]) -> None:
-        """A pooled worker's clients' payloads (gathered codecs), in one gather: their byte lengths as int64,
-        then the payloads, in the order of the round's assignment."""
+    def send_payload(self, payload: torch.Tensor) -> None:
+        """A client's payload encoded where its update lies (mpifed.protocol's direct path), by the gather."""
         self._reset_clock()
-        header = np.array([p.size for p in payloads], dtype=np.int64).view(np.uint8)
-        self._gather(np.concatenate([header, *payloads]))
+        self._gather(payload)
+
+    def send_payloads(self, payloads: list[np.ndarray | torch.Tensor]) -> None:
+        """A pooled worker's clients' payloads (gathered codecs), in one gather: their byte lengths as int64,
+        then the payloads, in the order of the round's assignment (uint8 arrays, or tensors where they were
+        encoded on the device)."""
+        self._reset_clock()
+        header = np.array([p.nbytes for p in payloads], dtype=np.int64).view(np.uint8)
+        if payloads and isinstance(payloads[0], torch.Tensor):
+            self._gather(torch.cat([torch.from_numpy(header).to(payloads[0].device), *payloads]))
+        else:
+            self._gather(np.concatenate([header, *payloads]))
 
     def receive_pooled(self, rnd: int, out: np.ndarray, ids: np.ndarray, ranks: np.ndarray, weights: np.ndarray,
                        squares: np.ndarray | None = None) -> Received:

@@ -198,7 +198,7 @@ def run_worker(s: Session, setup: WorkerSetup) -> bool:
             t_compute += seconds
             samples += batch * steps
             losses.append(loss * batch)
-            clients[slot, WORKER_FIELDS] = loss, seconds, norm, payload.size if payload is not None else 0
+            clients[slot, WORKER_FIELDS] = loss, seconds, norm, payload.nbytes if payload is not None else 0
         t_encode = time.perf_counter() - t0 - t_compute - link
 
         t0 = time.perf_counter()
@@ -208,7 +208,7 @@ def run_worker(s: Session, setup: WorkerSetup) -> bool:
         loss = sum(losses) / (samples / steps) if samples else np.nan
         values = dict(t_down=t_down, t_compute=t_compute, t_encode=t_encode, t_up=t_up + link, t_emul=emul + link,
                       t_iter=time.perf_counter() - start, batch=samples, loss=loss, grad_norm=np.nan,
-                      bytes_up=sum(p.size for p in payloads) + tail_bytes if gathered else nbytes_up,
+                      bytes_up=sum(p.nbytes for p in payloads) + tail_bytes if gathered else nbytes_up,
                       bytes_down=nbytes)
         for key, value in values.items():
             row[column(key)] = value

@@ -578,9 +578,11 @@ def test_bench_compress_runs_and_reports_checked_bytes():
                                            "--repeats", "1"])
     assert result.exit_code == 0, result.output
     assert "sign" in result.output and "30.1x" in result.output
-    rows = run_bench(["cnn"], ["fp16", "topk"], batch=2, classes=10, steps=1, repeats=1, device=torch.device("cpu"))
-    assert [r.where for r in rows] == ["cpu", "host"]  # fp16 as a tensor on the device, top-k in host memory
+    rows = run_bench(["cnn"], ["fp16", "topk", "powersgd"], batch=2, classes=10, steps=1, repeats=1,
+                     device=torch.device("cpu"))
+    assert [r.where for r in rows] == ["cpu"] * 3  # every codec with its update a tensor on the device
     assert rows[0].nbytes == 2 * rows[0].n and 0 < rows[0].rel_error < 1e-3
+    assert [r.nbytes for r in rows[1:]] == [by_codec["topk"].nbytes, by_codec["powersgd"].nbytes]
     result = CliRunner().invoke(compress, ["--model", "cnn", "--codec", "bf16", "--batch", "2", "--steps", "1",
                                            "--repeats", "1", "--device", "cpu"])
     assert result.exit_code == 0 and "bf16" in result.output, result.output
@@ -615,15 +617,89 @@ def test_topk_fast_selection_equals_a_full_sort_on_large_vectors(density):
     assert 7 in top_indices(mag, k)
 
 
-@pytest.mark.parametrize("name", ["none", "fp16", "bf16"])
-def test_codecs_that_run_on_the_device_encode_what_the_host_path_encodes(name):
-    """encode_tensor / decode_tensor (the direct path on a data plane) give the host path's payload bits
-    and decoded values, and the payload array its codec validates."""
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device "
+                                                                                          "(.ci/gpu-check runs it)"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("name", ["none", "fp16", "bf16", "topk", "randomk", "sign", "efsign", "qsgd"])
+@pytest.mark.parametrize("n", [1003, 4 * 100_000 + 777])
+def test_codecs_encode_on_the_device_what_the_host_path_decodes(name, n, device):
+    """On a CPU tensor, encode_tensor / decode_tensor (the direct path on a data plane) are the host codec on
+    the tensor's memory: the host's bits. The torch ops an accelerator runs (encode_torch / decode_torch,
+    here on CPU tensors) make payloads the host validates and decodes to what they decode to themselves;
+    bit for bit the host's payload for top-k (sampled threshold included, n > 4 * SAMPLE), random-k and the
+    16-bit codecs, the sign bits for sign (its scales summed in another order), and for QSGD (a torch
+    generator's draws) codes within one level of the value, with the host's norms."""
     codec = make_codec(name)
-    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32) * 100
-    ctx = RoundContext(0, 0, 1)
-    payload = codec.encode_tensor(torch.from_numpy(x))
-    assert codec.on_device and np.array_equal(codec.payload_array(payload), codec.encode(x, ctx))
-    assert np.array_equal(codec.decode_tensor(payload).numpy(), codec.decode(codec.encode(x, ctx), x.size, ctx))
-    codec.validate(codec.payload_array(payload), x.size, ctx)
-    assert not make_codec("topk").on_device
+    x = (np.random.default_rng(n).standard_normal(n) * 3).astype(np.float32)
+    ctx, server = RoundContext(0, 5, 1), RoundContext(0, 5)
+    host = codec.encode(x, ctx)
+    payload = codec.encode_tensor(torch.from_numpy(x), ctx)
+    assert codec.on_device and np.array_equal(codec.payload_array(payload), host)
+    assert np.array_equal(codec.decode_tensor(payload, n, server).numpy(), codec.decode(host, n, server))
+    if name in ("none", "fp16", "bf16"):  # encode_tensor is their torch op on every device
+        there = codec.encode_tensor(torch.from_numpy(x).to(device), ctx)
+        assert np.array_equal(codec.payload_array(there), host)
+        return
+    torch_payload = codec.encode_torch(torch.from_numpy(x).to(device), ctx)
+    assert torch_payload.device.type == device
+    got = codec.payload_array(torch_payload)
+    codec.validate(got, n, server)
+    decoded = codec.decode_torch(torch_payload, n, server).cpu().numpy()
+    assert np.array_equal(decoded, codec.decode(got, n, server))
+    if name in ("topk", "randomk"):
+        assert np.array_equal(got, host)
+    elif name in ("sign", "efsign"):
+        scales = math.ceil(n / codec.bucket) * 4
+        assert np.array_equal(got[scales:], host[scales:])
+        np.testing.assert_allclose(got[:scales].view(np.float32), host[:scales].view(np.float32), rtol=1e-5)
+    else:
+        norms = math.ceil(n / codec.bucket)
+        np.testing.assert_allclose(got[: 4 * norms].view(np.float32), host[: 4 * norms].view(np.float32), rtol=1e-5)
+        step = np.repeat(got[: 4 * norms].view(np.float32) / codec.levels, codec.bucket)[:n]
+        assert (np.abs(decoded - x) <= step * 1.0001).all()
+        assert not np.array_equal(got, host)  # its own draws
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_powersgd_runs_its_phases_on_the_device_as_on_the_host(device):
+    """phases_tensor on CPU tensors is the host's phases (same bits); phases_torch, the torch ops an
+    accelerator runs, agrees with them to float32 rounding over warm-started rounds, Q kept as tensors."""
+    layers = [("conv", (16, 8, 3, 3)), ("bias", (16,)), ("fc", (10, 64))]
+    n = sum(math.prod(shape) for _, shape in layers)
+    x = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    host, on_cpu, in_torch = (make_codec("powersgd", layers=layers, rank=2) for _ in range(3))
+
+    def run(codec, steps):
+        payload = next(steps)
+        while True:
+            try:
+                payload = steps.send(payload.clone())
+            except StopIteration as done:
+                return done.value
+
+    for rnd in range(3):
+        ctx = RoundContext(0, rnd, 1)
+        want = host.exchange(x, ctx, lambda p: p.copy(), keep_own=True)
+        total, own = run(on_cpu, on_cpu.phases_tensor(torch.from_numpy(x), ctx, keep_own=True))
+        assert np.array_equal(total.numpy(), want.total) and np.array_equal(own.numpy(), want.own)
+        total, own = run(in_torch, in_torch.phases_torch(torch.from_numpy(x).to(device), ctx, keep_own=True))
+        np.testing.assert_allclose(total.cpu().numpy(), want.total, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(own.cpu().numpy(), want.own, rtol=1e-4, atol=1e-5)
+    assert all(isinstance(q, torch.Tensor) and q.device.type == device for q in in_torch._q)
+
+
+def test_error_feedback_kept_as_a_tensor_is_the_host_arrays_update():
+    """ErrorFeedback.on / update_tensor (the direct path) keep the residual the host path keeps, in the
+    array's own memory on the CPU, and drop a non-finite one."""
+    u, sent = np.arange(6, dtype=np.float32), np.array([0, 1, 0, 3, 0, 5], dtype=np.float32)
+    host, device = ErrorFeedback(6), ErrorFeedback(6)
+    for _ in range(2):
+        xc = host.compensate(u)
+        host.update(xc, sent)
+        xt = torch.from_numpy(u) + device.on(torch.device("cpu"))
+        device.update_tensor(xt, torch.from_numpy(sent))
+    assert np.array_equal(device.host(), host.residual) and np.array_equal(device.residual, host.residual)
+    device.update_tensor(torch.full((6,), float("nan")), torch.zeros(6))
+    assert not device.host().any()

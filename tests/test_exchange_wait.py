@@ -155,7 +155,7 @@ def test_a_timeout_names_the_stuck_rank(tmp_path, mode):
     timeouts = [line for line in proc.stdout.splitlines() if " timeout after " in line]
     rank, named = _NAMED[mode]
     # the rank that says it first, and alone: rank 0 with a roll call, or a client when rank 0 is the stuck one
-    assert timeouts, proc.stdout + proc.stderr
+    assert timeouts, f"exit status {proc.returncode}; stdout: {proc.stdout!r}; stderr: {proc.stderr!r}"
     assert timeouts[0].startswith("rank 0 ") == (rank == "rank 0"), proc.stdout
     assert named in timeouts[0]
     if rank == "rank 0":

@@ -28,11 +28,17 @@ POOLED = ["--set", "clients.count=6", "--set", "clients.per_round=4"]
 TEACHER = ["--set", 'scaling.method="teacher"', "--set", "scaling.small_batch=4", "--set", "scaling.per_layer=false",
            "--set", "scaling.only_outside_critical=false"]  # the per-coordinate squares in the tail
 NAN = ["--set", "debug.corrupt_rank=2", "--set", "debug.corrupt_round=4", "--set", 'debug.corrupt="nan"']
-CASES = {  # codec none takes the direct path (the update reduced where it lies, with its tail)
+CASES = {  # each encoded where the update lies (protocol's direct path) but pooled top-k's error feedback
     "none": [*TEACHER, "--set", "checkpoint.every=3", "--set", 'plan.mode="predict"', *NAN],  # + the probe rounds
     "fp16": ["--set", 'compress.codec="fp16"', *TEACHER, *NAN],  # encoded on the device, summed by gloo in 16 bits
     "bf16-pooled": ["--set", 'compress.codec="bf16"', *POOLED],  # a worker's sum, encoded on the device
     "powersgd": ["--set", 'compress.codec="powersgd"'],  # allreduces on every rank
+    "topk": ["--set", 'compress.codec="topk"', "--set", "checkpoint.every=3", "--set", "debug.corrupt_rank=1",
+             "--set", "debug.corrupt_round=4", "--set", 'debug.corrupt="garbage"'],  # encoded on the device with
+    # its error feedback there; a garbage payload rejected by client, as on MPI
+    "qsgd-pooled": ["--set", 'compress.codec="qsgd"', *POOLED, "--set", "debug.corrupt_rank=1", "--set",
+                    "debug.corrupt_round=3", "--set", 'debug.corrupt="truncate"'],  # each client's payload encoded
+    # on the device, one short
     "topk-pooled": ["--set", 'compress.codec="topk"', "--set", "compress.options={density = 0.05, "
                     "error_feedback = true}", *POOLED],  # payloads point to point, residuals moving
 }

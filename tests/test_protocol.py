@@ -45,8 +45,13 @@ class RecordingExchange(Exchange):
     def broadcast_tensor(self, tensor):  # as MPI's, or the torch data plane's (comm.data = "nccl")
         self.calls.append(("broadcast", "<f4", tensor.numel(), self.data is not None))
 
-    def reduce_tensor(self, tensor):  # codec none's direct path on a torch data plane
-        self.calls.append(("reduce", "tensor", tensor.numel()))
+    def reduce_tensor(self, tensor, everyone=False):  # the direct path on a torch data plane
+        self.calls.append(("allreduce" if everyone else "reduce", "tensor", tensor.numel()))
+
+    def reduce_data(self, buf, op=MPI.SUM, everyone=False, as_tensor=torch.from_numpy):
+        if self.data is None:
+            return self.reduce_sum(buf, op, everyone)
+        self.reduce_tensor(as_tensor(buf), everyone)  # host bytes on a torch plane: reduced as a tensor
 
     def broadcast(self, buf):
         self.calls.append(("broadcast", buf.dtype.str, buf.size))
@@ -72,7 +77,8 @@ class RecordingExchange(Exchange):
     def move(self, sends, receives, kind="move"):  # point to point: each side its own messages
         self.calls.append(("move", kind))
 
-    def gather_bytes(self, payload):
+    def gather_bytes(self, payload):  # host bytes, or (a client on a data plane) a uint8 tensor
+        payload = payload.numpy() if isinstance(payload, torch.Tensor) else payload
         self.calls.append(("gatherv", payload.dtype.str))
         return [np.zeros(0, np.uint8)] * WORLD if self.comm.rank == 0 else None
 
@@ -149,6 +155,18 @@ JOBS = {
                                              "scaling.per_layer=false", "scaling.small_batch=8"],
     "torch data plane, pooled bf16": ["comm.data=nccl", "compress.codec=bf16", "clients.count=5",
                                       "clients.per_round=3"],
+    "torch data plane, topk + feedback on the device": ["comm.data=nccl", "compress.codec=topk",
+                                                        "checkpoint.every=2"],
+    "torch data plane, qsgd, per-coordinate": ["comm.data=nccl", "compress.codec=qsgd", "scaling.method=teacher",
+                                               "scaling.per_layer=false", "scaling.small_batch=8"],
+    "torch data plane, powersgd": ["comm.data=nccl", "compress.codec=powersgd", "checkpoint.every=2"],
+    "torch data plane, pooled qsgd on the device": ["comm.data=nccl", "compress.codec=qsgd", "clients.count=5",
+                                                    "clients.per_round=3"],
+    "torch data plane, pooled topk + feedback on the host": ["comm.data=nccl", "compress.codec=topk",
+                                                             "clients.count=5", "clients.per_round=3"],
+    "torch data plane, randomk, per-coordinate": ["comm.data=nccl", "compress.codec=randomk",
+                                                  "scaling.method=teacher", "scaling.per_layer=false",
+                                                  "scaling.small_batch=8"],
     "pooled": ["clients.count=5", "clients.per_round=3"],
     "pooled, topk, checkpoints": ["clients.count=5", "clients.per_round=3", "compress.codec=topk",
                                   "compress.options={error_feedback = false}", "checkpoint.every=2"],

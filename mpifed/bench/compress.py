@@ -8,11 +8,11 @@ forward/backward step. Run:
 
     mpifed bench compress                       # all codecs, resnet18 + resnet50
     mpifed bench compress --model resnet18 --codec topk --codec qsgd
-    mpifed bench compress --device cuda         # the step on the GPU; none, fp16, bf16 encode there
+    mpifed bench compress --device cuda         # the step and every codec on the GPU (torch ops)
 
-With `--device`, the step runs there and the codecs that encode on the device (`on_device`: what a
-torch or device data plane runs) are timed there, their payload a tensor; the others in host memory,
-as a round runs them (column "where").
+With `--device`, the step runs there and the codecs are timed where a torch or device data plane runs
+them (`on_device`, column "where"): on the update's device, their payload a tensor; on the CPU that is
+the host code on the tensor's own memory.
 
 Round time against dense at n ranks needs MPI: `mpifed bench rounds` measures it.
 """
@@ -99,9 +99,27 @@ def measure_on_device(codec: Codec, x: np.ndarray, repeats: int, device: torch.d
             return out
         return _best_time(run, repeats)
 
-    t_enc, payload = timed(lambda: codec.encode_tensor(xt).clone())  # clone: codec none's payload is x itself
-    t_dec, decoded = timed(lambda: codec.decode_tensor(payload))
-    sent = payload.numel() * payload.element_size()
+    ctx, server = RoundContext(0, 0, 1), RoundContext(0, 0)
+    if isinstance(codec, OneShot):
+        t_enc, payload = timed(lambda: codec.encode_tensor(xt, ctx).clone())  # clone: codec none's payload is x
+        t_dec, decoded = timed(lambda: codec.decode_tensor(payload, x.size, server))
+        sent = payload.numel() * payload.element_size()
+    else:
+        sizes: list[int] = []
+
+        def one_client_round():
+            sizes.clear()
+            steps = codec.phases_tensor(xt, ctx)
+            payload = next(steps)
+            while True:
+                sizes.append(payload.numel() * payload.element_size())
+                try:
+                    payload = steps.send(payload)
+                except StopIteration as done:
+                    return done.value[0]
+
+        t_enc, decoded = timed(one_client_round)
+        t_dec, sent = 0.0, sum(sizes)
     if sent != codec.payload_nbytes(x.size):
         raise RuntimeError(f"{codec.name}: payload_nbytes says {codec.payload_nbytes(x.size)} bytes, "
                            f"the payload has {sent}")
@@ -161,7 +179,7 @@ def run_bench(models: Sequence[str], codecs: Sequence[str], batch: int, classes:
                                                       device=device or torch.device("cpu"))
         for name in codecs:
             codec = make_codec(name, layers=layers, **BENCH_OPTIONS.get(name, {}))
-            there = device is not None and codec.on_device and not codec.error_feedback
+            there = device is not None and codec.on_device
             if there:
                 nbytes, rel, t_enc, t_dec = measure_on_device(codec, grad, repeats, device)
             else:
@@ -201,8 +219,8 @@ def render(rows: Sequence[CodecRow], console: Console) -> None:
               help="Timed training steps per model (after one warm-up step); the fastest is used.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed encodes and decodes per codec; the fastest is used.")
-@click.option("--device", default=None, help="Torch device (cuda, cuda:1, cpu) for the step and for the codecs "
-              "that encode on the device (none, fp16, bf16); default: all on the host.")
+@click.option("--device", default=None, help="Torch device (cuda, cuda:1, cpu) for the step and the codecs, "
+              "which then encode where the update lies, as a data plane runs them; default: all on the host.")
 def compress(models: tuple[str, ...], codecs: tuple[str, ...], batch: int, classes: int, steps: int,
              repeats: int, device: str | None) -> None:
     """Bytes per round against dense fp32, and encode+decode time against one training step."""

@@ -8,6 +8,10 @@ parameter). Use it as
     xc = feedback.compensate(u)
     payload = codec.encode(xc, ctx)                 # or codec.exchange(xc, ..., keep_own=True)
     feedback.update(xc, codec.decode(payload, n, ctx))   # or the exchange's `own`
+
+On a data plane that encodes where the update lies (mpifed.protocol's direct path), the residual is a
+tensor there too (`on`, `update_tensor`): a CPU tensor shares the array's memory; on an accelerator it
+is copied there at its first use and kept there, and `host()` brings it back for a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from mpifed.compress.base import as_flat_f32, check_count
 
@@ -23,6 +28,7 @@ class ErrorFeedback:
     def __init__(self, n: int, residual: np.ndarray | None = None):
         """A zero residual of n values, or `residual` itself (a pooled client's, kept by its worker)."""
         self.residual = np.zeros(check_count(n), dtype=np.float32) if residual is None else residual
+        self._kept: torch.Tensor | None = None  # the residual on an accelerator, once it lives there
 
     def compensate(self, x: Any) -> np.ndarray:
         """The update plus everything dropped so far (a new array; x is not modified)."""
@@ -45,3 +51,25 @@ class ErrorFeedback:
 
     def reset(self) -> None:
         self.residual.fill(0.0)
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """The residual as a tensor on `device`, where it stays from now on (see the module docstring).
+        A resumed residual is loaded into `residual` before the first round, so before this copy."""
+        if device.type == "cpu":
+            return torch.from_numpy(self.residual)
+        if self._kept is None or self._kept.device != device:
+            self._kept = torch.from_numpy(self.residual).to(device)
+        return self._kept
+
+    def update_tensor(self, compensated: torch.Tensor, transmitted: torch.Tensor) -> None:
+        """`update` where the residual lives (`on`): the same subtraction and the same reset."""
+        residual = self.on(compensated.device)
+        torch.sub(compensated, transmitted, out=residual)
+        if not bool(torch.isfinite(residual.sum())):
+            residual.zero_()
+
+    def host(self) -> np.ndarray:
+        """The residual in host memory, brought up to date from the device where it is kept."""
+        if self._kept is not None:
+            self.residual[:] = self._kept.cpu().numpy()
+        return self.residual

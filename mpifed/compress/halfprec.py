@@ -99,10 +99,10 @@ class HalfPrecision(OneShotReduce):
 
     on_device = True
 
-    def encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(_TORCH[self.format])  # round to nearest even, as to_bits
+    def encode_tensor(self, x: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
+        return x.to(_TORCH[self.format])  # round to nearest even, as to_bits: the same bits
 
-    def decode_tensor(self, payload: torch.Tensor) -> torch.Tensor:
+    def decode_tensor(self, payload: torch.Tensor, n: int, ctx: RoundContext) -> torch.Tensor:
         return payload.float()
 
     def payload_array(self, payload: torch.Tensor) -> np.ndarray:

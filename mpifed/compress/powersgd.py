@@ -18,6 +18,10 @@ as in the paper; `own` for it is P^ Q_i^T, this rank's share of the result.
 
 Bytes per client per round: 4 (sum over compressed layers of (rows + cols) r + dense values).
 Memory: Q, 4 * sum cols * r bytes on every rank, plus P and Q buffers of the same order per round.
+
+On the device (`phases_torch`): the same phases in torch ops (matmul, torch.linalg.qr) where the update
+lies, Q kept there; only the fresh Q, drawn from the shared stream on the host as above (sum cols * r
+values), is copied over. The factors agree with the host's to float32 rounding (another BLAS and QR).
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from mpifed.compress.base import (
-    F32, Exchanged, Phases, ReduceCodec, RoundContext, as_flat_f32, check_count, check_finite,
-    check_reduce_payload, register_codec,
+    F32, Exchanged, PayloadError, Phases, ReduceCodec, RoundContext, TensorPhases, as_flat_f32, check_count,
+    check_finite, check_reduce_payload, register_codec,
 )
 
 
@@ -44,7 +49,8 @@ class _Layer:
         self.rank = min(rank, self.rows, self.cols) if self.rows else 0
         self.compressed = self.rows > 0 and (self.rows + self.cols) * self.rank < self.size
 
-    def matrix(self, x: np.ndarray) -> np.ndarray:
+    def matrix(self, x):
+        """This layer's rows x cols view of the flat vector x (an array or a tensor)."""
         return x[self.offset:self.offset + self.size].reshape(self.rows, self.cols)
 
 
@@ -103,51 +109,100 @@ class PowerSGD(ReduceCodec):
         return [q if q.any() else f for q, f in zip(self._q, fresh)]
 
     def phases(self, x: Any, ctx: RoundContext, keep_own: bool = False) -> Phases:
-        x = as_flat_f32(x)
-        self._check_n(x.size)
-        qs = self._start_q(ctx)
+        total, own = yield from self._power_iteration(as_flat_f32(x), self._start_q(ctx), _HOST, keep_own)
+        return Exchanged(total, own)
+
+    on_device = True
+
+    def phases_torch(self, x: torch.Tensor, ctx: RoundContext, keep_own: bool = False) -> TensorPhases:
+        """`phases` in torch ops on x's device (the module docstring)."""
+        qs = [torch.as_tensor(q, device=x.device) for q in self._start_q(ctx)]
+        return (yield from self._power_iteration(x, qs, _TORCH, keep_own))
+
+    def _power_iteration(self, x, qs: list, ops: type, keep_own: bool):
+        """The two phases on arrays or tensors (`ops`: the host's or torch's operations); returns (total, own)."""
+        self._check_n(len(x))
         mats = [l.matrix(x) for l in self._compressed]
 
-        p_local = np.concatenate([(m @ q).reshape(-1) for m, q in zip(mats, qs)]
-                                 + [x[l.offset:l.offset + l.size] for l in self._dense])
-        p_sum = yield p_local
+        p_sum = yield ops.cat([(m @ q).reshape(-1) for m, q in zip(mats, qs)]
+                              + [x[l.offset:l.offset + l.size] for l in self._dense])
         p_sum = self._check_sum(p_sum, self.p_count, "P")
         p_hat, offset = [], 0
         for l in self._compressed:
-            block = p_sum[offset:offset + l.rows * l.rank].reshape(l.rows, l.rank)
-            p_hat.append(np.linalg.qr(block, mode="reduced")[0].astype(F32))
+            p_hat.append(ops.orthonormal(p_sum[offset:offset + l.rows * l.rank].reshape(l.rows, l.rank)))
             offset += l.rows * l.rank
         dense_sum = p_sum[offset:]
 
         q_local = [m.T @ p for m, p in zip(mats, p_hat)]
-        q_sum = yield (np.concatenate([q.reshape(-1) for q in q_local]) if q_local
-                       else np.zeros(0, dtype=F32))
+        q_sum = yield ops.cat([q.reshape(-1) for q in q_local]) if q_local else ops.empty(0, x)
         q_sum = self._check_sum(q_sum, self.q_count, "Q")
         q_new, offset = [], 0
         for l in self._compressed:
-            q_new.append(q_sum[offset:offset + l.cols * l.rank].reshape(l.cols, l.rank).copy())
+            q_new.append(ops.copy(q_sum[offset:offset + l.cols * l.rank].reshape(l.cols, l.rank)))
             offset += l.cols * l.rank
         self._q = q_new
 
-        total = self._assemble(p_hat, q_new, dense_sum)
-        own = self._assemble(p_hat, q_local, x, dense_from_x=True) if keep_own else None
-        return Exchanged(total, own)
+        total = self._assemble(p_hat, q_new, dense_sum, ops)
+        own = self._assemble(p_hat, q_local, x, ops, dense_from_x=True) if keep_own else None
+        return total, own
 
-    def _check_sum(self, summed: np.ndarray | None, count: int, what: str) -> np.ndarray:
+    def _check_sum(self, summed, count: int, what: str):
         if summed is None:
             raise ValueError(f"powersgd needs the {what} sum on every rank: exchange it with Allreduce, not Reduce")
+        if isinstance(summed, torch.Tensor):
+            if summed.dtype != torch.float32 or summed.numel() != count:
+                raise PayloadError(f"powersgd {what} payload must be {count} float32 values, got "
+                                   f"{summed.numel()} {summed.dtype}")
+            if not bool(torch.isfinite(summed).all()):
+                check_finite(summed.cpu().numpy(), f"powersgd summed {what}")  # raises, naming the value
+            return summed
         summed = check_reduce_payload(summed, F32, count, f"powersgd {what}")
         check_finite(summed, f"powersgd summed {what}")
         return summed
 
-    def _assemble(self, p_hat: list[np.ndarray], qs: list[np.ndarray], dense: np.ndarray,
-                  dense_from_x: bool = False) -> np.ndarray:
-        out = np.empty(self.n, dtype=F32)
+    def _assemble(self, p_hat: list, qs: list, dense, ops: type, dense_from_x: bool = False):
+        out = ops.empty(self.n, dense)
         for l, p, q in zip(self._compressed, p_hat, qs):
-            np.matmul(p, q.T, out=l.matrix(out))
+            ops.matmul(p, q.T, out=l.matrix(out))
         offset = 0
         for l in self._dense:
             src = dense[l.offset:l.offset + l.size] if dense_from_x else dense[offset:offset + l.size]
             out[l.offset:l.offset + l.size] = src
             offset += l.size
         return out
+
+
+class _HOST:
+    """The host path's operations on numpy arrays (PowerSGD._power_iteration)."""
+
+    cat, matmul = staticmethod(np.concatenate), staticmethod(np.matmul)
+
+    @staticmethod
+    def orthonormal(block: np.ndarray) -> np.ndarray:
+        return np.linalg.qr(block, mode="reduced")[0].astype(F32)
+
+    @staticmethod
+    def copy(a: np.ndarray) -> np.ndarray:
+        return a.copy()
+
+    @staticmethod
+    def empty(n: int, like: np.ndarray) -> np.ndarray:
+        return np.empty(n, dtype=F32)
+
+
+class _TORCH:
+    """The same on tensors, on their device."""
+
+    cat, matmul = staticmethod(torch.cat), staticmethod(torch.matmul)
+
+    @staticmethod
+    def orthonormal(block: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.qr(block).Q
+
+    @staticmethod
+    def copy(a: torch.Tensor) -> torch.Tensor:
+        return a.clone()
+
+    @staticmethod
+    def empty(n: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.float32, device=like.device)

@@ -16,6 +16,11 @@ Speed (the budget is 10% of a training step for encode + decode): both run block
 (packing.bucket_blocks) so temporaries stay in cache, and the rounding is one float32 add: s + u_i is
 made by writing random bits into the mantissa of float32(s) (23 - floor(log2 s) bits, all the
 resolution a float32 sum near s keeps), so code = trunc(s v_i / ||v|| + (s + u_i)).
+
+On the device (torch ops, one pass each): the u_i come from a torch generator on that device seeded
+from the client's stream, so its codes are drawn as the host's are but are not the host's bits (the
+codec is as unbiased; a run is reproduced on the same kind of device). Decoding a payload gives the
+host's values bit for bit.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
+from mpifed.compress import tensors
 from mpifed.compress.base import (
     F32, GatherCodec, PayloadError, RoundContext, as_flat_f32, check_bucket, check_count, check_finite,
     empty_parts, parts_nbytes, register_codec, unpack_parts,
@@ -95,6 +102,23 @@ class QSGD(GatherCodec):
                 np.minimum(code, np.uint8(2 * s), out=code)
             pack_uint(code, w, out=packed[start * w // 8: packed_nbytes(stop, w)])
         return payload
+
+    on_device = True
+
+    def encode_torch(self, x: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
+        s, n = self.levels, x.numel()
+        rows = tensors.bucket_rows(x, self.bucket)
+        norms = rows.square().sum(dim=1).sqrt()
+        scale = torch.tensor(np.float32(s), device=x.device) / torch.where(norms > 0, norms, 1.0)
+        noise = torch.rand(rows.shape, generator=tensors.generator_for(ctx.rng("qsgd"), x.device), device=x.device)
+        codes = (rows * scale[:, None] + (noise + s)).floor_().clamp_(0, 2 * s).reshape(-1)[:n]
+        return tensors.join_parts(norms, tensors.pack_codes(codes.to(torch.uint8), self.width))
+
+    def decode_torch(self, payload: torch.Tensor, n: int, ctx: RoundContext) -> torch.Tensor:
+        norms, packed = tensors.split_parts(payload, self._spec(n))
+        levels = tensors.unpack_codes(packed, self.width, n).to(torch.float32) - self.levels
+        steps = norms / torch.tensor(np.float32(self.levels), device=payload.device)
+        return (tensors.bucket_rows(levels, self.bucket) * steps[:, None]).reshape(-1)[:n]
 
     def validate(self, payload: np.ndarray, n: int, ctx: RoundContext) -> None:
         norms, packed = unpack_parts(payload, self._spec(n), "qsgd")

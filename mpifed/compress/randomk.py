@@ -6,6 +6,8 @@ payloads of all clients add up elementwise. With unbiased=True the server scales
 E[decode(encode(x))] = x over the index draw (Stich et al. 2018; Wangni et al. 2018).
 
 Bytes: 4 k per client per round (no indices). Time: drawing k of n without replacement and a sort.
+On the device the indices are drawn the same way on the host (k int64: 8 k bytes to the device, not
+the update's 4 n) and the values gathered and scattered there: the same payload bits as the host's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from mpifed.compress.base import (
     F32, OneShotReduce, RoundContext, as_flat_f32, check_count, check_finite, check_reduce_payload,
@@ -39,6 +42,7 @@ class RandomK(OneShotReduce):
             raise ValueError("randomk with error_feedback=true needs unbiased=false: the n/k rescale of an "
                              "unbiased random-k makes the error-feedback residual grow without bound")
         self.density, self.unbiased = float(density), bool(unbiased)
+        self._drawn: tuple = (None, None)  # (device, n, seed, round), its indices on that device
 
     def options(self) -> dict[str, Any]:
         return {"density": self.density, "unbiased": self.unbiased, **super().options()}
@@ -57,6 +61,23 @@ class RandomK(OneShotReduce):
     def encode(self, x: Any, ctx: RoundContext) -> np.ndarray:
         x = as_flat_f32(x)
         return x[self.indices(x.size, ctx)]
+
+    on_device = True
+
+    def _indices_on(self, device: torch.device, n: int, ctx: RoundContext) -> torch.Tensor:
+        """The round's indices as a tensor on `device`, drawn once for a round's encode and decode."""
+        key = (device, n, ctx.seed, ctx.round)
+        if self._drawn[0] != key:
+            self._drawn = (key, torch.from_numpy(self.indices(n, ctx)).to(device))
+        return self._drawn[1]
+
+    def encode_torch(self, x: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
+        return x[self._indices_on(x.device, x.numel(), ctx)]
+
+    def decode_torch(self, payload: torch.Tensor, n: int, ctx: RoundContext) -> torch.Tensor:
+        out = torch.zeros(n, dtype=torch.float32, device=payload.device)
+        scale = torch.tensor(n / self.count(n) if self.unbiased else 1.0, dtype=torch.float32, device=payload.device)
+        return out.index_put_((self._indices_on(payload.device, n, ctx),), payload * scale)
 
     def validate(self, payload: np.ndarray, n: int, ctx: RoundContext) -> None:
         check_finite(check_reduce_payload(payload, F32, self.count(n), "randomk"), "randomk payload")

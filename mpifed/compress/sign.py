@@ -9,7 +9,9 @@ Payload (uint8): ceil(n / bucket) float32 scales, then ceil(n / 8) bytes of sign
 Bytes: 4 ceil(n / bucket) + ceil(n / 8); default bucket 512: 0.133 n, 30x fewer than dense.
 
 Both directions run block by block (packing.bucket_blocks) so temporaries stay in cache; decoding
-looks each byte up in a table of its 8 signs, then scales whole buckets.
+looks each byte up in a table of its 8 signs, then scales whole buckets. On the device (torch ops):
+the same sign bits, and scales that may differ from the host's in the last bit (the sum of a bucket's
+magnitudes in another order); decoding a payload gives the host's values bit for bit.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
+from mpifed.compress import tensors
 from mpifed.compress.base import (
     F32, GatherCodec, PayloadError, RoundContext, as_flat_f32, check_bucket, check_count, check_finite,
     empty_parts, parts_nbytes, register_codec, unpack_parts,
@@ -77,6 +81,18 @@ class ScaledSign(GatherCodec):
             bits[start // 8: -(-stop // 8)] = np.packbits(mask, bitorder="little")
         scales /= self._counts(x.size)
         return payload
+
+    on_device = True
+
+    def encode_torch(self, x: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
+        counts = torch.from_numpy(self._counts(x.numel())).to(x.device)
+        scales = tensors.bucket_rows(x.abs(), self.bucket).sum(dim=1) / counts
+        return tensors.join_parts(scales, tensors.pack_codes((x >= 0).to(torch.uint8), 1))
+
+    def decode_torch(self, payload: torch.Tensor, n: int, ctx: RoundContext) -> torch.Tensor:
+        scales, bits = tensors.split_parts(payload, self._spec(n))
+        signs = tensors.unpack_codes(bits, 1, n).to(torch.float32) * 2 - 1
+        return (tensors.bucket_rows(signs, self.bucket) * scales[:, None]).reshape(-1)[:n]
 
     def validate(self, payload: np.ndarray, n: int, ctx: RoundContext) -> None:
         scales, _ = unpack_parts(payload, self._spec(n), self.name)

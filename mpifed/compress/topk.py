@@ -6,6 +6,8 @@ by default. Indices differ per client, so payloads cannot be added: they are gat
 Payload (uint8): k indices (uint32, or uint64 when n > 2^32), ascending, then k float32 values.
 Bytes: 8 k for n <= 2^32 -- at density 0.01 that is 0.08 n, 50x fewer than dense fp32's 4 n.
 Time: one pass for candidates above a sampled threshold, an exact selection among them, a sort of k.
+On the device: the same selection in torch ops; the same payload bits as the host's wherever the
+k-th largest magnitude is not tied (a tie may keep either of the equal values: both are the top k).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
+from mpifed.compress import tensors
 from mpifed.compress.base import (
     F32, GatherCodec, PayloadError, RoundContext, as_flat_f32, check_count, check_finite, pack_parts,
     parts_nbytes, register_codec, unpack_parts,
@@ -59,6 +63,23 @@ def top_indices(mag: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(mag, n - k)[n - k:]
 
 
+def top_indices_tensor(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """`top_indices` in torch ops, on mag's device: the same sampled threshold, then torch.topk among the
+    candidates (5x faster than torch.topk over all n on this CPU: 48 ms against 240 ms for resnet18)."""
+    n = mag.numel()
+    if k >= n:
+        return torch.arange(n, device=mag.device)
+    if n > 4 * SAMPLE and bool(torch.isfinite(mag.sum())):
+        sample = mag[:: n // SAMPLE]
+        expected = k * sample.numel() / n
+        above = min(sample.numel(), math.ceil(1.3 * expected + 4 * math.sqrt(expected) + 1))
+        threshold = torch.kthvalue(sample, sample.numel() - above + 1).values
+        candidates = torch.nonzero(mag >= threshold).squeeze(1)
+        if candidates.numel() >= k:
+            return candidates[torch.topk(mag[candidates], k, sorted=False).indices]
+    return torch.topk(mag, k, sorted=False).indices
+
+
 @register_codec("topk")
 class TopK(GatherCodec):
     """density: fraction of values sent, in (0, 1]; default 0.01 (1%), the benchmarks' point."""
@@ -89,6 +110,20 @@ class TopK(GatherCodec):
         x = as_flat_f32(x)
         idx = np.sort(top_indices(np.abs(x), self.count(x.size))).astype(index_dtype(x.size))
         return pack_parts(idx, x[idx])
+
+    on_device = True
+
+    def encode_torch(self, x: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
+        n = x.numel()
+        idx = top_indices_tensor(x.abs(), self.count(n)).sort().values
+        raw = tensors.as_bytes(idx) if index_dtype(n).itemsize == 8 else tensors.uint32_bytes(idx)
+        return torch.cat([raw, tensors.as_bytes(x[idx])])
+
+    def decode_torch(self, payload: torch.Tensor, n: int, ctx: RoundContext) -> torch.Tensor:
+        k, wide = self.count(n), index_dtype(n).itemsize == 8
+        raw, values = tensors.split_parts(payload, [(np.dtype(np.uint8), (8 if wide else 4) * k), (F32, k)])
+        idx = raw.view(torch.int64) if wide else tensors.uint32_values(raw)
+        return torch.zeros(n, dtype=torch.float32, device=payload.device).index_put_((idx,), values)
 
     def validate(self, payload: np.ndarray, n: int, ctx: RoundContext) -> None:
         idx, values = unpack_parts(payload, self._spec(n), "topk")
