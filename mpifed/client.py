@@ -17,12 +17,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mpifed import memory as mem
 from mpifed import profiles
 from mpifed.memory import BudgetGuard
 from mpifed.data import ClientSampler, augment, partition
+from mpifed.learn.loading import natural_partition
+from mpifed.learn.samples import DeviceSamples
 from mpifed.optimizers import local_optimizer
 from mpifed.protocol import payload_size
 from mpifed.runlog import ITER_FIELDS, column
@@ -35,9 +36,13 @@ class InjectedFault(RuntimeError):
 
 
 def partitions(s: Session) -> list[np.ndarray]:
-    weights = np.array([s.profile(k).data for k in range(s.n_clients)])
+    """Every client's sample indices into the train split: the data's natural clients, or a split by the
+    job's scheme (weighted by the profiles' data volumes)."""
     d = s.job.data
-    return partition(s.dataset.targets, weights, d.partition, s.job.run.seed, d.alpha, d.volume_sigma)
+    if d.partition == "natural":
+        return natural_partition(s.dataset.clients, s.n_clients)
+    weights = np.array([s.profile(k).data for k in range(s.n_clients)])
+    return partition(s.dataset.labels, weights, d.partition, s.job.run.seed, d.alpha, d.volume_sigma)
 
 
 @dataclass
@@ -45,8 +50,7 @@ class ClientSetup:
     """What one client prepares before the first round."""
 
     part: np.ndarray
-    xs: torch.Tensor
-    ys: torch.Tensor
+    samples: DeviceSamples      # this client's samples, converted once onto its device
     batch: int                  # the batch it will train with (after the memory model's cap)
     max_batch: int              # 0 when sizing is off
     memory: dict                # fitted memory model (static_bytes, per_sample_bytes, ...), or {}
@@ -59,30 +63,29 @@ def prepare_client(s: Session) -> ClientSetup:
     job, client = s.job, s.client
     profile = s.profile(client)
     part = partitions(s)[client]
-    xs, ys = s.dataset.tensors(part)
-    xs, ys = xs.to(s.device), ys.to(s.device)
+    samples = DeviceSamples(s.dataset, part, s.device)
     requested = int(s.batches[client])
     if not job.memory.size_clients:
-        return ClientSetup(part, xs, ys, requested, 0, {}, "", None)
+        return ClientSetup(part, samples, requested, 0, {}, "", None)
     name = f"client {client} (rank {s.world.rank}, profile {s.profile_names[client]})"
     step = mem.StepSpec(optimizer="none" if job.train.local_steps == 1 else "sgd", momentum=0.0,
                         weight_decay=job.optim.weight_decay, keep_grads=True)
     budget = profile.memory or mem.device_budget(s.device) // (1 if s.device.type == "cuda" else s.world.local_size)
     # held outside the step: this client's samples, the update buffer, the E>1 start copy
     # (and, for the per-coordinate teacher, up to n squares)
-    held = (xs.nbytes + ys.nbytes + 4 * payload_size(s.model)
+    held = (samples.nbytes + 4 * payload_size(s.model)
             + 4 * s.model.n_params * ((job.train.local_steps > 1) + job.scaling.per_coordinate))
-    sizing = mem.size_client(s.model.module, tuple(xs.shape[1:]), s.dataset.num_classes, step, s.device,
+    sizing = mem.size_client(s.model.module, s.task.input_shape, s.task.classes, step, s.device,
                              int(budget), requested, name, strict=job.memory.strict, margin=job.memory.margin,
-                             multiple_of=job.memory.multiple_of, extra_static_bytes=int(held))
+                             multiple_of=job.memory.multiple_of, extra_static_bytes=int(held), task=s.task)
     guard = None
     if profile.memory and job.memory.enforce:
         guard = mem.enforce_budget(s.device, int(profile.memory), sizing.model, name)
     batch, largest, record, message = sizing.batch, sizing.max_batch, sizing.model.as_record(), sizing.message
     if s.device.type == "cuda" and job.memory.verify:
         def real_step(b: int) -> int:
-            return mem.measured_peak(s.model.module, tuple(xs.shape[1:]), s.dataset.num_classes, step, s.device,
-                                     b, seed=job.run.seed).total
+            return mem.measured_peak(s.model.module, s.task.input_shape, s.task.classes, step, s.device,
+                                     b, seed=job.run.seed, task=s.task).total
 
         verified = mem.verify_batch(real_step, batch, name, int(budget), sizing.model)
         # the step alone on both sides: the measurement counts from what was allocated before it
@@ -93,7 +96,7 @@ def prepare_client(s: Session) -> ClientSetup:
             message = (f"{name}: a real step at batch {verified.failed[0]} ran out of device memory although the "
                        f"memory model predicted it fits; training with batch {batch}, which ran "
                        f"(peak {mem.format_bytes(verified.peak)})")
-    return ClientSetup(part, xs, ys, batch, largest, record, message, guard)
+    return ClientSetup(part, samples, batch, largest, record, message, guard)
 
 
 def run_client(s: Session, setup: ClientSetup) -> bool:
@@ -102,7 +105,7 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
     client = s.client
     profile = s.profile(client)
     slowed = replace(profile, speed=profile.speed * job.debug.slow_speed)  # debug.slow_rank's drift
-    xs, ys, part = setup.xs, setup.ys, setup.part
+    part = setup.part
     sampler = ClientSampler(part, job.run.seed, client)
     batch, weight = int(s.batches[client]), s.weight(client)
     _report_setup(s, setup)
@@ -136,7 +139,7 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
             setup.guard.check(batch)
         lr = learning_rate(job.optim, rnd, job.train.rounds, s.global_batch)
         native = profiles.native_start()
-        loss = local_steps(s, local_opt, lr, draw, xs, ys, batch, rnd * job.train.local_steps, update)
+        loss = local_steps(s, local_opt, lr, draw, setup.samples, batch, rnd * job.train.local_steps, update)
         if s.device.type == "cuda":
             torch.cuda.synchronize(s.device)
         measured = profiles.native_seconds(native, s.device.type == "cuda")
@@ -167,11 +170,12 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
     return False
 
 
-def local_steps(s: Session, local_opt, lr: float, draw: Callable[[int], torch.Tensor], xs, ys, batch: int,
+def local_steps(s: Session, local_opt, lr: float, draw: Callable[[int], torch.Tensor], samples, batch: int,
                 key: int, update: torch.Tensor, client: int | None = None) -> float:
     """E=1: the gradient of one batch into `update`. E>1: E SGD steps, the model delta into `update`.
 
-    `draw(b)` gives the positions in xs/ys of b samples, and local step e augments with key + e.
+    `draw(b)` gives the positions in `samples` (mpifed.learn.samples) of b samples, and local step e
+    augments with key + e. The loss is the task's (cross-entropy unless the data brings its own).
     Training draws from the client's sampler; the start-up probes (mpifed.probes) run this same
     function with draws of their own, so what they time is the step that training runs.
     `client` (default: this rank's own) keys the augmentation; a pooled worker passes each client it trains.
@@ -187,12 +191,11 @@ def local_steps(s: Session, local_opt, lr: float, draw: Callable[[int], torch.Te
         group["lr"] = lr
     losses = []
     for step in range(steps):
-        pos = draw(batch)
-        x, y = xs[pos], ys[pos]
+        x, y = samples.batch(draw(batch))
         if job.data.augment:
             x = augment(x, job.run.seed, client, key + step)
         module.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(module(x), y)
+        loss = s.task.loss(module(x), y)
         loss.backward()
         losses.append(loss.detach())
         if steps > 1:

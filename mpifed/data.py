@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpifed.datasets import DATASETS, INPUT_SIDE
+from mpifed.datasets import DATASETS
 from mpifed.errors import InputError
+from mpifed.learn.tasks import Task
 from mpifed.seeding import Purpose, rng, torch_generator
 
 _SYNTHETIC_DATA_SEED = 20250101  # fixed: the task stays the same when run.seed changes
@@ -29,12 +30,18 @@ class DatasetError(InputError, RuntimeError):
 
 @dataclass
 class ImageSet:
-    """uint8 images (N, H, W, C) with int64 labels, as torchvision's CIFAR classes hold them."""
+    """uint8 images (N, H, W, C) with int64 labels, as torchvision's CIFAR classes hold them.
+
+    pad_to: the side a model needs (VGG's five poolings need 32); smaller images are zero-padded to
+    it, others are fed at their own size. One of the sample sets of mpifed.learn.samples.
+    """
 
     data: np.ndarray
     targets: np.ndarray
     num_classes: int
     name: str
+    pad_to: int = 0
+    clients = None  # no natural partition
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -43,16 +50,34 @@ class ImageSet:
     def channels(self) -> int:
         return self.data.shape[3]
 
+    @property
+    def side(self) -> int:
+        return max(self.data.shape[1], self.pad_to)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.targets
+
+    @property
+    def task(self) -> Task:
+        return Task.classification((self.channels, self.side, self.side), self.num_classes)
+
     def images(self, indices: np.ndarray) -> np.ndarray:
         return self.data[indices]
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        return dict(data=self.data, targets=self.targets)
+
+    def with_arrays(self, arrays: dict[str, np.ndarray]) -> ImageSet:
+        return ImageSet(arrays["data"], arrays["targets"], self.num_classes, self.name, self.pad_to)
+
     def tensors(self, indices: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized float32 (n, C, 32, 32) images and int64 labels of `indices` (all if None)."""
+        """Normalized float32 (n, C, side, side) images and int64 labels of `indices` (all if None)."""
         if indices is None:
             indices = np.arange(len(self))
         x = torch.from_numpy(np.ascontiguousarray(self.images(indices))).permute(0, 3, 1, 2).float().div_(255)
-        if x.shape[-1] < INPUT_SIDE:  # MNIST 28x28 -> 32x32, so every model sees CIFAR-sized inputs
-            pad = (INPUT_SIDE - x.shape[-1]) // 2
+        if x.shape[-1] < self.side:  # MNIST 28x28 -> 32x32 for a model that needs it
+            pad = (self.side - x.shape[-1]) // 2
             x = F.pad(x, (pad, pad, pad, pad))
         spec = DATASETS[self.name]
         mean, std = spec.mean, spec.std
@@ -93,6 +118,11 @@ class SyntheticSet(ImageSet):
         return np.clip(128 + 40 * x, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+    def with_arrays(self, arrays: dict[str, np.ndarray]) -> ImageSet:
+        """The generated images held as data (mpifed.learn.nodedata generates them into shared memory)."""
+        return ImageSet(arrays["data"], arrays["targets"], self.num_classes, self.name, self.pad_to)
+
+
 def synthetic(train: bool, size: int, noise: float, classes: int = DATASETS["synthetic"].classes) -> ImageSet:
     return SyntheticSet(train, size, noise, classes)
 
@@ -121,15 +151,23 @@ def _missing_message(name: str, train: bool, root: str, download: bool, err: Exc
     else:
         fix = ("set data.root to their parent directory (--set data.root=DIR), or data.download = true "
                "(--set data.download=true) to download them where the network allows")
+    debian = (f" Or install Debian's package: apt-get install {DEBIAN_PACKAGES[name]} (files in "
+              f"{DEBIAN_FILES[name]}, read when {where} is empty)." if name in DEBIAN_PACKAGES else "")
     return (f"{name} ({'train' if train else 'test'} split) not found or corrupt: {reason}. "
-            f"The files go in {where}; {fix}.")
+            f"The files go in {where}; {fix}.{debian}")
 
 
 def load_dataset(name: str, train: bool, root: str = "data", download: bool = False,
-                 size: int = 12000, noise: float = 2.5) -> ImageSet:
-    """Load a split. Real datasets go through torchvision's own classes (and their file checks)."""
+                 size: int = 12000, noise: float = 2.5, pad_to: int = 0) -> ImageSet:
+    """Load a split. Real datasets go through torchvision's own classes (and their file checks);
+    Fashion-MNIST, when torchvision's files are not under `root`, from Debian's package files.
+    `pad_to`: the image side the model needs (0: the data's own)."""
     if name == "synthetic":
-        return synthetic(train, size, noise)
+        data = synthetic(train, size, noise)
+        data.pad_to = pad_to
+        return data
+    if name in DEBIAN_FILES and not download and not _torchvision_files(name, root) and Path(DEBIAN_FILES[name]).is_dir():
+        return _debian_idx(name, train, pad_to)
     cls = _torchvision_class(name)
     try:
         ds = cls(root=root, train=train, download=download)
@@ -139,7 +177,56 @@ def load_dataset(name: str, train: bool, root: str = "data", download: bool = Fa
     if data.ndim == 3:  # MNIST-style (N, 28, 28)
         data = data[..., None]
     targets = np.asarray(ds.targets, dtype=np.int64)
-    return ImageSet(data, targets, len(ds.classes), name)
+    return ImageSet(data, targets, len(ds.classes), name, pad_to)
+
+
+DEBIAN_FILES = {"fashionmnist": "/usr/share/datasets/fashion-mnist"}
+"""Where a Debian package puts a dataset's original files (dataset-fashion-mnist: the gzipped IDX files)."""
+
+DEBIAN_PACKAGES = {"fashionmnist": "dataset-fashion-mnist"}
+
+_IDX_NAMES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _torchvision_files(name: str, root: str) -> bool:
+    raw = Path(root) / DATASETS[name].torchvision / "raw"
+    return raw.is_dir() and any(raw.iterdir())
+
+
+def _debian_idx(name: str, train: bool, pad_to: int, folder: str | None = None) -> ImageSet:
+    folder = Path(folder or DEBIAN_FILES[name])
+    images, labels = (folder / f"{stem}.gz" for stem in _IDX_NAMES[train])
+    try:
+        x, y = read_idx(images), read_idx(labels)
+    except (OSError, ValueError, EOFError) as err:
+        raise DatasetError(f"{name} ({'train' if train else 'test'} split): cannot read {folder}: {err}; reinstall "
+                           f"it (apt-get install --reinstall {DEBIAN_PACKAGES[name]})") from None
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise DatasetError(f"{name}: {images.name} holds {x.shape} and {labels.name} {y.shape}: not images and "
+                           f"labels of one split; reinstall {DEBIAN_PACKAGES[name]}")
+    return ImageSet(x[..., None], y.astype(np.int64), DATASETS[name].classes, name, pad_to)
+
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format, as torchvision's read_sn3_pascalvincent_tensor reads it),
+    gzipped or not: magic 0x0000 TT DD (TT the type, DD the number of dimensions), DD big-endian
+    int32 sizes, then the values."""
+    import gzip
+
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] or raw[1] or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path.name} is not an IDX file (bad magic number)")
+    dims = raw[3]
+    shape = tuple(int(v) for v in np.frombuffer(raw, ">i4", dims, 4))
+    values = np.frombuffer(raw, _IDX_TYPES[raw[2]], offset=4 + 4 * dims)
+    if values.size != int(np.prod(shape)):
+        raise ValueError(f"{path.name}: header says {shape} but it holds {values.size} values (truncated?)")
+    return values.reshape(shape).astype(values.dtype.newbyteorder("="))
 
 
 # --------------------------------------------------------------------------- partitions

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-INPUT_SIDE = 32
-"""Height and width of every model input: the data layer pads smaller images (MNIST's 28x28) to it."""
 
 
 @dataclass(frozen=True)
@@ -19,6 +17,7 @@ class DatasetSpec:
     classes: number of labels.
     torchvision: its class in torchvision.datasets; empty for synthetic, which mpifed generates.
     files: where its files go under data.root, for the message when they are missing.
+    side: height and width of its images, as models get them (a VGG pads them to 32: mpifed.models.MIN_SIDE).
     """
 
     mean: tuple[float, ...]
@@ -26,6 +25,7 @@ class DatasetSpec:
     classes: int
     torchvision: str = ""
     files: str = ""
+    side: int = 32
 
     @property
     def channels(self) -> int:
@@ -34,7 +34,7 @@ class DatasetSpec:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of one model input."""
-        return self.channels, INPUT_SIDE, INPUT_SIDE
+        return self.channels, self.side, self.side
 
 
 # Statistics: the usual published values; synthetic's measured.
@@ -45,7 +45,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar100": DatasetSpec((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100, "CIFAR100",
                             "<root>/cifar-100-python/ (extract cifar-100-python.tar.gz into <root>)"),
     "mnist": DatasetSpec((0.1307,), (0.3081,), 10, "MNIST",
-                         "<root>/MNIST/raw/ (the four uncompressed *-idx?-ubyte files)"),
+                         "<root>/MNIST/raw/ (the four uncompressed *-idx?-ubyte files)", 28),
     "fashionmnist": DatasetSpec((0.2860,), (0.3530,), 10, "FashionMNIST",
-                                "<root>/FashionMNIST/raw/ (the four uncompressed *-idx?-ubyte files)"),
+                                "<root>/FashionMNIST/raw/ (the four uncompressed *-idx?-ubyte files)", 28),
 }

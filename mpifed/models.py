@@ -1,6 +1,7 @@
-"""Model registry: torchvision's own classes, adapted to small images and any class count.
+"""Model registry: torchvision's own classes, adapted to small images and any class count, and LEAF's LSTM.
 
-Every model takes (N, C, 32, 32) inputs (the data layer pads 28x28 images to 32x32). The ResNets
+The image models take (N, C, H, W) inputs at the data's own size; the VGGs need 32x32 (five
+poolings), so the data layer pads smaller images for them (MIN_SIDE). The ResNets
 get the usual CIFAR stem (3x3 conv, stride 1, no max-pool) because the ImageNet stem would shrink a
 32x32 image to 8x8 before the first block; the VGGs get a global-pool head (512 -> classes) instead
 of the 25088x4096 ImageNet classifier, which would hold 90% of the parameters for no accuracy.
@@ -16,6 +17,12 @@ from torchvision import models as tvm
 
 ModelBuilder = Callable[[int, int], nn.Module]
 MODELS: dict[str, ModelBuilder] = {}
+
+MIN_SIDE = {"vgg11": 32, "vgg11_bn": 32}
+"""Smallest image side a built-in model takes; smaller images are zero-padded to it."""
+
+TOKEN_MODELS = ("leaf-lstm",)
+"""Built-in models of token ids (a next-token task); the others take float images (classification)."""
 
 
 def register(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -87,3 +94,11 @@ def _vgg11(num_classes: int, in_channels: int) -> nn.Module:
 @register("vgg11_bn")
 def _vgg11_bn(num_classes: int, in_channels: int) -> nn.Module:
     return _cifar_vgg(tvm.vgg11_bn(weights=None, num_classes=num_classes), num_classes, in_channels)
+
+
+@register("leaf-lstm")
+def _leaf_lstm(num_classes: int, in_channels: int) -> nn.Module:
+    """LEAF's Shakespeare model; `num_classes` is the vocabulary size (in_channels is not used)."""
+    from mpifed.learn.shakespeare import CharLSTM
+
+    return CharLSTM(num_classes)

@@ -164,7 +164,7 @@ def start_pool_model(s: Session, setup) -> PoolModel | None:
     else:
         rows = []
         for i, name in enumerate(names):
-            step = probes.profile_step(s, s.job.profile(name), setup.xs, setup.ys, i)
+            step = probes.profile_step(s, s.job.profile(name), setup.samples, i)
             for b in grids[i]:
                 for j in range(WARMUP_STEPS + cfg.repeats):
                     seconds = _timed(lambda: step(b))

@@ -40,12 +40,11 @@ PROBE_KEY = 0x9E0BE
 def client_step(s: Session, setup: ClientSetup) -> Callable[[int], None]:
     """step(b): this client's E local steps at batch b (training's own mpifed.client.local_steps),
     emulated slow-down included; blocks until done (profile_step with the client's own data)."""
-    return profile_step(s, s.profile(s.client), setup.xs, setup.ys, s.client)
+    return profile_step(s, s.profile(s.client), setup.samples, s.client)
 
 
-def profile_step(s: Session, profile: DeviceProfile, xs: torch.Tensor, ys: torch.Tensor,
-                 key: int) -> Callable[[int], None]:
-    """step(b): E local steps at batch b on samples of xs/ys, slowed down to `profile`'s speed.
+def profile_step(s: Session, profile: DeviceProfile, samples, key: int) -> Callable[[int], None]:
+    """step(b): E local steps at batch b on `samples` (mpifed.learn.samples), slowed down to `profile`'s speed.
 
     Samples are drawn with a private generator (keyed by `key`), so no training sampler is advanced,
     into a scratch update. The model's parameters may change (E > 1 runs SGD with lr 0, which leaves
@@ -57,11 +56,11 @@ def profile_step(s: Session, profile: DeviceProfile, xs: torch.Tensor, ys: torch
     on_gpu = s.device.type == "cuda"
 
     def draw(b: int) -> torch.Tensor:
-        return torch.randint(len(ys), (b,), generator=gen).to(s.device)
+        return torch.randint(len(samples), (b,), generator=gen).to(s.device)
 
     def step(batch: int) -> None:
         start = profiles.native_start()
-        local_steps(s, local_opt, 0.0, draw, xs, ys, batch, 0, update, key)
+        local_steps(s, local_opt, 0.0, draw, samples, batch, 0, update, key)
         if on_gpu:
             torch.cuda.synchronize(s.device)
         profiles.sleep(profiles.compute_delay(profile, profiles.native_seconds(start, on_gpu)))

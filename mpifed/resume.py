@@ -19,7 +19,8 @@ import tomli_w
 
 from mpifed import checkpoint, runlock, runlog
 from mpifed.cluster import World
-from mpifed.config import Job, JobError, load_job, resolve_clients
+from mpifed.config import Job, JobError, load_job
+from mpifed.learn.loading import check_learning, job_clients
 from mpifed.diskfull import DiskFullError
 
 
@@ -59,7 +60,8 @@ def resume_run(world: World, resume: str, overrides: list[str]) -> tuple[Job, di
                        f"the rounds logged and the rounds to come would follow different schedules. Start a "
                        f"new run for more rounds (runs meant to be extended: optim.schedule = \"step\" or "
                        f"\"constant\")")
-    n_clients = len(resolve_clients(job, world.size))
+    check_learning(job)  # the data and the model still load and fit, before anything is changed
+    n_clients = len(job_clients(job, world.size))
     path, payload, notes = checkpoint.choose(run_dir, checkpoint.identity(job, n_clients))
     for note in notes:
         print(f"mpifed: {note}", file=sys.stderr, flush=True)

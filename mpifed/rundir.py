@@ -21,6 +21,7 @@ from mpifed.config import Job, JobError, load_job
 from mpifed.diskfull import checkpoint_files, resume_advice, write_whole
 from mpifed.errors import InputError
 from mpifed.exchange import Exchange
+from mpifed.learn.loading import check_learning
 from mpifed.resume import resume_run
 from mpifed.worker import check_client_state
 
@@ -69,6 +70,7 @@ def prepare(world: World, job_file: str | None, overrides: list[str], resume: st
 
 def _new(world: World, job_file: str | None, overrides: list[str]) -> tuple[Job, Start]:
     job = load_job(job_file, overrides)
+    check_learning(job)  # the data loads and the model takes it: one line, before anything is written
     check_client_state(job, world.size)  # resolves the clients too
     return job, Start(_make_run_dir(job))
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mpifed import checkpoint
+from mpifed.learn.tasks import Task
 from mpifed.planning import StartupPlan
 from mpifed.pool_model import PoolModel
 from mpifed.progress import Progress
@@ -129,7 +129,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         done = rnd + 1
         due = done == job.train.rounds or (job.train.eval_every and done % job.train.eval_every == 0)
         if due:
-            loss, acc = evaluate(model.module, test_x, test_y, job.train.eval_batch, s.device)
+            loss, acc = evaluate(model.module, test_x, test_y, job.train.eval_batch, s.device, s.task)
             last_eval = dict(round=done, test_loss=loss, test_acc=acc, wall=time.perf_counter() - began)
         t_eval = time.perf_counter() - t0
 
@@ -309,15 +309,14 @@ def _eval_indices(s: Session) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int,
-             device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over (x, y), in eval mode (BatchNorm uses running stats)."""
+             device: torch.device, task: Task) -> tuple[float, float]:
+    """Mean loss and accuracy (per sample, or per token) over (x, y) by the task's loss and metric, in
+    eval mode (BatchNorm uses running stats)."""
     module.eval()
-    total_loss, correct = 0.0, 0
+    total_loss, correct, counted = 0.0, 0.0, 0
     for i in range(0, len(y), batch):
         xb, yb = x[i: i + batch].to(device), y[i: i + batch].to(device)
-        out = module(xb)
-        total_loss += float(F.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
+        loss, right, n = task.totals(module(xb), yb)
+        total_loss, correct, counted = total_loss + loss, correct + right, counted + n
     module.train()
-    return total_loss / len(y), correct / len(y)
-
+    return total_loss / counted, correct / counted

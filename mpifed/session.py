@@ -13,11 +13,13 @@ import torch
 
 from mpifed.cluster import StopRequest, StoppedEarly, World, pick_device
 from mpifed.config import DeviceProfile, Job, client_batches, resolve_clients
-from mpifed.data import ImageSet, load_dataset
+from mpifed.data import load_dataset
 from mpifed.dataplane import open_plane
+from mpifed.datasets import DATASETS
 from mpifed.exchange import Exchange
 from mpifed.flat import FlatModel
-from mpifed.models import build_model
+from mpifed.learn.loading import forget_data, load_data, make_model
+from mpifed.learn.tasks import Task
 from mpifed.placement import Placement
 from mpifed.protocol import RoundProtocol, round_protocol
 from mpifed.seeding import Purpose, forked_torch_rng
@@ -32,8 +34,10 @@ class Session:
     exchange: Exchange
     profile_names: list[str]       # per client
     batches: np.ndarray            # per client, samples per local step
-    dataset: ImageSet              # train split on clients, test split on the server
+    dataset: object                # a sample set (mpifed.learn.samples): train on clients, test on the server
     placement: Placement           # which rank trains which client
+    task: Task = None              # the data's shapes, loss and metric (mpifed.learn.tasks)
+    shared: object = None          # the node's shared copy of the train split (mpifed.nodeshare), if any
     stop: StopRequest = field(default_factory=StopRequest.install)  # SIGTERM/SIGUSR1/SIGINT seen by this rank
     start_round: int = 0           # > 0 when resuming
     resumed_from: dict | None = None  # the checkpoint being resumed (server only)
@@ -78,23 +82,33 @@ class Session:
 
 
 def open_session(world: World, job: Job) -> Session:
-    names = resolve_clients(job, world.size)
-    placement = Placement.of_job(len(names), world.size, job.clients.per_round)
     device = pick_device(world, job.run.device)
     polite = job.comm.wait == "sleep" or (job.comm.wait == "auto" and world.oversubscribed)
     chunk = int(job.comm.chunk_mib * 2**20)
-    plane, plane_name, plane_reason = open_plane(job.comm.data, world.comm, device, job.comm.timeout,
+    timeout, oversized = job.comm.timeout, Exchange(world.comm, polite, chunk, timeout=job.comm.timeout)
+    bundle = _load_data(world, job, oversized)
+    natural = bundle.natural_clients if job.data.partition == "natural" else None
+    names = resolve_clients(job, world.size, natural)
+    placement = Placement.of_job(len(names), world.size, job.clients.per_round)
+    plane, plane_name, plane_reason = open_plane(job.comm.data, world.comm, device, timeout,
                                                  world.local_size == world.size, chunk)
-    exchange = Exchange(world.comm, polite, chunk, timeout=job.comm.timeout, placement=placement, data=plane)
+    exchange = Exchange(world.comm, polite, chunk, timeout=timeout, placement=placement, data=plane)
     exchange.data_plane = (plane_name, plane_reason)
     if plane is None:
         exchange.agree_pieces(device)
-    dataset = _load_data(world, job, exchange)
+    dataset, shared = (bundle.test, None) if world.is_server else (bundle.train, None)
+    if job.data.share == "node" and world.local_size > 1:  # one copy per node, which the server's rank maps too
+        from mpifed.learn.nodedata import hold_on_node
+
+        train, shared = hold_on_node(world.comm, bundle.train, exchange.wait)
+        dataset = bundle.test if world.is_server else train
+    forget_data()  # the cache held both splits: this rank keeps the one it uses
     with forked_torch_rng(job.run.seed, Purpose.INIT):  # same init on every rank, global RNG untouched
-        module = build_model(job.model.name, dataset.num_classes, dataset.channels)
+        module = make_model(job, bundle.task)
     model = FlatModel(module, device)
     batches = np.array(client_batches(job, names), dtype=np.int64)
-    return Session(world, job, device, model, exchange, names, batches, dataset, placement)
+    return Session(world, job, device, model, exchange, names, batches, dataset, placement, task=bundle.task,
+                   shared=shared)
 
 
 def all_batches(s: Session, mine: int) -> np.ndarray:
@@ -133,12 +147,12 @@ def restore_batches(s: Session, state: dict | None) -> None:
     s.batches = batches
 
 
-def _load_data(world: World, job: Job, exchange: Exchange) -> ImageSet:
+def _load_data(world: World, job: Job, exchange: Exchange):
+    """Both splits (mpifed.learn.loading), after rank 0 downloaded what data.download asks for."""
     d = job.data
-    if d.download and d.dataset != "synthetic":
+    if d.download and d.dataset in DATASETS and d.dataset != "synthetic":
         if world.is_server:  # one download per job, before anyone reads the files
             for split in (True, False):
                 load_dataset(d.dataset, split, d.root, download=True)
         exchange.arrive()  # the clients wait politely, and no longer than comm.timeout
-    size = d.train_size if not world.is_server else d.test_size
-    return load_dataset(d.dataset, train=not world.is_server, root=d.root, size=size, noise=d.noise)
+    return load_data(job)

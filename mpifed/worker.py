@@ -26,10 +26,10 @@ from mpifed import memory as mem
 from mpifed import profiles
 from mpifed.client import InjectedFault, local_steps, partitions
 from mpifed.compress import ErrorFeedback, make_codec
-from mpifed.config import Job, JobError, resolve_clients
+from mpifed.config import Job, JobError
 from mpifed.data import ClientSampler
-from mpifed.datasets import DATASETS
-from mpifed.models import build_model
+from mpifed.learn.loading import job_clients, load_data, make_model
+from mpifed.learn.samples import DeviceSamples, LazySamples
 from mpifed.optimizers import local_optimizer
 from mpifed.placement import Placement
 from mpifed.protocol import payload_size
@@ -45,8 +45,8 @@ class WorkerSetup:
     the memory model's cap per profile (sized once per profile, not per client)."""
 
     parts: list[np.ndarray]
-    xs: torch.Tensor
-    ys: torch.Tensor
+    samples: LazySamples | DeviceSamples  # the whole train split: node-shared and converted batch by batch,
+                                          # or (data.share = "rank") converted once onto the device
     caps: np.ndarray            # per profile name (sorted), largest batch; 0 = not sized
     memory: dict                # profile name -> fitted memory model record
     messages: list[str]
@@ -75,12 +75,11 @@ def residual_problem(n_clients: int, n_params: int, available: int, codec: str) 
 def check_client_state(job: Job, world_size: int) -> None:
     """Rank 0, before the run starts: refuse a pooled job whose clients' error-feedback residuals would
     not fit in this node's memory."""
-    n_clients = len(resolve_clients(job, world_size))
+    n_clients = len(job_clients(job, world_size))
     codec = make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options)
     if not (Placement.of_job(n_clients, world_size, job.clients.per_round).pooled and codec.error_feedback):
         return
-    spec = DATASETS[job.data.dataset]
-    n_params = sum(p.numel() for p in build_model(job.model.name, spec.classes, spec.channels).parameters())
+    n_params = sum(p.numel() for p in make_model(job, load_data(job).task).parameters())
     problem = residual_problem(n_clients, n_params, mem.device_budget("cpu"), job.compress.codec)
     if problem:
         raise JobError(problem)
@@ -90,28 +89,31 @@ def prepare_worker(s: Session) -> WorkerSetup:
     """Partition for all N clients, load the train split once, size each profile's batch."""
     job = s.job
     parts = partitions(s)
-    xs, ys = s.dataset.tensors()
-    xs, ys = xs.to(s.device), ys.to(s.device)
+    if s.job.data.share == "node":  # the raw split (the node's shared copy), converted batch by batch
+        samples = LazySamples(s.dataset, s.device)
+    else:
+        samples = DeviceSamples(s.dataset, None, s.device)
     names = sorted(set(s.profile_names))
     caps, records, messages = np.zeros(len(names), dtype=np.int64), {}, []
     if job.memory.size_clients:
         step = mem.StepSpec(optimizer="none" if job.train.local_steps == 1 else "sgd", momentum=0.0,
                             weight_decay=job.optim.weight_decay, keep_grads=True)
-        # held outside the step: the train split, the update and its sum, the E>1 start copy and the reset copy
-        held = xs.nbytes + ys.nbytes + 4 * (2 * payload_size(s.model) + 2 * s.model.size)
+        # held outside the step: the train split (when a rank holds its own), the update and its sum, the E>1
+        # start copy and the reset copy
+        held = samples.nbytes + 4 * (2 * payload_size(s.model) + 2 * s.model.size)
         for i, name in enumerate(names):
             profile = job.profile(name)
             budget = profile.memory or mem.device_budget(s.device) // (1 if s.device.type == "cuda"
                                                                          else s.world.local_size)
             requested = max(int(b) for b, p in zip(s.batches, s.profile_names) if p == name)
-            sizing = mem.size_client(s.model.module, tuple(xs.shape[1:]), s.dataset.num_classes, step, s.device,
+            sizing = mem.size_client(s.model.module, s.task.input_shape, s.task.classes, step, s.device,
                                      int(budget), requested, f"profile {name} (rank {s.world.rank})",
                                      strict=job.memory.strict, margin=job.memory.margin,
-                                     multiple_of=job.memory.multiple_of, extra_static_bytes=int(held))
+                                     multiple_of=job.memory.multiple_of, extra_static_bytes=int(held), task=s.task)
             caps[i], records[name] = sizing.max_batch, sizing.model.as_record()
             if sizing.message:
                 messages.append(sizing.message)
-    return WorkerSetup(parts, xs, ys, caps, records, messages)
+    return WorkerSetup(parts, samples, caps, records, messages)
 
 
 def agree_pooled_batches(s: Session, caps: np.ndarray | None) -> None:
@@ -180,7 +182,7 @@ def run_worker(s: Session, setup: WorkerSetup) -> bool:
                 return torch.from_numpy(part[sampler.next(b)]).to(s.device)
 
             began = profiles.native_start()
-            loss = local_steps(s, local_opt, lr, draw, setup.xs, setup.ys, batch, rnd * steps, update, client)
+            loss = local_steps(s, local_opt, lr, draw, setup.samples, batch, rnd * steps, update, client)
             if on_gpu:
                 torch.cuda.synchronize(s.device)
             slowed = job.debug.slow_rank == world.rank and rnd >= job.debug.slow_round
@@ -226,7 +228,7 @@ def _report_setup(s: Session, setup: WorkerSetup) -> None:
     (their data sizes, the memory model per profile, the sizing messages)."""
     facts = dict(role=s.placement.role(s.world.rank), host=s.world.host, device=str(s.device), profile="pooled",
                  emulated=False,
-                 speed=1.0, memory_budget=0.0, bandwidth=0.0, latency=0.0, data_size=len(setup.ys),
+                 speed=1.0, memory_budget=0.0, bandwidth=0.0, latency=0.0, data_size=len(setup.samples),
                  requested_batch=0, max_batch=int(setup.caps.max(initial=0)), batch=0, memory_model={},
                  message="; ".join(setup.messages))
     if s.world.rank == 1:

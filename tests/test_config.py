@@ -22,7 +22,7 @@ def test_every_problem_is_listed_with_field_value_and_allowed():
     assert "4 problem(s)" in text
     assert "train.rounds = 0: must be >= 1" in text
     assert "trian: unknown field (did you mean 'train'?)" in text
-    assert "data.dataset = 'imagenet': must be one of synthetic, cifar10" in text
+    assert "data.dataset = 'imagenet': no such built-in dataset; use one of synthetic, cifar10" in text
     assert "optim.lr = 'fast': expected float" in text
 
 

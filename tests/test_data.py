@@ -91,13 +91,16 @@ def test_cifar10_loads_through_torchvision_from_files_in_the_real_format(tmp_pat
     assert x.shape == (2, 3, 32, 32) and y.dtype == torch.int64
 
 
-def test_mnist_loads_from_idx_files_and_is_padded_to_32(tmp_path):
+def test_mnist_loads_from_idx_files_at_its_own_size_and_is_padded_for_a_model_that_needs_32(tmp_path):
     images = write_mnist(tmp_path, train=12, test=5)
     ds = load_dataset("mnist", train=False, root=str(tmp_path))
     assert len(ds) == 5 and ds.channels == 1
     assert np.array_equal(ds.data[..., 0], images)
     x, _ = ds.tensors()
-    assert x.shape == (5, 1, 32, 32)
+    assert x.shape == (5, 1, 28, 28) and ds.task.input_shape == (1, 28, 28)
+    padded = load_dataset("mnist", train=False, root=str(tmp_path), pad_to=32)
+    x32, _ = padded.tensors()
+    assert x32.shape == (5, 1, 32, 32) and torch.equal(x32[:, :, 2:30, 2:30], x)
 
 
 def test_missing_dataset_says_where_the_files_go(tmp_path):
@@ -131,8 +134,8 @@ def test_dataset_table_matches_what_the_data_layer_feeds(name):
         ds = synthetic(True, 4, 2.5)
         assert ds.num_classes == spec.classes
     else:
-        side = 28 if spec.channels == 1 else 32  # MNIST-style images are padded to the model input
-        ds = ImageSet(np.zeros((4, side, side, spec.channels), np.uint8), np.zeros(4, np.int64), spec.classes, name)
+        ds = ImageSet(np.zeros((4, spec.side, spec.side, spec.channels), np.uint8), np.zeros(4, np.int64),
+                      spec.classes, name)
         assert _torchvision_class(name).__name__ == spec.torchvision and "<root>" in spec.files
     x, _ = ds.tensors()
     assert x.shape == (4, *spec.input_shape)

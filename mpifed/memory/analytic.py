@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from mpifed.learn.tasks import Task, as_task
 from mpifed.memory.budget import indexed_device
 from mpifed.memory.model import (ANALYTIC_FIT_BATCHES, CUDA_BLOCK_BYTES, MemoryModel, StepPeak, StepSpec,
                                  as_spec, training_step)
@@ -107,45 +108,45 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 
 def analytic_peak(model: nn.Module, input_shape: Sequence[int], num_classes: int,
                   step: str | StepSpec, device: str | torch.device, batch: int,
-                  overhead_bytes: int | None = None) -> StepPeak:
+                  overhead_bytes: int | None = None, task: Task | None = None) -> StepPeak:
     """Peak bytes of a steady-state training step at `batch`, from a walk on meta tensors.
 
     The walk runs two steps (the first creates optimizer state) and reports the second, as a real
     loop would see it from its second step on. `overhead_bytes`: memory the device's libraries keep
     (default: library_overhead_bytes(device), 0 on the CPU). `num_classes` is checked against the
-    model's output so a mismatched head fails here, not in training.
+    model's output so a mismatched head fails here, not in training. `task` (mpifed.learn.tasks): inputs,
+    targets and loss of another task than classification of float inputs (token ids, a user's loss).
     """
+    task = as_task(task, input_shape, num_classes)
     device = torch.device(device)
     spec = as_spec(step)
     if overhead_bytes is None:
         overhead_bytes = library_overhead_bytes(device)
     shadow = _meta_copy(model)
     opt = spec.build(shadow.parameters(), device.type)
-    x = torch.empty((batch, *input_shape), device="meta")
-    y = torch.empty((batch,), dtype=torch.long, device="meta")
+    x, y = task.example(batch, "meta")
     tracker = _LiveBytes(CUDA_BLOCK_BYTES if device.type == "cuda" else 1,
                          _cpu_conv_workspace if device.type == "cpu" else None)
     with tracker:
         for tensor in [*shadow.parameters(), *shadow.buffers(), x, y]:
             tracker.hold(tensor)
-        out_shape = shadow(x[:1]).shape
-        if out_shape[-1] != num_classes:
-            raise ValueError(f"the model outputs {out_shape[-1]} classes but num_classes={num_classes}; "
-                             "build the model with the dataset's class count")
-        training_step(shadow, opt, x, y, keep_grads=spec.keep_grads)
-        training_step(shadow, opt, x, y, tracker.mark, spec.keep_grads)
+        problem = task.output_problem(tuple(shadow(x[:1]).shape))
+        if problem:
+            raise ValueError(problem)
+        training_step(shadow, opt, x, y, keep_grads=spec.keep_grads, loss=task.loss)
+        training_step(shadow, opt, x, y, tracker.mark, spec.keep_grads, loss=task.loss)
     return StepPeak(tracker.phases["forward_backward"] + overhead_bytes,
                     tracker.phases["update"] + overhead_bytes)
 
 
 def analytic_memory_model(model: nn.Module, input_shape: Sequence[int], num_classes: int,
                           step: str | StepSpec = "sgd", device: str | torch.device = "cpu",
-                          batches: Sequence[int] = ANALYTIC_FIT_BATCHES) -> MemoryModel:
+                          batches: Sequence[int] = ANALYTIC_FIT_BATCHES, task: Task | None = None) -> MemoryModel:
     """The memory model from meta walks at `batches` (no device memory is touched, except on CUDA
     one tiny step that measures the libraries' workspaces)."""
     device = torch.device(device)
     overhead = library_overhead_bytes(device)
-    peaks = [analytic_peak(model, input_shape, num_classes, step, device, b, overhead)
+    peaks = [analytic_peak(model, input_shape, num_classes, step, device, b, overhead, task)
              for b in batches]
     return MemoryModel.fit(batches, peaks, "analytic", device.type)
 

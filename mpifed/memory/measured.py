@@ -10,21 +10,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from mpifed.learn.tasks import Task, as_task
 from mpifed.memory.analytic import clear_library_workspaces
 from mpifed.memory.budget import indexed_device
 from mpifed.memory.model import DEFAULT_PROBES, MemoryModel, StepPeak, StepSpec, as_spec, training_step
 
 
-def _random_batch(batch: int, input_shape: Sequence[int], num_classes: int,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn((batch, *input_shape), generator=generator)
-    y = torch.randint(0, num_classes, (batch,), generator=generator)
-    return x, y
-
-
 def measured_peak(model: nn.Module, input_shape: Sequence[int], num_classes: int,
                   step: str | StepSpec, device: str | torch.device, batch: int,
-                  seed: int = 0) -> StepPeak:
+                  seed: int = 0, task: Task | None = None) -> StepPeak:
     """Peak bytes of a real steady-state step at `batch` on `device` (on a copy of `model`).
 
     CUDA: torch.cuda.max_memory_allocated per phase, after reset_peak_memory_stats, counted from
@@ -34,14 +28,15 @@ def measured_peak(model: nn.Module, input_shape: Sequence[int], num_classes: int
     """
     device = indexed_device(device) if torch.device(device).type == "cuda" else torch.device(device)
     generator = torch.Generator().manual_seed(seed)
+    task = as_task(task, input_shape, num_classes)
     if device.type == "cuda":
-        return _cuda_peak(model, input_shape, num_classes, as_spec(step), device, batch, generator)
+        return _cuda_peak(model, task, as_spec(step), device, batch, generator)
     if device.type == "cpu":
-        return _cpu_peak(model, input_shape, num_classes, as_spec(step), batch, generator)
+        return _cpu_peak(model, task, as_spec(step), batch, generator)
     raise ValueError(f"cannot measure memory on device {device}; use cpu or cuda")
 
 
-def _cuda_peak(model, input_shape, num_classes, spec, device, batch, generator) -> StepPeak:
+def _cuda_peak(model, task, spec, device, batch, generator) -> StepPeak:
     gc.collect()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -61,13 +56,13 @@ def _cuda_peak(model, input_shape, num_classes, spec, device, batch, generator) 
 
     probe = copy.deepcopy(model).to(device).train()
     opt = spec.build(probe.parameters(), "cuda")
-    x, y = (t.to(device) for t in _random_batch(batch, input_shape, num_classes, generator))
-    training_step(probe, opt, x, y, keep_grads=spec.keep_grads)
-    training_step(probe, opt, x, y, mark, spec.keep_grads)
+    x, y = task.example(batch, device, generator)
+    training_step(probe, opt, x, y, keep_grads=spec.keep_grads, loss=task.loss)
+    training_step(probe, opt, x, y, mark, spec.keep_grads, loss=task.loss)
     return StepPeak(peaks["forward_backward"], peaks["update"], peaks["reserved"])
 
 
-def _cpu_peak(model, input_shape, num_classes, spec, batch, generator) -> StepPeak:
+def _cpu_peak(model, task, spec, batch, generator) -> StepPeak:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     # Kineto (the profiler's backend) prints a stage line per window to stderr, which says nothing to a
@@ -88,9 +83,9 @@ def _cpu_peak(model, input_shape, num_classes, spec, batch, generator) -> StepPe
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         probe = copy.deepcopy(model).to("cpu").train()
         opt = spec.build(probe.parameters(), "cpu")
-        x, y = _random_batch(batch, input_shape, num_classes, generator)
-        training_step(probe, opt, x, y, keep_grads=spec.keep_grads)
-        training_step(probe, opt, x, y, mark, spec.keep_grads)
+        x, y = task.example(batch, "cpu", generator)
+        training_step(probe, opt, x, y, keep_grads=spec.keep_grads, loss=task.loss)
+        training_step(probe, opt, x, y, mark, spec.keep_grads, loss=task.loss)
         del probe, opt, x, y
     return StepPeak(**_profiled_phase_peaks(prof, ("forward_backward", "update")))
 
@@ -121,8 +116,9 @@ def _profiled_phase_peaks(prof, phases: Sequence[str]) -> dict[str, int]:
 
 def measured_memory_model(model: nn.Module, input_shape: Sequence[int], num_classes: int,
                           step: str | StepSpec = "sgd", device: str | torch.device = "cpu",
-                          probes: Sequence[int] = DEFAULT_PROBES, seed: int = 0) -> MemoryModel:
+                          probes: Sequence[int] = DEFAULT_PROBES, seed: int = 0,
+                          task: Task | None = None) -> MemoryModel:
     """The memory model fitted (least squares) to real steps at the `probes` batch sizes."""
     device = torch.device(device)
-    peaks = [measured_peak(model, input_shape, num_classes, step, device, b, seed) for b in probes]
+    peaks = [measured_peak(model, input_shape, num_classes, step, device, b, seed, task) for b in probes]
     return MemoryModel.fit(probes, peaks, "measured", device.type)

@@ -142,18 +142,19 @@ def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, x: torch.Tensor,
                   y: torch.Tensor, mark: Callable[[str], None] = lambda phase: None,
-                  keep_grads: bool = False) -> torch.Tensor:
+                  keep_grads: bool = False, loss: Callable = F.cross_entropy) -> torch.Tensor:
     """One step in the order the memory model assumes; clients should train in the same order.
+    `loss(output, target)`: the task's (cross-entropy by default).
 
     Gradients are zeroed first (set to None unless `keep_grads`); `mark` is called at phase
     boundaries: "forward_backward", "update", "end".
     """
     mark("forward_backward")
     model.zero_grad(set_to_none=not keep_grads)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
+    value = loss(model(x), y)
+    value.backward()
     mark("update")
     if optimizer is not None:
         optimizer.step()
     mark("end")
-    return loss.detach()
+    return value.detach()

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from mpifed.learn.tasks import Task
 from mpifed.memory.analytic import analytic_memory_model, analytic_peak, library_overhead_bytes
 from mpifed.memory.budget import MemoryBudgetError, max_batch
 from mpifed.memory.model import DEFAULT_MARGIN, MemoryModel, StepSpec
@@ -62,14 +63,15 @@ def size_client(model: nn.Module, input_shape: Sequence[int], num_classes: int,
                 step: str | StepSpec, device: str | torch.device, budget_bytes: int,
                 requested_batch: int, client: str, strict: bool = False,
                 margin: float = DEFAULT_MARGIN, multiple_of: int = 1,
-                extra_static_bytes: int = 0) -> ClientSizing:
+                extra_static_bytes: int = 0, task: Task | None = None) -> ClientSizing:
     """Start-up self-sizing: analytic model, max batch under the budget, batch capped by it.
 
     strict: refuse (MemoryBudgetError) instead of capping when the requested batch does not fit.
     extra_static_bytes: memory the client holds outside the step (flat gradient buffers, codecs).
+    task: the data's task (mpifed.learn.tasks), when not classification of float inputs.
     """
     device = torch.device(device)
-    memory = analytic_memory_model(model, input_shape, num_classes, step, device)
+    memory = analytic_memory_model(model, input_shape, num_classes, step, device, task=task)
     memory = memory.plus_static(extra_static_bytes)
     largest = max_batch(memory, budget_bytes, margin, multiple_of, client)
     # The line is fitted at two batches (ANALYTIC_FIT_BATCHES), and a step's peak is not exactly linear
@@ -80,7 +82,7 @@ def size_client(model: nn.Module, input_shape: Sequence[int], num_classes: int,
     overhead = library_overhead_bytes(device)
     usable = budget_bytes * (1 - margin)
     while largest > 0:
-        need = analytic_peak(model, input_shape, num_classes, step, device, largest, overhead).total
+        need = analytic_peak(model, input_shape, num_classes, step, device, largest, overhead, task).total
         excess = need + extra_static_bytes - usable
         if excess <= 0:
             break

@@ -1,0 +1,212 @@
+"""From a job to data and a model: built-in names or the user's factories, checked before training.
+
+    bundle = load_data(job)            # train and test sample sets, the task, the natural clients
+    module = make_model(job, bundle.task)
+
+Rank 0 runs both once before it creates the run directory (`check_learning`), so a model that does not
+import, a factory that raises, an output that does not match the classes or a missing data package
+ends the launch with one line and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpifed.data import DatasetError, load_dataset
+from mpifed.learn.factory import FactoryError, call_factory, is_factory, load_factory
+from mpifed.learn.samples import ArraySet, WindowSet
+from mpifed.learn.tasks import Task
+from mpifed.learn.userdata import Data, DataProblem, as_arrays, natural_ids
+from mpifed.models import MIN_SIDE, TOKEN_MODELS, build_model
+
+
+@dataclass
+class DataBundle:
+    """Both splits of a dataset and what they declare."""
+
+    train: object   # a sample set (mpifed.learn.samples)
+    test: object
+    task: Task
+
+    @property
+    def natural_clients(self) -> int:
+        """Clients of the natural partition (0: the data has none)."""
+        ids = self.train.clients
+        return 0 if ids is None else int(ids.max()) + 1
+
+
+_loaded: dict[str, DataBundle] = {}
+
+
+def load_data(job) -> DataBundle:
+    """The job's dataset, loaded once per process (rank 0's check and its session share it)."""
+    key = repr((job.data, job.model.name, job.run.seed))
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = _load(job)
+    return _loaded[key]
+
+
+def forget_data() -> None:
+    """Drop the cached dataset (rank 0 keeps only the test split once training starts)."""
+    _loaded.clear()
+
+
+def _load(job) -> DataBundle:
+    d = job.data
+    if is_factory(d.dataset):
+        return _user_data(job)
+    if d.dataset == "shakespeare":
+        return _shakespeare(d.options)
+    if d.options:
+        raise DatasetError(f"data.options = {d.options}: the built-in dataset {d.dataset!r} takes no options")
+    pad = MIN_SIDE.get(job.model.name, 0)
+    train = load_dataset(d.dataset, True, d.root, size=d.train_size, noise=d.noise, pad_to=pad)
+    test = load_dataset(d.dataset, False, d.root, size=d.test_size, noise=d.noise, pad_to=pad)
+    return DataBundle(train, test, train.task)
+
+
+def _shakespeare(options: dict) -> DataBundle:
+    from mpifed.learn.shakespeare import load_shakespeare
+
+    try:
+        corpus = load_shakespeare(**options)
+    except TypeError as err:
+        raise DatasetError(f"data.options = {options}: {err}; shakespeare takes seq_len, min_chars and "
+                           f"train_fraction") from None
+    if len(corpus.train_starts) == 0:
+        raise DatasetError(f"shakespeare with data.options = {options}: no speaking role has text enough for one "
+                           f"training and one test sequence of seq_len + 1 characters; lower seq_len or min_chars")
+    task = Task("next-token", (corpus.seq_len,), corpus.vocab, torch.int64)
+    return DataBundle(WindowSet(corpus.text, corpus.train_starts, task, corpus.train_clients),
+                      WindowSet(corpus.text, corpus.test_starts, task), task)
+
+
+def _user_data(job) -> DataBundle:
+    d = job.data
+    field = "data.dataset"
+    fn = load_factory(d.dataset, field)
+    out = call_factory(fn, dict(seed=job.run.seed, root=d.root), d.options, field, d.dataset)
+    if not isinstance(out, Data):
+        raise FactoryError(f"{field} = {d.dataset!r} returned {type(out).__name__}; a dataset factory returns "
+                           f"mpifed.learn.Data(train=(x, y), test=(x, y), classes=... or vocab=...)")
+    try:
+        return _bundle(out)
+    except DataProblem as err:
+        raise FactoryError(f"{field} = {d.dataset!r}: {err}") from None
+
+
+def _bundle(data: Data) -> DataBundle:
+    if (data.classes > 0) == (data.vocab > 0):
+        raise DataProblem("give exactly one of classes (a classification task) or vocab (next-token prediction)")
+    (x, y), (tx, ty) = as_arrays(data.train, "train"), as_arrays(data.test, "test")
+    if x.shape[1:] != tx.shape[1:] or y.shape[1:] != ty.shape[1:]:
+        raise DataProblem(f"train and test samples differ in shape: inputs {x.shape[1:]} vs {tx.shape[1:]}, "
+                          f"targets {y.shape[1:]} vs {ty.shape[1:]}")
+    classes = data.classes or data.vocab
+    for name, t in (("train", y), ("test", ty)):
+        if t.min() < 0 or t.max() >= classes:
+            raise DataProblem(f"{name} targets run from {t.min()} to {t.max()}, outside 0..{classes - 1} "
+                              f"({'classes' if data.classes else 'vocab'} = {classes})")
+    if data.classes:
+        task = Task("classification", x.shape[1:], classes, torch.float32, y.shape[1:], data.loss, data.metric)
+        x, tx = x.astype(np.float32, copy=False), tx.astype(np.float32, copy=False)
+    else:
+        if not np.issubdtype(x.dtype, np.integer):
+            raise DataProblem(f"next-token inputs must be token ids (integers < vocab); got {x.dtype}")
+        if x.min() < 0 or x.max() >= classes or tx.min() < 0 or tx.max() >= classes:
+            raise DataProblem(f"token ids in the inputs fall outside 0..{classes - 1} (vocab = {classes})")
+        task = Task("next-token", x.shape[1:], classes, torch.int64, y.shape[1:], data.loss, data.metric)
+        x, tx = x.astype(np.int64, copy=False), tx.astype(np.int64, copy=False)
+    clients = None if data.clients is None else natural_ids(data.clients, len(y))
+    return DataBundle(ArraySet(x, y.astype(np.int64, copy=False), task, clients),
+                      ArraySet(tx, ty.astype(np.int64, copy=False), task), task)
+
+
+def make_model(job, task: Task) -> nn.Module:
+    """The job's model for `task`: a built-in from the registry or the user's factory, its output
+    checked against the task on one sample."""
+    name = job.model.name
+    if is_factory(name):
+        declared = dict(input_shape=task.input_shape)
+        declared["classes" if task.kind == "classification" else "vocab"] = task.classes
+        module = call_factory(load_factory(name, "model.name"), declared, job.model.options, "model.name", name)
+        if not isinstance(module, nn.Module):
+            raise FactoryError(f"model.name = {name!r} returned {type(module).__name__}; a model factory returns "
+                               f"a torch.nn.Module")
+    else:
+        _check_builtin(job, task)
+        module = build_model(name, task.classes, task.input_shape[0] if task.input_shape else 1)
+    problem = _output_problem(module, task)
+    if problem:
+        raise FactoryError(f"model.name = {name!r}: {problem}")
+    return module
+
+
+def _check_builtin(job, task: Task) -> None:
+    name = job.model.name
+    if job.model.options:
+        raise FactoryError(f"model.options = {job.model.options}: the built-in model {name!r} takes no options")
+    if name in TOKEN_MODELS and task.kind != "next-token":
+        raise FactoryError(f"model.name = {name!r} reads token ids (a next-token task such as shakespeare), but "
+                           f"data.dataset = {job.data.dataset!r} is a {task.kind} task of inputs {task.input_shape}")
+    if name not in TOKEN_MODELS and (task.kind != "classification" or len(task.input_shape) != 3):
+        raise FactoryError(f"model.name = {name!r} classifies images (channels, height, width), but data.dataset = "
+                           f"{job.data.dataset!r} gives a {task.kind} task of inputs {task.input_shape}; choose "
+                           f"{', '.join(TOKEN_MODELS) if task.kind == 'next-token' else 'your own model factory'}")
+
+
+def _output_problem(module: nn.Module, task: Task) -> str:
+    """Run one sample through the model (on the CPU, in eval mode, global RNG untouched)."""
+    x = torch.zeros((1, *task.input_shape), dtype=task.input_dtype)
+    was_training = module.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            out = module.eval()(x)
+    except Exception as err:
+        return (f"one sample of the data (input shape {tuple(x.shape)}, {task.input_dtype}) does not go "
+                f"through the model: {type(err).__name__}: {err}")
+    finally:
+        module.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        return f"the model returns {type(out).__name__}, not a tensor of scores"
+    return task.output_problem(tuple(out.shape))
+
+
+def check_learning(job) -> DataBundle:
+    """Rank 0, before the run directory exists: the data loads and the model takes it."""
+    bundle = load_data(job)
+    make_model(job, bundle.task)
+    if job.data.partition == "natural" and bundle.train.clients is None:
+        raise DatasetError(f"data.partition = \"natural\" but {job.data.dataset!r} has no natural partition (a "
+                           f"factory gives one as Data(clients=...)); use iid, dirichlet or volume")
+    if job.data.partition == "dirichlet" and bundle.train.labels is None:
+        raise DatasetError("data.partition = \"dirichlet\" splits by label, and this dataset's targets are sequences "
+                           "(one per position); use iid, volume or natural")
+    return bundle
+
+
+def job_clients(job, world_size: int) -> list[str]:
+    """config.resolve_clients, told how many clients the data's natural partition has when it is used."""
+    from mpifed.config import resolve_clients
+
+    natural = load_data(job).natural_clients if job.data.partition == "natural" else None
+    return resolve_clients(job, world_size, natural)
+
+
+def natural_partition(ids: np.ndarray, n: int) -> list[np.ndarray]:
+    """The natural clients' sample indices; with n below their number, the n with the most samples
+    (ties to the lower id), kept in id order."""
+    sizes = np.bincount(ids)
+    if n > len(sizes):
+        raise DatasetError(f"clients.count = {n} but the dataset's natural partition has {len(sizes)} clients; set "
+                           f"clients.count = 0 (as many as the data has) or at most {len(sizes)}")
+    chosen = np.sort(np.argsort(-sizes, kind="stable")[:n])
+    order = np.argsort(ids, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [np.sort(order[bounds[c]: bounds[c + 1]]) for c in chosen]
+
