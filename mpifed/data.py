@@ -216,16 +216,27 @@ def read_idx(path: str | Path) -> np.ndarray:
     gzipped or not: magic 0x0000 TT DD (TT the type, DD the number of dimensions), DD big-endian
     int32 sizes, then the values."""
     import gzip
+    import zlib
 
     path = Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+            raise ValueError(f"{path.name} is not a whole gzip file ({err})") from None
     if len(raw) < 4 or raw[0] or raw[1] or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path.name} is not an IDX file (bad magic number)")
     dims = raw[3]
+    if len(raw) < 4 + 4 * dims:
+        raise ValueError(f"{path.name}: the header of {dims} sizes is cut short (truncated?)")
     shape = tuple(int(v) for v in np.frombuffer(raw, ">i4", dims, 4))
-    values = np.frombuffer(raw, _IDX_TYPES[raw[2]], offset=4 + 4 * dims)
-    if values.size != int(np.prod(shape)):
-        raise ValueError(f"{path.name}: header says {shape} but it holds {values.size} values (truncated?)")
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    held, want = len(raw) - 4 - 4 * dims, int(np.prod(shape)) * dtype.itemsize
+    if held != want:  # checked in bytes: a cut inside a multi-byte value would fail in frombuffer
+        raise ValueError(f"{path.name}: header says {shape} ({want} bytes of values) but it holds {held} bytes "
+                         f"(truncated?)")
+    values = np.frombuffer(raw, dtype, offset=4 + 4 * dims)
     return values.reshape(shape).astype(values.dtype.newbyteorder("="))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from mpifed.memory.measured import _profiled_phase_peaks
 from mpifed.models import build_model
 
 SHAPE, CLASSES = (3, 32, 32), 10
+ROOT = Path(__file__).resolve().parents[1]
 MiB = 2 ** 20
 
 
@@ -253,3 +255,74 @@ def test_memory_command_explains_a_max_batch_below_the_analytic_line():
                            "itself fits in 7.60 GiB (the budget less the 5% margin): at 1797 it needs 8.06 GiB, "
                            "at 1687 7.57 GiB."), text
     assert "measured line's 1861 is for comparison" in text and "size_client" in text
+
+
+def test_memory_command_takes_the_users_model_and_data_with_their_options(monkeypatch):
+    """`mpifed memory --model examples/my_model.py:mlp --dataset examples/my_data.py:sites`: the factories are
+    loaded as a job would load them (paths relative to the working directory, options as keyword arguments),
+    and the table's predictions are the walk of that model on that data's task."""
+    from mpifed.commands.memory import BUILTIN_DATASETS, memory
+    from mpifed.config import BUILTIN_DATASETS as JOB_DATASETS
+    from mpifed.learn.factory import load_factory
+    from mpifed.learn.tasks import Task
+    from mpifed.units import format_bytes
+
+    assert BUILTIN_DATASETS == JOB_DATASETS
+    monkeypatch.chdir(ROOT)
+    result = CliRunner().invoke(memory, ["--model", "examples/my_model.py:mlp", "--model-option", "hidden=32",
+                                         "--dataset", "examples/my_data.py:sites", "--data-option", "features=12",
+                                         "--optimizer", "none", "--device", "cpu", "--budget", "64MiB",
+                                         "--batches", "1,16"])
+    assert result.exit_code == 0, result.output
+    assert "examples/my_model.py:mlp / examples/my_data.py:sites / none on cpu" in " ".join(result.output.split())
+    task = Task.classification((12,), 4)  # the data's 12 features and 4 classes
+    model = load_factory(f"{ROOT}/examples/my_model.py:mlp", "model.name")(task.input_shape, 4, hidden=32)
+    steps = _table_rows(result.output, 4)
+    assert list(steps) == ["1", "16"], result.output
+    for batch, (predicted, _, _) in steps.items():
+        walk = mem.analytic_peak(model, (12,), 4, "none", "cpu", int(batch), task=task).total
+        assert predicted == format_bytes(walk), (batch, predicted)
+    assert re.search(r"max batch for budget 64\.00 MiB .*: \d+\n", result.output), result.output
+
+    bad = CliRunner().invoke(memory, ["--model", "examples/my_model.py:mpl", "--dataset", "examples/my_data.py:sites",
+                                      "--device", "cpu"])
+    assert bad.exit_code == 2, bad.output
+    assert (f"Invalid value for --model: model.name = '{ROOT}/examples/my_model.py:mpl': {ROOT}/examples/my_model.py "
+            f"has no callable 'mpl'; it defines mlp") in " ".join(bad.output.split()), bad.output
+    bad = CliRunner().invoke(memory, ["--model", "cnn", "--dataset", "examples/my_data.py:sites", "--device", "cpu"])
+    assert bad.exit_code == 2 and "classifies images (channels, height, width)" in bad.output, bad.output
+
+
+def test_bench_memory_takes_the_users_model_and_data(monkeypatch):
+    from mpifed.bench.memory import memory as bench_memory
+
+    monkeypatch.chdir(ROOT)
+    result = CliRunner().invoke(bench_memory, ["--model", "examples/my_model.py:mlp", "--dataset",
+                                               "examples/my_data.py:sites", "--optimizer", "none", "--device", "cpu",
+                                               "--budget", "1MiB"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"mpifed: max batch \d+ in", result.output) and "OOM search" in result.output, result.output
+
+
+def test_memory_command_sizes_leaf_lstm_on_shakespeare_from_real_steps():
+    """The task is LEAF's next-character one (token ids in, 81 symbols out) without reading the plays; the
+    LSTM's fused kernels are invisible to the walk, so the max batch comes from measured steps and says so.
+    seq_len 8 instead of 80 keeps the walk of the unrolled LSTM short."""
+    from mpifed.commands.memory import memory
+    from mpifed.learn.shakespeare import VOCAB, CharLSTM
+    from mpifed.learn.tasks import Task
+    from mpifed.units import format_bytes
+
+    result = CliRunner().invoke(memory, ["--model", "leaf-lstm", "--dataset", "shakespeare", "--optimizer", "none",
+                                         "--data-option", "seq_len=8", "--device", "cpu", "--budget", "256MiB",
+                                         "--batches", "1"])
+    assert result.exit_code == 0, result.output
+    task = Task("next-token", (8,), VOCAB, torch.int64)
+    predicted = _table_rows(result.output, 4)["1"][0]
+    assert predicted == format_bytes(mem.analytic_peak(CharLSTM(VOCAB), (8,), VOCAB, "none", "cpu", 1, task=task).total)
+    text = " ".join(result.output.split())
+    assert re.search(r"Why \d+: the walk on meta tensors does not see this model's step", text), text
+    assert "real steps at batches 2,4,8,16" in text
+    bad = CliRunner().invoke(memory, ["--model", "leaf-lstm", "--dataset", "shakespeare", "--data-option", "seq=8"])
+    assert bad.exit_code == 2 and "shakespeare does not take seq; it takes seq_len, min_chars, train_fraction" \
+        in " ".join(bad.output.split()), bad.output

@@ -257,7 +257,7 @@ def test_pooled_batches_grow_with_the_noise_scale_within_each_clients_data_and_r
 
 def test_residuals_that_would_not_fit_are_refused_before_training(tmp_path):
     proc = train(3, tmp_path, "huge", "--set", "clients.count=400000", "--set", "clients.per_round=10",
-                 "--set", 'compress.codec="topk"', timeout=120)
+                 "--set", "data.train_size=400000", "--set", 'compress.codec="topk"', timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "keeps a residual of 19,466 float32 per client: 400,000 clients" in proc.stderr
     assert "lower clients.count to at most" in proc.stderr and "error_feedback = false" in proc.stderr

@@ -103,3 +103,17 @@ def test_fashion_mnist_from_the_debian_files_at_its_own_28x28(tmp_path):
         assert f["ranks/data_size"][1:].tolist() == [30000, 30000]
         assert f["eval/test_acc"][-1] > 0.4  # 40 rounds of batch 64 from chance (0.1): 0.58 measured
         assert f.attrs["n_params"] == 19178  # the small CNN at 1x28x28, not padded to 32x32
+
+
+def test_the_train_split_held_once_per_node_trains_bit_for_bit_as_one_copy_per_rank(tmp_path):
+    """data.share = node (one shared copy, batches converted as they are drawn) against rank (every rank
+    its own copy, converted once): pooled clients with a label skew train the same model, and the log
+    says which layout ran."""
+    common = [*QUICK, "--set", "clients.count=8", "--set", "clients.per_round=4", "--set", "data.train_size=800",
+              "--set", "data.test_size=200", "--set", "data.partition=dirichlet", "--out", str(tmp_path)]
+    ok(mpi_run(3, ["train", *common, "--name", "node", "--set", "data.share=node"], tmp_path))
+    ok(mpi_run(3, ["train", *common, "--name", "rank", "--set", "data.share=rank"], tmp_path))
+    node, rank = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("node", "rank"))
+    assert all(torch.equal(node[k], rank[k]) for k in node)
+    with h5py.File(tmp_path / "node" / "run.h5") as f:
+        assert load_job(text=f.attrs["job"]).data.share == "node"

@@ -77,7 +77,7 @@ def oom_search(fits: Callable[[int], bool], start: int = 2, limit: int = 1 << 20
     return SearchResult(low, len(tried), failures, time.perf_counter() - began, tuple(tried))
 
 
-def trial_fits(model, shape, classes, step, device, budget_bytes: int) -> Callable[[int], bool]:
+def trial_fits(model, shape, classes, step, device, budget_bytes: int, task=None) -> Callable[[int], bool]:
     """The trial a searching user runs: real steps at b; CUDA fails with OOM (the memory fraction
     must already be set), the CPU with an accounted peak above the budget."""
     import torch
@@ -86,7 +86,7 @@ def trial_fits(model, shape, classes, step, device, budget_bytes: int) -> Callab
 
     def fits(b: int) -> bool:
         try:
-            peak = measured_peak(model, shape, classes, step, device, b)
+            peak = measured_peak(model, shape, classes, step, device, b, task=task)
         except torch.cuda.OutOfMemoryError:
             ok = False
         else:
@@ -103,7 +103,7 @@ def trial_fits(model, shape, classes, step, device, budget_bytes: int) -> Callab
 @model_options
 @click.option("--start", type=int, default=2, show_default=True,
               help="First batch the search tries (Lightning's init_val default is 2).")
-def memory(model_name, dataset, optimizer, budget, device_name, margin, multiple_of, start):
+def memory(model_name, model_opts, dataset, data_opts, optimizer, budget, device_name, margin, multiple_of, start):
     """Time mpifed's max batch against an OOM-driven search (double until failure, then bisect)."""
     import torch
     from rich.console import Console
@@ -116,22 +116,24 @@ def memory(model_name, dataset, optimizer, budget, device_name, margin, multiple
     device = resolve_device(device_name)
     if device.type == "cuda":
         device = mem.indexed_device(device)
-    model, shape, classes = build(model_name, dataset)
+    model, task = build(model_name, dataset, model_opts, data_opts)
+    shape, classes = task.input_shape, task.classes
     if not budget:
         raise click.UsageError("bench memory needs --budget, the emulated device memory, e.g. --budget 1GiB")
     budget_bytes = parse_bytes(budget)
     margin = mem.DEFAULT_MARGIN if margin is None else margin
     if device.type == "cuda":
-        mem.enforce_budget(device, budget_bytes, mem.analytic_memory_model(model, shape, classes, optimizer, device),
+        mem.enforce_budget(device, budget_bytes,
+                           mem.analytic_memory_model(model, shape, classes, optimizer, device, task=task),
                            f"bench ({model_name})")
 
     began = time.perf_counter()
     sizing = mem.size_client(model, shape, classes, optimizer, device, budget_bytes, 1, f"bench ({model_name})",
-                             margin=margin, multiple_of=multiple_of)
+                             margin=margin, multiple_of=multiple_of, task=task)
     ours_seconds = time.perf_counter() - began
     console.print(f"mpifed: max batch {sizing.max_batch} in {ours_seconds:.2f} s, 0 steps run, 0 failed")
 
-    fits = trial_fits(model, shape, classes, optimizer, device, budget_bytes)
+    fits = trial_fits(model, shape, classes, optimizer, device, budget_bytes, task)
     ours_ran = fits(sizing.max_batch)
     over = math.ceil(1.15 * sizing.max_batch)
     over_ran = fits(over)

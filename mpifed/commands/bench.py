@@ -11,7 +11,8 @@ import importlib
 import click
 
 #: Subcommand name -> the module under mpifed.bench that defines it (a click command of the same name).
-BENCHMARKS = {name: f"mpifed.bench.{name}" for name in ("exchange", "compress", "memory", "plan", "rounds", "clients")}
+BENCHMARKS = {name: f"mpifed.bench.{name}"
+              for name in ("exchange", "compress", "memory", "plan", "rounds", "clients", "data")}
 
 
 class LazyBenchGroup(click.Group):

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import sysconfig
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -49,7 +50,7 @@ def load_factory(name: str, field: str) -> Callable:
     except FactoryError as err:
         raise FactoryError(f"{field} = {name!r}: {err}") from None
     except Exception as err:
-        raise FactoryError(f"{field} = {name!r}: importing {where} failed: {_described(err)}; fix that "
+        raise FactoryError(f"{field} = {name!r}: importing {where} failed: {described(err)}; fix that "
                            f"code, or the name (a file path is relative to the job file)") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
@@ -79,7 +80,8 @@ def call_factory(fn: Callable, declared: dict[str, Any], options: dict[str, Any]
     try:
         return fn(**kwargs)
     except Exception as err:
-        raise FactoryError(f"{field} = {name!r}: the factory raised {_described(err)}") from None
+        raise FactoryError(f"{field} = {name!r}: the factory raised {described(err)}; fix the factory or "
+                           f"the options it is given ({field.split('.')[0]}.options)") from None
 
 
 def _import_file(path: str):
@@ -103,12 +105,32 @@ def _import_file(path: str):
     return module
 
 
-def _described(err: BaseException) -> str:
-    """'TypeError: message (file.py, line 12)': the error and where in the user's code it came from."""
-    frames = traceback.extract_tb(err.__traceback__)
+def described(err: BaseException) -> str:
+    """'TypeError: message (file.py, line 12)': the error, on one line, and where in the user's code it came
+    from: the innermost frame outside mpifed, the standard library and installed packages (so an error that
+    torch raises for the user's arguments points at the user's line), else the innermost in an installed
+    package (a factory of an installed package of the user's), else none."""
     mine = Path(__file__).resolve().parent.parent
-    theirs = [f for f in frames if not Path(f.filename).resolve().is_relative_to(mine)]
-    at = f" ({Path(theirs[-1].filename).name}, line {theirs[-1].lineno})" if theirs else ""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith("<")
+              and not _under(f.filename, (mine,))
+              and not (_under(f.filename, _STDLIB) and not _under(f.filename, _PACKAGES))]
+    own = [f for f in frames if not _under(f.filename, _PACKAGES)] or frames
+    at = f" ({Path(own[-1].filename).name}, line {own[-1].lineno})" if own else ""
+    text = str(err)
     if isinstance(err, SyntaxError) and err.filename:
-        at = f" ({Path(err.filename).name}, line {err.lineno})"
-    return f"{type(err).__name__}: {err}{at}"
+        text, at = err.msg, f" ({Path(err.filename).name}, line {err.lineno})"  # str(err) holds the place too
+    return f"{type(err).__name__}: {one_line(text)}{at}"
+
+
+def one_line(text: str) -> str:
+    """A message of several lines (torch's often are) as one."""
+    return " ".join(text.split())
+
+
+def _under(filename: str, roots: tuple[Path, ...]) -> bool:
+    path = Path(filename).resolve()
+    return any(path.is_relative_to(root) for root in roots)
+
+
+_PACKAGES = tuple({Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")})
+_STDLIB = tuple({Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib")})

