@@ -17,9 +17,8 @@ subprocess while this process samples its ranks every 0.1 s:
             `started` attr has whole seconds only, and the wall time less the rounds' t_iter would count
             the tear-down too (the window freed, the model saved, MPI finalized); seen within one sample
 The rank layout converts the whole split to float32 on every worker (N x samples x 12 KiB, and several
-times that in temporaries while the synthetic images are generated at once): at 10,000 clients more
-than two workers fit in 24 GiB. Before each
-run its peak is extrapolated (linear in the samples) from the sizes already measured, and the run is
+times that in temporaries while the synthetic images are generated at once): at 10,000 clients its two
+workers would need about 47 GiB. Before each run its peak is extrapolated (linear in the samples) from the sizes already measured, and the run is
 skipped, with the reason in the output, when that would pass --memory-share of MemAvailable; a run whose
 MemAvailable still falls under --min-available is stopped and marked. A failed job prints its last
 stderr lines and the table marks it; the others go on.
