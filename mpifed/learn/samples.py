@@ -48,10 +48,10 @@ class ArraySet:
         return x, torch.from_numpy(np.asarray(self.targets[indices], dtype=np.int64))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return dict(inputs=self.inputs, targets=self.targets)
+        return _with_clients(dict(inputs=self.inputs, targets=self.targets), self.clients)
 
     def with_arrays(self, arrays: dict[str, np.ndarray]) -> ArraySet:
-        return ArraySet(arrays["inputs"], arrays["targets"], self.task, self.clients)
+        return ArraySet(arrays["inputs"], arrays["targets"], self.task, arrays.get("clients"))
 
 
 @dataclass
@@ -86,10 +86,15 @@ class WindowSet:
         return tokens[:, :-1].contiguous(), tokens[:, -1].contiguous()
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return dict(text=self.text, starts=self.starts)
+        return _with_clients(dict(text=self.text, starts=self.starts), self.clients)
 
     def with_arrays(self, arrays: dict[str, np.ndarray]) -> WindowSet:
-        return WindowSet(arrays["text"], arrays["starts"], self.task, self.clients)
+        return WindowSet(arrays["text"], arrays["starts"], self.task, arrays.get("clients"))
+
+
+def _with_clients(arrays: dict[str, np.ndarray], clients: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The natural partition (a client id per sample: as large as the starts) is shared too."""
+    return arrays if clients is None else dict(arrays, clients=clients)
 
 
 class DeviceSamples:
