@@ -26,7 +26,7 @@ NodeShareError carrying the failing ranks' messages. No rank is left waiting.
 
 from __future__ import annotations
 
-import pickle
+import json
 import time
 from collections.abc import Callable, Mapping
 
@@ -148,12 +148,12 @@ def _agree_on_made(node, make, wait):
                 if a.dtype.hasobject:
                     raise TypeError(f"share_on_node: array {name!r} holds Python objects ({a.dtype}); "
                                     f"only plain data can live in shared memory")
-            header = ("ok", _layout({name: (a.shape, a.dtype) for name, a in arrays.items()}))
+            header = {"layout": _plain(_layout({name: (a.shape, a.dtype) for name, a in arrays.items()}))}
         except Exception as err:  # noqa: BLE001 - sent to the node, re-raised here
             failed, arrays = err, None
             mine = f"{type(err).__name__}: {err}"
-            header = ("error", mine)
-        payload = np.frombuffer(pickle.dumps(header), dtype=np.uint8)
+            header = {"error": mine}
+        payload = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         size = np.array([payload.size], dtype=np.int64)
     else:
         size = np.zeros(1, dtype=np.int64)
@@ -161,10 +161,10 @@ def _agree_on_made(node, make, wait):
     if node.rank != 0:
         payload = np.empty(int(size[0]), dtype=np.uint8)
     wait([node.Ibcast(payload, root=0)])
-    kind, body = pickle.loads(payload.tobytes())
-    if kind == "error":
+    header = json.loads(payload.tobytes())  # names, dtypes, shapes: text, never unpickled
+    if "error" in header:
         return None, (mine if node.rank == 0 else ""), failed, None  # "": known, the leader reports it
-    return body, None, None, arrays
+    return _unplain(header["layout"]), None, None, arrays
 
 
 def _layout(spec: Spec) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
@@ -181,9 +181,18 @@ def _layout(spec: Spec) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
     return out
 
 
+def _plain(layout) -> list:
+    """A layout as JSON can carry it: (name, dtype string, shape, offset)."""
+    return [[name, dtype.str, list(shape), offset] for name, dtype, shape, offset in layout]
+
+
+def _unplain(rows: list) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
+    return [(str(name), np.dtype(dtype), tuple(int(n) for n in shape), int(offset)) for name, dtype, shape, offset in rows]
+
+
 def _same_spec(node, layout):
     """(message, exception) when the node's ranks were given different specs; (None, None) otherwise."""
-    layouts = node.allgather(layout)  # all ranks arrive together: nothing slow ran before
+    layouts = node.allgather(json.dumps(_plain(layout)))  # all arrive together: nothing slow ran before
     odd = [r for r, other in enumerate(layouts) if other != layouts[0]]
     if not odd:
         return None, None

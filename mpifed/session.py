@@ -85,8 +85,8 @@ def open_session(world: World, job: Job) -> Session:
     device = pick_device(world, job.run.device)
     polite = job.comm.wait == "sleep" or (job.comm.wait == "auto" and world.oversubscribed)
     chunk = int(job.comm.chunk_mib * 2**20)
-    timeout, oversized = job.comm.timeout, Exchange(world.comm, polite, chunk, timeout=job.comm.timeout)
-    bundle = _load_data(world, job, oversized)
+    timeout = job.comm.timeout
+    bundle = _load_data(world, job, Exchange(world.comm, polite, chunk, timeout=timeout))  # before the placement
     natural = bundle.natural_clients if job.data.partition == "natural" else None
     names = resolve_clients(job, world.size, natural)
     placement = Placement.of_job(len(names), world.size, job.clients.per_round)

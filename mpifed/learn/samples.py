@@ -122,8 +122,6 @@ class LazySamples:
 
     def __init__(self, dataset, device: torch.device):
         self.dataset, self.device = dataset, device
-        x, y = dataset.tensors(np.zeros(1, dtype=np.int64))
-        self.sample_bytes = x.nbytes + y.nbytes
 
     def __len__(self) -> int:
         return len(self.dataset)
