@@ -117,6 +117,7 @@ _ROUNDS = """
 import sys, time
 import numpy as np
 from mpi4py import MPI
+from mpifed.cluster import ABORT_GRACE_SECONDS
 from mpifed.exchange import Exchange, RankTimeout
 comm, mode = MPI.COMM_WORLD, sys.argv[1]
 exchange, buf, start = Exchange(comm, polite=True, timeout=2.0), np.zeros(4), time.monotonic()
@@ -130,6 +131,7 @@ try:
     print(f"rank {comm.rank} done", flush=True)
 except RankTimeout as err:
     print(f"rank {comm.rank} timeout after {time.monotonic() - start:.1f} s: {err}", flush=True)
+    time.sleep(ABORT_GRACE_SECONDS)  # as mpifed's own abort does: MPI_Abort drops output still in the launcher's pipes
     comm.Abort(1)
 """
 
