@@ -25,7 +25,7 @@ from mpifed.data import ClientSampler, augment, partition
 from mpifed.learn.loading import natural_partition
 from mpifed.learn.samples import DeviceSamples
 from mpifed.optimizers import local_optimizer
-from mpifed.protocol import payload_size
+from mpifed.protocol import STOP_ASKED, payload_size
 from mpifed.runlog import ITER_FIELDS, column
 from mpifed.schedule import learning_rate
 from mpifed.session import Session, gather_rank_facts
@@ -99,8 +99,8 @@ def prepare_client(s: Session) -> ClientSetup:
     return ClientSetup(part, samples, batch, largest, record, message, guard)
 
 
-def run_client(s: Session, setup: ClientSetup) -> bool:
-    """This client's rounds; True when a signal stopped the run early."""
+def run_client(s: Session, setup: ClientSetup) -> int:
+    """This client's rounds; 0, or why the run stopped early (mpifed.protocol's STOP_ASKED, STOP_DIVERGED)."""
     job, world, model = s.job, s.world, s.model
     client = s.client
     profile = s.profile(client)
@@ -162,12 +162,12 @@ def run_client(s: Session, setup: ClientSetup) -> bool:
         for key, value in values.items():
             row[column(key)] = value
         protocol.gather_rows(row)
-        stop = protocol.agree_stop(bool(s.stop))
-        if stop or s.checkpoint_due(rnd + 1):
+        stop = protocol.agree_stop(STOP_ASKED if s.stop else 0)
+        if s.state_due(rnd + 1, stop):
             protocol.send_state(sampler.cursor)
         if stop:
-            return True
-    return False
+            return stop
+    return 0
 
 
 def local_steps(s: Session, local_opt, lr: float, draw: Callable[[int], torch.Tensor], samples, batch: int,

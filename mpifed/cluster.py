@@ -112,6 +112,11 @@ class StopRequest:
 
 STOPPED = 3
 """Exit code of a job stopped by SIGTERM/SIGUSR1/Ctrl-C: after a checkpoint, or before round 1."""
+DIVERGED = 4
+"""Exit code of a job stopped because its steps were skipped train.max_skipped rounds in a row."""
+EXIT_CODES = {0: 0, 1: STOPPED, 2: DIVERGED}
+"""Exit code by the reason the ranks agreed to stop for (mpifed.protocol's STOP_ASKED, STOP_DIVERGED):
+every rank exits with the same code, since the launcher combines differing ones."""
 
 
 class StoppedEarly(Exception):

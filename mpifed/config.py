@@ -100,6 +100,9 @@ class TrainConfig:
     eval_every: int = opt(50, "Evaluate on the test set every this many rounds (and after the last); "
                           "0 = only after the last round.", minimum=0)
     eval_batch: int = opt(500, "Batch size of the server's evaluation passes.", minimum=1)
+    max_skipped: int = opt(5, "Consecutive rounds whose step is skipped (the summed update is not finite, or "
+                           "every client's update was refused) after which the run stops as diverged (exit "
+                           "code 4), with a checkpoint where checkpoint.every > 0; 0 = never stop.", minimum=0)
 
 
 @dataclass(frozen=True)

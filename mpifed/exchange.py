@@ -234,9 +234,13 @@ class Exchange:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when any rank passes True (one tiny allreduce)."""
-        value = np.array([int(flag)], dtype=np.int64)
-        self.wait([self.comm.Iallreduce(MPI.IN_PLACE, value, op=MPI.MAX)], "allreduce")
-        return bool(value[0])
+        return bool(self.largest(int(flag)))
+
+    def largest(self, value: int) -> int:
+        """The largest of the ranks' values, on every rank (one tiny allreduce)."""
+        buf = np.array([value], dtype=np.int64)
+        self.wait([self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX)], "allreduce")
+        return int(buf[0])
 
     def move(self, sends: list[tuple[np.ndarray, int]], receives: list[tuple[np.ndarray, int]],
              kind: str = "move") -> None:

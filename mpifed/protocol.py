@@ -48,6 +48,12 @@ from mpifed.flat import FlatModel
 from mpifed.placement import SERVER, Placement
 from mpifed.updates import Received, UpdateChannel
 
+STOP_ASKED = 1
+"""agree_stop's reason when a rank was asked to stop (a signal): checkpoint and exit with STOPPED."""
+STOP_DIVERGED = 2
+"""agree_stop's reason when the server's steps were skipped train.max_skipped rounds in a row: exit with
+DIVERGED, checkpointing first where checkpoint.every > 0."""
+
 
 @dataclass(frozen=True)
 class UpdateLayout:
@@ -403,9 +409,11 @@ class RoundProtocol:
         self.exchange.reduce_sum(rows)
 
     # 5. stop ----------------------------------------------------------------------------------------
-    def agree_stop(self, asked: bool) -> bool:
-        """True on every rank when any rank was asked to stop (SIGTERM, SIGUSR1, Ctrl-C)."""
-        return self.exchange.any(asked)
+    def agree_stop(self, asked: int) -> int:
+        """Whether and why the run stops after this round, the same on every rank: the largest reason any
+        rank gives (0: go on; STOP_ASKED: a SIGTERM, SIGUSR1 or Ctrl-C; STOP_DIVERGED: the server's
+        steps were skipped for too long)."""
+        return self.exchange.largest(int(asked))
 
     # 6. state, for a checkpoint ---------------------------------------------------------------------
     def send_state(self, cursor: int) -> None:

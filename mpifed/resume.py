@@ -123,7 +123,8 @@ def _without_one_shot_faults(data: dict, overrides: list[str]) -> dict:
     return {**data, "debug": {**debug, **{k: -1 for k in ONE_SHOT_FAULTS}}}
 
 
-RESUME_MAY_CHANGE = ("train.rounds", "train.eval_every", "train.eval_batch", "checkpoint.", "comm.", "run.",
+RESUME_MAY_CHANGE = ("train.rounds", "train.eval_every", "train.eval_batch", "train.max_skipped", "checkpoint.",
+                     "comm.", "run.",
                      "memory.", "plan.", "debug.")
 """Job fields a resume may change: how long, how often to evaluate and checkpoint, how ranks wait
 and where they run (run.seed too, but the checkpoint's identity refuses another seed). The rest

@@ -68,9 +68,10 @@ CLIENT_FIELDS = (
 # Server series: lr, global batch (samples), train loss (batch-weighted client mean), wall (s since
 # start), and the scaling policy's statistics (mpifed.scaling.STATS_KEYS): norm of the aggregate,
 # its relative change between windows, the critical flag, the applied scale, the gradient noise
-# scale B_simple, tr(Sigma), |G|^2 and the teacher's noise std.
+# scale B_simple, tr(Sigma), |G|^2 and the teacher's noise std; skipped is 1 in a round whose step the
+# server skipped (no usable update: mpifed.skipped).
 SERVER_FIELDS = ("lr", "global_batch", "train_loss", "wall", "grad_norm", "rel_change", "critical", "scale",
-                 "noise_scale", "sigma_trace", "signal_sq", "teacher_std")
+                 "noise_scale", "sigma_trace", "signal_sq", "teacher_std", "skipped")
 EVAL_FIELDS = ("round", "test_loss", "test_acc", "wall")
 RANK_COLUMNS = ("role", "host", "device", "profile", "emulated", "speed", "memory_budget", "bandwidth",
                 "latency", "data_size", "requested_batch", "max_batch", "batch")
@@ -132,6 +133,9 @@ class RunWriter:
             series = (*(f"iter/{f}" for f in ITER_FIELDS), *(f"server/{f}" for f in SERVER_FIELDS),
                       *(f"clients/{f}" for f in CLIENT_FIELDS if "clients" in dst))
             for name in series:
+                if name not in dst:  # a series this log predates: NaN for its rounds (SWMR cannot add one later)
+                    dst.create_dataset(name, shape=(rounds,), maxshape=(None,), dtype="f8", chunks=(64,),
+                                       fillvalue=np.nan)
                 dst[name].resize(min(rounds, dst[name].shape[0]), axis=0)
             for name in EVAL_FIELDS:
                 dst[f"eval/{name}"].resize(evals, axis=0)

@@ -26,11 +26,12 @@ from mpifed.progress import Progress
 from mpifed.scaling import BatchController, ClientRound, ServerScalingPolicy, split_batch
 from mpifed.optimizers import server_optimizer
 from mpifed.placement import SERVER
-from mpifed.protocol import RoundProtocol, UpdateLayout
+from mpifed.protocol import STOP_ASKED, STOP_DIVERGED, RoundProtocol, UpdateLayout
 from mpifed.runlog import CLIENT_FIELDS, ITER_FIELDS, RunWriter, column
 from mpifed.sampling import ClientPool, predicted_seconds
 from mpifed.schedule import learning_rate
 from mpifed.session import Session
+from mpifed.skipped import SkippedSteps
 
 
 def straggler_wait(t_up: np.ndarray) -> np.ndarray:
@@ -66,6 +67,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         clients = np.zeros((s.placement.round_size, len(CLIENT_FIELDS)))
     began = time.perf_counter()
     last_eval: dict = {}
+    skips = SkippedSteps(job.train.max_skipped)
 
     controller, caps = None, []
     if job.scaling.grow_batch:
@@ -145,8 +147,10 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
             _complete_clients(s, clients, assignment, received.rejected)
         protocol.gather_rows(row, table)
         train_loss = _complete_table(s, table, received.rejected, clients if pool is not None else None)
+        skips.observe(done, received.ok, train_loss)
         writer.append_round(table, dict(stats, lr=lr, global_batch=round_batch, train_loss=train_loss,
-                                        wall=time.perf_counter() - began), clients if pool is not None else None)
+                                        skipped=float(not received.ok), wall=time.perf_counter() - began),
+                            clients if pool is not None else None)
         if due:  # after its round's row: a crash in between leaves no evaluation of an unlogged round
             writer.append_eval(last_eval)
         progress.update(done, train_loss, last_eval.get("test_acc"), round_batch * job.train.local_steps,
@@ -159,14 +163,19 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         _next_batches(s, done, stats, controller, caps, replanner, online, progress)
         if pool is not None and not np.array_equal(pool.batches, s.batches):  # grown: place by the new times
             pool.rebatch(s.batches, _client_seconds(s, pool_model))
-        stop = protocol.agree_stop(bool(s.stop))
-        if stop or s.checkpoint_due(done):
+        stop = protocol.agree_stop(STOP_DIVERGED if skips.diverged else STOP_ASKED if s.stop else 0)
+        path = None
+        if s.state_due(done, stop):
             path = _checkpoint(s, done, optimizer, policy, protocol, run_dir, time.perf_counter() - began,
                                controller.state_dict() if controller is not None else {}, pool)
-            if stop:
-                progress.print(f"mpifed: stopped by a signal after round {done}; checkpoint {path}; "
-                               f"continue with: mpirun -n {s.world.size} mpifed train --resume {run_dir}")
-                return dict(last_eval, stopped=done)
+        if stop == STOP_DIVERGED:
+            progress.warn(f"mpifed: {skips.explain(job.optim.lr)}; "
+                          + (f"checkpoint {path}" if path else "no checkpoint (checkpoint.every = 0)"))
+            return dict(last_eval, diverged=done)
+        if stop:
+            progress.print(f"mpifed: stopped by a signal after round {done}; checkpoint {path}; "
+                           f"continue with: mpirun -n {s.world.size} mpifed train --resume {run_dir}")
+            return dict(last_eval, stopped=done)
 
     checkpoint.save_model(run_dir, model.module.state_dict())
     return last_eval

@@ -21,7 +21,7 @@ from mpifed.flat import FlatModel
 from mpifed.learn.loading import forget_data, load_data, make_model
 from mpifed.learn.tasks import Task
 from mpifed.placement import Placement
-from mpifed.protocol import RoundProtocol, round_protocol
+from mpifed.protocol import STOP_ASKED, STOP_DIVERGED, RoundProtocol, round_protocol
 from mpifed.seeding import Purpose, forked_torch_rng
 
 
@@ -48,6 +48,12 @@ class Session:
     def checkpoint_due(self, done: int) -> bool:
         every = self.job.checkpoint.every  # and after the last round, so a finished run can be extended
         return bool(every) and (done % every == 0 or done == self.job.train.rounds)
+
+    def state_due(self, done: int, stop: int) -> bool:
+        """Whether round `done` ends with a checkpoint (every rank sends its state): when one is due, when
+        a signal stops the run, and when it stops as diverged with checkpoints on."""
+        return (stop == STOP_ASKED or self.checkpoint_due(done)
+                or (stop == STOP_DIVERGED and bool(self.job.checkpoint.every)))
 
     @property
     def n_clients(self) -> int:

@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 import mpifed
 from mpifed.client import prepare_client, run_client
-from mpifed.cluster import STOPPED, World
+from mpifed.cluster import DIVERGED, EXIT_CODES, STOPPED, World
 from mpifed.config import Job, JobError
 from mpifed.perf.report import predict_for
 from mpifed.planning import plan_startup
@@ -33,7 +33,7 @@ from mpifed.worker import agree_pooled_batches, prepare_worker, run_worker
 
 
 def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
-    """Run this rank's role; return the exit code (0, or STOPPED)."""
+    """Run this rank's role; return the exit code (0, STOPPED or DIVERGED)."""
     s = open_session(world, job)
     s.start_round, s.resumed_from, run_dir = start.round, start.checkpoint, start.run_dir
     pooled = s.placement.pooled  # several clients a rank, placed each round (mpifed.worker)
@@ -55,9 +55,7 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
     if check:
         raise JobError("after memory sizing: " + "; ".join(check))
     if not world.is_server:
-        if pooled:
-            return STOPPED if run_worker(s, setup) else 0
-        return STOPPED if run_client(s, setup) else 0
+        return EXIT_CODES[run_worker(s, setup) if pooled else run_client(s, setup)]
     infos = gather_rank_facts(s, None)  # each client rank's /ranks row (client/worker._report_setup)
     infos[SERVER] = dict(role="server", host=world.host, device=str(s.device), profile="-", emulated=False,
                     speed=1.0, memory_budget=0.0, bandwidth=0.0, latency=0.0, data_size=len(s.dataset),
@@ -104,6 +102,8 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
         progress.close()
     if "stopped" in final:
         return STOPPED
+    if "diverged" in final:
+        return DIVERGED
     progress.print(f"mpifed: done: test accuracy {final['test_acc']:.4f}, test loss {final['test_loss']:.4f} "
                    f"after {final['round']} rounds ({final['wall']:.1f} s); model in {run_dir / 'model.pt'}")
     return 0

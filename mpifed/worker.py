@@ -32,7 +32,7 @@ from mpifed.learn.loading import job_clients, load_data, make_model
 from mpifed.learn.samples import DeviceSamples, LazySamples
 from mpifed.optimizers import local_optimizer
 from mpifed.placement import Placement
-from mpifed.protocol import payload_size
+from mpifed.protocol import STOP_ASKED, payload_size
 from mpifed.runlog import CLIENT_FIELDS, ITER_FIELDS, column
 from mpifed.schedule import learning_rate
 from mpifed.session import Session, gather_rank_facts
@@ -131,8 +131,8 @@ def agree_pooled_batches(s: Session, caps: np.ndarray | None) -> None:
     s.max_batches = [int(by_name[p]) for p in s.profile_names]  # 0: not sized
 
 
-def run_worker(s: Session, setup: WorkerSetup) -> bool:
-    """This worker's rounds; True when a signal stopped the run early."""
+def run_worker(s: Session, setup: WorkerSetup) -> int:
+    """This worker's rounds; 0, or why the run stopped early (mpifed.protocol's STOP_ASKED, STOP_DIVERGED)."""
     job, world, model = s.job, s.world, s.model
     _report_setup(s, setup)
     protocol = s.protocol()
@@ -215,12 +215,12 @@ def run_worker(s: Session, setup: WorkerSetup) -> bool:
         for key, value in values.items():
             row[column(key)] = value
         protocol.gather_rows(row)
-        stop = protocol.agree_stop(bool(s.stop))
-        if stop or s.checkpoint_due(rnd + 1):
+        stop = protocol.agree_stop(STOP_ASKED if s.stop else 0)
+        if s.state_due(rnd + 1, stop):
             protocol.send_residuals(held)
         if stop:
-            return True
-    return False
+            return stop
+    return 0
 
 
 def _report_setup(s: Session, setup: WorkerSetup) -> None:

@@ -59,6 +59,7 @@ def test_a_malformed_payload_is_rejected_by_client_and_round_and_the_job_goes_on
     with h5py.File(tmp_path / kind / "run.h5") as f:
         rejected = f["iter/rejected"][:]
         assert rejected[2, 2] == 1 and rejected[:, 1:].sum() == 1 and rejected[2, 0] == 1
+        assert not f["server/skipped"][:].any()  # the other client's update made the step
         assert np.isfinite(f["server/grad_norm"][:]).all()
         assert np.isfinite(f["eval/test_loss"][:]).all()
 
@@ -73,6 +74,7 @@ def test_a_nan_in_a_summed_update_skips_that_step_only(tmp_path, codec, options)
         norms = f["server/grad_norm"][:]
         assert np.isnan(norms[1]) and np.isfinite(np.delete(norms, 1)).all()
         assert np.isfinite(f["eval/test_loss"][:]).all()
+        assert f["server/skipped"][:].tolist() == [0, 1, 0, 0, 0, 0]  # logged per round; one alone ends nothing
 
 
 @pytest.mark.parametrize("codec", ["topk", "qsgd"])

@@ -194,6 +194,27 @@ def participation(run: Run) -> Participation | None:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """Rounds whose step the server skipped (no usable update: /server/skipped, mpifed.skipped)."""
+
+    rounds: int                     # how many
+    first: int                      # the first such round, 1-based; 0 when none
+    diverged: bool                  # the log ends with train.max_skipped of them in a row: the run stopped there
+
+
+def skipped_steps(run: Run) -> Skipped | None:
+    """The skipped steps of a run; None for a log written before they were logged."""
+    flags = run.server.get("skipped")
+    if flags is None:
+        return None
+    hit = np.flatnonzero(flags == 1)
+    tail = len(flags) - 1 - int(np.flatnonzero(flags != 1)[-1]) if (flags != 1).any() else len(flags)
+    limit = int(run.job.get("train", {}).get("max_skipped", 0) or 0)
+    return Skipped(rounds=len(hit), first=int(hit[0]) + 1 if len(hit) else 0,
+                   diverged=bool(limit) and tail >= limit)
+
+
+@dataclass(frozen=True)
 class Summary:
     name: str
     path: str
@@ -213,6 +234,7 @@ class Summary:
     accuracy: Accuracy
     ranks: list[RankStats]
     participation: Participation | None = None
+    skipped: Skipped | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values: NaN becomes None."""
@@ -242,7 +264,7 @@ def summarize(run: Run) -> Summary:
                    bytes_down_per_round=bytes_per_round(run, "bytes_down"),
                    client_wait_share=client_share(run, "t_wait"), client_emul_share=client_share(run, "t_emul"),
                    perf_mdape=mdape, perf_points=points, accuracy=accuracy(run), ranks=ranks,
-                   participation=participation(run))
+                   participation=participation(run), skipped=skipped_steps(run))
 
 
 def _mean(x: np.ndarray) -> float:

@@ -59,7 +59,28 @@ RUN_ROWS = (
     ("final test loss", lambda s: _num(s.accuracy.final_loss, "{:.4f}")),
     ("perf model MdAPE", lambda s: "no model" if s.perf_points == 0
      else f"{s.perf_mdape:.1f}% ({s.perf_points} steady rounds)"),
+    ("skipped steps", lambda s: _skipped(s)),
 )
+
+
+def _skipped(s: Summary) -> str:
+    k = s.skipped
+    if k is None:
+        return "not logged"
+    if not k.rounds:
+        return "none"
+    return f"{k.rounds} (first in round {k.first})" + ("; DIVERGED: the run stopped there" if k.diverged else "")
+
+
+def skipped_warning(s: Summary) -> str | None:
+    """A line that no one reading the tables can miss when the server skipped steps."""
+    k = s.skipped
+    if k is None or not k.rounds:
+        return None
+    what = ("the run diverged and stopped" if k.diverged
+            else "its model did not change in those rounds (a client's bad update, or the start of a divergence)")
+    return (f"warning: {s.name}: the server skipped its step in {k.rounds} of {s.rounds} rounds, first in round "
+            f"{k.first}: {what}; see /server/skipped and /server/train_loss")
 
 
 def run_table(s: Summary) -> Table:
@@ -152,5 +173,9 @@ def analyze(paths: tuple[str, ...], out: str | None, as_json: bool, no_plots: bo
             console.print(participation_table(s))
     if len(summaries) > 1:
         console.print(comparison_table(summaries))
+    for s in summaries:
+        warning = skipped_warning(s)
+        if warning:
+            console.print(warning, style="bold red", markup=False)
     for p in plots:
         console.print(f"wrote {p}")

@@ -14,7 +14,8 @@ from mpifed.trainargs import job_overrides, train_options
 def train(job_file, overrides, name, out, progress, resume, auto_resume, print_job):
     """Federated training: rank 0 serves, every other rank is a client. Launch under MPI:
     `mpirun -n 4 mpifed train`. Exit code 3: stopped by SIGTERM/SIGUSR1/Ctrl-C after writing a checkpoint
-    (or during start-up, before round 1)."""
+    (or during start-up, before round 1). Exit code 4: diverged (train.max_skipped rounds in a row
+    without a usable update)."""
     from mpifed.config import JobError, load_job
 
     overrides = job_overrides(overrides, name, out)
