@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from mpi4py import MPI
 
-from mpifed.errors import InputError
+from mpifed.errors import InputError, StoppedEarly
 from mpifed.exchange import RankTimeout
 from mpifed.placement import Placement
 
@@ -82,13 +82,19 @@ def pick_device(world: World, wanted: str) -> torch.device:
 
 class StopRequest:
     """Set by SIGTERM or SIGUSR1 (SLURM's warning before a time limit or preemption) or SIGINT (Ctrl-C,
-    which mpirun forwards to every rank). The handler only records it; the ranks agree at the next
-    round boundary to checkpoint and stop. A second Ctrl-C stops at once, without a checkpoint."""
+    which mpirun forwards to every rank). The handler records it; the ranks agree at the next start-up
+    step or round boundary to stop (checkpointing once there is a round to keep). A second Ctrl-C stops
+    at once, without a checkpoint.
+
+    Before the ranks' first agreement (mpifed.session.stop_if_asked), start-up reads the job, loads and
+    partitions the data and sizes the clients, which may take minutes and holds nothing to keep: a
+    signal then ends the job at once (StoppedEarly, not agreed) rather than when that work is done."""
 
     installed: StopRequest | None = None
 
     def __init__(self):
         self.signal = 0
+        self.at_once = True  # until the ranks first agree on stopping
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._record)
 
@@ -105,6 +111,9 @@ class StopRequest:
         if signum == signal.SIGINT and self.signal == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
+        if self.at_once:
+            self.at_once = False
+            raise StoppedEarly(signal.Signals(signum).name, agreed=False)
 
     def __bool__(self) -> bool:
         return self.signal != 0
@@ -119,11 +128,6 @@ EXIT_CODES = {0: 0, 1: STOPPED, 2: DIVERGED}
 every rank exits with the same code, since the launcher combines differing ones."""
 
 
-class StoppedEarly(Exception):
-    """Every rank agreed to stop on a signal during start-up (data, memory sizing, probe rounds):
-    nothing is trained yet, so there is nothing to checkpoint; the job exits with STOPPED."""
-
-
 def run_or_abort(world: World, body: Callable[[], int | None]) -> int:
     """Run this rank's part; on any error print rank and message and abort the whole job at once.
 
@@ -131,15 +135,33 @@ def run_or_abort(world: World, body: Callable[[], int | None]) -> int:
     """
     try:
         return body() or 0
-    except StoppedEarly as err:  # every rank raises it together: a clean stop, not a failure
-        if world.rank == 0:
-            print(f"mpifed: stopped by {err} during start-up, before any round: nothing was trained or "
-                  f"written to resume from; run the command again", file=sys.stderr, flush=True)
+    except StoppedEarly as err:
+        if not err.agreed:
+            return stop_at_once(world, err)
+        if world.rank == 0:  # every rank raises it together: a clean stop, not a failure
+            print(_stopped_early(err), file=sys.stderr, flush=True)
         return STOPPED
     except BaseException as err:  # noqa: BLE001 - any failure on any rank must end the job
         if isinstance(err, SystemExit) and not err.code:
             return 0
         return abort(world, err)
+
+
+def _stopped_early(err: StoppedEarly) -> str:
+    return (f"mpifed: stopped by {err} during start-up, before any round: nothing was trained or written to "
+            f"resume from; run the command again")
+
+
+def stop_at_once(world: World, err: StoppedEarly) -> int:
+    """A signal before the ranks could agree on it: end every rank now (MPI_Abort with STOPPED). Rank 0
+    says so; mpirun and SLURM signal every rank, so a client waits for rank 0 to end the job first and
+    speaks itself only when the signal was its alone."""
+    if world.rank != 0:
+        time.sleep(4 * ABORT_GRACE_SECONDS)
+    os.write(2, (_stopped_early(err) + (f" (rank {world.rank} alone got it)" if world.rank else "") + "\n").encode())
+    time.sleep(ABORT_GRACE_SECONDS)  # the launcher forwards the line before it kills the ranks
+    world.comm.Abort(STOPPED)
+    return STOPPED
 
 
 def abort(world: World, err: BaseException) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tomli_w
 
 from mpifed import units
@@ -463,6 +464,15 @@ def name_problems(job: Job) -> list[str]:
     return errors
 
 
+def known_train_samples(job: Job) -> int:
+    """The training split's size where the job alone says it (built-in datasets); 0 for a factory's data,
+    known only once loaded."""
+    if job.data.dataset == "synthetic":
+        return job.data.train_size
+    spec = DATASETS.get(job.data.dataset)
+    return spec.train_samples if spec is not None else 0
+
+
 def check_job(job: Job) -> list[str]:
     """Cross-field checks; each message names the field to change."""
     errors = []
@@ -476,6 +486,12 @@ def check_job(job: Job) -> list[str]:
     grouped = sum(g.count for g in job.clients.groups)
     if job.clients.count and grouped > job.clients.count:
         errors.append(f"clients.groups: {grouped} clients in groups but clients.count = {job.clients.count}")
+    samples = known_train_samples(job)
+    clients = max(job.clients.count, grouped)
+    if samples and clients > samples:
+        more = " or raise data.train_size" if job.data.dataset == "synthetic" else ""
+        errors.append(f"clients.count = {clients:,}: data.dataset = {job.data.dataset!r} has {samples:,} training "
+                      f"samples, so a client would hold none; use at most {samples:,} clients{more}")
     if job.plan.profile_max == 1:
         errors.append("plan.profile_max = 1: the planner times at least two batch sizes; give 2 or more, or 0 "
                       "(the job's global batch)")
@@ -518,7 +534,38 @@ def check_job(job: Job) -> list[str]:
     return errors
 
 
-def resolve_clients(job: Job, world_size: int, natural: int | None = None) -> list[str]:
+@dataclass(frozen=True)
+class ClientProfiles:
+    """Each client's profile name, held as one small code per client: a million clients are an array,
+    not a list of a million strings (nor a million lookups of the profile table)."""
+
+    names: tuple[str, ...]   # the profiles in use, sorted
+    codes: np.ndarray        # (clients,) int32: client k's profile is names[codes[k]]
+
+    @classmethod
+    def of_groups(cls, groups: list[tuple[str, int]]) -> "ClientProfiles":
+        """From (profile, count) runs in client order."""
+        names = tuple(sorted({name for name, count in groups if count}))
+        counts = [count for _, count in groups]
+        codes = np.repeat(np.array([names.index(name) if count else 0 for name, count in groups], dtype=np.int32),
+                          counts)
+        return cls(names, codes)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, client: int) -> str:
+        return self.names[self.codes[client]]
+
+    def tolist(self) -> list[str]:
+        return [self.names[c] for c in self.codes]
+
+    def per_client(self, per_name) -> np.ndarray:
+        """A value per profile (in `names` order) spread to every client."""
+        return np.asarray(per_name)[self.codes]
+
+
+def resolve_clients(job: Job, world_size: int, natural: int | None = None) -> ClientProfiles:
     """Profile name of each client, for a world of `world_size` ranks (rank 0 is the server).
     `natural`: the clients of the data's natural partition, when data.partition = "natural" (then
     clients.count = 0 means as many as the data has)."""
@@ -542,8 +589,8 @@ def resolve_clients(job: Job, world_size: int, natural: int | None = None) -> li
         raise JobError(f"clients.groups assign {grouped} clients but the job has {n} (clients.count, or one "
                        f"per client rank: {workers}); launch with `mpirun -n {grouped + 1}`, set clients.count = "
                        f"{grouped} or more (ranks then train several clients each), or shrink the groups")
-    names = [g.profile for g in job.clients.groups for _ in range(g.count)]
-    names += [job.clients.profile] * (n - len(names))
+    names = ClientProfiles.of_groups([*((g.profile, g.count) for g in job.clients.groups),
+                                      (job.clients.profile, n - grouped)])
     for what in FAULTS:
         rank = getattr(job.debug, f"{what}_rank")
         if rank >= world_size:
@@ -578,9 +625,10 @@ def pooled_limits(job: Job) -> list[str]:
     return out
 
 
-def client_batches(job: Job, names: list[str]) -> list[int]:
-    """Each client's batch as the job asks for it: its profile's, else train.batch."""
-    return [job.profile(name).batch or job.train.batch for name in names]
+def client_batches(job: Job, names: ClientProfiles) -> np.ndarray:
+    """Each client's batch as the job asks for it: its profile's, else train.batch (int64)."""
+    return names.per_client(np.array([job.profile(name).batch or job.train.batch for name in names.names],
+                                     dtype=np.int64))
 
 
 def job_reference() -> str:

@@ -18,6 +18,7 @@ class DatasetSpec:
     torchvision: its class in torchvision.datasets; empty for synthetic, which mpifed generates.
     files: where its files go under data.root, for the message when they are missing.
     side: height and width of its images, as models get them (a VGG pads them to 32: mpifed.models.MIN_SIDE).
+    train_samples: the training split's size, known before loading it (jobs are checked against it).
     """
 
     mean: tuple[float, ...]
@@ -26,6 +27,7 @@ class DatasetSpec:
     torchvision: str = ""
     files: str = ""
     side: int = 32
+    train_samples: int = 0   # the training split's size, where fixed (0: synthetic's is data.train_size)
 
     @property
     def channels(self) -> int:
@@ -41,11 +43,14 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {
     "synthetic": DatasetSpec((0.5, 0.5, 0.5), (0.19, 0.19, 0.19), 10),
     "cifar10": DatasetSpec((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10, "CIFAR10",
-                           "<root>/cifar-10-batches-py/ (extract cifar-10-python.tar.gz into <root>)"),
+                           "<root>/cifar-10-batches-py/ (extract cifar-10-python.tar.gz into <root>)",
+                           train_samples=50000),
     "cifar100": DatasetSpec((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100, "CIFAR100",
-                            "<root>/cifar-100-python/ (extract cifar-100-python.tar.gz into <root>)"),
+                            "<root>/cifar-100-python/ (extract cifar-100-python.tar.gz into <root>)",
+                            train_samples=50000),
     "mnist": DatasetSpec((0.1307,), (0.3081,), 10, "MNIST",
-                         "<root>/MNIST/raw/ (the four uncompressed *-idx?-ubyte files)", 28),
+                         "<root>/MNIST/raw/ (the four uncompressed *-idx?-ubyte files)", 28, 60000),
     "fashionmnist": DatasetSpec((0.2860,), (0.3530,), 10, "FashionMNIST",
-                                "<root>/FashionMNIST/raw/ (the four uncompressed *-idx?-ubyte files)", 28),
+                                "<root>/FashionMNIST/raw/ (the four uncompressed *-idx?-ubyte files)", 28,
+                                60000),
 }

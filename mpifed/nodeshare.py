@@ -33,6 +33,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from mpi4py import MPI
 
+from mpifed.errors import StoppedEarly
+
 ALIGN = 64  # bytes: each array's offset in the window (a cache line, and any dtype's alignment)
 MAX_SLEEP = 5e-3  # seconds: the default wait's longest back-off sleep
 
@@ -121,6 +123,8 @@ def share_on_node(comm: MPI.Intracomm, make: Callable[[], Mapping[str, np.ndarra
             win.Sync()
             win.Unlock_all()
             locked = False
+    except StoppedEarly:  # a signal ends the job at once: freeing the window would wait for the node's ranks
+        raise
     except BaseException:
         if locked:
             win.Unlock_all()

@@ -26,6 +26,7 @@ start-up fit alone; from then on each term carries a factor that follows what th
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,9 @@ def plan_startup(s: Session, setup: ClientSetup | None) -> StartupPlan | None:
         grid = probe_grid(cap, cfg.points, setup.batch)
         info = dict(memory_cap=setup.max_batch, batch=setup.batch, device=_device_label(s, client),
                     cap=plan_cap(cfg.mode, setup.max_batch, global_batch, cap))
+    if s.world.is_server:  # the probes may take minutes (a slow emulated client): say what start-up does
+        print(f"mpifed: start-up: timing probe rounds of every client at {cfg.points + 1} batch sizes for the "
+              f"performance model (plan.mode = {cfg.mode!r})", file=sys.stderr, flush=True)
     table = probes.probe_rounds(s, setup, grid or [0] * (cfg.points + 1), cfg.repeats, WARMUP_STEPS)
     s.exchange.arrive()
     gathered = comm.gather((info, table), root=0)  # once, at start-up: pickling is fine here

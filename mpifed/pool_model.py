@@ -144,8 +144,7 @@ def start_pool_model(s: Session, setup) -> PoolModel | None:
     if cfg.mode == "off":
         return None
     start = time.perf_counter()
-    names = sorted(set(s.profile_names))
-    profile_of = np.array([names.index(p) for p in s.profile_names], dtype=np.int64)
+    names, profile_of = list(s.profile_names.names), s.profile_names.codes.astype(np.int64)
     batches = [int(s.batches[np.flatnonzero(profile_of == i)[0]]) for i in range(len(names))]
     for name, b in zip(names, batches):
         if max(b, cfg.profile_max) < 2:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mpifed.cluster import StopRequest, StoppedEarly, World, pick_device
-from mpifed.config import DeviceProfile, Job, client_batches, resolve_clients
+from mpifed.config import ClientProfiles, DeviceProfile, Job, client_batches, resolve_clients
 from mpifed.data import load_dataset
 from mpifed.dataplane import open_plane
 from mpifed.datasets import DATASETS
@@ -32,7 +32,7 @@ class Session:
     device: torch.device
     model: FlatModel
     exchange: Exchange
-    profile_names: list[str]       # per client
+    profile_names: ClientProfiles  # per client
     batches: np.ndarray            # per client, samples per local step
     dataset: object                # a sample set (mpifed.learn.samples): train on clients, test on the server
     placement: Placement           # which rank trains which client
@@ -112,7 +112,7 @@ def open_session(world: World, job: Job) -> Session:
     with forked_torch_rng(job.run.seed, Purpose.INIT):  # same init on every rank, global RNG untouched
         module = make_model(job, bundle.task)
     model = FlatModel(module, device)
-    batches = np.array(client_batches(job, names), dtype=np.int64)
+    batches = client_batches(job, names)
     return Session(world, job, device, model, exchange, names, batches, dataset, placement, task=bundle.task,
                    shared=shared)
 
@@ -134,7 +134,9 @@ def gather_rank_facts(s: Session, facts: dict | None) -> list[dict] | None:
 def stop_if_asked(s: Session) -> None:
     """A start-up stop point: when any rank got SIGTERM, SIGUSR1 or Ctrl-C, every rank stops here
     together (one tiny allreduce) instead of going on with start-up until round 1 is done."""
-    if s.exchange.any(bool(s.stop)):
+    stop = s.exchange.any(bool(s.stop))
+    s.stop.at_once = False  # from here on every rank reaches the same stop points: they agree there
+    if stop:
         raise StoppedEarly(signal.Signals(s.stop.signal).name if s.stop else "another rank's signal")
 
 

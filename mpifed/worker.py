@@ -93,7 +93,7 @@ def prepare_worker(s: Session) -> WorkerSetup:
         samples = LazySamples(s.dataset, s.device)
     else:
         samples = DeviceSamples(s.dataset, None, s.device)
-    names = sorted(set(s.profile_names))
+    names = s.profile_names.names
     caps, records, messages = np.zeros(len(names), dtype=np.int64), {}, []
     if job.memory.size_clients:
         step = mem.StepSpec(optimizer="none" if job.train.local_steps == 1 else "sgd", momentum=0.0,
@@ -105,7 +105,7 @@ def prepare_worker(s: Session) -> WorkerSetup:
             profile = job.profile(name)
             budget = profile.memory or mem.device_budget(s.device) // (1 if s.device.type == "cuda"
                                                                          else s.world.local_size)
-            requested = max(int(b) for b, p in zip(s.batches, s.profile_names) if p == name)
+            requested = int(s.batches[s.profile_names.codes == i].max())
             sizing = mem.size_client(s.model.module, s.task.input_shape, s.task.classes, step, s.device,
                                      int(budget), requested, f"profile {name} (rank {s.world.rank})",
                                      strict=job.memory.strict, margin=job.memory.margin,
@@ -119,16 +119,15 @@ def prepare_worker(s: Session) -> WorkerSetup:
 def agree_pooled_batches(s: Session, caps: np.ndarray | None) -> None:
     """Every client's batch on every rank: its profile's batch, capped by the smallest cap any worker
     found for that profile (the server passes None); that cap is the client's max batch (grow_batch)."""
-    names = sorted(set(s.profile_names))
+    names = s.profile_names.names
     everyone = np.zeros((s.world.size, len(names)), dtype=np.int64)
     mine = np.zeros(len(names), dtype=np.int64) if caps is None else caps
     s.exchange.wait([s.world.comm.Iallgather(mine, everyone)], "allgather")
     sized = everyone[1:]
     cap = np.where((sized > 0).any(axis=0), np.where(sized > 0, sized, np.iinfo(np.int64).max).min(axis=0), 0)
-    by_name = dict(zip(names, cap.tolist()))
-    s.batches = np.array([min(int(b), by_name[p]) if by_name[p] else int(b)
-                          for b, p in zip(s.batches, s.profile_names)], dtype=np.int64)
-    s.max_batches = [int(by_name[p]) for p in s.profile_names]  # 0: not sized
+    client_cap = s.profile_names.per_client(cap.astype(np.int64))
+    s.batches = np.where(client_cap > 0, np.minimum(s.batches, client_cap), s.batches).astype(np.int64)
+    s.max_batches = client_cap.tolist()  # 0: not sized
 
 
 def run_worker(s: Session, setup: WorkerSetup) -> int:

@@ -1,9 +1,11 @@
 """Checkpoint and resume under real MPI: a signal mid-run, then --resume, ends exactly where an
 uninterrupted run ends; bad checkpoints are set aside or refused, never silently used."""
 
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,6 +102,45 @@ def _catches_sigterm(pid: int) -> bool:
     return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
+def _rank_of(pid: int) -> int:
+    """The MPI rank of a launched process (MPICH's PMI_RANK in its environment)."""
+    env = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
+    return int(env[b"PMI_RANK"])
+
+
+@pytest.mark.parametrize("who", ["every rank", "one client"])
+def test_a_signal_while_the_data_is_prepared_ends_the_job_at_once(tmp_path, who):
+    """Before the ranks first agree on a stop, start-up (here: generating 2 M samples, minutes) holds
+    nothing to keep: SIGTERM ends every rank at once with STOPPED, whether mpirun forwarded it to every
+    rank or one client alone got it, and names who got it; nothing is left in the run directory."""
+    args = ["train", *TINY, "--out", str(tmp_path), "--name", "data", "--set", "data.train_size=2000000"]
+    proc = subprocess.Popen([MPIRUN, "-n", "3", sys.executable, "-m", "mpifed", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, ranks = time.monotonic() + 180, []
+    while time.monotonic() < deadline and proc.poll() is None:
+        ranks = _ranks_of(str(tmp_path))
+        if len(ranks) == 3 and all(map(_catches_sigterm, ranks)):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the job ended before its start-up could be interrupted (ranks {ranks})"
+    time.sleep(2.0)  # well into the data
+    if who == "every rank":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.kill(next(pid for pid in ranks if _rank_of(pid) == 2), signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=30)  # before, start-up went on until the data was made
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 3, err[-3000:]
+    lines = [line for line in err.splitlines() if "stopped by SIGTERM during start-up, before any round" in line]
+    assert len(lines) == 1, err
+    assert lines[0].endswith("(rank 2 alone got it)") == (who == "one client"), err
+    assert "Traceback" not in err
+    assert rounds_logged(tmp_path / "data" / "run.h5") == 0
+
+
 @pytest.mark.parametrize("command", ["train", "profile"])
 def test_ctrl_c_during_start_up_stops_every_rank_before_round_1(tmp_path, command):
     """Ctrl-C while the clients size themselves and time probe rounds (a planner start-up with a
@@ -115,22 +156,24 @@ def test_ctrl_c_during_start_up_stops_every_rank_before_round_1(tmp_path, comman
                 "--max-batch", "64", *slow]  # the stop comes between probe rounds: keep each one short
     cmd = [MPIRUN, "-n", "3", sys.executable, "-m", "mpifed", *args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    ranks = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        ranks = _ranks_of(str(tmp_path))
-        if len(ranks) == 3 and all(map(_catches_sigterm, ranks)):
-            break
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 180  # the probes begin after the ranks first agree on stopping
+    while time.monotonic() < deadline and proc.poll() is None and not any("timing probe rounds" in x for x in lines):
         time.sleep(0.1)
-    assert proc.poll() is None, f"the job ended before its start-up could be interrupted (ranks {ranks})"
+    assert proc.poll() is None, f"the job ended before its probe rounds could be interrupted: {''.join(lines)}"
     proc.send_signal(signal.SIGINT)
     try:
-        out, err = proc.communicate(timeout=30)  # before, start-up went on for minutes
+        proc.wait(timeout=30)  # before, start-up went on for minutes
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
+    reader.join(timeout=10)
+    err = "".join(lines)
     assert proc.returncode == 3, err[-3000:]
     assert "stopped by SIGINT during start-up, before any round" in err and "KeyboardInterrupt" not in err
+    assert "MPI_Abort" not in err  # every rank stopped at the same step and returned: nothing was aborted
     if command == "train":
         assert rounds_logged(tmp_path / "early" / "run.h5") == 0
         assert sorted(p.name for p in (tmp_path / "early").iterdir()) == ["run.lock"]  # a new start may reuse it

@@ -416,8 +416,15 @@ def test_more_clients_than_training_samples_are_refused_before_the_run_starts(da
                        f"none; use at most 12 clients (clients.count; 0 means one per client rank) or more data "
                        f"(data.options, for a factory's)")
     assert len(job_clients(job(**{"data.dataset": data, "data.options": {"n": 12}, "clients.count": 12}), 3)) == 12
-    synthetic = job(**{"data.train_size": 4, "clients.count": 5})
-    assert refused(DatasetError, job_clients, synthetic, 3).endswith("or more data (data.train_size)")
+    # one client rank too many for the data: refused before a client list exists
+    assert refused(DatasetError, job_clients, job(**{"data.dataset": data, "data.options": {"n": 2}}), 4).startswith(
+        "3 clients but data.dataset")
+    # the job alone says a built-in dataset's size: refused as the job loads, before anything is built
+    with pytest.raises(JobError, match="clients.count = 5: data.dataset = 'synthetic' has 4 training samples, so a "
+                                       "client would hold none; use at most 4 clients or raise data.train_size"):
+        job(**{"data.train_size": 4, "clients.count": 5})
+    with pytest.raises(JobError, match="clients.count = 100,000,000: data.dataset = 'fashionmnist' has 60,000"):
+        job(**{"data.dataset": "fashionmnist", "clients.count": 10**8})
 
 
 def test_a_natural_client_without_a_training_sample_is_refused():

@@ -26,7 +26,7 @@ def train(job_file, overrides, name, out, progress, resume, auto_resume, print_j
             raise click.ClickException(str(err)) from None
         return
 
-    from mpifed.cluster import StopRequest, abort, init_world, run_or_abort
+    from mpifed.cluster import StopRequest, StoppedEarly, abort, init_world, run_or_abort, stop_at_once
     from mpifed.exchange import RankTimeout
     from mpifed.rundir import prepare
     from mpifed.train import train as run_train
@@ -41,5 +41,7 @@ def train(job_file, overrides, name, out, progress, resume, auto_resume, print_j
         sys.exit(2)
     except RankTimeout as err:
         sys.exit(abort(world, err))
+    except StoppedEarly as err:  # a signal while rank 0 read the job (or the others waited for it)
+        sys.exit(stop_at_once(world, err))
     sys.exit(run_or_abort(world, lambda: run_train(world, job, start, progress)))
 

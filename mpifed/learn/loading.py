@@ -214,14 +214,14 @@ def job_clients(job, world_size: int) -> list[str]:
 
     bundle = load_data(job)
     _check_natural(job, bundle)
-    names = resolve_clients(job, world_size, bundle.natural_clients if job.data.partition == "natural" else None)
     samples = len(bundle.train)
-    if len(names) > samples:
+    wanted = max(job.clients.count, sum(g.count for g in job.clients.groups), world_size - 1)
+    if wanted > samples:  # before resolving: a client count far beyond the data is refused at once
         more = "data.train_size" if job.data.dataset == "synthetic" else "data.options, for a factory's"
-        raise DatasetError(f"{len(names)} clients but data.dataset = {job.data.dataset!r} has {samples} training "
-                           f"samples, so a client would hold none; use at most {samples} clients (clients.count; "
+        raise DatasetError(f"{wanted:,} clients but data.dataset = {job.data.dataset!r} has {samples:,} training "
+                           f"samples, so a client would hold none; use at most {samples:,} clients (clients.count; "
                            f"0 means one per client rank) or more data ({more})")
-    return names
+    return resolve_clients(job, world_size, bundle.natural_clients if job.data.partition == "natural" else None)
 
 
 def natural_partition(ids: np.ndarray, n: int) -> list[np.ndarray]:
