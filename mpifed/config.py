@@ -227,7 +227,9 @@ class DeviceProfile:
     speed: float = opt(1.0, "Compute speed relative to the device (1 = native). 0.25 emulates a device 4x "
                        "slower by sleeping 3x the native compute time after each step (on a CPU its CPU time).",
                        minimum=1e-3)
-    memory: float = opt(0.0, "Memory budget in bytes ('2GiB' works); 0 = the device's own memory.",
+    memory: float = opt(0.0, "Memory budget in bytes ('2GiB' works); 0 = the device's own memory: a GPU's free "
+                        "memory, or on a CPU the host's available memory (the smallest of MemAvailable, the "
+                        "memory cgroups' room and SLURM's allocation) shared by the node's ranks.",
                         minimum=0.0, unit="bytes")
     bandwidth: float = opt(0.0, "Link bandwidth in bytes/s ('100Mbit/s' works); 0 = the real link.",
                            minimum=0.0, unit="rate")

@@ -103,7 +103,8 @@ def model_options(f):
                           "(FedSGD clients)."),
         click.option("--budget", default=None,
                      help="Memory budget, e.g. 2GiB, 512MiB, 16GB. Default: the device's free memory "
-                          "(CUDA) or MemAvailable (CPU)."),
+                          "(CUDA) or the host's (CPU: the smallest of MemAvailable, the memory cgroups' room "
+                          "and SLURM's allocation)."),
         click.option("--device", "device_name", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="auto: cuda if a GPU is visible, else cpu."),
         click.option("--margin", type=float, default=None, cls=LazyHelpOption, help_text=_margin_help),
