@@ -67,8 +67,11 @@ class DataConfig:
     alpha: float = opt(0.5, "Dirichlet concentration for partition=dirichlet; 0.5 is the common strong-skew "
                        "setting (Hsu et al. 2019), large values approach iid.", minimum=1e-6)
     volume_sigma: float = opt(1.0, "Log-normal sigma of client data volumes for partition=volume.", minimum=0.0)
-    train_size: int = opt(12000, "Synthetic dataset only: number of training samples.", minimum=1)
-    test_size: int = opt(2000, "Synthetic dataset only: number of test samples.", minimum=1)
+    train_size: int = opt(12000, "Synthetic dataset only: number of training samples (3 KiB each, held once per "
+                          "node). Sizes the node's free memory cannot hold are refused before any is generated.",
+                          minimum=1)
+    test_size: int = opt(2000, "Synthetic dataset only: number of test samples (12 KiB each the server "
+                         "evaluates, as tensors).", minimum=1)
     noise: float = opt(2.5, "Synthetic dataset only: pixel noise relative to the class signal (higher is "
                        "harder). At 2.5 the small CNN reaches about 79% test accuracy after 100 steps of "
                        "batch 96 and about 92% after 300 (measured), leaving room to tell methods apart.",

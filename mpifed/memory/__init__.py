@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_MARGIN", "ANALYTIC_FIT_BATCHES", "DEFAULT_PROBES", "CUDA_BLOCK_BYTES", "OPTIMIZERS", "StepSpec",
     "StepPeak", "MemoryModel", "MemoryBudgetError", "BudgetGuard", "ClientSizing", "Verified", "analytic_peak",
     "analytic_memory_model", "measured_peak", "measured_memory_model", "library_overhead_bytes",
-    "max_batch", "Budget", "client_budget", "HostMemory", "host_memory", "device_budget", "enforce_budget", "size_client", "verify_batch", "training_step",
+    "max_batch", "Budget", "client_budget", "HostMemory", "host_memory", "device_budget", "enforce_budget",
+    "size_client", "verify_batch", "training_step",
     "indexed_device", "parse_bytes", "format_bytes",
 ]
