@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import h5py
@@ -73,6 +74,10 @@ def memory_cgroup():
     finally:
         for pid in (group / "cgroup.procs").read_text().split():  # the job's own processes, left by a timeout
             os.kill(int(pid), signal.SIGKILL)
+        for _ in range(100):  # a killed process leaves its group when it has exited
+            if not (group / "cgroup.procs").read_text().split():
+                break
+            time.sleep(0.1)
         group.rmdir()
 
 
