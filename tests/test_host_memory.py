@@ -134,3 +134,17 @@ def test_a_cpu_clients_budget_is_the_hosts_shared_by_the_nodes_ranks(monkeypatch
     assert budget_module.device_budget("cpu") == 6 * GiB
     own = budget_module.client_budget("cpu", 512 * MiB, ranks_on_node=3)  # a profile's budget is its own
     assert (own.bytes, own.source) == (512 * MiB, "profile memory")
+
+
+def test_mpifed_memory_sizes_against_the_hosts_memory_and_says_what_bound_it(monkeypatch):
+    from click.testing import CliRunner
+
+    from mpifed.commands.memory import memory
+
+    host = HostMemory(64 * MiB, "cgroup /sys/fs/cgroup/x memory.max", "96.00 MiB, 32.00 MiB in use")
+    monkeypatch.setattr(budget_module, "host_memory", lambda: host)
+    result = CliRunner().invoke(memory, ["--model", "cnn", "--dataset", "synthetic", "--device", "cpu",
+                                         "--batches", "1"])
+    assert result.exit_code == 0, result.output
+    assert "max batch for budget 64.00 MiB" in result.output
+    assert "budget: cgroup /sys/fs/cgroup/x memory.max (96.00 MiB, 32.00 MiB in use)\n" in result.output
