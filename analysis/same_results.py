@@ -15,7 +15,8 @@ attributes; model.pt and every checkpoints/round-*.pt (same names; tensors bitwi
 Not compared, being measured rather than computed: /iter/t_* (t_iter_pred too: predicted from timings),
 /clients/t_* (a pooled client's compute time),
 /server/wall, /eval/wall, a checkpoint's 'wall'; /ranks/max_batch of a rank without a memory budget (its
-cap then comes from the free memory at start-up: MemAvailable on a CPU, which moves between runs);
+cap then comes from the free memory at start-up: on a CPU MemAvailable or a cgroup's room, which move between
+runs), and /ranks/sized_budget and budget_bound (that free memory and what bound it);
 /models perf.* (fitted to probe timings) and memory.*.verified_peak (a measured peak, CUDA only); root
 attrs 'started' (a time) and 'command' (with paths); in 'job', run.out (where the run was written); in
 'resumes', each note's "(date)". Other files (job.toml = the 'job' attr, run.lock, profile.json) are not read.
@@ -31,7 +32,7 @@ import h5py
 import numpy as np
 import torch
 
-MEASURED_DATASETS = re.compile(r"(iter|clients)/t_\w+|server/wall|eval/wall")
+MEASURED_DATASETS = re.compile(r"(iter|clients)/t_\w+|server/wall|eval/wall|ranks/sized_budget|ranks/budget_bound")
 MEASURED_MODEL_ATTRS = re.compile(r"perf\..*|memory\..*\.verified_peak")
 MEASURED_ROOT_ATTRS = {"started", "command"}
 MEASURED_CHECKPOINT_KEY = "wall"

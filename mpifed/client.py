@@ -56,6 +56,7 @@ class ClientSetup:
     memory: dict                # fitted memory model (static_bytes, per_sample_bytes, ...), or {}
     message: str                # why the batch was capped, or ""
     guard: BudgetGuard | None   # binds an emulated memory budget
+    budget: mem.Budget | None = None  # what it was sized against, and what bound that (None: not sized)
 
 
 def prepare_client(s: Session) -> ClientSetup:
@@ -70,7 +71,8 @@ def prepare_client(s: Session) -> ClientSetup:
     name = f"client {client} (rank {s.world.rank}, profile {s.profile_names[client]})"
     step = mem.StepSpec(optimizer="none" if job.train.local_steps == 1 else "sgd", momentum=0.0,
                         weight_decay=job.optim.weight_decay, keep_grads=True)
-    budget = profile.memory or mem.device_budget(s.device) // (1 if s.device.type == "cuda" else s.world.local_size)
+    sized_against = mem.client_budget(s.device, profile.memory, s.world.local_size)
+    budget = sized_against.bytes
     # held outside the step: this client's samples, the update buffer, the E>1 start copy
     # (and, for the per-coordinate teacher, up to n squares)
     held = (samples.nbytes + 4 * payload_size(s.model)
@@ -96,7 +98,7 @@ def prepare_client(s: Session) -> ClientSetup:
             message = (f"{name}: a real step at batch {verified.failed[0]} ran out of device memory although the "
                        f"memory model predicted it fits; training with batch {batch}, which ran "
                        f"(peak {mem.format_bytes(verified.peak)})")
-    return ClientSetup(part, samples, batch, largest, record, message, guard)
+    return ClientSetup(part, samples, batch, largest, record, message, guard, sized_against)
 
 
 def run_client(s: Session, setup: ClientSetup) -> int:
@@ -218,4 +220,12 @@ def _report_setup(s: Session, setup: ClientSetup) -> None:
         role=s.world.role, host=s.world.host, device=str(s.device), profile=s.profile_names[client],
         emulated=p.emulated, speed=p.speed, memory_budget=p.memory, bandwidth=p.bandwidth, latency=p.latency,
         data_size=len(setup.part), requested_batch=p.batch or s.job.train.batch, max_batch=setup.max_batch,
-        batch=int(s.batches[client]), memory_model=setup.memory, message=setup.message))
+        batch=int(s.batches[client]), memory_model=setup.memory, message=setup.message, **budget_facts(setup.budget)))
+
+
+def budget_facts(budget: mem.Budget | None) -> dict:
+    """A rank's /ranks columns for the budget it was sized against, and what bound it (the start-up
+    report groups the ranks by `budget_source`)."""
+    if budget is None:
+        return dict(sized_budget=0, budget_bound="", budget_source="")
+    return dict(sized_budget=budget.bytes, budget_bound=budget.bound, budget_source=budget.source)

@@ -68,8 +68,11 @@ class DataConfig:
     alpha: float = opt(0.5, "Dirichlet concentration for partition=dirichlet; 0.5 is the common strong-skew "
                        "setting (Hsu et al. 2019), large values approach iid.", minimum=1e-6)
     volume_sigma: float = opt(1.0, "Log-normal sigma of client data volumes for partition=volume.", minimum=0.0)
-    train_size: int = opt(12000, "Synthetic dataset only: number of training samples.", minimum=1)
-    test_size: int = opt(2000, "Synthetic dataset only: number of test samples.", minimum=1)
+    train_size: int = opt(12000, "Synthetic dataset only: number of training samples (3 KiB each, held once per "
+                          "node). Sizes the node's free memory cannot hold are refused before any is generated.",
+                          minimum=1)
+    test_size: int = opt(2000, "Synthetic dataset only: number of test samples (12 KiB each the server "
+                         "evaluates, as tensors).", minimum=1)
     noise: float = opt(2.5, "Synthetic dataset only: pixel noise relative to the class signal (higher is "
                        "harder). At 2.5 the small CNN reaches about 79% test accuracy after 100 steps of "
                        "batch 96 and about 92% after 300 (measured), leaving room to tell methods apart.",
@@ -231,7 +234,9 @@ class DeviceProfile:
     speed: float = opt(1.0, "Compute speed relative to the device (1 = native). 0.25 emulates a device 4x "
                        "slower by sleeping 3x the native compute time after each step (on a CPU its CPU time).",
                        minimum=1e-3)
-    memory: float = opt(0.0, "Memory budget in bytes ('2GiB' works); 0 = the device's own memory.",
+    memory: float = opt(0.0, "Memory budget in bytes ('2GiB' works); 0 = the device's own memory: a GPU's free "
+                        "memory, or on a CPU the host's available memory (the smallest of MemAvailable, the "
+                        "memory cgroups' room and SLURM's allocation) shared by the node's ranks.",
                         minimum=0.0, unit="bytes")
     bandwidth: float = opt(0.0, "Link bandwidth in bytes/s ('100Mbit/s' works); 0 = the real link.",
                            minimum=0.0, unit="rate")

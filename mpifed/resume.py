@@ -60,7 +60,7 @@ def resume_run(world: World, resume: str, overrides: list[str]) -> tuple[Job, di
                        f"the rounds logged and the rounds to come would follow different schedules. Start a "
                        f"new run for more rounds (runs meant to be extended: optim.schedule = \"step\" or "
                        f"\"constant\")")
-    check_learning(job)  # the data and the model still load and fit, before anything is changed
+    check_learning(job, world.local_size)  # the data and the model still load and fit, before anything is changed
     n_clients = len(job_clients(job, world.size))
     path, payload, notes = checkpoint.choose(run_dir, checkpoint.identity(job, n_clients))
     for note in notes:

@@ -70,7 +70,7 @@ def prepare(world: World, job_file: str | None, overrides: list[str], resume: st
 
 def _new(world: World, job_file: str | None, overrides: list[str]) -> tuple[Job, Start]:
     job = load_job(job_file, overrides)
-    check_learning(job)  # the data loads and the model takes it: one line, before anything is written
+    check_learning(job, world.local_size)  # the data fits and loads, the model takes it: one line, nothing written
     check_client_state(job, world.size)  # resolves the clients too
     return job, Start(_make_run_dir(job))
 

@@ -6,7 +6,10 @@ Layout (schema 1):
                   n_buffers, and resumes (the rounds each resume started at) once resumed
   /ranks/<col>    (N,) one row per rank: role, host, device, profile, emulated, speed, memory_budget,
                   bandwidth, latency, data_size, requested_batch, max_batch (memory model; 0 = not
-                  sized), batch (what it trains with; the server's row holds the global batch)
+                  sized), batch (what it trains with; the server's row holds the global batch),
+                  sized_budget (bytes the memory model sized this rank's clients against; 0 = not sized)
+                  and budget_bound (what bound that budget: a profile's memory, the free device memory,
+                  or the host's smallest of MemAvailable, memory cgroup and SLURM allocation)
   /iter/<field>   (T, N) one row per round, one column per rank; ITER_FIELDS below, seconds/bytes/samples
   /server/<name>  (T,) server-side series: SERVER_FIELDS below
   /eval/<name>    (E,) round, test_loss, test_acc, wall
@@ -74,7 +77,7 @@ SERVER_FIELDS = ("lr", "global_batch", "train_loss", "wall", "grad_norm", "rel_c
                  "noise_scale", "sigma_trace", "signal_sq", "teacher_std", "skipped")
 EVAL_FIELDS = ("round", "test_loss", "test_acc", "wall")
 RANK_COLUMNS = ("role", "host", "device", "profile", "emulated", "speed", "memory_budget", "bandwidth",
-                "latency", "data_size", "requested_batch", "max_batch", "batch")
+                "latency", "data_size", "requested_batch", "max_batch", "batch", "sized_budget", "budget_bound")
 
 
 def column(name: str) -> int:

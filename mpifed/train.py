@@ -29,6 +29,7 @@ from mpifed.server import run_server
 from mpifed.scaling import check_scaling
 from mpifed.placement import SERVER
 from mpifed.session import Session, agree_batches, gather_rank_facts, open_session, restore_batches, stop_if_asked
+from mpifed.units import format_bytes
 from mpifed.worker import agree_pooled_batches, prepare_worker, run_worker
 
 
@@ -59,7 +60,7 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
     infos = gather_rank_facts(s, None)  # each client rank's /ranks row (client/worker._report_setup)
     infos[SERVER] = dict(role="server", host=world.host, device=str(s.device), profile="-", emulated=False,
                     speed=1.0, memory_budget=0.0, bandwidth=0.0, latency=0.0, data_size=len(s.dataset),
-                    requested_batch=0, max_batch=0, batch=s.global_batch)
+                    requested_batch=0, max_batch=0, batch=s.global_batch, sized_budget=0, budget_bound="")
     ranks = {key: [info[key] for info in infos] for key in RANK_COLUMNS}
     if pooled:
         s.data_sizes = [int(n) for n in infos[1]["data_sizes"]]
@@ -83,6 +84,8 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
         writer.begin_swmr()
     write_job(run_dir, job)  # set-up and the log succeeded: the job is what runs
     progress = Progress(progress_mode, job.train.rounds, job.train.eval_every or job.train.rounds)
+    for line in budget_report(infos):
+        progress.print(f"mpifed: {line}")
     for message in messages:
         progress.print(f"mpifed: memory model: {message}")
     for line in plan.describe() if plan is not None else ():
@@ -107,6 +110,34 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
     progress.print(f"mpifed: done: test accuracy {final['test_acc']:.4f}, test loss {final['test_loss']:.4f} "
                    f"after {final['round']} rounds ({final['wall']:.1f} s); model in {run_dir / 'model.pt'}")
     return 0
+
+
+def budget_report(infos: list[dict]) -> list[str]:
+    """What bound the memory budgets the clients were sized against: one line per source (a cgroup,
+    MemAvailable, SLURM's allocation, a GPU's free memory), naming its smallest budget and its ranks.
+    The job's own profile budgets go unsaid: the job states them."""
+    by_source: dict[str, list[int]] = {}
+    for rank, info in enumerate(infos):
+        if info.get("budget_source") and info["budget_source"] != "profile memory":
+            by_source.setdefault(info["budget_source"], []).append(rank)
+    lines = []
+    for ranks in by_source.values():
+        least = min(ranks, key=lambda r: infos[r]["sized_budget"])
+        lines.append(f"memory budget {format_bytes(infos[least]['sized_budget'])} a rank ({_rank_runs(ranks)}), "
+                     f"bound by {infos[least]['budget_bound']}")
+    return lines
+
+
+def _rank_runs(ranks: list[int]) -> str:
+    """"ranks 1-4, 7": consecutive ranks as runs."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return f"rank{'s' if len(ranks) > 1 else ''} {text}"
 
 
 def _attrs(world: World, s: Session) -> dict:

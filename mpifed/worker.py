@@ -24,7 +24,7 @@ import torch
 
 from mpifed import memory as mem
 from mpifed import profiles
-from mpifed.client import InjectedFault, local_steps, partitions
+from mpifed.client import InjectedFault, budget_facts, local_steps, partitions
 from mpifed.compress import ErrorFeedback, make_codec
 from mpifed.config import Job, JobError
 from mpifed.data import ClientSampler
@@ -50,6 +50,7 @@ class WorkerSetup:
     caps: np.ndarray            # per profile name (sorted), largest batch; 0 = not sized
     memory: dict                # profile name -> fitted memory model record
     messages: list[str]
+    budget: mem.Budget | None = None  # the host's budget a profile was sized against (None: none was)
 
 
 WORKER_FIELDS = [CLIENT_FIELDS.index(f) for f in ("loss", "t_compute", "grad_norm", "bytes_up")]
@@ -94,7 +95,7 @@ def prepare_worker(s: Session) -> WorkerSetup:
     else:
         samples = DeviceSamples(s.dataset, None, s.device)
     names = s.profile_names.names
-    caps, records, messages = np.zeros(len(names), dtype=np.int64), {}, []
+    caps, records, messages, budgets = np.zeros(len(names), dtype=np.int64), {}, [], []
     if job.memory.size_clients:
         step = mem.StepSpec(optimizer="none" if job.train.local_steps == 1 else "sgd", momentum=0.0,
                             weight_decay=job.optim.weight_decay, keep_grads=True)
@@ -103,8 +104,9 @@ def prepare_worker(s: Session) -> WorkerSetup:
         held = samples.nbytes + 4 * (2 * payload_size(s.model) + 2 * s.model.size)
         for i, name in enumerate(names):
             profile = job.profile(name)
-            budget = profile.memory or mem.device_budget(s.device) // (1 if s.device.type == "cuda"
-                                                                         else s.world.local_size)
+            sized_against = mem.client_budget(s.device, profile.memory, s.world.local_size)
+            budget = sized_against.bytes
+            budgets.append(sized_against)
             requested = int(s.batches[s.profile_names.codes == i].max())
             sizing = mem.size_client(s.model.module, s.task.input_shape, s.task.classes, step, s.device,
                                      int(budget), requested, f"profile {name} (rank {s.world.rank})",
@@ -113,7 +115,9 @@ def prepare_worker(s: Session) -> WorkerSetup:
             caps[i], records[name] = sizing.max_batch, sizing.model.as_record()
             if sizing.message:
                 messages.append(sizing.message)
-    return WorkerSetup(parts, samples, caps, records, messages)
+    host = [b for b in budgets if b.source != "profile memory"]  # the host's, where a profile sets none
+    return WorkerSetup(parts, samples, caps, records, messages, min(host or budgets, key=lambda b: b.bytes,
+                                                                      default=None))
 
 
 def agree_pooled_batches(s: Session, caps: np.ndarray | None) -> None:
@@ -229,7 +233,7 @@ def _report_setup(s: Session, setup: WorkerSetup) -> None:
                  emulated=False,
                  speed=1.0, memory_budget=0.0, bandwidth=0.0, latency=0.0, data_size=len(setup.samples),
                  requested_batch=0, max_batch=int(setup.caps.max(initial=0)), batch=0, memory_model={},
-                 message="; ".join(setup.messages))
+                 message="; ".join(setup.messages), **budget_facts(setup.budget))
     if s.world.rank == 1:
         facts.update(data_sizes=[len(p) for p in setup.parts], memory_models=setup.memory)
     gather_rank_facts(s, facts)

@@ -21,17 +21,20 @@ TINY = ["--set", "data.train_size=600", "--set", "data.test_size=200", "--set", 
         "--set", "train.eval_every=3", "--set", "run.timestamp=false", "--progress", "log"]
 
 
-def mpi_run(n: int, args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`mpirun -n n <python> -m mpifed <args>`; a hang fails the test through the timeout."""
+def mpi_run(n: int, args: list[str], cwd: Path, timeout: float = 240,
+            wrapper: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`mpirun -n n <python> -m mpifed <args>`, started by `wrapper` if given (a command that ends in
+    `exec "$@"`); a hang fails the test through the timeout."""
     if MPIRUN is None:
         pytest.skip("mpirun not found; install the MPICH wheel: pip install -e '.[mpich]'")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [MPIRUN, "-n", str(n), sys.executable, "-m", "mpifed", *args]
+    cmd = [*wrapper, MPIRUN, "-n", str(n), sys.executable, "-m", "mpifed", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def train(n: int, tmp: Path, name: str, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return mpi_run(n, ["train", *TINY, "--out", str(tmp), "--name", name, *extra], tmp, timeout)
+def train(n: int, tmp: Path, name: str, *extra: str, timeout: float = 240,
+          wrapper: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return mpi_run(n, ["train", *TINY, "--out", str(tmp), "--name", name, *extra], tmp, timeout, wrapper)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -3,7 +3,7 @@
 import h5py
 import pytest
 
-from conftest import ok, train
+from conftest import mpi_run, ok, train
 
 pytestmark = pytest.mark.mpi
 
@@ -39,3 +39,16 @@ def test_a_budget_where_not_even_batch_one_fits_names_the_client_and_budget(tmp_
                  "--set", 'clients.groups=[{count = 1, profile = "tiny"}]', timeout=120)
     assert proc.returncode != 0
     assert "client 0 (rank 1, profile tiny): memory budget 1.00 MiB (1048576 bytes) cannot hold batch 1" in proc.stderr
+
+
+def test_synthetic_data_larger_than_the_node_is_refused_once_by_rank_0_and_nothing_is_written(tmp_path):
+    proc = mpi_run(3, ["train", "--set", "data.train_size=10000000000", "--out", str(tmp_path / "runs"),
+                       "--name", "huge"], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    lines = [line for line in output.splitlines() if line.startswith("mpifed: error")]
+    assert len(lines) == 1 and lines[0].startswith("mpifed: error: data.train_size = 10,000,000,000"), output
+    assert "on this node (3 ranks)" in lines[0] and "is available, bound by" in lines[0]
+    assert "lower data.train_size to at most" in lines[0]
+    assert "Traceback" not in output and "MemoryError" not in output and "rank 1" not in output
+    assert not (tmp_path / "runs").exists()

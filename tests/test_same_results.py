@@ -18,7 +18,7 @@ JOB = '[run]\nname = "x"\nout = "{out}"\n\n[train]\nrounds = 3\n'
 
 
 def write_run(folder: Path, *, loss=(2.0, 1.5, 1.25), weight=0.5, t_iter=0.1, started="2026-01-01T00:00:00",
-              checkpoint_wall=10.0) -> Path:
+              checkpoint_wall=10.0, free=2**30) -> Path:
     """A run directory: run.h5 with computed and measured datasets, model.pt, one checkpoint."""
     (folder / "checkpoints").mkdir(parents=True)
     with h5py.File(folder / "run.h5", "w") as f:
@@ -27,6 +27,8 @@ def write_run(folder: Path, *, loss=(2.0, 1.5, 1.25), weight=0.5, t_iter=0.1, st
         f["iter/loss"] = np.array(loss, dtype=np.float32)
         f["iter/t_iter"] = np.full(3, t_iter)
         f["server/wall"] = np.cumsum(np.full(3, t_iter))
+        f["ranks/sized_budget"] = np.array([0, free])  # the host's free memory at start-up, and what bound it
+        f["ranks/budget_bound"] = np.array(["", f"MemAvailable ({free} B in /proc/meminfo)"], dtype=h5py.string_dtype())
         f.create_group("models").attrs["perf.alpha"] = t_iter
     model = {"w": torch.full((4,), weight)}
     torch.save(model, folder / "model.pt")
@@ -41,7 +43,8 @@ def same_results(a: Path, b: Path, *options: str) -> subprocess.CompletedProcess
 
 def test_runs_that_differ_only_in_measurements_are_identical(tmp_path):
     write_run(tmp_path / "before" / "default")
-    write_run(tmp_path / "after" / "default", t_iter=0.3, started="2026-06-01T12:00:00", checkpoint_wall=99.0)
+    write_run(tmp_path / "after" / "default", t_iter=0.3, started="2026-06-01T12:00:00", checkpoint_wall=99.0,
+              free=2**31)
     done = same_results(tmp_path / "before", tmp_path / "after")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "default: identical"

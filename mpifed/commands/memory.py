@@ -103,7 +103,8 @@ def model_options(f):
                           "(FedSGD clients)."),
         click.option("--budget", default=None,
                      help="Memory budget, e.g. 2GiB, 512MiB, 16GB. Default: the device's free memory "
-                          "(CUDA) or MemAvailable (CPU)."),
+                          "(CUDA) or the host's (CPU: the smallest of MemAvailable, the memory cgroups' room "
+                          "and SLURM's allocation)."),
         click.option("--device", "device_name", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="auto: cuda if a GPU is visible, else cpu."),
         click.option("--margin", type=float, default=None, cls=LazyHelpOption, help_text=_margin_help),
@@ -219,7 +220,8 @@ def memory(model_name, model_opts, dataset, data_opts, optimizer, budget, device
     shape, classes = task.input_shape, task.classes
     margin = mem.DEFAULT_MARGIN if margin is None else margin
     try:
-        budget_bytes = mem.device_budget(device, parse_bytes(budget) if budget else 0)
+        sized_against = mem.client_budget(device, parse_bytes(budget) if budget else 0)
+        budget_bytes = sized_against.bytes
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--budget") from None
     client = f"{model_name} on {device}"
@@ -278,6 +280,8 @@ def memory(model_name, model_opts, dataset, data_opts, optimizer, budget, device
                       f"largest |error| of the walk over the table: {worst:.2f}%")
     console.print(f"max batch for budget {format_bytes(budget_bytes)} (margin {margin:.0%}, "
                   f"multiple of {multiple_of}): [bold]{largest if largest else 'none fits'}[/bold]")
+    if not budget:  # the device's own: say what bound it (a GPU's free memory, MemAvailable, a cgroup, SLURM)
+        console.print(f"budget: {sized_against.bound}", highlight=False)
     if largest and sized_by is not None and sized_by.method == "measured":
         console.print(_why_measured(largest, caps, sized_by), highlight=False)
     elif largest:

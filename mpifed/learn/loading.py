@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mpifed.data import DatasetError, load_dataset
+from mpifed.learn.datamemory import check_data_memory
 from mpifed.learn.factory import FactoryError, call_factory, described, is_factory, load_factory
 from mpifed.learn.samples import ArraySet, WindowSet
 from mpifed.learn.tasks import Task
@@ -190,8 +191,10 @@ def _output_problem(module: nn.Module, task: Task) -> str:
     return task.output_problem(tuple(out.shape))
 
 
-def check_learning(job) -> DataBundle:
-    """Rank 0, before the run directory exists: the data loads and the model takes it."""
+def check_learning(job, ranks_on_node: int = 1) -> DataBundle:
+    """Rank 0, before the run directory exists: the data fits in the node's memory (synthetic sizes are job
+    fields), it loads, and the model takes it."""
+    check_data_memory(job, ranks_on_node)
     bundle = load_data(job)
     make_model(job, bundle.task)
     _check_natural(job, bundle)

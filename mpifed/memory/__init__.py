@@ -33,8 +33,9 @@ picks workspace-hungry algorithms; see mpifed/bench/memory_cuda.py for the valid
 """
 
 from mpifed.memory.analytic import analytic_memory_model, analytic_peak, library_overhead_bytes
-from mpifed.memory.budget import (BudgetGuard, MemoryBudgetError, device_budget, enforce_budget, indexed_device,
-                                  max_batch)
+from mpifed.memory.budget import (Budget, BudgetGuard, MemoryBudgetError, client_budget, device_budget, enforce_budget,
+                                  indexed_device, max_batch)
+from mpifed.memory.host import HostMemory, host_memory
 from mpifed.memory.measured import measured_memory_model, measured_peak
 from mpifed.memory.model import (ANALYTIC_FIT_BATCHES, CUDA_BLOCK_BYTES, DEFAULT_MARGIN, DEFAULT_PROBES, OPTIMIZERS,
                                  MemoryModel, StepPeak, StepSpec, training_step)
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_MARGIN", "ANALYTIC_FIT_BATCHES", "DEFAULT_PROBES", "CUDA_BLOCK_BYTES", "OPTIMIZERS", "StepSpec",
     "StepPeak", "MemoryModel", "MemoryBudgetError", "BudgetGuard", "ClientSizing", "Verified", "analytic_peak",
     "analytic_memory_model", "measured_peak", "measured_memory_model", "library_overhead_bytes",
-    "max_batch", "device_budget", "enforce_budget", "size_client", "verify_batch", "training_step",
+    "max_batch", "Budget", "client_budget", "HostMemory", "host_memory", "device_budget", "enforce_budget",
+    "size_client", "verify_batch", "training_step",
     "indexed_device", "parse_bytes", "format_bytes",
 ]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from mpifed.errors import InputError
+from mpifed.memory.host import host_memory
 from mpifed.memory.model import DEFAULT_MARGIN, MemoryModel
 from mpifed.units import format_bytes
 
@@ -56,18 +57,6 @@ def max_batch(model_memory: MemoryModel, budget_bytes: int, margin: float = DEFA
     return batch
 
 
-def _meminfo_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    raise ValueError("cannot read the free host memory (/proc/meminfo); give this client a profile "
-                     "memory budget, e.g. memory = '4GiB'")
-
-
 def indexed_device(device: str | torch.device) -> torch.device:
     """torch.device with an index on CUDA ('cuda' -> the current device), as the CUDA memory APIs need."""
     device = torch.device(device)
@@ -86,16 +75,36 @@ def _cuda_total(device: torch.device, nbytes: float, what: str) -> int:
 
 def device_budget(device: str | torch.device, profile_bytes: float = 0) -> int:
     """Bytes a client may use: its profile budget if set (> 0), else what the device has free
-    (CUDA: free memory plus what this process's allocator already holds; CPU: MemAvailable).
+    (CUDA: free memory plus what this process's allocator already holds; CPU: the host's, the smallest
+    of MemAvailable, the memory cgroups' room and SLURM's allocation: mpifed.memory.host).
     A profile budget larger than a CUDA device's total memory is an error."""
+    return client_budget(device, profile_bytes).bytes
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A client's memory budget and what set it, for the start-up report and the run log."""
+
+    bytes: int
+    source: str   # what bound it: "profile memory", "cuda:0 free memory", "cgroup /sys/fs/cgroup/x memory.max"
+    bound: str    # the source with its numbers, as the report and /ranks/budget_bound show it
+
+
+def client_budget(device: str | torch.device, profile_bytes: float = 0, ranks_on_node: int = 1) -> Budget:
+    """A client's budget: its profile's memory if set (> 0); else on CUDA the device's free memory; on a
+    CPU the host's available memory (mpifed.memory.host), shared evenly by the `ranks_on_node` ranks."""
     device = indexed_device(device)
     if device.type == "cuda":
         _cuda_total(device, profile_bytes, "profile memory")
-        if profile_bytes > 0:
-            return int(profile_bytes)
+    if profile_bytes > 0:
+        return Budget(int(profile_bytes), "profile memory", f"profile memory {format_bytes(profile_bytes)}")
+    if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device))
-    return int(profile_bytes) if profile_bytes > 0 else _meminfo_available()
+        free += torch.cuda.memory_reserved(device)
+        return Budget(int(free), f"{device} free memory", f"{device} free memory {format_bytes(free)}")
+    host = host_memory()
+    share = f", shared by {ranks_on_node} ranks" if ranks_on_node > 1 else ""
+    return Budget(host.bytes // max(1, ranks_on_node), host.source, f"{host}{share}")
 
 
 @dataclass(frozen=True)
