@@ -13,8 +13,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from mpifed import memory as mem
 from mpifed.bench.memory import oom_search
+from mpifed.client import prepare_client, run_client
 from mpifed.memory.measured import _profiled_phase_peaks
 from mpifed.models import build_model
+from recording import session
 
 SHAPE, CLASSES = (3, 32, 32), 10
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,20 +157,35 @@ def test_requested_batch_is_capped_or_refused(cnn):
     assert fits.batch == 8 and fits.message == ""
 
 
-def test_cpu_budget_is_enforced_before_the_step_runs(cnn, cnn_analytic):
+def test_the_cpu_guard_passes_the_max_batch_and_refuses_more(cnn, cnn_analytic):
     budget = 8 * MiB
     guard = mem.enforce_budget("cpu", budget, cnn_analytic, "client 2")
     largest = mem.max_batch(cnn_analytic, budget)
     guard.check(largest)
-    steps = []
-
-    def guarded_step(batch):
-        guard.check(batch)
-        steps.append(batch)
-
     with pytest.raises(mem.MemoryBudgetError, match="client 2"):
-        guarded_step(4 * largest)
-    assert steps == []
+        guard.check(4 * largest)
+
+
+def test_a_client_round_over_its_budget_is_refused_before_its_step():
+    """A real client round (mpifed.client.run_client, on an in-process recording exchange) with an emulated
+    12 MiB budget, after the server's batches grew past what fits: the round ends with the budget error
+    naming the client, before any local step ran (E = 2: a step would have moved the model) and before any
+    update left it."""
+    tiny = ['profiles.tiny.memory="12MiB"', 'clients.groups=[{count = 2, profile = "tiny"}]', "train.local_steps=2",
+            "optim.momentum=0.0"]
+    s = session(1, tiny)
+    setup = prepare_client(s)
+    assert setup.guard is not None and 0 < setup.batch <= setup.max_batch  # sized to fit at start-up
+    grown = s.batches[s.client] = 4 * setup.max_batch  # what a grown batch from the server would ask
+    before = s.model.flat.clone()
+    with pytest.raises(mem.MemoryBudgetError, match=rf"^client 0 \(rank 1, profile tiny\): memory budget 12.00 MiB "
+                                                 rf".* cannot hold batch {grown}: .*enforced before the step runs"):
+        run_client(s, setup)
+    assert torch.equal(s.model.flat, before)
+    assert all(p.grad is None or not p.grad.any() for p in s.model.module.parameters())
+    assert [call[0] for call in s.exchange.calls] == ["barrier", "broadcast"]  # its report, the model; no update
+    s.batches[s.client] = setup.batch  # within the budget, the same round trains and moves the model
+    assert run_client(s, setup) == 0 and not torch.equal(s.model.flat, before)  # 0: ran to the end
 
 
 def test_verification_steps_down_until_a_real_step_runs(cnn_analytic):

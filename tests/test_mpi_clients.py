@@ -4,6 +4,7 @@ ranks train exactly what one process would train on the same sampled clients."""
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -17,12 +18,14 @@ from conftest import mpi_run, ok, train
 from mpifed.commands.analyze import analyze
 from mpifed.config import load_job
 from mpifed.data import ClientSampler, load_dataset, partition
+from mpifed.memory import device_budget
 from mpifed.models import build_model
 from mpifed.runlog import CLIENT_FIELDS
 from mpifed.perf import ComputeCurve
 from mpifed.sampling import place_clients, sample_clients
 from mpifed.schedule import learning_rate
 from mpifed.seeding import Purpose, forked_torch_rng
+from mpifed.worker import RESIDUAL_SHARE
 
 pytestmark = pytest.mark.mpi
 
@@ -256,9 +259,21 @@ def test_pooled_batches_grow_with_the_noise_scale_within_each_clients_data_and_r
 
 
 def test_residuals_that_would_not_fit_are_refused_before_training(tmp_path):
-    proc = train(3, tmp_path, "huge", "--set", "clients.count=400000", "--set", "clients.per_round=10",
-                 "--set", "data.train_size=400000", "--set", 'compress.codec="topk"', timeout=120)
+    """Twice as many clients as this node has memory for their error-feedback residuals (resnet18's: 44.7 MB
+    each), counted from the host's available memory as the check counts it, so that the job is too large
+    on any node: refused in one line that names the sizes and the largest count that fits, before the run
+    directory is made."""
+    n_params = sum(p.numel() for p in build_model("resnet18", 10).parameters())
+    available = device_budget("cpu")
+    fits = int(RESIDUAL_SHARE * available // (4 * n_params))
+    count = 2 * fits + 20
+    proc = train(3, tmp_path, "huge", "--set", f"clients.count={count}", "--set", "clients.per_round=10",
+                 "--set", f"data.train_size={count}", "--set", 'model.name="resnet18"', "--set",
+                 'compress.codec="topk"', timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "keeps a residual of 19,466 float32 per client: 400,000 clients" in proc.stderr
-    assert "lower clients.count to at most" in proc.stderr and "error_feedback = false" in proc.stderr
+    assert f"keeps a residual of {n_params:,} float32 per client: {count:,} clients" in proc.stderr, proc.stderr
+    at_most = re.search(r"lower clients.count to at most ([\d,]+),", proc.stderr)
+    assert at_most and int(at_most[1].replace(",", "")) < count, proc.stderr
+    assert 4 * n_params * int(at_most[1].replace(",", "")) <= RESIDUAL_SHARE * 1.5 * available  # what the node has
+    assert "error_feedback = false" in proc.stderr
     assert not (tmp_path / "huge").exists()  # refused before the run directory was made

@@ -5,12 +5,14 @@ gloo collective is named by rank 0's roll call as in an MPI one."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import h5py
+import mpi4py
 import numpy as np
 import pytest
 import torch
@@ -156,10 +158,28 @@ def test_the_choice_is_checked_against_every_ranks_device_and_mpi(monkeypatch):
         choose_plane("mpi-device", _Devices("cpu", "cuda", aware=True), cpu)
 
 
-def test_this_machines_mpi_says_it_is_not_cuda_aware():
-    """PyPI's MPICH wheel answers MPIX_Query_cuda_support() with 0: asked, not guessed."""
+def _libmpi_of_mpi4py() -> ctypes.CDLL:
+    """The MPI library mpi4py itself loaded, found by mpi4py's own loader (not by mpifed's search)."""
+    try:
+        from mpi4py._mpiabi import _dlopen_libmpi
+    except ImportError:
+        pytest.skip(f"mpi4py {mpi4py.__version__} has no library loader (mpi4py._mpiabi) to ask the MPI library")
+    return _dlopen_libmpi()
+
+
+def test_the_cuda_answer_is_the_mpi_librarys_own():
+    """mpi-device is chosen on the MPI library's word: mpifed's answer is what MPIX_Query_cuda_support()
+    of the libmpi that mpi4py loaded says, asked here directly (no such query: not aware), on a CUDA-aware
+    MPI as on one that is not."""
     aware, how = mpi_cuda_aware()
-    assert not aware and how.startswith("MPIX_Query_cuda_support() = 0 in libmpi"), how
+    query = getattr(_libmpi_of_mpi4py(), "MPIX_Query_cuda_support", None)
+    if query is None:
+        assert not aware and how.startswith("no MPIX_Query_cuda_support in "), how
+        return
+    query.restype = ctypes.c_int
+    said = bool(query())
+    assert aware == said, how
+    assert how.startswith(f"MPIX_Query_cuda_support() = {int(said)} in libmpi"), how
 
 
 _DEVICE_PLANE = """
@@ -182,7 +202,7 @@ if comm.rank == 0:  # one writer: lines of several ranks on one stdout can inter
 
 
 def test_the_mpi_device_plane_hands_tensors_to_mpi_in_pieces(tmp_path):
-    """On CPU tensors here (the MPI is not CUDA-aware): the same calls a CUDA-aware MPI gets on a GPU."""
+    """On CPU tensors: the same calls a CUDA-aware MPI gets on a GPU."""
     if MPIRUN is None:
         pytest.skip("mpirun not found; install the MPICH wheel: pip install -e '.[mpich]'")
     proc = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-c", _DEVICE_PLANE], cwd=tmp_path, timeout=120,

@@ -1,141 +1,33 @@
 """The server and client sides of the round protocol issue the same collectives, in the same order.
 
-A disagreement would deadlock a real job (only comm.timeout would catch it), so here each side runs
-in-process against a recording exchange: training's own loops (run_server, run_client), the
-start-up probe rounds and a resume, for jobs that take every branch of the protocol (batches that
-move, a gathered codec with error feedback, a multi-phase codec, a Python reduction operator, E > 1,
-per-coordinate squares, checkpoints). The two recorded sequences must be equal call by call: kind,
-dtype and element count, except a gatherv's payload, whose size is each sender's own.
+A disagreement would deadlock a real job (only comm.timeout would catch it), so here every rank runs
+in-process against a recording exchange (tests/recording.py): training's own loops (run_server,
+run_client, run_worker), the start-up probe rounds, a resume and a run stopped by a signal, for jobs
+that take every branch of the protocol (batches that move, a gathered codec with error feedback, a
+multi-phase codec, a Python reduction operator, E > 1, per-coordinate squares, checkpoints, residuals
+that move between ranks). The recorded sequences must be equal call by call: kind, dtype and element
+count, except a gatherv's payload, whose size is each sender's own; and every point-to-point message
+must be received by its peer, with as many bytes, in the same move.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
-import torch
-from mpi4py import MPI
 
 from mpifed import checkpoint
-from mpifed.client import prepare_client, run_client
-from mpifed.cluster import World
+from mpifed.client import prepare_client
 from mpifed.config import load_job
-from mpifed.exchange import Exchange
 from mpifed.probes import probe_rounds
-from mpifed.progress import Progress
-from mpifed.server import run_server
-from mpifed.session import open_session
-from mpifed.worker import prepare_worker, run_worker
-
-WORLD = 3  # a server and two clients
-SMALL = ["data.train_size=300", "data.test_size=64", "train.rounds=3", "train.batch=16", "train.eval_every=0"]
+from recording import SMALL, WORLD, RecordingExchange, first_difference, run_ranks, session, unmatched_messages
 
 
-class RecordingExchange(Exchange):
-    """Records every collective this rank issues instead of communicating. A root's gathers come back
-    filled with its own row (gatherv: one empty payload per rank), so its loop runs on."""
-
-    def __init__(self, rank: int, data_plane: bool = False):
-        super().__init__(SimpleNamespace(rank=rank, size=WORLD), polite=False, data=data_plane or None)
-        self.calls: list[tuple] = []
-
-    def broadcast_tensor(self, tensor):  # as MPI's, or the torch data plane's (comm.data = "nccl")
-        self.calls.append(("broadcast", "<f4", tensor.numel(), self.data is not None))
-
-    def reduce_tensor(self, tensor, everyone=False):  # the direct path on a torch data plane
-        self.calls.append(("allreduce" if everyone else "reduce", "tensor", tensor.numel()))
-
-    def reduce_data(self, buf, op=MPI.SUM, everyone=False, as_tensor=torch.from_numpy):
-        if self.data is None:
-            return self.reduce_sum(buf, op, everyone)
-        self.reduce_tensor(as_tensor(buf), everyone)  # host bytes on a torch plane: reduced as a tensor
-
-    def broadcast(self, buf):
-        self.calls.append(("broadcast", buf.dtype.str, buf.size))
-
-    def reduce_sum(self, buf, op=MPI.SUM, everyone=False):
-        self.calls.append(("allreduce" if everyone else "reduce", buf.dtype.str, buf.size, op is MPI.SUM))
-
-    def gather_rows(self, row, table):
-        self.calls.append(("gather", row.dtype.str, row.size))
-        if table is not None:
-            table[:] = row
-
-    def scatter_rows(self, table, row):
-        self.calls.append(("scatter", row.dtype.str, row.size))
-
-    def largest(self, value):
-        self.calls.append(("any",))
-        return 0
-
-    def arrive(self):
-        self.calls.append(("barrier",))
-
-    def move(self, sends, receives, kind="move"):  # point to point: each side its own messages
-        self.calls.append(("move", kind))
-
-    def gather_bytes(self, payload):  # host bytes, or (a client on a data plane) a uint8 tensor
-        payload = payload.numpy() if isinstance(payload, torch.Tensor) else payload
-        self.calls.append(("gatherv", payload.dtype.str))
-        return [np.zeros(0, np.uint8)] * WORLD if self.comm.rank == 0 else None
-
-
-class _Comm(SimpleNamespace):
-    def allgather(self, obj):  # the data plane's check of every rank's device
-        return [obj] * WORLD
-
-    def gather(self, obj, root=0):  # the pickled start-up gather of /ranks facts
-        return [dict(max_batch=0, data_size=1)] * WORLD if self.rank == root else None
-
-
-class _Writer:
-    def append_round(self, table, server, clients=None):
-        assert table.shape[0] == WORLD
-
-    def append_eval(self, values):
-        pass
-
-
-def _session(rank: int, overrides: list[str]):
-    job = load_job(overrides=SMALL + overrides)
-    world = World(_Comm(rank=rank, size=WORLD), rank, WORLD, 0, 1, "test", torch.get_num_threads())
-    on_torch = job.comm.data == "nccl"  # recorded, not opened: the rounds must issue the plane's calls alike
-    s = open_session(world, dataclasses.replace(job, comm=dataclasses.replace(job.comm, data="mpi-host")))
-    s.exchange = RecordingExchange(rank, data_plane=on_torch)
-    s.max_batches, s.data_sizes = [0] * s.n_clients, [300] * s.n_clients
-    return s
-
-
-def run_sides(overrides: list[str], tmp: Path, resume_from: dict | None = None) -> tuple[list, list]:
-    """Each side's recorded collectives over one training run (rank 0, then rank 1: a client, or a
-    worker when the job pools its clients)."""
-    server, client = _session(0, overrides), _session(1, overrides)
-    for s in (server, client):
-        if resume_from is not None:
-            s.start_round = int(resume_from["round"])
-    server.resumed_from = resume_from
-    pooled = client.placement.pooled
-    setup = prepare_worker(client) if pooled else prepare_client(client)
-    client.exchange.calls.clear()  # from here on, both sides run the rounds
-    (run_worker if pooled else run_client)(client, setup)
-    run_server(server, _Writer(), tmp, Progress("off", server.job.train.rounds, 1))
-    report, *rounds = client.exchange.calls
-    assert report == ("barrier",)  # the client's start-up report, whose server side is train.py's
-    return server.exchange.calls, rounds
-
-
-def first_difference(a: list[tuple], b: list[tuple]) -> str:
-    """'' when both sides issue the same collectives; else where and how they part."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        same = x[:2] == y[:2] if x[0] == "gatherv" else x == y
-        if not same:
-            return f"collective {i}: server {x}, client {y}"
-    if len(a) != len(b):
-        return f"server issues {len(a)} collectives, client {len(b)}"
-    return ""
+def run_sides(overrides: list[str], tmp, resume_from: dict | None = None) -> tuple[list, list]:
+    """Rank 0's and rank 1's recorded collectives over one training run (rank 1: a client, or a worker
+    when the job pools its clients), once every rank was found to agree and every message to match."""
+    ranks = run_ranks(overrides, tmp, resume_from)
+    assert ranks.problems() == []
+    return ranks.calls[0], ranks.calls[1]
 
 
 JOBS = {
@@ -181,10 +73,49 @@ JOBS = {
 @pytest.mark.parametrize("overrides", JOBS.values(), ids=JOBS.keys())
 def test_training_rounds_agree(overrides, tmp_path):
     server, client = run_sides(overrides, tmp_path)
-    assert first_difference(server, client) == ""
     on_torch = "comm.data=nccl" in overrides
-    assert ("broadcast", "<f4", _session(0, overrides).model.size, on_torch) in server  # the model went out
+    assert ("broadcast", "<f4", session(0, overrides).model.size, on_torch) in server  # the model went out
     assert any(call[1:2] == ("tensor",) for call in server) == on_torch  # the update where it lies
+
+
+RESIDUALS_MOVE = JOBS["pooled, efsign (residuals move), checkpoints"]
+
+
+def test_moving_residuals_are_sent_and_received_in_pairs(tmp_path):
+    """Pooled error feedback: each round a residual goes from the worker that trained its client last to
+    the one that trains it now, and at a checkpoint every residual goes to the server. Each message is
+    matched, peer and bytes, by its receive (an unmatched one would hang or truncate a real job)."""
+    ranks = run_ranks(RESIDUALS_MOVE, tmp_path)
+    assert ranks.problems() == []
+    n_bytes = 4 * ranks.sessions[0].model.n_params
+    messages = [m for ex in ranks.exchanges for m in ex.messages]
+    assert {m[4] for m in messages} == {n_bytes}  # a float32 residual each
+    pairs = {(rank, peer) for rank, ex in enumerate(ranks.exchanges) for _, _, way, peer, _ in ex.messages
+             if way == "send"}
+    assert pairs & {(1, 2), (2, 1)} and {(1, 0), (2, 0)} <= pairs  # between workers, and to the server
+
+
+STOPPED = {  # a signal after round 3 of 5 (not a checkpoint round): every side's checkpoint branch, then the end
+    "one client a rank, topk + error feedback": ["compress.codec=topk", "train.rounds=5"],
+    "one client a rank, grown batches, torch plane": ["scaling.grow_batch=true", "comm.data=nccl", "train.rounds=5"],
+    "pooled, efsign (residuals move)": [*RESIDUALS_MOVE, "train.rounds=5"],
+}
+
+
+@pytest.mark.parametrize("overrides", STOPPED.values(), ids=STOPPED.keys())
+def test_a_run_stopped_by_a_signal_agrees_and_checkpoints_its_round(overrides, tmp_path):
+    """Any rank's SIGTERM is every rank's "stop" answer after round k: the clients send their state, the
+    server checkpoints round k, and every rank ends there, having issued the same collectives."""
+    ranks = run_ranks(overrides, tmp_path, stop_at=3)
+    assert ranks.problems() == []
+    server, *clients = ranks.results
+    assert server.get("stopped") == 3 and clients == [True] * (WORLD - 1)
+    assert [calls.count(("any",)) for calls in ranks.calls] == [3] * WORLD  # no round after the stop
+    job = load_job(overrides=SMALL + overrides)
+    _, state, _ = checkpoint.choose(tmp_path, checkpoint.identity(job, ranks.sessions[0].n_clients))
+    assert state["round"] == 3
+    whole = run_ranks(overrides, tmp_path / "whole")  # the same job unstopped: a stop is what cuts it short
+    assert whole.results[0].get("stopped") is None and whole.calls[0].count(("any",)) == 5
 
 
 def test_resumed_rounds_agree(tmp_path):
@@ -193,7 +124,6 @@ def test_resumed_rounds_agree(tmp_path):
     run_sides(job, tmp_path)
     _, state, _ = checkpoint.choose(tmp_path, checkpoint.identity(load_job(overrides=SMALL + job), WORLD - 1))
     server, client = run_sides(job + ["train.rounds=5"], tmp_path, resume_from=state)
-    assert first_difference(server, client) == ""
     assert [c[0] for c in server[:2]] == ["scatter", "scatter"]  # cursors, then residuals
 
 
@@ -203,14 +133,16 @@ def test_resumed_pooled_rounds_agree(tmp_path):
     run_sides(job, tmp_path)
     _, state, _ = checkpoint.choose(tmp_path, checkpoint.identity(load_job(overrides=SMALL + job), 5))
     assert state["residuals"].shape[0] == len(state["residual_clients"]) > 0
-    server, worker = run_sides(job + ["train.rounds=5"], tmp_path, resume_from=state)
-    assert first_difference(server, worker) == ""
-    assert server[1] == ("move", "residuals")
+    ranks = run_ranks(job + ["train.rounds=5"], tmp_path, resume_from=state)
+    assert ranks.problems() == []
+    assert ranks.calls[0][1] == ("move", "residuals")
+    first = [m for m in ranks.exchanges[0].messages if m[0] == 1]
+    assert first and all(way == "send" for _, _, way, _, _ in first)  # round 1's residuals leave the server
 
 
 def test_probe_rounds_agree(tmp_path):
     overrides = ["compress.codec=topk", "plan.mode=predict"]
-    server, client = _session(0, overrides), _session(1, overrides)
+    server, client = session(0, overrides), session(1, overrides)
     probe_rounds(client, prepare_client(client), [4, 8], repeats=2)
     probe_rounds(server, None, [0, 0], repeats=2)
     assert first_difference(server.exchange.calls, client.exchange.calls) == ""
@@ -223,6 +155,24 @@ def test_a_missing_step_is_found():
     assert first_difference(server, [server[0], ("gather", "<f8", 16)]) == \
         "collective 1: server ('reduce', '<f4', 5, True), client ('gather', '<f8', 16)"
     assert first_difference([("gatherv", "|u1")], [("gatherv", "|u1")]) == ""
+
+
+def test_an_unmatched_message_is_found():
+    """The matching itself: a receive from the wrong rank, or of another size, is named by its pair."""
+    a, b = RecordingExchange(0), RecordingExchange(1)
+    residual = np.zeros(10, dtype=np.float32)
+    a.move([(residual, 1)], [])
+    b.move([], [(residual, 1)])
+    assert unmatched_messages([a, b]) == [
+        "rank 0 -> rank 1: sent (move, kind, bytes) [(1, 'move', 40)], received []",
+        "rank 1 -> rank 1: sent (move, kind, bytes) [], received [(1, 'move', 40)]"]
+    a, b = RecordingExchange(0), RecordingExchange(1)
+    a.move([(residual, 1)], [])
+    b.move([], [(residual[:5], 0)])
+    assert unmatched_messages([a, b]) == ["rank 0 -> rank 1: sent (move, kind, bytes) [(1, 'move', 40)], "
+                                          "received [(1, 'move', 20)]"]
+    a.move([(residual, 3)], [])
+    assert "rank 0 sends to or from rank 3, outside the world of 2" in unmatched_messages([a, b])
 
 
 def test_pooled_rounds_open_with_the_assignment(tmp_path):

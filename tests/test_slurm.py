@@ -296,7 +296,8 @@ def read_ranks(tmp_path: Path) -> list[tuple[int, int, str]]:
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("template, launcher", [
-    ("single-node", "srun"), ("single-node", "mpirun"), ("multi-node", "srun"), ("multi-node", "mpirun")])
+    ("single-node", "srun"), pytest.param("single-node", "mpirun", marks=pytest.mark.mpi),
+    ("multi-node", "srun"), pytest.param("multi-node", "mpirun", marks=pytest.mark.mpi)])
 def test_sbatch_runs_every_rank(tmp_path, template, launcher):
     require_slurm()
     job_id, code, logs = run_batch(mpi_job(tmp_path, template, launcher), tmp_path, timeout=180)
@@ -327,7 +328,7 @@ def test_sbatch_array_runs_one_job_file_per_index(tmp_path):
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+@pytest.mark.parametrize("launcher", ["srun", pytest.param("mpirun", marks=pytest.mark.mpi)])
 def test_time_limit_signal_reaches_every_rank(tmp_path, launcher):
     """--signal=B:USR1 goes to the batch shell only; the template's trap must forward it."""
     require_slurm()

@@ -68,6 +68,7 @@ for device in sys.argv[1:]:
 """
 
 
+@pytest.mark.mpi
 def test_the_model_broadcast_travels_in_pieces_on_every_device(tmp_path):
     """broadcast_tensor's stage_bytes pieces, the same calls on every rank; on CUDA (.ci/gpu-check) the
     root's pieces copied on a side stream and handed to MPI one by one."""
