@@ -229,7 +229,7 @@ class DeviceProfile:
                        minimum=1e-3)
     memory: float = opt(0.0, "Memory budget in bytes ('2GiB' works); 0 = the device's own memory.",
                         minimum=0.0, unit="bytes")
-    bandwidth: float = opt(0.0, "Link bandwidth in bytes/s ('100Mbit/s' works); 0 = the real link.",
+    bandwidth: float = opt(0.0, "Link bandwidth in bytes/s: '100Mbit/s' or '100Mb/s' is megabits, '100MB/s' megabytes; 0 = the real link.",
                            minimum=0.0, unit="rate")
     latency: float = opt(0.0, "Extra link latency per transfer in seconds ('5ms' works).", minimum=0.0,
                          unit="seconds")

@@ -94,6 +94,29 @@ def test_units_in_profiles():
     assert units.parse_rate("1GB/s") == 1e9 and units.parse_seconds(0.5) == 0.5
 
 
+@pytest.mark.parametrize("text, rate", [
+    ("100Mb/s", 12.5e6), ("100Mbit/s", 12.5e6), ("100mbit/s", 12.5e6), ("1Gb/s", 1.25e8), ("1Gbit/s", 1.25e8),
+    ("8kb/s", 1e3), ("8Kbit/s", 1e3), ("8b/s", 1.0), ("100MB/s", 1e8), ("1GB/s", 1e9), ("8kB/s", 8e3),
+    ("8KB/s", 8e3), ("1MiB/s", 2**20), ("8B/s", 8.0), ("8", 8.0)])
+def test_rates_tell_bits_from_bytes_by_case(text, rate):
+    assert units.parse_rate(text) == rate
+
+
+@pytest.mark.parametrize("text", ["100mb/s", "1gb/s", "1GIB/s", "2gib"])
+def test_units_whose_case_leaves_bits_or_bytes_in_doubt_are_refused(text):
+    parse = units.parse_rate if text.endswith("/s") else units.parse_bytes
+    with pytest.raises(ValueError, match="ambiguous unit .*case-sensitive"):
+        parse(text)
+
+
+def test_sizes_in_bits_are_refused_and_a_job_says_which_field():
+    assert units.parse_bytes("512MB") == 512e6 and units.parse_bytes("512MiB") == 512 * 2**20
+    with pytest.raises(ValueError, match="'512Mb' is in bits"):
+        units.parse_bytes("512Mb")
+    with pytest.raises(JobError, match=r"profiles\.edge\.bandwidth: ambiguous unit 'mb'"):
+        load_job(text='[profiles.edge]\nbandwidth = "100mb/s"\n')
+
+
 def test_clients_adapt_to_world_size_unless_fixed():
     job = load_job(text='[[clients.groups]]\ncount = 2\nprofile = "slow"\n[profiles.slow]\nspeed = 0.5\n')
     assert resolve_clients(job, 5) == ["slow", "slow", "native", "native"]
