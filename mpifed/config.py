@@ -34,7 +34,7 @@ class JobError(InputError, ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = opt("default", "Run name; files go to <out>/<name>[-<timestamp>]/.")
+    name: str = opt("default", "Run name (a plain name: no '/' or '..'); files go to <out>/<name>[-<timestamp>]/.")
     out: str = opt("runs", "Directory that holds one sub-directory per run.")
     timestamp: bool = opt(True, "Append -YYYYmmdd-HHMMSS to the run directory so no run overwrites another.")
     seed: int = opt(0, "Seed of every random generator (data, partition, sampling, init, codecs).", minimum=0)
@@ -463,6 +463,11 @@ def name_problems(job: Job) -> list[str]:
 def check_job(job: Job) -> list[str]:
     """Cross-field checks; each message names the field to change."""
     errors = []
+    name = job.run.name
+    if not name.strip() or name == "." or any(part in name for part in ("/", "\\", "..", "\0")):
+        errors.append(f"run.name = {name!r}: a run name is one folder under run.out, so it cannot be empty or '.' "
+                      f"or hold '/', '\\' or '..'; give a plain name (--name lr-0.1) and a folder for a group of "
+                      f"runs as run.out (--out runs/sweep)")
     names = {"native", *job.profiles}
     used = [("clients.profile", job.clients.profile)]
     used += [(f"clients.groups[{i}].profile", g.profile) for i, g in enumerate(job.clients.groups)]
