@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -384,15 +385,38 @@ def _join(where: str, key: str) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.rounds=10' -> (['train', 'rounds'], 10). The value is read as TOML, else as a string."""
+    """'train.rounds=10' -> (['train', 'rounds'], 10). The value is read as TOML, else as a string
+    ('run.name=abc', 'profiles.x.memory=2GiB'); a list, table or quoted string that is not valid TOML
+    is refused with the parser's message, not passed on as a string that then fails as the wrong type."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise JobError(f"--set {text!r}: expected key=value, e.g. --set train.rounds=10")
+    raw = raw.strip()
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
+        value = tomllib.loads(f"{_VALUE_KEY}{raw}")["v"]
+    except tomllib.TOMLDecodeError as err:
+        if raw[:1] in ("[", "{", '"', "'"):
+            raise JobError(f"--set {text!r}: the value is not valid TOML ({_where_in_value(err, raw)}); write "
+                           f"it as in a job file, e.g. --set 'clients.groups=[{{count = 2, profile = \"slow\"}}]'"
+                           ) from None
+        value = raw
     return key.strip().split("."), value
+
+
+_VALUE_KEY = "v = "
+_TOML_POSITION = re.compile(r"^(?P<what>.*) \(at (?:line (?P<line>\d+), column (?P<column>\d+)|end of document)\)$")
+
+
+def _where_in_value(err: tomllib.TOMLDecodeError, raw: str) -> str:
+    """tomllib's message, with its position counted in the value given rather than in 'v = <value>'."""
+    found = _TOML_POSITION.match(str(err))
+    if not found:
+        return str(err)
+    if not found["line"]:
+        return f"{found['what']} at the end of {raw!r}"
+    line, column = int(found["line"]), int(found["column"])
+    column -= len(_VALUE_KEY) if line == 1 else 0
+    return f"{found['what']} at {f'line {line}, ' if line > 1 else ''}column {column} of {raw!r}"
 
 
 def load_job(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),

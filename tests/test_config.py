@@ -86,6 +86,19 @@ def test_overrides_parse_toml_values_and_fall_back_to_strings():
         parse_override("train.rounds")
 
 
+@pytest.mark.parametrize("value, where", [
+    ('[{count = 1, profile = "s"}', "Unclosed array at the end of '[{count"),
+    ("{a = 1,, b = 2}", "column 8 of '{a = 1,, b = 2}'"),
+    ('"unterminated', "Unterminated string at the end"),
+])
+def test_a_set_value_that_is_broken_toml_says_where_not_that_it_is_the_wrong_type(value, where):
+    with pytest.raises(JobError, match=r"--set 'clients\.groups=.*': the value is not valid TOML \(.*" + re.escape(where)
+                       ) as err:
+        load_job(overrides=[f"clients.groups={value}"])
+    assert "expected a" not in str(err.value)
+    assert parse_override("profiles.x.memory=2GiB") == (["profiles", "x", "memory"], "2GiB")  # bare words stay strings
+
+
 def test_units_in_profiles():
     job = load_job(text='[profiles.edge]\nmemory = "2GiB"\nbandwidth = "100Mbit/s"\nlatency = "5ms"\n')
     p = job.profiles["edge"]
