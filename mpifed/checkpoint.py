@@ -4,7 +4,7 @@ A checkpoint is everything a run needs to continue exactly as if uninterrupted: 
 (parameters, BatchNorm statistics and counters), its optimizer state (momentum), the next round, the
 scaling policy's state, and each client's sampler cursor and error-feedback residual. No random
 generator state is stored because mpifed has none: every stream is derived from (seed, purpose,
-round, client), so a resumed round draws what the uninterrupted one would have.
+round, client) by mpifed.seeding, so a resumed round draws what the uninterrupted one would have.
 
 Files: <run>/checkpoints/round-<R>.pt, written to a temporary name, fsynced, then renamed, so a
 crash while writing leaves the previous checkpoint intact; the newest `keep` are kept. A write that
@@ -24,11 +24,19 @@ import torch
 from mpifed.diskfull import checkpoint_dir, checkpoint_files, resume_advice, write_whole
 from mpifed.errors import InputError
 
-FORMAT = 1
+FORMAT = 2
+"""Bumped whenever resuming an older checkpoint would not continue the same run. 2: the random streams
+derived afresh (mpifed.seeding), as format 1's could alias."""
+_OLDER_FORMATS = {1: "its random streams (data partition, sampling, initial model, codecs) differ from this "
+                     "version's"}
 
 
 class CheckpointError(InputError, RuntimeError):
     """No usable checkpoint, or one that belongs to another job; the message says which and why."""
+
+
+class OlderCheckpointError(CheckpointError):
+    """A whole checkpoint that an older mpifed wrote in a format this one cannot continue."""
 
 
 def identity(job, clients: int) -> dict:
@@ -89,6 +97,11 @@ def _load(path: Path) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is a corrupt checkpoint
         raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {str(err)[:200]})") from None
+    older = payload.get("format") if isinstance(payload, dict) else None
+    if type(older) is int and older in _OLDER_FORMATS:
+        raise OlderCheckpointError(f"{path} was written by an older mpifed (checkpoint format {older}, this one "
+                                   f"reads {FORMAT}): {_OLDER_FORMATS[older]}, so resuming would not continue the "
+                                   "same run; start a new run, or resume with the mpifed version that wrote it")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "round" not in payload:
         raise CheckpointError(f"{path} is not an mpifed checkpoint of format {FORMAT}")
     return payload
@@ -106,6 +119,8 @@ def choose(run_dir: Path, identity: dict) -> tuple[Path, dict, list[str]]:
     for path in checkpoint_files(run_dir):
         try:
             payload = _load(path)
+        except OlderCheckpointError:
+            raise  # whole and not corrupt: keep it in place for the version that wrote it
         except CheckpointError as err:
             apart = path.with_suffix(".pt.corrupt")
             os.replace(path, apart)

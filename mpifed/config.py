@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class JobError(InputError, ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = opt("default", "Run name; files go to <out>/<name>[-<timestamp>]/.")
+    name: str = opt("default", "Run name (a plain name: no '/' or '..'); files go to <out>/<name>[-<timestamp>]/.")
     out: str = opt("runs", "Directory that holds one sub-directory per run.")
     timestamp: bool = opt(True, "Append -YYYYmmdd-HHMMSS to the run directory so no run overwrites another.")
     seed: int = opt(0, "Seed of every random generator (data, partition, sampling, init, codecs).", minimum=0)
@@ -238,7 +239,7 @@ class DeviceProfile:
                         "memory, or on a CPU the host's available memory (the smallest of MemAvailable, the "
                         "memory cgroups' room and SLURM's allocation) shared by the node's ranks.",
                         minimum=0.0, unit="bytes")
-    bandwidth: float = opt(0.0, "Link bandwidth in bytes/s ('100Mbit/s' works); 0 = the real link.",
+    bandwidth: float = opt(0.0, "Link bandwidth in bytes/s: '100Mbit/s' or '100Mb/s' is megabits, '100MB/s' megabytes; 0 = the real link.",
                            minimum=0.0, unit="rate")
     latency: float = opt(0.0, "Extra link latency per transfer in seconds ('5ms' works).", minimum=0.0,
                          unit="seconds")
@@ -393,15 +394,38 @@ def _join(where: str, key: str) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.rounds=10' -> (['train', 'rounds'], 10). The value is read as TOML, else as a string."""
+    """'train.rounds=10' -> (['train', 'rounds'], 10). The value is read as TOML, else as a string
+    ('run.name=abc', 'profiles.x.memory=2GiB'); a list, table or quoted string that is not valid TOML
+    is refused with the parser's message, not passed on as a string that then fails as the wrong type."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise JobError(f"--set {text!r}: expected key=value, e.g. --set train.rounds=10")
+    raw = raw.strip()
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
+        value = tomllib.loads(f"{_VALUE_KEY}{raw}")["v"]
+    except tomllib.TOMLDecodeError as err:
+        if raw[:1] in ("[", "{", '"', "'"):
+            raise JobError(f"--set {text!r}: the value is not valid TOML ({_where_in_value(err, raw)}); write "
+                           f"it as in a job file, e.g. --set 'clients.groups=[{{count = 2, profile = \"slow\"}}]'"
+                           ) from None
+        value = raw
     return key.strip().split("."), value
+
+
+_VALUE_KEY = "v = "
+_TOML_POSITION = re.compile(r"^(?P<what>.*) \(at (?:line (?P<line>\d+), column (?P<column>\d+)|end of document)\)$")
+
+
+def _where_in_value(err: tomllib.TOMLDecodeError, raw: str) -> str:
+    """tomllib's message, with its position counted in the value given rather than in 'v = <value>'."""
+    found = _TOML_POSITION.match(str(err))
+    if not found:
+        return str(err)
+    if not found["line"]:
+        return f"{found['what']} at the end of {raw!r}"
+    line, column = int(found["line"]), int(found["column"])
+    column -= len(_VALUE_KEY) if line == 1 else 0
+    return f"{found['what']} at {f'line {line}, ' if line > 1 else ''}column {column} of {raw!r}"
 
 
 def load_job(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
@@ -481,6 +505,11 @@ def known_train_samples(job: Job) -> int:
 def check_job(job: Job) -> list[str]:
     """Cross-field checks; each message names the field to change."""
     errors = []
+    name = job.run.name
+    if not name.strip() or name == "." or any(part in name for part in ("/", "\\", "..", "\0")):
+        errors.append(f"run.name = {name!r}: a run name is one folder under run.out, so it cannot be empty or '.' "
+                      f"or hold '/', '\\' or '..'; give a plain name (--name lr-0.1) and a folder for a group of "
+                      f"runs as run.out (--out runs/sweep)")
     names = {"native", *job.profiles}
     used = [("clients.profile", job.clients.profile)]
     used += [(f"clients.groups[{i}].profile", g.profile) for i, g in enumerate(job.clients.groups)]

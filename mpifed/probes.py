@@ -33,8 +33,8 @@ from mpifed.scaling import ClientRound, ServerScalingPolicy
 from mpifed.seeding import Purpose, rng, torch_generator
 from mpifed.session import Session, stop_if_asked
 
-PROBE_KEY = 0x9E0BE
-"""Extra seed key that keeps the probes' random streams apart from training's (same Purpose)."""
+PROBE_SAMPLES, PROBE_SERVER_GRADIENT, PROBE_UPDATE = 1, 2, 3
+"""The first key of each probe stream (Purpose.PROBE, apart from training's): which draw it feeds."""
 
 
 def client_step(s: Session, setup: ClientSetup) -> Callable[[int], None]:
@@ -50,7 +50,7 @@ def profile_step(s: Session, profile: DeviceProfile, samples, key: int) -> Calla
     into a scratch update. The model's parameters may change (E > 1 runs SGD with lr 0, which leaves
     them as they are but costs the same); round 0's broadcast overwrites them anyway."""
     job = s.job
-    gen = torch_generator(job.run.seed, Purpose.SAMPLE, PROBE_KEY, key)
+    gen = torch_generator(job.run.seed, Purpose.PROBE, PROBE_SAMPLES, key)
     local_opt = local_optimizer(s)
     update = torch.zeros(s.model.n_params, dtype=torch.float32, device=s.device)
     on_gpu = s.device.type == "cuda"
@@ -73,7 +73,7 @@ def server_step(s: Session) -> Callable[[], None]:
     job, model = s.job, s.model
     n = model.n_params
     scratch = torch.zeros(n, dtype=torch.float32, device=s.device, requires_grad=True)
-    scratch.grad = torch.randn(n, generator=torch_generator(job.run.seed, Purpose.SAMPLE, PROBE_KEY, 0),
+    scratch.grad = torch.randn(n, generator=torch_generator(job.run.seed, Purpose.PROBE, PROBE_SERVER_GRADIENT),
                                dtype=torch.float32).to(s.device) * 1e-3
     opt = server_optimizer(s, [scratch])
     sizes = [p.numel() for p in model.params]
@@ -131,7 +131,7 @@ def probe_rounds(s: Session, setup: ClientSetup | None, grid: Sequence[int], rep
     scratch = torch.zeros(model.size, dtype=torch.float32, device=s.device)  # never the model's own buffer
     update = torch.zeros(protocol.layout.update_size, dtype=torch.float32, device=s.device)
     update[: model.n_params] = torch.from_numpy(
-        (1e-3 * rng(s.job.run.seed, Purpose.SAMPLE, PROBE_KEY, s.world.rank).standard_normal(model.n_params)
+        (1e-3 * rng(s.job.run.seed, Purpose.PROBE, PROBE_UPDATE, s.world.rank).standard_normal(model.n_params)
          ).astype(np.float32))
     aggregate = torch.zeros(protocol.layout.aggregate_size, dtype=torch.float32, device=s.device)
     weights = s.batches / s.batches.sum()

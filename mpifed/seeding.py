@@ -21,13 +21,24 @@ class Purpose(IntEnum):
     INIT = 5
     CODEC = 6
     CLIENTS = 7
+    PROBE = 8
 
 
 def rng(seed: int, purpose: Purpose, *keys: int) -> np.random.Generator:
-    """A generator for (seed, purpose, keys). numpy's SeedSequence pads short entropy with zeros, so
-    key lists that differ only by trailing zeros share a stream ((s, p, k) is (s, p, k, 0)): within a
-    purpose, give each use a fixed number of keys or a non-zero last key."""
-    return np.random.default_rng([seed, int(purpose), *keys])
+    """A generator for (seed, purpose, keys); distinct arguments never share a stream.
+
+    The purpose and keys are SeedSequence's spawn key, each as two 32-bit words: numpy pads the seed to
+    its pool size before a spawn key and mixes in every word after it, so neither a trailing zero
+    ((s, p, k) against (s, p, k, 0)) nor a key of 2**32 or more (which numpy splits into words) can make
+    two key lists alias, as appending them to the seed's entropy did. Keys must be in [0, 2**64)."""
+    if not 0 <= seed < 2**128:
+        raise ValueError(f"a seed must be in [0, 2**128), got {seed}")
+    words = []
+    for key in (int(purpose), *map(int, keys)):
+        if not 0 <= key < 2**64:
+            raise ValueError(f"random stream keys must be in [0, 2**64), got {key} in {keys}")
+        words += (key & 0xFFFFFFFF, key >> 32)
+    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=words))
 
 
 def torch_generator(seed: int, purpose: Purpose, *keys: int) -> torch.Generator:

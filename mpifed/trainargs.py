@@ -55,4 +55,6 @@ def job_overrides(overrides, name: str | None, out: str | None) -> list[str]:
     def quote(text: str) -> str:
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    return [*overrides, *(f"run.{key}={quote(value)}" for key, value in (("name", name), ("out", out)) if value)]
+    given = [("name", name)] if name is not None else []  # --name "" too, which the job check refuses
+    given += [("out", out)] if out else []
+    return [*overrides, *(f"run.{key}={quote(value)}" for key, value in given)]

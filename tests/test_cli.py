@@ -1,15 +1,18 @@
 """The command line is an interface researchers script against: freeze it, and keep the README's
 job reference equal to what the code documents."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from mpifed.cli import main
-from mpifed.config import job_reference, load_job
+from mpifed.config import JobError, job_reference, load_job
+from mpifed.trainargs import job_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,3 +81,23 @@ def test_every_job_in_jobs_dir_is_valid():
 def test_readme_job_reference_matches_the_code():
     readme = (ROOT / "README.md").read_text()
     assert job_reference() in readme, "README is stale: paste the output of `mpifed job-reference`"
+
+
+@pytest.mark.parametrize("where, args", [
+    ("--name", ["--name", "../../etc/x", "--out", "runs/deep/er"]),  # wrote runs/etc/x-<timestamp>/
+    ("the job's run.name", ["--job", "job.toml"]),
+])
+def test_a_run_name_that_leaves_run_out_is_refused_before_anything_is_written(tmp_path, where, args):
+    (tmp_path / "job.toml").write_text('[run]\nname = "../outside"\nout = "runs"\n')
+    proc = subprocess.run([sys.executable, "-m", "mpifed", "train", "--progress", "off", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, (where, proc.stdout, proc.stderr)
+    assert re.search(r"run\.name = '[^']+': a run name is one folder under run\.out", proc.stderr), proc.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["job.toml"]  # no run directory, no lock
+
+
+@pytest.mark.parametrize("name", ["", " ", ".", "..", "a/b", "/abs/x", "a\\b", "x/../y"])
+def test_run_names_that_are_not_one_plain_folder_are_refused(name):  # an absolute --name ignored --out
+    with pytest.raises(JobError, match=r"run\.name = .*: a run name is one folder under run\.out"):
+        load_job(overrides=job_overrides([], name, None))
+    assert load_job(overrides=job_overrides([], "lr-0.1_seed.3", None)).run.name == "lr-0.1_seed.3"

@@ -86,12 +86,48 @@ def test_overrides_parse_toml_values_and_fall_back_to_strings():
         parse_override("train.rounds")
 
 
+@pytest.mark.parametrize("value, where", [
+    ('[{count = 1, profile = "s"}', "Unclosed array at the end of '[{count"),
+    ("{a = 1,, b = 2}", "column 8 of '{a = 1,, b = 2}'"),
+    ('"unterminated', "Unterminated string at the end"),
+])
+def test_a_set_value_that_is_broken_toml_says_where_not_that_it_is_the_wrong_type(value, where):
+    with pytest.raises(JobError, match=r"--set 'clients\.groups=.*': the value is not valid TOML \(.*" + re.escape(where)
+                       ) as err:
+        load_job(overrides=[f"clients.groups={value}"])
+    assert "expected a" not in str(err.value)
+    assert parse_override("profiles.x.memory=2GiB") == (["profiles", "x", "memory"], "2GiB")  # bare words stay strings
+
+
 def test_units_in_profiles():
     job = load_job(text='[profiles.edge]\nmemory = "2GiB"\nbandwidth = "100Mbit/s"\nlatency = "5ms"\n')
     p = job.profiles["edge"]
     assert (p.memory, p.bandwidth, p.latency) == (2 * 2**30, 12.5e6, 0.005)
     assert p.emulated and not job.profile("native").emulated
     assert units.parse_rate("1GB/s") == 1e9 and units.parse_seconds(0.5) == 0.5
+
+
+@pytest.mark.parametrize("text, rate", [
+    ("100Mb/s", 12.5e6), ("100Mbit/s", 12.5e6), ("100mbit/s", 12.5e6), ("1Gb/s", 1.25e8), ("1Gbit/s", 1.25e8),
+    ("8kb/s", 1e3), ("8Kbit/s", 1e3), ("8b/s", 1.0), ("100MB/s", 1e8), ("1GB/s", 1e9), ("8kB/s", 8e3),
+    ("8KB/s", 8e3), ("1MiB/s", 2**20), ("8B/s", 8.0), ("8", 8.0)])
+def test_rates_tell_bits_from_bytes_by_case(text, rate):
+    assert units.parse_rate(text) == rate
+
+
+@pytest.mark.parametrize("text", ["100mb/s", "1gb/s", "1GIB/s", "2gib"])
+def test_units_whose_case_leaves_bits_or_bytes_in_doubt_are_refused(text):
+    parse = units.parse_rate if text.endswith("/s") else units.parse_bytes
+    with pytest.raises(ValueError, match="ambiguous unit .*case-sensitive"):
+        parse(text)
+
+
+def test_sizes_in_bits_are_refused_and_a_job_says_which_field():
+    assert units.parse_bytes("512MB") == 512e6 and units.parse_bytes("512MiB") == 512 * 2**20
+    with pytest.raises(ValueError, match="'512Mb' is in bits"):
+        units.parse_bytes("512Mb")
+    with pytest.raises(JobError, match=r"profiles\.edge\.bandwidth: ambiguous unit 'mb'"):
+        load_job(text='[profiles.edge]\nbandwidth = "100mb/s"\n')
 
 
 def test_clients_adapt_to_world_size_unless_fixed():

@@ -71,3 +71,19 @@ def test_a_checkpoint_written_for_another_job_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"clients: checkpoint 3, job 2\); launch the resume with "
                                                          r"4 ranks \(mpirun -n 4\)"):
         checkpoint.choose(tmp_path, dict(ours, clients=2))
+
+
+def test_a_checkpoint_from_before_the_random_streams_changed_is_refused_and_kept(tmp_path):
+    import torch
+
+    from mpifed import checkpoint
+    from mpifed.diskfull import checkpoint_dir
+
+    ours = dict(model="cnn", dataset="synthetic", clients=3, codec="none", seed=0, local_steps=1)
+    old = checkpoint_dir(tmp_path) / "round-00000004.pt"
+    old.parent.mkdir()
+    torch.save(dict(round=4, identity=ours, format=1), old)  # what the version before wrote
+    with pytest.raises(checkpoint.OlderCheckpointError, match=r"format 1, .*random streams .* differ .*start a new "
+                                                              r"run"):
+        checkpoint.choose(tmp_path, ours)
+    assert old.exists() and not list(checkpoint_dir(tmp_path).glob("*.corrupt"))  # not taken for a corrupt file
