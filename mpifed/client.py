@@ -130,7 +130,7 @@ def run_client(s: Session, setup: ClientSetup) -> int:
         protocol.share_batches(s.batches)  # the server may have grown (noise scale) or re-split (re-plan) them
         batch, weight = int(s.batches[client]), s.weight(client)
         protocol.share_model(model.flat)
-        emul += profiles.sleep(profiles.link_seconds(profile, nbytes))
+        emul += profiles.sleep(profiles.link_seconds(profile, nbytes), s.stop, s.exchange)
         t_down = time.perf_counter() - start
 
         if job.debug.fail_rank == world.rank and job.debug.fail_round == rnd:
@@ -146,12 +146,12 @@ def run_client(s: Session, setup: ClientSetup) -> int:
             torch.cuda.synchronize(s.device)
         measured = profiles.native_seconds(native, s.device.type == "cuda")
         pace = slowed if job.debug.slow_rank == world.rank and rnd >= job.debug.slow_round else profile
-        emul += profiles.sleep(profiles.compute_delay(pace, measured))
+        emul += profiles.sleep(profiles.compute_delay(pace, measured), s.stop, s.exchange)
         t_compute = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         model.buffers_into(update)
-        link_up = profiles.sleep(profiles.link_seconds(profile, nbytes_up))  # the emulated link
+        link_up = profiles.sleep(profiles.link_seconds(profile, nbytes_up), s.stop, s.exchange)  # the emulated link
         emul += link_up
         hit = job.debug.corrupt_rank == world.rank and job.debug.corrupt_round == rnd
         sent = protocol.send_update(rnd, update, weight, job.debug.corrupt if hit else "")

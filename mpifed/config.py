@@ -239,7 +239,8 @@ class DeviceProfile:
                         "memory, or on a CPU the host's available memory (the smallest of MemAvailable, the "
                         "memory cgroups' room and SLURM's allocation) shared by the node's ranks.",
                         minimum=0.0, unit="bytes")
-    bandwidth: float = opt(0.0, "Link bandwidth in bytes/s: '100Mbit/s' or '100Mb/s' is megabits, '100MB/s' megabytes; 0 = the real link.",
+    bandwidth: float = opt(0.0, "Link bandwidth in bytes/s: '100Mbit/s' or '100Mb/s' is megabits, '100MB/s' "
+                           "megabytes; 0 = the real link.",
                            minimum=0.0, unit="rate")
     latency: float = opt(0.0, "Extra link latency per transfer in seconds ('5ms' works).", minimum=0.0,
                          unit="seconds")

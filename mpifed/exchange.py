@@ -104,6 +104,12 @@ class Exchange:
         raise RankTimeout(f"{said}, and rank 0 did not call the roll within {self.timeout + grace(self.timeout):g} "
                           f"s more: rank 0 itself is stuck (stopped, deadlocked, or on a lost node). {advice}")
 
+    def answer_roll_call(self, kind: str, waited: float) -> None:
+        """Outside a wait, busy on purpose (an emulated sleep: `kind` "emulated"): answer rank 0's roll
+        call, if one came, with where this rank is, so rank 0 does not take it for stuck."""
+        if self.timeout and self.comm.rank != ROOT:
+            answer(self.comm, Position(Exchange.started + 1, kind, waited))
+
     def host(self, tensor: torch.Tensor) -> np.ndarray:
         """The host memory MPI moves for a flat torch tensor: a CPU tensor's own memory (no copy), or
         the pinned host buffer kept for a device tensor (reused every round: no new allocation; pinned,

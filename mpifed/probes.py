@@ -63,7 +63,7 @@ def profile_step(s: Session, profile: DeviceProfile, samples, key: int) -> Calla
         local_steps(s, local_opt, 0.0, draw, samples, batch, 0, update, key)
         if on_gpu:
             torch.cuda.synchronize(s.device)
-        profiles.sleep(profiles.compute_delay(profile, profiles.native_seconds(start, on_gpu)))
+        profiles.sleep(profiles.compute_delay(profile, profiles.native_seconds(start, on_gpu)), s.stop, s.exchange)
 
     return step
 

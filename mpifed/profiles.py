@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from mpifed.config import DeviceProfile
+from mpifed.rollcall import ANSWER_AFTER
 
 
 def compute_delay(profile: DeviceProfile, measured: float) -> float:
@@ -42,7 +43,43 @@ def link_seconds(profile: DeviceProfile, nbytes: int) -> float:
     return profile.latency + (nbytes / profile.bandwidth if profile.bandwidth > 0 else 0.0)
 
 
-def sleep(seconds: float) -> float:
-    if seconds > 0:
-        time.sleep(seconds)
+def link_problems(job, model_bytes: int) -> list[str]:
+    """The profiles whose emulated link alone makes a round outlast comm.timeout (a bandwidth of bytes
+    instead of megabytes, a latency of hours): every round would end the job with a timeout, so the job
+    is refused before it starts, naming the field. The round's link time is at least its latency both
+    ways plus the model's broadcast (the upload is at most as large, so it is not counted)."""
+    timeout = job.comm.timeout
+    used = {job.clients.profile, *(g.profile for g in job.clients.groups)}
+    problems = []
+    for name in sorted(used):
+        profile = job.profile(name)
+        seconds = link_seconds(profile, model_bytes) + profile.latency
+        if timeout and seconds > timeout:
+            problems.append(f"profiles.{name}: its emulated link takes {seconds:,.0f} s a round (latency "
+                            f"{profile.latency:g} s each way, the {model_bytes:,}-byte model at "
+                            f"{profile.bandwidth:g} bytes/s), more than comm.timeout = {timeout:g} s, so every "
+                            f"round would time out; raise profiles.{name}.bandwidth ('100Mbit/s'), lower its "
+                            f"latency, or raise comm.timeout")
+    return problems
+
+
+SLICE = 0.05
+"""Seconds an emulated sleep sleeps between two looks at a stop request and rank 0's roll call."""
+
+
+def sleep(seconds: float, stop=None, exchange=None) -> float:
+    """Sleep `seconds` of emulated time; returns the seconds emulated. It sleeps in slices: a stop request
+    (`stop` true: SIGTERM, SIGUSR1, Ctrl-C) cuts it short, so that the round ends and the ranks agree to
+    checkpoint instead of waiting out a slow profile's link; and, as a wait in a collective does, it
+    answers rank 0's roll call (through `exchange`), saying it is in an emulated wait, not stuck."""
+    if seconds <= 0:
+        return 0.0
+    start = time.monotonic()
+    end = start + seconds
+    while (now := time.monotonic()) < end:
+        if stop:
+            return now - start
+        if exchange is not None and now - start > ANSWER_AFTER:
+            exchange.answer_roll_call("emulated", now - start)
+        time.sleep(min(SLICE, end - now))
     return seconds

@@ -29,7 +29,8 @@ LISTEN_EVERY = 0.02
 """Seconds between two looks for a call in a long wait: answers come well within the grace, and a
 waiting rank does not spend its polls probing."""
 
-KINDS = ("collective", "barrier", "broadcast", "reduce", "allreduce", "allgather", "gather", "scatter")
+KINDS = ("collective", "barrier", "broadcast", "reduce", "allreduce", "allgather", "gather", "scatter", "emulated")
+"""What a rank waits in; "emulated": not a collective but an emulated profile's sleep before the next one."""
 
 
 def grace(timeout: float) -> float:
@@ -83,14 +84,21 @@ class RollCall:
     def report(self, here: Position, waited_for_answers: float) -> str:
         """What the answers (and the silences) say, for the timeout's message."""
         MPI.Request.Testall(self.answers)
-        silent, at = [], {}
+        silent, at, emulated = [], {}, []
         for r in self.ranks:
             if np.isnan(self.rows[r, 0]):
                 silent.append(r)
             else:
                 there = Position.decode(self.rows[r])
+                if there.kind == "emulated":
+                    emulated.append((r, there))
+                    continue
                 at.setdefault((there.number, there.kind), []).append(r)
         parts, names = [], self.placement.names
+        for r, there in emulated:
+            parts.append(f"{names([r])} is in an emulated wait (its profile's slower compute or link), "
+                         f"{there.waited:.0f} s so far, before collective {there.number}: not stuck, but its "
+                         f"emulated round takes longer than comm.timeout")
         if silent:
             parts.append(f"{names(silent)} did not answer within {waited_for_answers:.0f} s: busy outside MPI "
                          f"(stuck in its computation or I/O, stopped, or on a lost node)")
@@ -104,7 +112,7 @@ class RollCall:
                              f"the ranks disagree on their collectives (a bug in mpifed; please report it)")
             else:
                 parts.append(f"{names(ranks)} {verb} in the same collective")
-        if not silent and all(where == (here.number, here.kind) for where in at):
+        if not silent and not emulated and all(where == (here.number, here.kind) for where in at):
             parts.append("no rank is missing from it, so MPI itself did not complete it (a network fault?)")
         return "; ".join(parts)
 

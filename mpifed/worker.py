@@ -177,7 +177,7 @@ def run_worker(s: Session, setup: WorkerSetup) -> int:
             profile = s.profile(client)
             if j:  # every client starts from the broadcast model, BatchNorm statistics included
                 model.flat.copy_(broadcast)
-            link += profiles.sleep(profiles.link_seconds(profile, nbytes))  # its download, emulated
+            link += profiles.sleep(profiles.link_seconds(profile, nbytes), s.stop, s.exchange)  # its download, emulated
             sampler = ClientSampler(setup.parts[client], job.run.seed, client, int(cursors[slot]))
             part = setup.parts[client]
 
@@ -190,7 +190,8 @@ def run_worker(s: Session, setup: WorkerSetup) -> int:
                 torch.cuda.synchronize(s.device)
             slowed = job.debug.slow_rank == world.rank and rnd >= job.debug.slow_round
             pace = replace(profile, speed=profile.speed * job.debug.slow_speed) if slowed else profile
-            emul += profiles.sleep(profiles.compute_delay(pace, profiles.native_seconds(began, on_gpu)))
+            delay = profiles.compute_delay(pace, profiles.native_seconds(began, on_gpu))
+            emul += profiles.sleep(delay, s.stop, s.exchange)
             seconds = time.perf_counter() - began[0]
             model.buffers_into(update)
             hit = job.debug.corrupt_rank == world.rank and job.debug.corrupt_round == rnd and j == 0
@@ -199,7 +200,7 @@ def run_worker(s: Session, setup: WorkerSetup) -> int:
                                                 job.debug.corrupt if hit else "")
             if payload is not None:
                 payloads.append(payload)
-            link += profiles.sleep(profiles.link_seconds(profile, nbytes_up))  # its upload, emulated
+            link += profiles.sleep(profiles.link_seconds(profile, nbytes_up), s.stop, s.exchange)  # its upload
             t_compute += seconds
             samples += batch * steps
             losses.append(loss * batch)

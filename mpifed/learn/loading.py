@@ -196,12 +196,24 @@ def check_learning(job, ranks_on_node: int = 1) -> DataBundle:
     fields), it loads, and the model takes it."""
     check_data_memory(job, ranks_on_node)
     bundle = load_data(job)
-    make_model(job, bundle.task)
+    model = make_model(job, bundle.task)
+    _check_links(job, model)
     _check_natural(job, bundle)
     if job.data.partition == "dirichlet" and bundle.train.labels is None:
         raise DatasetError("data.partition = \"dirichlet\" splits by label, and this dataset's targets are sequences "
                            "(one per position); use iid, volume or natural")
     return bundle
+
+
+def _check_links(job, model) -> None:
+    """Emulated links that would make every round time out (mpifed.profiles.link_problems)."""
+    from mpifed.config import JobError
+    from mpifed.profiles import link_problems
+
+    model_bytes = 4 * sum(t.numel() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+    problems = link_problems(job, model_bytes)
+    if problems:
+        raise JobError("; ".join(problems))
 
 
 def _check_natural(job, bundle: DataBundle) -> None:
