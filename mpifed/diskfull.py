@@ -58,9 +58,10 @@ def disk_full(what: str, folder: Path, advice: str, needs: int | None = None) ->
 
 def write_whole(path: Path, write: Callable[[BinaryIO], object], what: str, advice: Callable[[], str],
                 needs: Callable[[], int] | None = None) -> None:
-    """write(fh) into a temporary name, fsynced, then renamed over `path`: a reader finds the old file
-    or the new one, never part of one; a failure removes the temporary. On a full disk it raises a
-    DiskFullError naming `what`, the free space (and what it `needs`) and advice() on how to go on."""
+    """write(fh) into a temporary name, fsynced, then renamed over `path` and the folder fsynced: a
+    reader finds the old file or the new one, never part of one, and after a crash too; a failure
+    removes the temporary. On a full disk it raises a DiskFullError naming `what`, the free space (and
+    what it `needs`) and advice() on how to go on."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +75,17 @@ def write_whole(path: Path, write: Callable[[BinaryIO], object], what: str, advi
         if is_disk_full(err):
             raise disk_full(what, path.parent, advice(), needs() if needs else None) from err
         raise
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder after a rename in it: the file's data was fsynced, but until its folder is, a
+    crash (a lost node) may bring back the old name or none."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 from h5py import h5s
 
-from mpifed.diskfull import disk_full, is_disk_full, resume_advice
+from mpifed.diskfull import disk_full, is_disk_full, resume_advice, sync_folder
 
 SCHEMA = 1
 
@@ -173,26 +173,33 @@ class RunWriter:
     def append_round(self, table: np.ndarray, server: dict[str, float], clients: np.ndarray | None = None) -> None:
         """One round: the (ranks, ITER_FIELDS) table, the server's series, and for pooled clients the
         (K, CLIENT_FIELDS) table of the clients that trained."""
-        with self._guard():
-            self.begin_swmr()
-            t = self.rounds
-            for i, name in enumerate(ITER_FIELDS):
-                _append(self.iter[name], t, table[:, i])
-            for name, ds in self.server.items():
-                _append(ds, t, server.get(name, np.nan))
-            for i, name in enumerate(CLIENT_FIELDS if clients is not None else ()):
-                _append(self.clients[name], t, clients[:, i])
-            self.file.flush()
+        rows = [*((self.iter[name], table[:, i]) for i, name in enumerate(ITER_FIELDS)),
+                *((ds, server.get(name, np.nan)) for name, ds in self.server.items()),
+                *((self.clients[name], clients[:, i]) for i, name in enumerate(CLIENT_FIELDS if clients is not None
+                                                                               else ()))]
+        self._append_whole(rows, self.rounds)
         self.rounds += 1
 
     def append_eval(self, row: dict[str, float]) -> None:
+        self._append_whole([(ds, row[name]) for name, ds in self.eval.items()], self.evals)
+        self.evals += 1
+
+    def _append_whole(self, rows: list[tuple[h5py.Dataset, object]], row: int) -> None:
+        """Write `row` of every dataset in `rows` (one round, or one evaluation), then flush: all of
+        them or none. A write that fails part way (a full disk) shrinks the datasets it had grown back
+        to `row` rows, so that a reader never finds /iter/t_down a round longer than /iter/loss."""
         with self._guard():
             self.begin_swmr()
-            e = self.evals
-            for name, ds in self.eval.items():
-                _append(ds, e, row[name])
-            self.file.flush()
-        self.evals += 1
+            try:
+                for ds, values in rows:
+                    _append(ds, row, values)
+                self.file.flush()
+            except BaseException:
+                for ds, _ in rows:
+                    with contextlib.suppress(Exception):  # the write's own error is the one to report
+                        if ds.id.shape[0] > row:
+                            ds.id.set_extent((row, *ds.id.shape[1:]))
+                raise
 
     def close(self) -> None:
         """Close the file. After a failed write HDF5 fails here too (it cannot flush either): that
@@ -269,11 +276,7 @@ def _rewrite(path: Path, suffix: str, edit: Callable[[h5py.File], None], what: s
                                                f"resume it there", path.stat().st_size) from err
         err.add_note(f"mpifed: {path} is unchanged")
         raise
-    folder = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a crash too
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    sync_folder(path.parent)  # the rename itself survives a crash too
 
 
 LEFT_OPEN = "already open for write"

@@ -92,6 +92,25 @@ def test_a_checkpoint_on_a_full_disk_says_so_and_leaves_no_partial_file(disk):
     assert checkpoint.choose(run, {})[1]["round"] == 1
 
 
+def test_a_file_replaced_whole_has_its_rename_synced_too(tmp_path, monkeypatch):
+    """write_whole fsyncs the file, renames it, then fsyncs its folder (as the log's own rewrite does):
+    without the last, a crash may bring back the old file although the new one was reported written."""
+    from mpifed.diskfull import write_whole
+
+    target = tmp_path / "job.toml"
+    target.write_bytes(b"old")
+    synced, fsync = [], os.fsync
+
+    def record(fd):
+        folder = os.path.samestat(os.fstat(fd), os.stat(tmp_path))
+        synced.append(("folder" if folder else "file", target.read_bytes()))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    write_whole(target, lambda fh: fh.write(b"new"), "job.toml", lambda: "")
+    assert synced == [("file", b"old"), ("folder", b"new")], synced  # the file before, the folder after the rename
+
+
 def test_a_run_directory_on_a_full_disk_is_refused_in_one_line(disk):
     """run.lock is the first file a run writes: before, its write raised a bare OSError and rank 0
     printed a traceback."""
@@ -163,16 +182,24 @@ from pathlib import Path
 import numpy as np
 sys.path.insert(0, {tests!r})
 from test_full_disk import RANKS, fill
-from mpifed.runlog import ITER_FIELDS, RunWriter
+from mpifed.runlog import CLIENT_FIELDS, ITER_FIELDS, RunWriter
 run = Path({run!r})
-writer = RunWriter(run / "run.h5", dict(job="x"), RANKS)
+writer = RunWriter(run / "run.h5", dict(job="x"), RANKS, clients_per_round=3)
+
+
+def round(r):
+    writer.append_round(np.zeros((2, len(ITER_FIELDS))), dict(lr=0.1), np.zeros((3, len(CLIENT_FIELDS))))
+    if r % 5 == 0:
+        writer.append_eval(dict(round=r, test_loss=1.0, test_acc=0.5, wall=1.0))
+
+
 try:
     try:  # as mpifed.train runs the rounds
         for r in range(3):
-            writer.append_round(np.zeros((2, len(ITER_FIELDS))), dict(lr=0.1))
+            round(r)
         fill(run)
         for r in range(3, 1000):
-            writer.append_round(np.zeros((2, len(ITER_FIELDS))), dict(lr=0.1))
+            round(r)
     finally:
         writer.close()
 except Exception as err:
@@ -180,10 +207,11 @@ except Exception as err:
 """
 
 
-def test_a_log_write_on_a_full_disk_is_the_error_reported(disk):
+def test_a_log_write_on_a_full_disk_is_the_error_reported_and_leaves_whole_rounds(disk):
     """Not the error HDF5 raises when the writer is closed after it; in a subprocess, because HDF5
-    used to crash at exit after such a failure."""
-    run = disk("64k")
+    used to crash at exit after such a failure. The round that failed is in no dataset: it once
+    left the /iter/t_* written before the failing one a row longer than /iter/loss and /server/*."""
+    run = disk("192k")
     script = WRITE_UNTIL_FULL.format(tests=str(Path(__file__).parent), run=str(run))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -192,8 +220,13 @@ def test_a_log_write_on_a_full_disk_is_the_error_reported(disk):
     assert "decrement" not in proc.stdout and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     (run / "filler").unlink()
     recover(path := run / "run.h5")  # left open in SWMR mode at worst
+    kept = int(re.search(r"the (\d+) rounds logged before stay in it", proc.stdout).group(1))
     with h5py.File(path, "r") as f:
-        assert f["iter/t_iter"].shape[0] >= 3
+        rows = {name: f[name].shape[0] for group in ("iter", "server", "clients") for name in
+                (f"{group}/{field}" for field in f[group])}
+        evals = {name: f[f"eval/{name}"].shape[0] for name in f["eval"]}
+    assert kept >= 3 and set(rows.values()) == {kept}, rows
+    assert set(evals.values()) == {len(range(0, kept, 5))}, evals
 
 
 @pytest.mark.mpi
