@@ -178,6 +178,21 @@ def test_missing_dataset_ends_the_job_with_where_the_files_go(tmp_path):
     ok(train(3, tmp_path, "nodata", "--set", "train.rounds=1"))
 
 
+def test_a_truncated_dataset_file_ends_the_job_naming_it(tmp_path):
+    """data.download = true finds the file there and leaves it in place (as torchvision does): rank 0's
+    one line names the file and says to delete it first; nothing is written."""
+    write_mnist(tmp_path / "data", train=600, test=200)
+    cut = tmp_path / "data" / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    cut.write_bytes(cut.read_bytes()[:-1000])
+    proc = train(3, tmp_path, "cut", "--set", 'data.dataset="mnist"', "--set", "data.download=true",
+                 "--set", f'data.root="{tmp_path / "data"}"', timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mpifed: error")]
+    assert len(errors) == 1 and f"(test split): {cut} is truncated or corrupt" in errors[0], proc.stderr[-3000:]
+    assert "delete it, then download it again" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cut").exists()
+
+
 def test_download_on_with_the_files_present_trains_after_the_servers_check(tmp_path):
     """data.download = true: rank 0 alone fetches (here: finds the files, as torchvision does) while the
     clients wait for it at a polite, timed arrival point, then everyone reads the same files."""
