@@ -1,7 +1,7 @@
 """A full disk ends a run with one line that says so and how to go on, and never costs what was
 written before: no partial checkpoint is left, and a failed resume leaves the log as it was.
 
-Each test mounts a tiny tmpfs (root only; skipped otherwise) and fills it."""
+Each test mounts a tiny tmpfs (conftest's disk: root only; skipped otherwise) and fills it."""
 
 import os
 import re
@@ -14,51 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, mpi_run, train
+from conftest import TINY, fill, mpi_run, train
 from mpifed import checkpoint
 from mpifed.errors import InputError
 from mpifed.runlog import ITER_FIELDS, RANK_COLUMNS, RunWriter, open_run, recover
 
 RANKS = {key: ["server", "client"] if key in ("role", "host", "device", "profile") else [0, 1] for key in RANK_COLUMNS}
-
-
-@pytest.fixture
-def disk(tmp_path):
-    """A tmpfs of the given size under tmp_path, unmounted afterwards."""
-    mounted = []
-
-    def mount(size: str) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tiny tmpfs needs root")
-        point = tmp_path / f"disk{len(mounted)}"
-        point.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(point)], check=True)  # a process of the job still closing
-
-
-def fill(folder: Path) -> Path:
-    """Take every free byte of folder's disk; delete the returned file to give them back."""
-    path = folder / "filler"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        for block in (1 << 16, 1 << 12, 1):
-            try:
-                while True:
-                    os.write(fd, b"x" * block)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return path
 
 
 def log(path: Path, rounds: int, evals: list[int]) -> None:
@@ -181,7 +142,8 @@ import sys
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, {tests!r})
-from test_full_disk import RANKS, fill
+from conftest import fill
+from test_full_disk import RANKS
 from mpifed.runlog import CLIENT_FIELDS, ITER_FIELDS, RunWriter
 run = Path({run!r})
 writer = RunWriter(run / "run.h5", dict(job="x"), RANKS, clients_per_round=3)
