@@ -37,13 +37,13 @@ def identity(job, clients: int) -> dict:
                 seed=job.run.seed, local_steps=job.train.local_steps)
 
 
-def save(run_dir: Path, payload: dict, keep: int) -> Path:
+def save(run_dir: Path, payload: dict, keep: int, ranks: int) -> Path:
     """Write `payload` (which holds 'round') atomically and drop all but the newest `keep`. A failed
     write leaves no partial file; on a full disk it raises a DiskFullError that says how to go on
-    (torch.save alone reports that as "unexpected pos" in its zip writer)."""
+    with the run's `ranks` (torch.save alone reports that as "unexpected pos" in its zip writer)."""
     final = checkpoint_dir(run_dir) / checkpoint_name(payload["round"])
     write_whole(final, _saver(dict(payload, format=FORMAT)), f"checkpoint {final.name}",
-                lambda: resume_advice(run_dir), lambda: _size(run_dir, payload))
+                lambda: resume_advice(run_dir, ranks), lambda: _size(run_dir, payload))
     for old in checkpoint_files(run_dir)[keep:]:
         old.unlink()
     return final

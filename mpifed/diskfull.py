@@ -98,12 +98,18 @@ def checkpoint_files(run_dir: Path) -> list[Path]:
     return sorted(checkpoint_dir(run_dir).glob("round-*.pt"), reverse=True)
 
 
-def resume_advice(run_dir: Path) -> str:
-    """How to go on after a write of the run failed on a full disk: from its newest checkpoint, if any."""
+def resume_command(run_dir: Path, ranks: int) -> str:
+    """The command that continues the run in `run_dir` with its `ranks` processes, as every message that
+    offers to resume prints it."""
+    return f"mpirun -n {ranks} mpifed train --resume {run_dir}"
+
+
+def resume_advice(run_dir: Path, ranks: int) -> str:
+    """How to go on after a write of the run (of `ranks` processes) failed on a full disk: from its
+    newest checkpoint, if any."""
     found = checkpoint_files(run_dir)
     if not found:
         return ("the run wrote no checkpoint to resume from: free space there, or choose another run.out "
                 "(--out), and start it again")
     return (f"free space there, or move {run_dir} to a disk with room, then continue from {found[0].name} with: "
-            f"mpirun -n RANKS mpifed train --resume {run_dir}, with as many RANKS as this run (new runs: choose "
-            f"a run.out, --out, with room)")
+            f"{resume_command(run_dir, ranks)} (new runs: choose a run.out, --out, with room)")

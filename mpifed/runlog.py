@@ -90,6 +90,7 @@ class RunWriter:
 
     def __init__(self, path: Path, attrs: dict, ranks: dict[str, list], clients_per_round: int = 0):
         self.path, self.failed, self.rounds, self.evals = Path(path), False, 0, 0
+        self.world_size = len(ranks["role"])  # for the resume command a full disk's message offers
         with self._guard(closing=True):
             self.file = _open_log(self.path, "w")
             for key, value in attrs.items():
@@ -122,7 +123,7 @@ class RunWriter:
         with h5py.File(path, "r") as src:
             if src.attrs.get("schema") != SCHEMA:
                 raise ValueError(f"{path} has log schema {src.attrs.get('schema')}, this mpifed writes {SCHEMA}")
-            logged = src["iter/t_iter"].shape[0]
+            logged, world_size = src["iter/t_iter"].shape
             if logged < rounds:
                 raise ValueError(f"{path} holds {logged} rounds but the checkpoint resumes at {rounds}")
             evals = int((src["eval/round"][:] <= rounds).sum())
@@ -141,7 +142,7 @@ class RunWriter:
         _rewrite(path, ".resuming", trim, f"the resumed log (a copy of {path.name}; resuming never changes "
                                           f"the log in place)")
         self = cls.__new__(cls)
-        self.path, self.failed, self.rounds, self.evals = path, False, rounds, evals
+        self.path, self.failed, self.rounds, self.evals, self.world_size = path, False, rounds, evals, world_size
         with self._guard(closing=True):
             self.file = _open_log(path, "r+")
             self.iter = {f: self.file[f"iter/{f}"] for f in ITER_FIELDS}
@@ -232,7 +233,7 @@ class RunWriter:
         if is_disk_full(err):
             kept = f"the {self.rounds} rounds logged before stay in it; " if self.rounds else ""
             raise disk_full(f"run log {self.path}", self.path.parent,
-                            kept + resume_advice(self.path.parent)) from err
+                            kept + resume_advice(self.path.parent, self.world_size)) from err
 
 
 def _append(ds: h5py.Dataset, row: int, values) -> None:

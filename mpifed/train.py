@@ -83,7 +83,7 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
         if plan is not None:
             plan.record(writer, run_dir)
         writer.begin_swmr()
-    write_job(run_dir, job)  # set-up and the log succeeded: the job is what runs
+    write_job(run_dir, job, world.size)  # set-up and the log succeeded: the job is what runs
     progress = Progress(progress_mode, job.train.rounds, job.train.eval_every or job.train.rounds)
     for message in messages:
         progress.print(f"mpifed: memory model: {message}")

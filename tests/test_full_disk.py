@@ -40,14 +40,14 @@ def assert_says_disk_full(err: BaseException, folder: Path) -> None:
 def test_a_checkpoint_on_a_full_disk_says_so_and_leaves_no_partial_file(disk):
     run = disk("256k")
     payload = dict(identity={}, model=dict(w=torch.zeros(20000)))
-    first = checkpoint.save(run, dict(payload, round=1), keep=2)
+    first = checkpoint.save(run, dict(payload, round=1), keep=2, ranks=5)
     fill(run)
     with pytest.raises(Exception) as failed:
-        checkpoint.save(run, dict(payload, round=2), keep=2)
+        checkpoint.save(run, dict(payload, round=2), keep=2, ranks=5)
     assert_says_disk_full(failed.value, run / "checkpoints")
     assert "checkpoint round-00000002.pt could not be written" in str(failed.value)
     assert f"needs about {first.stat().st_size / 1024:.2f} KiB" in str(failed.value)
-    said = f"continue from round-00000001.pt with: mpirun -n RANKS mpifed train --resume {run}, with as many RANKS"
+    said = f"continue from round-00000001.pt with: mpirun -n 5 mpifed train --resume {run} (new runs: "
     assert said in str(failed.value)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-00000001.pt"]  # no .tmp
     assert checkpoint.choose(run, {})[1]["round"] == 1
@@ -147,6 +147,8 @@ from test_full_disk import RANKS
 from mpifed.runlog import CLIENT_FIELDS, ITER_FIELDS, RunWriter
 run = Path({run!r})
 writer = RunWriter(run / "run.h5", dict(job="x"), RANKS, clients_per_round=3)
+(run / "checkpoints").mkdir()
+(run / "checkpoints" / "round-00000001.pt").touch()  # named in the advice, not read
 
 
 def round(r):
@@ -180,6 +182,7 @@ def test_a_log_write_on_a_full_disk_is_the_error_reported_and_leaves_whole_round
     assert proc.stdout.startswith("DiskFullError: run log"), proc.stdout
     assert f"the disk holding {run} is full (" in proc.stdout and "rounds logged before stay in it" in proc.stdout
     assert "decrement" not in proc.stdout and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert f"continue from round-00000001.pt with: mpirun -n 2 mpifed train --resume {run} (" in proc.stdout
     (run / "filler").unlink()
     recover(path := run / "run.h5")  # left open in SWMR mode at worst
     kept = int(re.search(r"the (\d+) rounds logged before stay in it", proc.stdout).group(1))
@@ -202,7 +205,7 @@ def test_a_job_on_a_full_disk_ends_with_one_line_and_resumes_without_harm(disk, 
     assert len(said) == 1 and re.search(r"rank 0 \(server\) on .* failed: DiskFullError: checkpoint "
                                         r"round-\d{8}\.pt could not be written: the disk holding", said[0]), said
     assert "Traceback" not in failed.stderr and "unexpected pos" not in failed.stderr, failed.stderr[-3000:]
-    assert f"mpifed train --resume {out / 'full'}" in said[0]
+    assert f"with: mpirun -n 3 mpifed train --resume {out / 'full'} (new runs" in said[0]  # the run's own ranks
     assert not [p for p in (out / "full").rglob("*") if p.name.endswith(".tmp")]
 
     log_path = out / "full" / "run.h5"

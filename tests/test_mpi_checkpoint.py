@@ -48,6 +48,7 @@ def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path):
     log = tmp_path / "cut" / "run.h5"
     assert proc.returncode == 3, err[-3000:]
     assert "stopped by a signal after round" in out
+    assert f"continue with: mpirun -n 3 mpifed train --resume {tmp_path / 'cut'}\n" in out  # as a full disk says it
     stopped = rounds_logged(log)
     assert 3 <= stopped < 14
     assert (tmp_path / "cut" / "checkpoints" / f"round-{stopped:08d}.pt").exists()
