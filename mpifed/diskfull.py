@@ -104,6 +104,17 @@ def resume_command(run_dir: Path, ranks: int) -> str:
     return f"mpirun -n {ranks} mpifed train --resume {run_dir}"
 
 
+def continue_note(run_dir: Path, ranks: int) -> str:
+    """What rank 0 adds when its rounds end in a failure (a rank killed or lost, found by comm.timeout):
+    the logged rounds are kept, and --resume continues from the newest checkpoint, if there is one."""
+    found = checkpoint_files(run_dir)
+    if not found:
+        return (f"mpifed: the rounds logged stay in {run_dir / 'run.h5'}; the run wrote no checkpoint to continue "
+                f"from ([checkpoint] every = K writes one every K rounds)")
+    return (f"mpifed: the rounds logged stay in {run_dir / 'run.h5'}; continue the run from {found[0].name} "
+            f"with: {resume_command(run_dir, ranks)}")
+
+
 def resume_advice(run_dir: Path, ranks: int) -> str:
     """How to go on after a write of the run (of `ranks` processes) failed on a full disk: from its
     newest checkpoint, if any."""

@@ -19,6 +19,7 @@ import mpifed
 from mpifed.client import prepare_client, run_client
 from mpifed.cluster import STOPPED, World
 from mpifed.config import Job, JobError
+from mpifed.diskfull import continue_note
 from mpifed.perf.report import predict_for
 from mpifed.planning import plan_startup
 from mpifed.pool_model import start_pool_model
@@ -99,6 +100,10 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
                    f"{s.global_batch * k // s.n_clients}, log {run_dir / 'run.h5'}")
     try:
         final = run_server(s, writer, run_dir, progress, plan)
+    except BaseException as err:
+        if "--resume" not in str(err):  # a full disk's message already says how to go on
+            err.add_note(continue_note(run_dir, world.size))
+        raise
     finally:
         writer.close()
         progress.close()

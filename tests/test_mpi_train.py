@@ -244,6 +244,35 @@ def test_a_stopped_client_ends_the_job_after_comm_timeout(tmp_path):
     assert "Roll call: rank 2 (client 1) did not answer within 3 s: busy outside MPI" in err, err
 
 
+def test_a_killed_client_ends_the_job_with_the_resume_that_continues_it(tmp_path):
+    """kill -9 of a worker, under a launcher that leaves the other ranks running (MPICH's
+    -disable-auto-cleanup here; srun without --kill-on-bad-exit alike): rank 0 finds it at comm.timeout
+    and its last line says how to continue, with the real command. (MPICH's default cleanup kills every
+    rank at once: then only the README says it.)"""
+    if "HYDRA" not in subprocess.run([MPIRUN, "--version"], capture_output=True, text=True).stdout:
+        pytest.skip("needs MPICH's mpirun (hydra) for -disable-auto-cleanup")
+    cmd = [MPIRUN, "-disable-auto-cleanup", "-n", "3", sys.executable, "-m", "mpifed", "train", *TINY, "--out",
+           str(tmp_path), "--name", "killed", "--set", "train.rounds=100000", "--set", "comm.timeout=3",
+           "--set", "checkpoint.every=2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "killed"
+    try:
+        deadline = time.monotonic() + 120
+        while rounds_logged(run / "run.h5") < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(_rank_pid(2, "killed"), signal.SIGKILL)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0 and "Roll call: rank 2 (client 1) did not answer" in err, err[-3000:]
+    newest = sorted((run / "checkpoints").iterdir())[-1].name
+    said = [line for line in err.splitlines() if line.startswith("mpifed:")]
+    assert said[-1] == (f"mpifed: the rounds logged stay in {run / 'run.h5'}; continue the run from {newest} with: "
+                        f"mpirun -n 3 mpifed train --resume {run}"), said
+    assert "Traceback" not in err
+
+
 def _rank_pid(rank: int, name: str) -> int:
     """The pid of MPI rank `rank` of the job whose --name is `name` (from the process environment)."""
     for entry in Path("/proc").iterdir():
