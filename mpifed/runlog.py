@@ -188,7 +188,7 @@ class RunWriter:
     def _append_whole(self, rows: list[tuple[h5py.Dataset, object]], row: int) -> None:
         """Write `row` of every dataset in `rows` (one round, or one evaluation), then flush: all of
         them or none. A write that fails part way (a full disk) shrinks the datasets it had grown back
-        to `row` rows, so that a reader never finds /iter/t_down a round longer than /iter/loss."""
+        to `row` rows: the log it leaves holds whole rounds, not /iter/t_down a round longer than /iter/loss."""
         with self._guard():
             self.begin_swmr()
             try:
