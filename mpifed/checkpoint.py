@@ -45,16 +45,21 @@ def identity(job, clients: int) -> dict:
                 seed=job.run.seed, local_steps=job.train.local_steps)
 
 
-def save(run_dir: Path, payload: dict, keep: int) -> Path:
+def save(run_dir: Path, payload: dict, keep: int, ranks: int) -> Path:
     """Write `payload` (which holds 'round') atomically and drop all but the newest `keep`. A failed
     write leaves no partial file; on a full disk it raises a DiskFullError that says how to go on
-    (torch.save alone reports that as "unexpected pos" in its zip writer)."""
-    final = checkpoint_dir(run_dir) / f"round-{payload['round']:08d}.pt"
+    with the run's `ranks` (torch.save alone reports that as "unexpected pos" in its zip writer)."""
+    final = checkpoint_dir(run_dir) / checkpoint_name(payload["round"])
     write_whole(final, _saver(dict(payload, format=FORMAT)), f"checkpoint {final.name}",
-                lambda: resume_advice(run_dir), lambda: _size(run_dir, payload))
+                lambda: resume_advice(run_dir, ranks), lambda: _size(run_dir, payload))
     for old in checkpoint_files(run_dir)[keep:]:
         old.unlink()
     return final
+
+
+def checkpoint_name(round_: int) -> str:
+    """The file name of the checkpoint that resumes at round `round_`."""
+    return f"round-{round_:08d}.pt"
 
 
 def save_model(run_dir: Path, state: dict) -> Path:
@@ -113,7 +118,8 @@ def choose(run_dir: Path, identity: dict) -> tuple[Path, dict, list[str]]:
     A corrupt file is renamed to *.corrupt (kept apart, never deleted) and the next older one is
     tried; returns (path, payload, notes about what was set aside). A readable checkpoint whose
     identity differs (another model, dataset, client count, codec, seed or local_steps) is refused: resuming it would
-    silently train something else.
+    silently train something else. So is one whose name says another round than it holds (renamed, or
+    copied in from another run of the job): it would be chosen by its name and resumed at its round.
     """
     notes = []
     for path in checkpoint_files(run_dir):
@@ -134,6 +140,12 @@ def choose(run_dir: Path, identity: dict) -> tuple[Path, dict, list[str]]:
             if set(wrong) == {"clients"} and isinstance(stored["clients"], int):  # the launch, not the job
                 fix = f"launch the resume with {stored['clients'] + 1} ranks (mpirun -n {stored['clients'] + 1})"
             raise CheckpointError(f"{path} belongs to a different job ({diffs}); {fix}")
+        if path.name != checkpoint_name(payload["round"]):
+            named = path.stem.removeprefix("round-").lstrip("0") or "0"
+            raise CheckpointError(f"{path} holds round {payload['round']}, not round {named} as its name says: it was "
+                                  f"renamed, or copied from another run of this job. Move it out of {path.parent} "
+                                  f"to resume from the checkpoint before it, or, if it is this run's, give it its "
+                                  f"own name, {checkpoint_name(payload['round'])} (nothing was changed)")
         return path, payload, notes
     raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}"
                           + (f" ({'; '.join(notes)})" if notes else "")

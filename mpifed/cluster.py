@@ -168,11 +168,14 @@ def abort(world: World, err: BaseException) -> int:
     """Print this rank's failure and end every rank of the job at once (MPI_Abort)."""
     # the user's input (a job field, a dataset, a budget), a Ctrl-C or a timeout: the message says it all
     said = isinstance(err, (InputError, KeyboardInterrupt, RankTimeout))
-    detail = "" if said else "".join(traceback.format_exception(err))
+    shown = traceback.TracebackException.from_exception(err)
+    shown.__notes__ = None  # the notes (how to go on) come last, below, with or without a traceback
+    detail = "" if said else "".join(shown.format())
     why = ("interrupted (Ctrl-C) before a checkpoint could be written" if isinstance(err, KeyboardInterrupt)
            else f"{type(err).__name__}: {err}")
+    notes = "".join(f"{note}\n" for note in getattr(err, "__notes__", ()))
     message = (f"{detail}mpifed: rank {world.rank} ({world.role}) on {world.host} failed: {why}\n"
-               f"mpifed: aborting all {world.size} ranks\n")
+               f"mpifed: aborting all {world.size} ranks\n{notes}")
     sys.stderr.flush()
     os.write(2, message.encode(errors="replace"))
     # MPI_Abort makes the launcher kill every process at once, and output still in its pipes is

@@ -157,6 +157,38 @@ def _missing_message(name: str, train: bool, root: str, download: bool, err: Exc
             f"The files go in {where}; {fix}.{debian}")
 
 
+def _damaged_file(cls, train: bool, root: str) -> tuple[Path, str] | None:
+    """The first file of the split that is there but cannot be whole, and why: torchvision reports
+    one only as a bad shape or checksum, naming no file. MNIST-style IDX files are read with their
+    header's sizes; CIFAR's are checked against the checksums torchvision holds for them."""
+    from torchvision.datasets import MNIST
+    from torchvision.datasets.utils import check_integrity
+
+    if issubclass(cls, MNIST):
+        for stem in _IDX_NAMES[train]:
+            path = Path(root) / cls.__name__ / "raw" / stem
+            try:
+                read_idx(path)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as err:
+                return path, str(err).removeprefix(f"{path.name}: ").removesuffix(" (truncated?)")
+        return None
+    files = [*(cls.train_list if train else cls.test_list), (cls.meta["filename"], cls.meta["md5"])]
+    for file, md5 in files:
+        path = Path(root) / cls.base_folder / file
+        if path.is_file() and not check_integrity(str(path), md5):
+            return path, f"its {path.stat().st_size} bytes do not have the checksum of the published file"
+    return None
+
+
+def _damaged_message(name: str, train: bool, path: Path, why: str) -> str:
+    """A split whose file is there but truncated or corrupt: which file, and to delete it first, since
+    data.download leaves a file that exists in place (torchvision's MNIST classes check only that it exists)."""
+    return (f"{name} ({'train' if train else 'test'} split): {path} is truncated or corrupt ({why}); delete it, "
+            f"then download it again (--set data.download=true) or put a whole copy in its place")
+
+
 def load_dataset(name: str, train: bool, root: str = "data", download: bool = False,
                  size: int = 12000, noise: float = 2.5, pad_to: int = 0) -> ImageSet:
     """Load a split. Real datasets go through torchvision's own classes (and their file checks);
@@ -172,7 +204,9 @@ def load_dataset(name: str, train: bool, root: str = "data", download: bool = Fa
     try:
         ds = cls(root=root, train=train, download=download)
     except Exception as err:  # RuntimeError when missing; files of the wrong format fail in the parsers
-        raise DatasetError(_missing_message(name, train, root, download, err)) from None
+        damaged = _damaged_file(cls, train, root)
+        raise DatasetError(_damaged_message(name, train, *damaged) if damaged else
+                           _missing_message(name, train, root, download, err)) from None
     data = np.asarray(ds.data)
     if data.ndim == 3:  # MNIST-style (N, 28, 28)
         data = data[..., None]

@@ -58,9 +58,10 @@ def disk_full(what: str, folder: Path, advice: str, needs: int | None = None) ->
 
 def write_whole(path: Path, write: Callable[[BinaryIO], object], what: str, advice: Callable[[], str],
                 needs: Callable[[], int] | None = None) -> None:
-    """write(fh) into a temporary name, fsynced, then renamed over `path`: a reader finds the old file
-    or the new one, never part of one; a failure removes the temporary. On a full disk it raises a
-    DiskFullError naming `what`, the free space (and what it `needs`) and advice() on how to go on."""
+    """write(fh) into a temporary name, fsynced, then renamed over `path` and the folder fsynced: a
+    reader finds the old file or the new one, never part of one, and after a crash too; a failure
+    removes the temporary. On a full disk it raises a DiskFullError naming `what`, the free space (and
+    what it `needs`) and advice() on how to go on."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +75,17 @@ def write_whole(path: Path, write: Callable[[BinaryIO], object], what: str, advi
         if is_disk_full(err):
             raise disk_full(what, path.parent, advice(), needs() if needs else None) from err
         raise
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder after a rename in it: the file's data was fsynced, but until its folder is, a
+    crash (a lost node) may bring back the old name or none."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -86,12 +98,29 @@ def checkpoint_files(run_dir: Path) -> list[Path]:
     return sorted(checkpoint_dir(run_dir).glob("round-*.pt"), reverse=True)
 
 
-def resume_advice(run_dir: Path) -> str:
-    """How to go on after a write of the run failed on a full disk: from its newest checkpoint, if any."""
+def resume_command(run_dir: Path, ranks: int) -> str:
+    """The command that continues the run in `run_dir` with its `ranks` processes, as every message that
+    offers to resume prints it."""
+    return f"mpirun -n {ranks} mpifed train --resume {run_dir}"
+
+
+def continue_note(run_dir: Path, ranks: int) -> str:
+    """What rank 0 adds when its rounds end in a failure (a rank killed or lost, found by comm.timeout):
+    the logged rounds are kept, and --resume continues from the newest checkpoint, if there is one."""
+    found = checkpoint_files(run_dir)
+    if not found:
+        return (f"mpifed: the rounds logged stay in {run_dir / 'run.h5'}; the run wrote no checkpoint to continue "
+                f"from ([checkpoint] every = K writes one every K rounds)")
+    return (f"mpifed: the rounds logged stay in {run_dir / 'run.h5'}; continue the run from {found[0].name} "
+            f"with: {resume_command(run_dir, ranks)}")
+
+
+def resume_advice(run_dir: Path, ranks: int) -> str:
+    """How to go on after a write of the run (of `ranks` processes) failed on a full disk: from its
+    newest checkpoint, if any."""
     found = checkpoint_files(run_dir)
     if not found:
         return ("the run wrote no checkpoint to resume from: free space there, or choose another run.out "
                 "(--out), and start it again")
     return (f"free space there, or move {run_dir} to a disk with room, then continue from {found[0].name} with: "
-            f"mpirun -n RANKS mpifed train --resume {run_dir}, with as many RANKS as this run (new runs: choose "
-            f"a run.out, --out, with room)")
+            f"{resume_command(run_dir, ranks)} (new runs: choose a run.out, --out, with room)")

@@ -71,7 +71,9 @@ def resume_run(world: World, resume: str, overrides: list[str]) -> tuple[Job, di
     logged_rounds = _logged_rounds(run_dir / "run.h5")
     if logged_rounds < payload["round"]:
         raise JobError(f"{run_dir / 'run.h5'} holds {logged_rounds} rounds but {path.name} resumes at round "
-                       f"{payload['round']}: the log lost rounds; restore it from a copy (nothing was changed)")
+                       f"{payload['round']}: either the log lost rounds (restore it from a copy) or the checkpoint "
+                       f"comes from another run of this job (move it out of {path.parent} to resume from the one "
+                       f"before it); nothing was changed")
     when = datetime.datetime.now().isoformat(timespec="seconds")
     return job, payload, f"resumed at round {payload['round']} from {path.name} ({when})"
 

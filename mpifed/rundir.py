@@ -1,7 +1,7 @@
 """A launch's run directory: rank 0 creates a new one or resumes a stored one, and every rank gets the job.
 
     job, start = prepare(world, job_file, overrides, resume, auto_resume)   # every rank
-    write_job(start.run_dir, job)                                           # rank 0, once set-up succeeded
+    write_job(start.run_dir, job, world.size)                               # rank 0, once set-up succeeded
 
 A new run gets <run.out>/<run.name>[-<timestamp>]/, locked (mpifed.runlock) before anything else is
 written; a resume is checked by mpifed.resume. job.toml comes last, so a directory whose start-up
@@ -108,10 +108,11 @@ def _make_run_dir(job: Job) -> Path:
     return path
 
 
-def write_job(run_dir: Path, job: Job) -> None:
-    """job.toml, replaced whole (a full disk must not leave a resumable run with half a job)."""
+def write_job(run_dir: Path, job: Job, ranks: int) -> None:
+    """job.toml, replaced whole (a full disk must not leave a resumable run with half a job); `ranks`
+    for the resume command a full disk's message offers."""
     write_whole(run_dir / "job.toml", lambda fh: fh.write(job.to_toml().encode()), "job.toml",
-                lambda: resume_advice(run_dir))
+                lambda: resume_advice(run_dir, ranks))
 
 
 def _holds_files(run_dir: Path) -> bool:

@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 from h5py import h5s
 
-from mpifed.diskfull import disk_full, is_disk_full, resume_advice
+from mpifed.diskfull import disk_full, is_disk_full, resume_advice, sync_folder
 
 SCHEMA = 1
 
@@ -94,6 +94,7 @@ class RunWriter:
 
     def __init__(self, path: Path, attrs: dict, ranks: dict[str, list], clients_per_round: int = 0):
         self.path, self.failed, self.rounds, self.evals = Path(path), False, 0, 0
+        self.world_size = len(ranks["role"])  # for the resume command a full disk's message offers
         with self._guard(closing=True):
             self.file = _open_log(self.path, "w")
             for key, value in attrs.items():
@@ -126,7 +127,7 @@ class RunWriter:
         with h5py.File(path, "r") as src:
             if src.attrs.get("schema") != SCHEMA:
                 raise ValueError(f"{path} has log schema {src.attrs.get('schema')}, this mpifed writes {SCHEMA}")
-            logged = src["iter/t_iter"].shape[0]
+            logged, world_size = src["iter/t_iter"].shape
             if logged < rounds:
                 raise ValueError(f"{path} holds {logged} rounds but the checkpoint resumes at {rounds}")
             evals = int((src["eval/round"][:] <= rounds).sum())
@@ -148,7 +149,7 @@ class RunWriter:
         _rewrite(path, ".resuming", trim, f"the resumed log (a copy of {path.name}; resuming never changes "
                                           f"the log in place)")
         self = cls.__new__(cls)
-        self.path, self.failed, self.rounds, self.evals = path, False, rounds, evals
+        self.path, self.failed, self.rounds, self.evals, self.world_size = path, False, rounds, evals, world_size
         with self._guard(closing=True):
             self.file = _open_log(path, "r+")
             self.iter = {f: self.file[f"iter/{f}"] for f in ITER_FIELDS}
@@ -180,26 +181,33 @@ class RunWriter:
     def append_round(self, table: np.ndarray, server: dict[str, float], clients: np.ndarray | None = None) -> None:
         """One round: the (ranks, ITER_FIELDS) table, the server's series, and for pooled clients the
         (K, CLIENT_FIELDS) table of the clients that trained."""
-        with self._guard():
-            self.begin_swmr()
-            t = self.rounds
-            for i, name in enumerate(ITER_FIELDS):
-                _append(self.iter[name], t, table[:, i])
-            for name, ds in self.server.items():
-                _append(ds, t, server.get(name, np.nan))
-            for i, name in enumerate(CLIENT_FIELDS if clients is not None else ()):
-                _append(self.clients[name], t, clients[:, i])
-            self.file.flush()
+        rows = [*((self.iter[name], table[:, i]) for i, name in enumerate(ITER_FIELDS)),
+                *((ds, server.get(name, np.nan)) for name, ds in self.server.items()),
+                *((self.clients[name], clients[:, i]) for i, name in enumerate(CLIENT_FIELDS if clients is not None
+                                                                               else ()))]
+        self._append_whole(rows, self.rounds)
         self.rounds += 1
 
     def append_eval(self, row: dict[str, float]) -> None:
+        self._append_whole([(ds, row[name]) for name, ds in self.eval.items()], self.evals)
+        self.evals += 1
+
+    def _append_whole(self, rows: list[tuple[h5py.Dataset, object]], row: int) -> None:
+        """Write `row` of every dataset in `rows` (one round, or one evaluation), then flush: all of
+        them or none. A write that fails part way (a full disk) shrinks the datasets it had grown back
+        to `row` rows: the log it leaves holds whole rounds, not /iter/t_down a round longer than /iter/loss."""
         with self._guard():
             self.begin_swmr()
-            e = self.evals
-            for name, ds in self.eval.items():
-                _append(ds, e, row[name])
-            self.file.flush()
-        self.evals += 1
+            try:
+                for ds, values in rows:
+                    _append(ds, row, values)
+                self.file.flush()
+            except BaseException:
+                for ds, _ in rows:
+                    with contextlib.suppress(Exception):  # the write's own error is the one to report
+                        if ds.id.shape[0] > row:
+                            ds.id.set_extent((row, *ds.id.shape[1:]))
+                raise
 
     def close(self) -> None:
         """Close the file. After a failed write HDF5 fails here too (it cannot flush either): that
@@ -232,7 +240,7 @@ class RunWriter:
         if is_disk_full(err):
             kept = f"the {self.rounds} rounds logged before stay in it; " if self.rounds else ""
             raise disk_full(f"run log {self.path}", self.path.parent,
-                            kept + resume_advice(self.path.parent)) from err
+                            kept + resume_advice(self.path.parent, self.world_size)) from err
 
 
 def _append(ds: h5py.Dataset, row: int, values) -> None:
@@ -276,11 +284,7 @@ def _rewrite(path: Path, suffix: str, edit: Callable[[h5py.File], None], what: s
                                                f"resume it there", path.stat().st_size) from err
         err.add_note(f"mpifed: {path} is unchanged")
         raise
-    folder = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a crash too
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    sync_folder(path.parent)  # the rename itself survives a crash too
 
 
 LEFT_OPEN = "already open for write"

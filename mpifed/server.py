@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mpifed import checkpoint
+from mpifed.diskfull import resume_command
 from mpifed.learn.tasks import Task
 from mpifed.planning import StartupPlan
 from mpifed.pool_model import PoolModel
@@ -174,7 +175,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
             return dict(last_eval, diverged=done)
         if stop:
             progress.print(f"mpifed: stopped by a signal after round {done}; checkpoint {path}; "
-                           f"continue with: mpirun -n {s.world.size} mpifed train --resume {run_dir}")
+                           f"continue with: {resume_command(run_dir, s.world.size)}")
             return dict(last_eval, stopped=done)
 
     checkpoint.save_model(run_dir, model.module.state_dict())
@@ -287,7 +288,7 @@ def _checkpoint(s: Session, done: int, optimizer, policy, protocol: RoundProtoco
                    optimizer=optimizer.state_dict(), policy=policy.state_dict(),
                    cursors=cursors, residuals=residuals, wall=wall,
                    batches=torch.from_numpy(s.batches.copy()), controller=controller, **pooled)
-    return checkpoint.save(run_dir, payload, s.job.checkpoint.keep)
+    return checkpoint.save(run_dir, payload, s.job.checkpoint.keep, s.world.size)
 
 
 def _restore(s: Session, optimizer, policy, protocol: RoundProtocol, pool: ClientPool | None) -> None:

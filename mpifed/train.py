@@ -19,6 +19,7 @@ import mpifed
 from mpifed.client import prepare_client, run_client
 from mpifed.cluster import DIVERGED, EXIT_CODES, STOPPED, World
 from mpifed.config import Job, JobError
+from mpifed.diskfull import continue_note
 from mpifed.perf.report import predict_for
 from mpifed.planning import plan_startup
 from mpifed.pool_model import start_pool_model
@@ -82,7 +83,7 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
         if plan is not None:
             plan.record(writer, run_dir)
         writer.begin_swmr()
-    write_job(run_dir, job)  # set-up and the log succeeded: the job is what runs
+    write_job(run_dir, job, world.size)  # set-up and the log succeeded: the job is what runs
     progress = Progress(progress_mode, job.train.rounds, job.train.eval_every or job.train.rounds)
     for line in budget_report(infos):
         progress.print(f"mpifed: {line}")
@@ -100,6 +101,10 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
                    f"{s.global_batch * k // s.n_clients}, log {run_dir / 'run.h5'}")
     try:
         final = run_server(s, writer, run_dir, progress, plan)
+    except BaseException as err:
+        if "--resume" not in str(err):  # a full disk's message already says how to go on
+            err.add_note(continue_note(run_dir, world.size))
+        raise
     finally:
         writer.close()
         progress.close()

@@ -63,3 +63,43 @@ def write_mnist(root: Path, train: int, test: int) -> np.ndarray:
         (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
         (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
     return images
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """disk(size) mounts a tmpfs of that size ("64k") under tmp_path, unmounted afterwards: a disk a
+    test can fill (root only; skipped otherwise)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tiny tmpfs needs root")
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(point)], check=True)  # a process of the job still closing
+
+
+def fill(folder: Path) -> Path:
+    """Take every free byte of folder's disk; delete the returned file to give them back."""
+    path = folder / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for block in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    os.write(fd, b"x" * block)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return path

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import ok, train
+from conftest import fill, ok, train
 from mpifed.analysis import load_run, summarize
 from mpifed.analysis.load import open_log
 from mpifed.analysis.plots import write_plots
@@ -276,6 +276,25 @@ def test_optional_datasets_are_used_when_present_and_absent_ones_tolerated(tmp_p
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["accuracy"]["final"] is None and data["perf_mdape"] == pytest.approx(10.0)
+
+
+def test_plots_on_a_full_disk_fail_in_one_line_and_leave_no_partial_png(tmp_path, disk):
+    """PIL's traceback and a cut PNG, before: each plot is now written to a temporary name and renamed."""
+    log = _synthetic_log(tmp_path / "run.h5")
+    figs = disk("512k") / "figs"
+    written = write_plots([load_run(log)], figs)
+    before = {p.name: p.read_bytes() for p in written}
+    (figs.parent / "fresh").mkdir()
+    fill(figs.parent)
+    for out in (figs, figs.parent / "fresh"):
+        proc = subprocess.run([sys.executable, "-m", "mpifed", "analyze", str(log), "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.startswith(f"Error: plot breakdown.png could not be written: the disk holding {out} is "
+                                      f"full (") and proc.stderr.count("\n") == 1, proc.stderr
+        assert "(--out DIR) or not at all (--no-plots)" in proc.stderr
+    assert {p.name: p.read_bytes() for p in figs.iterdir()} == before  # the old plots, whole
+    assert not list((figs.parent / "fresh").iterdir())
 
 
 # Runs `mpifed analyze LOG` and `mpifed watch LOG --once`; prints [[exit code, output], ...] as JSON.

@@ -121,8 +121,44 @@ def test_dataset_files_in_the_wrong_format_say_which_and_where(tmp_path):
     for split in ("train", "t10k"):
         for kind in ("images-idx3", "labels-idx1"):
             (raw / f"{split}-{kind}-ubyte").write_bytes(b"garbage")
-    with pytest.raises(DatasetError, match=r"mnist \(test split\) not found or corrupt: .*MNIST/raw/"):
+    with pytest.raises(DatasetError, match=rf"mnist \(test split\): {raw}/t10k-images-idx3-ubyte is truncated or "
+                                           rf"corrupt \(.*bad magic number\)\); delete it"):
         load_dataset("mnist", train=False, root=str(tmp_path))
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_a_truncated_idx_file_is_named_with_what_to_do(tmp_path, download):
+    """torchvision said only "shape '[12, 28, 28]' is invalid for input of size 9308", and mpifed then
+    suggested data.download, which leaves a file that exists in place (on too: torchvision finds it)."""
+    write_mnist(tmp_path, train=12, test=5)
+    cut = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    cut.write_bytes(cut.read_bytes()[:-3])
+    with pytest.raises(DatasetError) as info:
+        load_dataset("mnist", train=True, root=str(tmp_path), download=download)
+    assert str(info.value) == (f"mnist (train split): {cut} is truncated or corrupt (header says (12,) (12 bytes of "
+                               f"values) but it holds 9 bytes); delete it, then download it again (--set "
+                               f"data.download=true) or put a whole copy in its place")
+    assert len(load_dataset("mnist", train=False, root=str(tmp_path))) == 5  # the other split's files are whole
+
+
+def test_a_truncated_cifar_file_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """torchvision checks CIFAR's files against its checksums and says only "not found or corrupted"."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import calculate_md5
+
+    _write_cifar10(tmp_path)
+    base = tmp_path / CIFAR10.base_folder
+    published = lambda name: calculate_md5(str(base / name))  # noqa: E731 - our files stand for the published ones
+    for split in ("train_list", "test_list"):
+        monkeypatch.setattr(CIFAR10, split, [[name, published(name)] for name, _ in getattr(CIFAR10, split)])
+    monkeypatch.setattr(CIFAR10, "meta", dict(CIFAR10.meta, md5=published("batches.meta")))
+    assert len(load_dataset("cifar10", train=True, root=str(tmp_path))) == 100
+    cut = base / "data_batch_3"
+    cut.write_bytes(cut.read_bytes()[:1000])
+    with pytest.raises(DatasetError, match=rf"^cifar10 \(train split\): {cut} is truncated or corrupt \(its 1000 "
+                                           rf"bytes do not have the checksum of the published file\); delete it, then "
+                                           rf"download it again \(--set data.download=true\) or put a whole copy"):
+        load_dataset("cifar10", train=True, root=str(tmp_path))
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))

@@ -1,7 +1,7 @@
 """A full disk ends a run with one line that says so and how to go on, and never costs what was
 written before: no partial checkpoint is left, and a failed resume leaves the log as it was.
 
-Each test mounts a tiny tmpfs (root only; skipped otherwise) and fills it."""
+Each test mounts a tiny tmpfs (conftest's disk: root only; skipped otherwise) and fills it."""
 
 import os
 import re
@@ -14,51 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, mpi_run, train
+from conftest import TINY, fill, mpi_run, train
 from mpifed import checkpoint
 from mpifed.errors import InputError
 from mpifed.runlog import ITER_FIELDS, RANK_COLUMNS, RunWriter, open_run, recover
 
 RANKS = {key: ["server", "client"] if key in ("role", "host", "device", "profile") else [0, 1] for key in RANK_COLUMNS}
-
-
-@pytest.fixture
-def disk(tmp_path):
-    """A tmpfs of the given size under tmp_path, unmounted afterwards."""
-    mounted = []
-
-    def mount(size: str) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tiny tmpfs needs root")
-        point = tmp_path / f"disk{len(mounted)}"
-        point.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(point)], check=True)  # a process of the job still closing
-
-
-def fill(folder: Path) -> Path:
-    """Take every free byte of folder's disk; delete the returned file to give them back."""
-    path = folder / "filler"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        for block in (1 << 16, 1 << 12, 1):
-            try:
-                while True:
-                    os.write(fd, b"x" * block)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return path
 
 
 def log(path: Path, rounds: int, evals: list[int]) -> None:
@@ -79,17 +40,36 @@ def assert_says_disk_full(err: BaseException, folder: Path) -> None:
 def test_a_checkpoint_on_a_full_disk_says_so_and_leaves_no_partial_file(disk):
     run = disk("256k")
     payload = dict(identity={}, model=dict(w=torch.zeros(20000)))
-    first = checkpoint.save(run, dict(payload, round=1), keep=2)
+    first = checkpoint.save(run, dict(payload, round=1), keep=2, ranks=5)
     fill(run)
     with pytest.raises(Exception) as failed:
-        checkpoint.save(run, dict(payload, round=2), keep=2)
+        checkpoint.save(run, dict(payload, round=2), keep=2, ranks=5)
     assert_says_disk_full(failed.value, run / "checkpoints")
     assert "checkpoint round-00000002.pt could not be written" in str(failed.value)
     assert f"needs about {first.stat().st_size / 1024:.2f} KiB" in str(failed.value)
-    said = f"continue from round-00000001.pt with: mpirun -n RANKS mpifed train --resume {run}, with as many RANKS"
+    said = f"continue from round-00000001.pt with: mpirun -n 5 mpifed train --resume {run} (new runs: "
     assert said in str(failed.value)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-00000001.pt"]  # no .tmp
     assert checkpoint.choose(run, {})[1]["round"] == 1
+
+
+def test_a_file_replaced_whole_has_its_rename_synced_too(tmp_path, monkeypatch):
+    """write_whole fsyncs the file, renames it, then fsyncs its folder (as the log's own rewrite does):
+    without the last, a crash may bring back the old file although the new one was reported written."""
+    from mpifed.diskfull import write_whole
+
+    target = tmp_path / "job.toml"
+    target.write_bytes(b"old")
+    synced, fsync = [], os.fsync
+
+    def record(fd):
+        folder = os.path.samestat(os.fstat(fd), os.stat(tmp_path))
+        synced.append(("folder" if folder else "file", target.read_bytes()))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    write_whole(target, lambda fh: fh.write(b"new"), "job.toml", lambda: "")
+    assert synced == [("file", b"old"), ("folder", b"new")], synced  # the file before, the folder after the rename
 
 
 def test_a_run_directory_on_a_full_disk_is_refused_in_one_line(disk):
@@ -162,17 +142,28 @@ import sys
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, {tests!r})
-from test_full_disk import RANKS, fill
-from mpifed.runlog import ITER_FIELDS, RunWriter
+from conftest import fill
+from test_full_disk import RANKS
+from mpifed.runlog import CLIENT_FIELDS, ITER_FIELDS, RunWriter
 run = Path({run!r})
-writer = RunWriter(run / "run.h5", dict(job="x"), RANKS)
+writer = RunWriter(run / "run.h5", dict(job="x"), RANKS, clients_per_round=3)
+(run / "checkpoints").mkdir()
+(run / "checkpoints" / "round-00000001.pt").touch()  # named in the advice, not read
+
+
+def round(r):
+    writer.append_round(np.zeros((2, len(ITER_FIELDS))), dict(lr=0.1), np.zeros((3, len(CLIENT_FIELDS))))
+    if r % 5 == 0:
+        writer.append_eval(dict(round=r, test_loss=1.0, test_acc=0.5, wall=1.0))
+
+
 try:
     try:  # as mpifed.train runs the rounds
         for r in range(3):
-            writer.append_round(np.zeros((2, len(ITER_FIELDS))), dict(lr=0.1))
+            round(r)
         fill(run)
         for r in range(3, 1000):
-            writer.append_round(np.zeros((2, len(ITER_FIELDS))), dict(lr=0.1))
+            round(r)
     finally:
         writer.close()
 except Exception as err:
@@ -180,20 +171,27 @@ except Exception as err:
 """
 
 
-def test_a_log_write_on_a_full_disk_is_the_error_reported(disk):
+def test_a_log_write_on_a_full_disk_is_the_error_reported_and_leaves_whole_rounds(disk):
     """Not the error HDF5 raises when the writer is closed after it; in a subprocess, because HDF5
-    used to crash at exit after such a failure."""
-    run = disk("64k")
+    used to crash at exit after such a failure. The round that failed is in no dataset: it once
+    left the /iter/t_* written before the failing one a row longer than /iter/loss and /server/*."""
+    run = disk("192k")
     script = WRITE_UNTIL_FULL.format(tests=str(Path(__file__).parent), run=str(run))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("DiskFullError: run log"), proc.stdout
     assert f"the disk holding {run} is full (" in proc.stdout and "rounds logged before stay in it" in proc.stdout
     assert "decrement" not in proc.stdout and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert f"continue from round-00000001.pt with: mpirun -n 2 mpifed train --resume {run} (" in proc.stdout
     (run / "filler").unlink()
     recover(path := run / "run.h5")  # left open in SWMR mode at worst
+    kept = int(re.search(r"the (\d+) rounds logged before stay in it", proc.stdout).group(1))
     with h5py.File(path, "r") as f:
-        assert f["iter/t_iter"].shape[0] >= 3
+        rows = {name: f[name].shape[0] for group in ("iter", "server", "clients") for name in
+                (f"{group}/{field}" for field in f[group])}
+        evals = {name: f[f"eval/{name}"].shape[0] for name in f["eval"]}
+    assert kept >= 3 and set(rows.values()) == {kept}, rows
+    assert set(evals.values()) == {len(range(0, kept, 5))}, evals
 
 
 @pytest.mark.mpi
@@ -207,7 +205,7 @@ def test_a_job_on_a_full_disk_ends_with_one_line_and_resumes_without_harm(disk, 
     assert len(said) == 1 and re.search(r"rank 0 \(server\) on .* failed: DiskFullError: checkpoint "
                                         r"round-\d{8}\.pt could not be written: the disk holding", said[0]), said
     assert "Traceback" not in failed.stderr and "unexpected pos" not in failed.stderr, failed.stderr[-3000:]
-    assert f"mpifed train --resume {out / 'full'}" in said[0]
+    assert f"with: mpirun -n 3 mpifed train --resume {out / 'full'} (new runs" in said[0]  # the run's own ranks
     assert not [p for p in (out / "full").rglob("*") if p.name.endswith(".tmp")]
 
     log_path = out / "full" / "run.h5"

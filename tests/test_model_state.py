@@ -62,7 +62,7 @@ def test_a_checkpoint_written_for_another_job_is_refused(tmp_path):
     from mpifed import checkpoint
 
     ours = dict(model="cnn", dataset="synthetic", clients=3, codec="none", seed=0, local_steps=1)
-    checkpoint.save(tmp_path, dict(round=4, identity=ours), keep=2)
+    checkpoint.save(tmp_path, dict(round=4, identity=ours), keep=2, ranks=3)
     assert checkpoint.choose(tmp_path, ours)[1]["round"] == 4
     with pytest.raises(checkpoint.CheckpointError, match="belongs to a different job \\(codec: checkpoint 'none', "
                                                          "job 'fp16'\\)"):

@@ -50,6 +50,7 @@ def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path):
     log = tmp_path / "cut" / "run.h5"
     assert proc.returncode == 3, err[-3000:]
     assert "stopped by a signal after round" in out
+    assert f"continue with: mpirun -n 3 mpifed train --resume {tmp_path / 'cut'}\n" in out  # as a full disk says it
     stopped = rounds_logged(log)
     assert 3 <= stopped < 14
     assert (tmp_path / "cut" / "checkpoints" / f"round-{stopped:08d}.pt").exists()
@@ -210,6 +211,40 @@ def test_a_corrupt_checkpoint_is_set_aside_and_a_mismatched_one_refused(tmp_path
         assert f["iter/t_iter"].shape == (12, 3)  # round 9 logged before was replaced, not duplicated
         assert "resumed at round 9" in f.attrs["resumes"][0]
     assert "rounds = 12" in (tmp_path / "ck" / "job.toml").read_text()
+
+
+def test_a_checkpoint_renamed_to_an_older_round_is_refused_for_what_it_is(tmp_path):
+    """A checkpoint of the same job from a longer run, named as this run's newest: it was refused with
+    "the log lost rounds", which sent the user to restore a log that was fine."""
+    constant = ["--set", 'optim.schedule="constant"', "--set", "checkpoint.every=2"]
+    ok(train(3, tmp_path, "short", *constant, "--set", "train.rounds=4"))
+    ok(train(3, tmp_path, "long", *constant))
+    folder = tmp_path / "short" / "checkpoints"
+    (tmp_path / "long" / "checkpoints" / "round-00000006.pt").replace(folder / "round-00000004.pt")
+    log_before = (tmp_path / "short" / "run.h5").read_bytes()
+
+    def resume():
+        return mpi_run(3, ["train", "--resume", str(tmp_path / "short"), "--set", "train.rounds=8", "--progress",
+                           "log"], tmp_path, timeout=120)
+
+    renamed = resume()
+    assert renamed.returncode == 2 and "Traceback" not in renamed.stderr, renamed.stderr[-3000:]
+    assert (f"{folder / 'round-00000004.pt'} holds round 6, not round 4 as its name says: it was renamed, or copied "
+            f"from another run of this job. Move it out of {folder}") in renamed.stderr, renamed.stderr[-3000:]
+    assert "give it its own name, round-00000006.pt (nothing was changed)" in renamed.stderr
+    assert "the log lost rounds" not in renamed.stderr
+
+    (folder / "round-00000004.pt").replace(folder / "round-00000006.pt")  # its own name: now the log disagrees
+    foreign = resume()
+    assert foreign.returncode == 2 and "holds 4 rounds but round-00000006.pt resumes at round 6: either the log " \
+                                       "lost rounds" in foreign.stderr, foreign.stderr[-3000:]
+    assert "or the checkpoint comes from another run of this job" in foreign.stderr
+    assert (tmp_path / "short" / "run.h5").read_bytes() == log_before
+
+    (folder / "round-00000006.pt").replace(tmp_path / "aside.pt")  # as both messages say: the one before
+    ok(resume())
+    with h5py.File(tmp_path / "short" / "run.h5") as f:
+        assert f["iter/t_iter"].shape == (8, 3) and "resumed at round 2" in f.attrs["resumes"][0]
 
 
 def test_a_run_that_died_resumes_from_its_log_and_checkpoint(tmp_path):

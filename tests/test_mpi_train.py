@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -178,6 +180,21 @@ def test_missing_dataset_ends_the_job_with_where_the_files_go(tmp_path):
     ok(train(3, tmp_path, "nodata", "--set", "train.rounds=1"))
 
 
+def test_a_truncated_dataset_file_ends_the_job_naming_it(tmp_path):
+    """data.download = true finds the file there and leaves it in place (as torchvision does): rank 0's
+    one line names the file and says to delete it first; nothing is written."""
+    write_mnist(tmp_path / "data", train=600, test=200)
+    cut = tmp_path / "data" / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    cut.write_bytes(cut.read_bytes()[:-1000])
+    proc = train(3, tmp_path, "cut", "--set", 'data.dataset="mnist"', "--set", "data.download=true",
+                 "--set", f'data.root="{tmp_path / "data"}"', timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mpifed: error")]
+    assert len(errors) == 1 and f"(test split): {cut} is truncated or corrupt" in errors[0], proc.stderr[-3000:]
+    assert "delete it, then download it again" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cut").exists()
+
+
 def test_download_on_with_the_files_present_trains_after_the_servers_check(tmp_path):
     """data.download = true: rank 0 alone fetches (here: finds the files, as torchvision does) while the
     clients wait for it at a polite, timed arrival point, then everyone reads the same files."""
@@ -210,7 +227,7 @@ def test_a_stopped_client_ends_the_job_after_comm_timeout(tmp_path):
     """A rank that stops answering (SIGSTOP here; a deadlock or a lost node alike) raises no error
     anywhere: without comm.timeout every other rank waited in its collective forever."""
     cmd = [MPIRUN, "-n", "3", sys.executable, "-m", "mpifed", "train", *TINY, "--out", str(tmp_path),
-           "--name", "frozen", "--set", "train.rounds=100000", "--set", "comm.timeout=3"]
+           "--name", "frozen", "--set", "train.rounds=100000", "--set", "comm.timeout=3", "--set", "checkpoint.every=1"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -227,6 +244,40 @@ def test_a_stopped_client_ends_the_job_after_comm_timeout(tmp_path):
     assert proc.returncode != 0
     assert "waited 3 s (comm.timeout) in collective" in err
     assert "Roll call: rank 2 (client 1) did not answer within 3 s: busy outside MPI" in err, err
+    run = tmp_path / "frozen"  # rank 0's last line: the command that continues the run
+    last = [line for line in err.splitlines() if line.startswith("mpifed:")][-1]
+    assert last.startswith(f"mpifed: the rounds logged stay in {run / 'run.h5'}; continue the run from round-"), err
+    assert last.endswith(f".pt with: mpirun -n 3 mpifed train --resume {run}"), last
+
+
+def test_a_killed_client_ends_the_job_with_the_resume_that_continues_it(tmp_path):
+    """kill -9 of a worker that the launcher does not see die (each rank runs under a shell that holds
+    its launcher connection, and MPICH's -disable-auto-cleanup: as srun without --kill-on-bad-exit or a
+    lost node leave the others running): rank 0 finds it at comm.timeout and its last line says how to continue, with the real
+    command. (MPICH's mpirun, seeing a rank die, ends every rank at once: then only the README says it.)"""
+    if "HYDRA" not in subprocess.run([MPIRUN, "--version"], capture_output=True, text=True).stdout:
+        pytest.skip("needs MPICH's mpirun (hydra) for -disable-auto-cleanup")
+    job = [sys.executable, "-m", "mpifed", "train", *TINY, "--out", str(tmp_path), "--name", "killed",
+           "--set", "train.rounds=100000", "--set", "comm.timeout=3", "--set", "checkpoint.every=2"]
+    cmd = [MPIRUN, "-disable-auto-cleanup", "-n", "3", "sh", "-c", f"{shlex.join(job)}; exit $?"]  # not exec
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "killed"
+    try:
+        deadline = time.monotonic() + 120
+        while rounds_logged(run / "run.h5") < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(_rank_pid(2, "killed"), signal.SIGKILL)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0 and re.search(r"Roll call: ranks? (1, )?2 \(clients? (0, )?1\) did not answer",
+                                              err), out[-3000:] + err[-3000:]  # rank 1 may wait on rank 2's part
+    newest = sorted((run / "checkpoints").iterdir())[-1].name
+    said = [line for line in err.splitlines() if line.startswith("mpifed:")]
+    assert said[-1] == (f"mpifed: the rounds logged stay in {run / 'run.h5'}; continue the run from {newest} with: "
+                        f"mpirun -n 3 mpifed train --resume {run}"), said
+    assert "Traceback" not in err
 
 
 def _rank_pid(rank: int, name: str) -> int:

@@ -6,6 +6,7 @@ writer takes a list of Runs and a file path and returns the path it wrote.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +18,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from mpifed.analysis.load import Run  # noqa: E402
 from mpifed.analysis.summary import PHASES, breakdown, server_rank  # noqa: E402
+from mpifed.diskfull import write_whole  # noqa: E402
 
 # Server series worth a panel, when the log has them and they are not all NaN (datasets a log lacks
 # are skipped).
@@ -37,9 +39,16 @@ def _labels(runs: list[Run]) -> list[str]:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    """The figure as a PNG, replaced whole: a full disk leaves the old plot (or none), never part of one,
+    and says so in a DiskFullError."""
+    image = io.BytesIO()
+    try:
+        fig.savefig(image, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)
+    write_whole(path, lambda fh: fh.write(image.getbuffer()), f"plot {path.name}",
+                lambda: "free space there, or write the plots elsewhere (--out DIR) or not at all (--no-plots)",
+                lambda: image.getbuffer().nbytes)
     return path
 
 

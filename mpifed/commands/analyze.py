@@ -143,6 +143,7 @@ def analyze(paths: tuple[str, ...], out: str | None, as_json: bool, no_plots: bo
     compared side by side and overlaid in the plots."""
     from mpifed.analysis.load import RunLogError, load_run
     from mpifed.analysis.summary import summarize
+    from mpifed.diskfull import DiskFullError
 
     try:
         runs = [load_run(p) for p in paths]
@@ -156,7 +157,10 @@ def analyze(paths: tuple[str, ...], out: str | None, as_json: bool, no_plots: bo
         except ModuleNotFoundError as e:
             raise click.ClickException(f"the plots need matplotlib ({e}): pip install matplotlib, "
                                        f"or leave them out with --no-plots") from None
-        plots = write_plots(runs, Path(out) if out else runs[0].path.parent)
+        try:
+            plots = write_plots(runs, Path(out) if out else runs[0].path.parent)
+        except DiskFullError as e:
+            raise click.ClickException(str(e)) from None
     if as_json:
         data = [s.to_dict() for s in summaries]
         for item in data:
