@@ -10,13 +10,14 @@
 # path of a round: the reduced dense update, a gathered codec with error feedback and checkpoints, a
 # corrupt payload the server rejects, FedAvg (E=2), the teacher's per-coordinate variances, two allreduces
 # (powersgd), heterogeneous clients with a planned start-up, and a resume with momentum and residuals.
+# `python -P`: CODE's mpifed, not the one in the folder the script is started from (-m would put it first).
 set -euo pipefail
 CODE=$(cd "$1" && pwd); OUT=$2
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 train() {  # train NAME [ARGS...]: one run of CODE's mpifed on 4 ranks into OUT/NAME
     local name=$1; shift
     echo "== $name"
-    PYTHONPATH="$CODE" mpirun -n 4 python -m mpifed train --out "$OUT" --name "$name" --progress off \
+    PYTHONPATH="$CODE" mpirun -n 4 python -P -m mpifed train --out "$OUT" --name "$name" --progress off \
         --set run.timestamp=false --set train.rounds=8 --set train.eval_every=4 "$@" >"$OUT/$name.log" 2>&1 \
         || { tail -20 "$OUT/$name.log"; exit 1; }
 }
@@ -33,5 +34,5 @@ train hetero --set clients.count=3 --set plan.mode=predict --set plan.points=2 -
 train resume --set checkpoint.every=5 --set train.rounds=10 --set compress.codec=efsign \
     --set optim.schedule=constant
 echo "== resume (continued)"
-PYTHONPATH="$CODE" mpirun -n 4 python -m mpifed train --resume "$OUT/resume" --progress off \
+PYTHONPATH="$CODE" mpirun -n 4 python -P -m mpifed train --resume "$OUT/resume" --progress off \
     --set train.rounds=16 >"$OUT/resume-continued.log" 2>&1 || { tail -20 "$OUT/resume-continued.log"; exit 1; }
