@@ -25,6 +25,11 @@ SLOW_SECOND = ["--set", "profiles.slow.speed=0.25",
 # (6 + 39) / (6 + 4) = 4.5, where a native client beside a 4x one gave (6 + 3) / 6 = 1.5: asserts flaked.
 SPREAD = ["--set", "profiles.fast.speed=0.2", "--set", "profiles.slow.speed=0.025",
           "--set", 'clients.groups=[{count = 1, profile = "fast"}, {count = 1, profile = "slow"}]']
+# Two emulated clients alike until one runs 4x slower (debug.slow_rank, from debug.slow_round): its step
+# goes from 5x to 20x its CPU time, (6 + 19) / (6 + 4) = 2.5x longer where a native client's step grew
+# (6 + 3) / 6 = 1.5x. An 8x drift made the re-planner overshoot to batch 1 and back.
+DRIFT = ["--set", "profiles.paced.speed=0.2", "--set", 'clients.groups=[{count = 2, profile = "paced"}]',
+         "--set", "debug.slow_rank=2", "--set", "debug.slow_speed=0.25"]
 # Predicted round time: its error bound (%). The README reports 5.6% for pooled clients and 9.2-9.5% for
 # the online model on a quiet 2-core machine; the bound leaves room for a loaded one, and a prediction
 # that does not follow the rounds (a constant, the wrong clients) is off by far more in these jobs.
@@ -133,11 +138,11 @@ def test_maximize_picks_the_best_predicted_global_batch_within_the_profiled_caps
 
 
 def test_replan_moves_samples_off_a_client_that_slows_down_mid_run(tmp_path):
-    """Two equal clients, balanced at start-up; from round 4 client 1 steps 4x slower (debug.slow_rank).
+    """Two equal clients, balanced at start-up; from round 4 client 1 steps 4x slower (DRIFT).
     The re-planner must notice, move samples to client 0 at the same global batch, and then hold."""
     proc = ok(train(3, tmp_path, "drift", "--set", 'plan.mode="balance"', "--set", "plan.replan=true",
-                    "--set", "train.batch=32", "--set", "train.rounds=40", "--set", "debug.slow_rank=2",
-                    "--set", "debug.slow_round=4", "--set", "debug.slow_speed=0.25"))
+                    "--set", "train.batch=32", "--set", "train.rounds=40", *DRIFT,
+                    "--set", "debug.slow_round=4"))
     assert "step times drifted from the plan" in proc.stdout
     with h5py.File(tmp_path / "drift" / "run.h5") as f:
         batches = f["iter/batch"][:, 1:]
@@ -159,7 +164,7 @@ def test_a_resumed_replanned_run_keeps_the_checkpoints_batches(tmp_path):
     ok(train(3, tmp_path, "rs", "--set", 'plan.mode="balance"', "--set", "plan.replan=true",
              "--set", "train.batch=32", "--set", "train.rounds=20", "--set", "checkpoint.every=10",
              "--set", 'optim.schedule="constant"',
-             "--set", "debug.slow_rank=2", "--set", "debug.slow_round=2", "--set", "debug.slow_speed=0.25"))
+             *DRIFT, "--set", "debug.slow_round=2"))
     with h5py.File(tmp_path / "rs" / "run.h5") as f:
         logged = f["iter/batch"][:, 1:].astype(int)
     assert logged[10:, 1].max() < 20, logged[10:]  # moved off the slowed client by round 10
