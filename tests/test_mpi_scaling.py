@@ -42,9 +42,9 @@ def test_step_scaling_is_applied_exactly_outside_critical_phases(tmp_path):
         norms = f["server/grad_norm"][:]
         assert (critical[:6] == 1).all()                      # warmup rounds are critical
         assert np.array_equal(scale, np.where(critical == 1, 1.0, 1.5))
-        assert (critical == 0).any() and (critical[6:] == 1).any()  # both branches are compared below
-        # the statistics are estimated every round (the EMA of |G|^2 in this skewed two-client job stays
-        # below zero, so the noise scale itself is inf: no signal yet)
+        assert (critical == 0).any()                          # so both branches are compared below
+        # the statistics are estimated every round (in this skewed two-client job the EMA of |G|^2 can
+        # stay below zero, which makes the noise scale inf: no signal yet)
         assert np.isfinite(f["server/sigma_trace"][:]).all() and not np.isnan(f["server/noise_scale"][:]).any()
     ref = Reference(tmp_path / "step", [24, 8])
     o, model = ref.job.optim, ref.model
