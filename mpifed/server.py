@@ -76,8 +76,9 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         caps = [min(int(m) if m > 0 else int(b), max(int(d), int(b)))
                 for m, b, d in zip(s.max_batches, s.batches, s.data_sizes)]
         # the controller steers a round's batch: pooled, K of the N clients' batches on average
-        k, n = s.placement.round_size, s.n_clients
-        controller = BatchController(s.global_batch * k // n, sum(caps) * k // n, job.scaling.batch_rate)
+        k = s.placement.round_size  # (n is the parameter count, used below)
+        controller = BatchController(s.global_batch * k // s.n_clients, sum(caps) * k // s.n_clients,
+                                     job.scaling.batch_rate)
     online = plan.online_model() if plan is not None else None
     replanner = plan.replanner(s.batches, job.plan.replan_band) if plan is not None and job.plan.replan else None
     if s.resumed_from is not None:

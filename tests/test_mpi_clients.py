@@ -250,6 +250,17 @@ def test_pooled_batches_grow_with_the_noise_scale_within_each_clients_data_and_r
     assert (batch <= np.maximum(data, ref.batches)[ids]).all() and (batch >= 1).all()
     for client in range(N):  # a client's batch never shrinks, whichever rounds it trained in
         assert (np.diff(batch[ids == client]) >= 0).all(), client
+    o = ref.job.optim  # the model: SGD on the union of the round's grown batches
+    opt = torch.optim.SGD(ref.model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    for rnd in range(24):
+        ref.batches = dict(zip(ids[rnd].tolist(), batch[rnd].tolist()))
+        xs, ys = zip(*[ref.draw(k) for k in ids[rnd]])
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(o, rnd, 24, int(total[rnd]))
+        opt.zero_grad()
+        F.cross_entropy(ref.model(torch.cat(xs)), torch.cat(ys)).backward()
+        opt.step()
+    ref.assert_matches(ref.model)
 
     with h5py.File(_died_and_resumed_as(tmp_path, "grow", grow, 1, 13)) as f:
         assert "resumed at round 12" in f.attrs["resumes"][0]

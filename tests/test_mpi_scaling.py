@@ -66,18 +66,32 @@ def test_step_scaling_is_applied_exactly_outside_critical_phases(tmp_path):
 
 
 def test_the_global_batch_grows_with_the_noise_scale_within_memory_and_data(tmp_path):
-    ok(train(3, tmp_path, "grow", "--set", "train.rounds=30", "--set", "train.batch=4",
-             "--set", "scaling.grow_batch=true", "--set", "scaling.batch_rate=0.5", "--set", "scaling.noise_ema=0.5"))
+    """The batches grow (never shrink) within each client's memory and data, and the model is SGD on the
+    union of the grown batches (the logged ones), as a one-process reference trains it."""
+    ok(train(3, tmp_path, "grow", *HETERO, "--set", "train.rounds=30", "--set", "scaling.grow_batch=true",
+             "--set", "scaling.batch_rate=0.5", "--set", "scaling.noise_ema=0.5"))
     with h5py.File(tmp_path / "grow" / "run.h5") as f:
-        batches = f["iter/batch"][:, 1:]
+        batches = f["iter/batch"][:, 1:].astype(int)
         total = f["server/global_batch"][:]
         caps = np.minimum(f["ranks/max_batch"][1:], f["ranks/data_size"][1:])
-        assert total[0] == 8 and total[-1] > 8                # it grew
+        assert total[0] == 32 and total[-1] > 32              # it grew
         assert (np.diff(total) >= 0).all()                     # and never shrank
         assert np.array_equal(batches.sum(axis=1), total)      # every client trained its share
         assert (batches <= caps).all() and (batches >= 1).all()
         assert np.array_equal(f["iter/batch"][:, 0], total)
         assert np.isfinite(f["eval/test_loss"][:]).all()
+    ref = Reference(tmp_path / "grow", [24, 8])
+    o = ref.job.optim
+    opt = torch.optim.SGD(ref.model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    for rnd, grown in enumerate(batches):
+        ref.batches = grown.tolist()
+        xs, ys = zip(*[ref.draw(k) for k in range(2)])
+        for group in opt.param_groups:
+            group["lr"] = ref.lr(rnd)
+        opt.zero_grad()
+        F.cross_entropy(ref.model(torch.cat(xs)), torch.cat(ys)).backward()
+        opt.step()
+    ref.assert_matches(ref.model)  # a server that wrote anything but the step into the model fails here
 
 
 @pytest.mark.parametrize("codec", ["none", "topk"])
