@@ -85,12 +85,7 @@ def test_the_global_batch_grows_with_the_noise_scale_within_memory_and_data(tmp_
     opt = torch.optim.SGD(ref.model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     for rnd, grown in enumerate(batches):
         ref.batches = grown.tolist()
-        xs, ys = zip(*[ref.draw(k) for k in range(2)])
-        for group in opt.param_groups:
-            group["lr"] = ref.lr(rnd)
-        opt.zero_grad()
-        F.cross_entropy(ref.model(torch.cat(xs)), torch.cat(ys)).backward()
-        opt.step()
+        ref.sgd_round(opt, rnd)
     ref.assert_matches(ref.model)  # a server that wrote anything but the step into the model fails here
 
 

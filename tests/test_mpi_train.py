@@ -57,6 +57,15 @@ class Reference:
     def lr(self, rnd):
         return learning_rate(self.job.optim, rnd, self.job.train.rounds, sum(self.batches))
 
+    def sgd_round(self, opt, rnd):
+        """Round `rnd` of plain SGD on the union of the clients' batches (self.batches)."""
+        xs, ys = zip(*[self.draw(k) for k in range(len(self.batches))])
+        for group in opt.param_groups:
+            group["lr"] = self.lr(rnd)
+        opt.zero_grad()
+        F.cross_entropy(self.model(torch.cat(xs)), torch.cat(ys)).backward()
+        opt.step()
+
     def assert_matches(self, model):
         for name, want in model.state_dict().items():
             assert torch.allclose(self.got[name], want, atol=2e-5, rtol=1e-4), name
@@ -71,12 +80,7 @@ def test_fedsgd_equals_single_process_sgd_on_the_union_of_client_batches(tmp_pat
     opt = torch.optim.SGD(ref.model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True,
                           weight_decay=o.weight_decay)
     for rnd in range(ref.job.train.rounds):
-        xs, ys = zip(*[ref.draw(k) for k in range(2)])
-        for group in opt.param_groups:
-            group["lr"] = ref.lr(rnd)
-        opt.zero_grad()
-        F.cross_entropy(ref.model(torch.cat(xs)), torch.cat(ys)).backward()
-        opt.step()
+        ref.sgd_round(opt, rnd)
     ref.assert_matches(ref.model)
 
 
