@@ -17,7 +17,7 @@ so it follows its client and a checkpoint gathers them all on the server.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ class WorkerSetup:
     memory: dict                # profile name -> fitted memory model record
     messages: list[str]
     budget: mem.Budget | None = None  # the host's budget a profile was sized against (None: none was)
+    guards: dict = field(default_factory=dict)  # profile name -> mem.BudgetGuard, where its memory is emulated
 
 
 WORKER_FIELDS = [CLIENT_FIELDS.index(f) for f in ("loss", "t_compute", "grad_norm", "bytes_up")]
@@ -95,7 +96,7 @@ def prepare_worker(s: Session) -> WorkerSetup:
     else:
         samples = DeviceSamples(s.dataset, None, s.device)
     names = s.profile_names.names
-    caps, records, messages, budgets = np.zeros(len(names), dtype=np.int64), {}, [], []
+    caps, records, messages, budgets, guards = np.zeros(len(names), dtype=np.int64), {}, [], [], {}
     if job.memory.size_clients:
         step = mem.StepSpec(optimizer="none" if job.train.local_steps == 1 else "sgd", momentum=0.0,
                             weight_decay=job.optim.weight_decay, keep_grads=True)
@@ -115,9 +116,12 @@ def prepare_worker(s: Session) -> WorkerSetup:
             caps[i], records[name] = sizing.max_batch, sizing.model.as_record()
             if sizing.message:
                 messages.append(sizing.message)
+            if profile.memory and job.memory.enforce:  # checked before each of its clients' steps (no CUDA
+                # memory fraction: one process trains clients of several profiles)
+                guards[name] = mem.BudgetGuard(sizing.model, int(profile.memory), f"profile {name}")
     host = [b for b in budgets if b.source != "profile memory"]  # the host's, where a profile sets none
     return WorkerSetup(parts, samples, caps, records, messages, min(host or budgets, key=lambda b: b.bytes,
-                                                                      default=None))
+                                                                      default=None), guards)
 
 
 def agree_pooled_batches(s: Session, caps: np.ndarray | None) -> None:
@@ -184,6 +188,9 @@ def run_worker(s: Session, setup: WorkerSetup) -> int:
             def draw(b: int) -> torch.Tensor:
                 return torch.from_numpy(part[sampler.next(b)]).to(s.device)
 
+            guard = setup.guards.get(s.profile_names[client])
+            if guard is not None:
+                guard.check(batch, f"client {client} (rank {world.rank}, profile {s.profile_names[client]})")
             began = profiles.native_start()
             loss = local_steps(s, local_opt, lr, draw, setup.samples, batch, rnd * steps, update, client)
             if on_gpu:

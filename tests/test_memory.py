@@ -16,7 +16,10 @@ from mpifed.bench.memory import oom_search
 from mpifed.client import prepare_client, run_client
 from mpifed.memory.measured import _profiled_phase_peaks
 from mpifed.models import build_model
-from recording import session
+from mpifed.progress import Progress
+from mpifed.server import run_server
+from mpifed.worker import prepare_worker, run_worker
+from recording import _Writer, session
 
 SHAPE, CLASSES = (3, 32, 32), 10
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +189,32 @@ def test_a_client_round_over_its_budget_is_refused_before_its_step():
     assert [call[0] for call in s.exchange.calls] == ["barrier", "broadcast"]  # its report, the model; no update
     s.batches[s.client] = setup.batch  # within the budget, the same round trains and moves the model
     assert run_client(s, setup) == 0 and not torch.equal(s.model.flat, before)  # 0: ran to the end
+
+
+def test_a_pooled_clients_round_over_its_budget_is_refused_before_its_step(tmp_path):
+    """The same for a worker that trains several clients (4 on 2 worker ranks): its profile's guard is
+    checked before each client's steps, and the error names the client."""
+    tiny = ['profiles.tiny.memory="12MiB"', 'clients.groups=[{count = 4, profile = "tiny"}]', "clients.count=4",
+            "train.local_steps=2", "optim.momentum=0.0", "train.rounds=1"]
+    server = session(0, tiny)
+    run_server(server, _Writer(), tmp_path, Progress("off", 1, 1))
+    s = session(1, tiny)
+    setup = prepare_worker(s)
+    cap = int(setup.caps[0])
+    assert "tiny" in setup.guards and cap > 0
+    s.batches[:] = 4 * cap  # what grown batches from the server would ask
+    s.exchange.calls.clear()
+    s.exchange.replay = list(server.exchange.sent)
+    before = s.model.flat.clone()
+    with pytest.raises(mem.MemoryBudgetError, match=rf"^client \d \(rank 1, profile tiny\): memory budget 12.00 "
+                                                 rf"MiB .* cannot hold batch {4 * cap}: .*enforced before the step"):
+        run_worker(s, setup)
+    assert torch.equal(s.model.flat, before)
+    assert "reduce" not in [call[0] for call in s.exchange.calls]  # no update left the worker
+    s = session(1, tiny)
+    s.batches[:] = cap  # within the budget, the same round trains
+    s.exchange.replay = list(server.exchange.sent)
+    assert run_worker(s, setup) == 0
 
 
 def test_verification_steps_down_until_a_real_step_runs(cnn_analytic):

@@ -116,10 +116,11 @@ class BudgetGuard:
     budget_bytes: int
     client: str
 
-    def check(self, batch: int) -> None:
+    def check(self, batch: int, client: str = "") -> None:
+        """`client`: who runs the step, where one guard serves several clients (a profile's, pooled)."""
         need = self.model.peak(batch)
         if need > self.budget_bytes:
-            raise MemoryBudgetError(self.client, self.budget_bytes, need, batch,
+            raise MemoryBudgetError(client or self.client, self.budget_bytes, need, batch,
                                     " (emulated budget enforced before the step runs)")
 
 
