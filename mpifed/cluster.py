@@ -156,12 +156,10 @@ def stop_at_once(world: World, err: StoppedEarly) -> int:
     """A signal before the ranks could agree on it: end every rank now (MPI_Abort with STOPPED). Rank 0
     says so; mpirun and SLURM signal every rank, so a client waits for rank 0 to end the job first and
     speaks itself only when the signal was its alone."""
-    if world.rank != 0:
+    if world.rank != 0:  # a bounded wait for rank 0's abort, which ends this process
         time.sleep(4 * ABORT_GRACE_SECONDS)
-    os.write(2, (_stopped_early(err) + (f" (rank {world.rank} alone got it)" if world.rank else "") + "\n").encode())
-    time.sleep(ABORT_GRACE_SECONDS)  # the launcher forwards the line before it kills the ranks
-    world.comm.Abort(STOPPED)
-    return STOPPED
+    return _say_and_abort(world, _stopped_early(err) + (f" (rank {world.rank} alone got it)" if world.rank else "")
+                          + "\n", STOPPED)
 
 
 def abort(world: World, err: BaseException) -> int:
@@ -176,11 +174,16 @@ def abort(world: World, err: BaseException) -> int:
     notes = "".join(f"{note}\n" for note in getattr(err, "__notes__", ()))
     message = (f"{detail}mpifed: rank {world.rank} ({world.role}) on {world.host} failed: {why}\n"
                f"mpifed: aborting all {world.size} ranks\n{notes}")
+    return _say_and_abort(world, message, 1)
+
+
+def _say_and_abort(world: World, message: str, code: int) -> int:
+    """Write `message` to stderr and end every rank with exit code `code` (MPI_Abort)."""
     sys.stderr.flush()
     os.write(2, message.encode(errors="replace"))
     # MPI_Abort makes the launcher kill every process at once, and output still in its pipes is
     # lost: give it a moment to forward this message first (bounded: the job still ends in
     # well under a second).
     time.sleep(ABORT_GRACE_SECONDS)
-    world.comm.Abort(1)
-    return 1
+    world.comm.Abort(code)
+    return code
