@@ -1,4 +1,4 @@
-"""The command line is an interface researchers script against: freeze it, and keep the README's
+"""The command line is an interface researchers script against: freeze it, and keep the docs'
 job reference equal to what the code documents."""
 
 import re
@@ -78,9 +78,9 @@ def test_every_job_in_jobs_dir_is_valid():
         load_job(path)
 
 
-def test_readme_job_reference_matches_the_code():
-    readme = (ROOT / "README.md").read_text()
-    assert job_reference() in readme, "README is stale: paste the output of `mpifed job-reference`"
+def test_docs_job_reference_matches_the_code():
+    page = (ROOT / "docs" / "job-reference.md").read_text()
+    assert job_reference() in page, "docs/job-reference.md is stale: paste the output of `mpifed job-reference`"
 
 
 @pytest.mark.parametrize("where, args", [

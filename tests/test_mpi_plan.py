@@ -30,7 +30,7 @@ SPREAD = ["--set", "profiles.fast.speed=0.2", "--set", "profiles.slow.speed=0.02
 # (6 + 3) / 6 = 1.5x. An 8x drift made the re-planner overshoot to batch 1 and back.
 DRIFT = ["--set", "profiles.paced.speed=0.2", "--set", 'clients.groups=[{count = 2, profile = "paced"}]',
          "--set", "debug.slow_rank=2", "--set", "debug.slow_speed=0.25"]
-# Predicted round time: its error bound (%). The README reports 5.6% for pooled clients and 9.2-9.5% for
+# Predicted round time: its error bound (%). docs/performance-model.md reports 5.6% for pooled clients and 9.2-9.5% for
 # the online model on a quiet 2-core machine; the bound leaves room for a loaded one, and a prediction
 # that does not follow the rounds (a constant, the wrong clients) is off by far more in these jobs.
 MDAPE_BOUND = 20.0
