@@ -61,7 +61,7 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
     from mpifed.perf import fit_collective, measure_collectives
     from mpifed.planning import other_sizes, plan_startup
     from mpifed.runlog import ITER_FIELDS
-    from mpifed.session import open_session
+    from mpifed.session import open_session, stop_if_asked
 
     world = init_world()
     try:  # every rank reads the same file, so every rank stops with the same message
@@ -78,6 +78,7 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
     def body() -> None:
         s = open_session(world, job)
         setup = None if world.is_server else prepare_client(s)
+        stop_if_asked(s)  # as in training: from here on the ranks agree on a stop between probe rounds
         plan = plan_startup(s, setup)
         # The round's own sizes are read off the probe rounds; bare collectives at other sizes give
         # the alpha-beta fit its shape, for what-if questions beyond them (`mpifed plan`'s one-client
