@@ -92,6 +92,7 @@ import time
 import numpy as np
 import torch
 from mpi4py import MPI
+from mpifed.cluster import ABORT_GRACE_SECONDS
 from mpifed.dataplane import TorchPlane
 from mpifed.exchange import Exchange, RankTimeout
 comm = MPI.COMM_WORLD
@@ -106,6 +107,7 @@ try:
     print(f"rank {comm.rank} done", flush=True)
 except RankTimeout as err:
     print(f"rank {comm.rank} timeout after {time.monotonic() - start:.1f} s: {err}", flush=True)
+    time.sleep(ABORT_GRACE_SECONDS)  # as mpifed's own abort does: MPI_Abort drops output still in the launcher's pipes
     comm.Abort(1)
 """
 
