@@ -5,7 +5,9 @@ COVERED with the MPI test that runs it."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import importlib
 import os
 import re
 import shlex
@@ -204,13 +206,14 @@ def check(shown: Shown) -> str:
     return f"run by {covered}"
 
 
-def test_every_command_the_docs_show_runs_or_is_checked_or_covered(monkeypatch, capsys):
+def test_every_command_the_docs_show_runs_or_is_checked_or_covered(monkeypatch, capsys, request):
     monkeypatch.chdir(ROOT)
     shown = docs_commands()
     assert len(shown) >= 60 and any(s.page == "README.md" for s in shown), len(shown)
-    report = [f"{check(s):<100}  {s.page}: {s.command}" for s in shown]
-    with capsys.disabled():
-        print("\n" + "\n".join(report))
+    report = [f"{s.page}: {s.command}\n    {check(s)}" for s in shown]
+    if request.config.getoption("verbose") > 0:  # pytest -v tests/test_docs.py: how each command is held
+        with capsys.disabled():
+            print("\n" + "\n".join(report))
     used = {test for pattern, test in COVERED.items() if any(re.search(pattern, s.command) for s in shown)}
     assert used == set(COVERED.values()), f"COVERED names tests no docs command needs: {set(COVERED.values()) - used}"
 
@@ -246,3 +249,23 @@ def test_a_command_the_code_refuses_fails_the_check(monkeypatch):
             continue
         with pytest.raises(Exception, match=message):
             check(shown)
+
+
+def test_python_and_toml_the_docs_show_are_valid():
+    blocks = 0
+    for path in GUIDE:
+        text = path.read_text()
+        for code in re.findall(r"^```python\n(.*?)^```", text, re.M | re.S):
+            tree = ast.parse(code, str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module.startswith("mpifed"):
+                    module = importlib.import_module(node.module)
+                    missing = [a.name for a in node.names if not hasattr(module, a.name)]
+                    assert not missing, f"{path.name}: {node.module} has no {missing}"
+            blocks += 1
+        for code in re.findall(r"^```toml\n(.*?)^```", text, re.M | re.S):
+            tomllib.loads(code)
+            if ".py:" not in code:  # a job that names no file of its own: the whole job is checked
+                load_job(text=code)
+            blocks += 1
+    assert blocks >= 5, blocks
