@@ -24,7 +24,7 @@ from mpifed.cli import main
 from mpifed.config import load_job
 from mpifed.reference import PAGES, generated_part
 from mpifed.reference.commands import command_paths
-from mpifed.trainargs import job_overrides, parse
+from mpifed.trainargs import job_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -110,8 +110,8 @@ def docs_commands() -> list[Shown]:
 
 def _written() -> set[str]:
     """The files the docs' commands write (--out FILE, -o FILE), which later commands may read."""
-    return {argv[i + 1] for shown in docs_commands() for i, argv in [(i, shown.argv) for i in range(len(shown.argv) - 1)]
-            if argv[i] in ("--out", "-o")}
+    return {value for shown in docs_commands() for option, value in zip(shown.argv, shown.argv[1:])
+            if option in ("--out", "-o")}
 
 
 def _covering(command: str) -> str | None:
@@ -152,7 +152,6 @@ def _check_mpifed(argv: list[str], under_mpi: bool, ranks: int) -> str:
         raise AssertionError(f"`{shlex.join(argv)}`: {err.format_message()}") from None
     params = ctx.params
     if path == "mpifed train":
-        params = parse(words)
         if params["print_job"]:
             result = CliRunner().invoke(main, argv[1:])
             assert result.exit_code == 0, result.output
