@@ -62,7 +62,8 @@ RANK_DOCS = {
     "memory_budget": "the profile's memory budget, bytes (0 = the device's own memory)",
     "bandwidth": "the profile's emulated link bandwidth, bytes/s (0 = the real link)",
     "latency": "the profile's emulated link latency, seconds",
-    "data_size": "training samples this rank's client holds",
+    "data_size": "training samples of this rank's client (server, and a rank of pooled clients: the whole "
+                 "training split)",
     "requested_batch": "the batch the job asked for, samples",
     "max_batch": "the memory model's largest batch, samples (0 = not sized)",
     "batch": "the batch it trains with, samples (the server's row: the global batch)",

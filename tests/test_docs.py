@@ -65,15 +65,19 @@ COVERED = {
     r"mpifed train --job jobs/shakespeare\.toml":
         "tests/test_mpi_own.py::test_shakespeare_by_role_trains_leaf_lstm_on_natural_clients_sampled_each_round",
     r"scaling\.method=step": "tests/test_mpi_scaling.py::test_step_scaling_is_applied_exactly_outside_critical_phases",
-    r"compress\.codec=topk": "tests/test_mpi_compress.py::test_topk_with_error_feedback_over_mpi_equals_the_one_process_reference",
+    r"compress\.codec=topk":
+        "tests/test_mpi_compress.py::test_topk_with_error_feedback_over_mpi_equals_the_one_process_reference",
     r"plan\.mode=": "tests/test_mpi_plan.py::test_predict_logs_a_finite_prediction_every_round_and_the_curves",
     r"mpifed profile": "tests/test_mpi_plan.py::test_profile_command_writes_the_start_up_model_that_plan_reads",
-    r"debug\.corrupt_rank": "tests/test_mpi_compress.py::test_a_malformed_payload_is_rejected_by_client_and_round_and_the_job_goes_on",
+    r"debug\.corrupt_rank":
+        "tests/test_mpi_compress.py::test_a_malformed_payload_is_rejected_by_client_and_round_and_the_job_goes_on",
     r"^sbatch ": "tests/test_slurm_train.py::test_sbatch_of_a_rendered_script_trains_and_writes_the_run_log",
     r"^mpifed slurm ": "tests/test_slurm.py::test_command_writes_absolute_paths_and_passes_extra_args",
-    r"^mpifed (analyze|watch) ": "tests/test_analyze.py::test_analyze_tables_compare_runs_side_by_side",
+    r"^mpifed analyze ": "tests/test_analyze.py::test_analyze_tables_compare_runs_side_by_side",
+    r"^mpifed watch ": "tests/test_analyze.py::test_watch_once_prints_the_last_round",
     r"^python analysis/compare_runs\.py": "tests/test_analyze.py::test_compare_runs_script_builds_a_mean_std_table",
-    r"^python analysis/compression_sweep\.py": "tests/test_analysis_scripts.py::test_compression_sweep_runs_on_three_ranks",
+    r"^python analysis/compression_sweep\.py":
+        "tests/test_analysis_scripts.py::test_compression_sweep_runs_on_three_ranks",
     r"^python -m pytest": ".ci/run",
     r"^mkdocs ": ".ci/run",
 }
