@@ -1,20 +1,13 @@
 """The run's HDF5 log: rank 0 writes it, flushes every round, and readers may follow it live (SWMR).
 
-Layout (schema 1):
-  attrs           schema, versions (mpifed, torch, mpi4py, h5py, MPI library), job (resolved TOML),
-                  command, world_size, started (ISO time), wait_mode (sleep/poll), n_params,
-                  n_buffers, and resumes (the rounds each resume started at) once resumed
-  /ranks/<col>    (N,) one row per rank: role, host, device, profile, emulated, speed, memory_budget,
-                  bandwidth, latency, data_size, requested_batch, max_batch (memory model; 0 = not
-                  sized), batch (what it trains with; the server's row holds the global batch),
-                  sized_budget (bytes the memory model sized this rank's clients against; 0 = not sized)
-                  and budget_bound (what bound that budget: a profile's memory, the free device memory,
-                  or the host's smallest of MemAvailable, memory cgroup and SLURM allocation)
-  /iter/<field>   (T, N) one row per round, one column per rank; ITER_FIELDS below, seconds/bytes/samples
-  /server/<name>  (T,) server-side series: SERVER_FIELDS below
-  /eval/<name>    (E,) round, test_loss, test_acc, wall
+Layout (schema 1); every name is documented in ATTRS and the *_DOCS tables below:
+  attrs           ATTRS: versions, the resolved job, the command, world size, wait mode, data plane
+  /ranks/<col>    (N,) one row per rank: RANK_DOCS
+  /iter/<field>   (T, N) one row per round, one column per rank: ITER_DOCS
+  /server/<name>  (T,) server-side series: SERVER_DOCS
+  /eval/<name>    (E,) one row per evaluation: EVAL_DOCS
   /clients/<f>    (T, K) pooled clients only (more clients than client ranks, or sampled): per round, the
-                  K clients that trained, in id order; CLIENT_FIELDS below
+                  K clients that trained, in id order: CLIENT_DOCS
   /models         attrs of fitted models: memory.client<k>.<field> (static_bytes, per_sample_bytes,
                   ...), and the performance model when a run fits one
 A crash loses at most the round in flight: every append is followed by a flush. A log is only ever
@@ -38,46 +31,116 @@ from mpifed.diskfull import disk_full, is_disk_full, resume_advice, sync_folder
 
 SCHEMA = 1
 
-# Per-rank, per-round columns. Times in seconds, sizes in bytes, batch in samples.
-ITER_FIELDS = (
-    "t_down",       # receiving (client) or sending (server) the model broadcast
-    "t_compute",    # forward/backward of the local steps, emulated slow-down included
-    "t_encode",     # building the update payload (flatten, weight, compress)
-    "t_up",         # the update reduce/gather, emulated link delay included (server: waiting for all clients)
-    "t_decode",     # server: decode, aggregate and optimizer step
-    "t_eval",       # server: evaluation on the test set
-    "t_wait",       # straggler wait inside t_up: t_up - min over clients of t_up (server: all of t_up);
-                    # an emulated slow link's own transfer time is counted here too
-    "t_emul",       # injected emulation delay (slower compute, slower link) included in the times above
-    "t_iter",       # the whole round on this rank
-    "t_iter_pred",  # the performance model's prediction of t_iter, made before the round (NaN: no model)
-    "batch",
-    "bytes_up",
-    "bytes_down",
-    "loss",         # client: loss of its batch (before the update); server: batch-weighted mean
-    "grad_norm",    # L2 norm of this rank's update as the server decodes it (server: of the aggregate)
-    "rejected",     # 1 when the server refused this client's payload this round (server: how many)
-)
-CLIENT_FIELDS = (
-    "id",           # the client
-    "rank",         # the worker rank that trained it this round
-    "batch",        # its samples this round (all local steps)
-    "loss",         # mean loss of its local steps
-    "t_compute",    # its local steps, emulated slow-down included
-    "grad_norm",    # L2 norm of its (unweighted) update, as the server decodes it
-    "bytes_up",     # its own payload (gathered codecs); 0 where it travels inside its worker's sum
-    "rejected",     # 1 when the server refused its payload this round
-)
-# Server series: lr, global batch (samples), train loss (batch-weighted client mean), wall (s since
-# start), and the scaling policy's statistics (mpifed.scaling.STATS_KEYS): norm of the aggregate,
-# its relative change between windows, the critical flag, the applied scale, the gradient noise
-# scale B_simple, tr(Sigma), |G|^2 and the teacher's noise std; skipped is 1 in a round whose step the
-# server skipped (no usable update: mpifed.skipped).
-SERVER_FIELDS = ("lr", "global_batch", "train_loss", "wall", "grad_norm", "rel_change", "critical", "scale",
-                 "noise_scale", "sigma_trace", "signal_sq", "teacher_std", "skipped")
-EVAL_FIELDS = ("round", "test_loss", "test_acc", "wall")
-RANK_COLUMNS = ("role", "host", "device", "profile", "emulated", "speed", "memory_budget", "bandwidth",
-                "latency", "data_size", "requested_batch", "max_batch", "batch", "sized_budget", "budget_bound")
+# Every name the log holds, with what it means: the documentation's run-log page is generated from these
+# (python -m mpifed.reference), so a name cannot be added here without its meaning.
+ATTRS = {
+    "schema": "layout version of this file (SCHEMA); a reader refuses a newer one",
+    "mpifed_version": "the mpifed that wrote the log",
+    "torch_version": "torch's version",
+    "mpi4py_version": "mpi4py's version",
+    "h5py_version": "h5py's version",
+    "mpi_library": "the MPI library, as it names itself (first line of MPI_Get_library_version)",
+    "job": "the resolved job, as TOML (a resume's --set included)",
+    "command": "the command line of rank 0",
+    "world_size": "ranks in the job (server + client ranks)",
+    "started": "start time, ISO 8601, seconds",
+    "wait_mode": "how ranks waited in collectives: sleep (back-off) or poll (comm.wait)",
+    "data_plane": "the engine that moved the large buffers: mpi-host, mpi-device or nccl (comm.data)",
+    "data_plane_reason": "why that plane was chosen",
+    "n_params": "parameters of the model (float32 values in the flat model)",
+    "n_buffers": "float buffer values (BatchNorm statistics) that travel with the update",
+    "resumes": "one note per resume: the round it started at (present once resumed)",
+}
+# Per rank, one row each (N,).
+RANK_DOCS = {
+    "role": "server, client <k>, or worker (a rank of pooled clients)",
+    "host": "host name",
+    "device": "cpu or cuda:<i>",
+    "profile": "the device profile's name (- for the server, pooled for a rank of pooled clients)",
+    "emulated": "true when the profile is emulated (slowed compute or link)",
+    "speed": "the profile's compute speed, relative to the device",
+    "memory_budget": "the profile's memory budget, bytes (0 = the device's own memory)",
+    "bandwidth": "the profile's emulated link bandwidth, bytes/s (0 = the real link)",
+    "latency": "the profile's emulated link latency, seconds",
+    "data_size": "training samples of this rank's client (server, and a rank of pooled clients: the whole "
+                 "training split)",
+    "requested_batch": "the batch the job asked for, samples",
+    "max_batch": "the memory model's largest batch, samples (0 = not sized)",
+    "batch": "the batch it trains with, samples (the server's row: the global batch)",
+    "sized_budget": "bytes the memory model sized this rank's clients against (0 = not sized)",
+    "budget_bound": "what bound that budget: a profile's memory, the free device memory, or the host's "
+                    "smallest of MemAvailable, memory cgroup and SLURM allocation",
+}
+# Per round and rank (T, N). Times in seconds, sizes in bytes, batch in samples.
+ITER_DOCS = {
+    "t_down": "receiving (client) or sending (server) the model broadcast",
+    "t_compute": "forward/backward of the local steps, emulated slow-down included",
+    "t_encode": "building the update payload (flatten, weight, compress)",
+    "t_up": "the update reduce/gather, emulated link delay included (server: waiting for all clients)",
+    "t_decode": "server: decode, aggregate and optimizer step",
+    "t_eval": "server: evaluation on the test set",
+    "t_wait": "straggler wait inside t_up: t_up - min over clients of t_up (server: all of t_up); an emulated "
+              "slow link's own transfer time is counted here too",
+    "t_emul": "injected emulation delay (slower compute, slower link) included in the times above",
+    "t_iter": "the whole round on this rank",
+    "t_iter_pred": "the performance model's prediction of t_iter, made before the round (NaN: no model)",
+    "batch": "samples trained this round (all local steps; a pooled worker: the sum over its clients)",
+    "bytes_up": "bytes of the update this rank sent (server: received from all clients)",
+    "bytes_down": "bytes of the model this rank received (server: sent to all clients)",
+    "loss": "client: loss of its batch (before the update); server: batch-weighted mean",
+    "grad_norm": "L2 norm of this rank's update as the server decodes it (server: of the aggregate)",
+    "rejected": "1 when the server refused this client's payload this round (server: how many)",
+}
+# Pooled clients only (more clients than client ranks, or sampled): per round the K clients that trained,
+# in id order (T, K).
+CLIENT_DOCS = {
+    "id": "the client",
+    "rank": "the worker rank that trained it this round",
+    "batch": "its samples this round (all local steps)",
+    "loss": "mean loss of its local steps",
+    "t_compute": "its local steps, emulated slow-down included",
+    "grad_norm": "L2 norm of its (unweighted) update, as the server decodes it",
+    "bytes_up": "its own payload (gathered codecs); 0 where it travels inside its worker's sum",
+    "rejected": "1 when the server refused its payload this round",
+}
+# Server series (T,): the scaling policy's statistics are mpifed.scaling.STATS_KEYS.
+SERVER_DOCS = {
+    "lr": "learning rate of the round's step",
+    "global_batch": "samples of the round's global batch B",
+    "train_loss": "batch-weighted mean of the clients' losses",
+    "wall": "seconds since the start of training",
+    "grad_norm": "L2 norm of the aggregated update",
+    "rel_change": "relative change of the window-mean gradient norm between consecutive windows",
+    "critical": "1 in a critical phase (the first scaling.warmup rounds, or a change above scaling.threshold)",
+    "scale": "the step factor applied to the aggregate (1 = none)",
+    "noise_scale": "gradient noise scale B_simple = tr(Sigma) / |G|^2 (smoothed by scaling.noise_ema)",
+    "sigma_trace": "tr(Sigma), the per-sample gradient variance summed over coordinates",
+    "signal_sq": "|G|^2, the squared norm of the true gradient, estimated",
+    "teacher_std": "the teacher's noise standard deviation per coordinate (0 = no noise added)",
+    "skipped": "1 in a round whose step the server skipped (no usable update: mpifed.skipped)",
+}
+# Evaluations (E,): one row each time the server evaluates (train.eval_every, and after the last round).
+EVAL_DOCS = {
+    "round": "the round after which it evaluated",
+    "test_loss": "mean loss on the test set",
+    "test_acc": "the task's metric on the test set (accuracy: the share of correct predictions)",
+    "wall": "seconds since the start of training",
+}
+# /models attributes: "<model>.<field>", the model's name by what it describes.
+MODELS_DOCS = {
+    "memory.client<k>": "client k's memory model (one client a rank): static and per-sample bytes, the method "
+                        "(analytic walk or measured steps), max batch; on CUDA the verified peak beside the predicted",
+    "memory.profile.<name>": "the memory model of a device profile (pooled clients), as above",
+    "perf.client<k>": "the performance model's compute curve of client k (plan.mode other than off)",
+    "perf.profile.<name>": "the compute curve of a device profile (pooled clients with plan.mode = predict)",
+    "perf.comm": "the performance model's collective costs (model and payload bytes)",
+    "perf.round": "the performance model's round terms and the start-up prediction",
+}
+ITER_FIELDS = tuple(ITER_DOCS)
+CLIENT_FIELDS = tuple(CLIENT_DOCS)
+SERVER_FIELDS = tuple(SERVER_DOCS)
+EVAL_FIELDS = tuple(EVAL_DOCS)
+RANK_COLUMNS = tuple(RANK_DOCS)
 
 
 def column(name: str) -> int:

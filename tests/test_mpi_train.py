@@ -21,7 +21,7 @@ from conftest import MPIRUN, TINY, ok, rounds_logged, train, write_mnist
 from mpifed.config import load_job
 from mpifed.data import ClientSampler, load_dataset, partition
 from mpifed.models import build_model
-from mpifed.runlog import EVAL_FIELDS, ITER_FIELDS, RANK_COLUMNS, SERVER_FIELDS, open_run
+from mpifed.runlog import ATTRS, EVAL_FIELDS, ITER_FIELDS, MODELS_DOCS, RANK_COLUMNS, SERVER_FIELDS, open_run
 from mpifed.schedule import learning_rate
 from mpifed.seeding import Purpose, forked_torch_rng
 
@@ -128,6 +128,10 @@ def test_run_log_layout(tmp_path):
         assert load_job(text=f.attrs["job"]).train.rounds == 6
         assert "MPICH" in f.attrs["mpi_library"] or "Open MPI" in f.attrs["mpi_library"]
         assert set(f["ranks"]) == set(RANK_COLUMNS)
+        assert set(f.attrs) == set(ATTRS) - {"resumes"}, "an attribute without its meaning in runlog.ATTRS"
+        documented = [re.compile(re.sub(r"<\w+>", r"\\w+", re.escape(name)) + r"\.\w+") for name in MODELS_DOCS]
+        assert f["models"].attrs and all(any(d.fullmatch(key) for d in documented) for key in f["models"].attrs), \
+            list(f["models"].attrs)
         assert [r.decode() for r in f["ranks/role"][:]] == ["server", "client 0", "client 1", "client 2"]
         assert [p.decode() for p in f["ranks/profile"][:]] == ["-", "slow", "native", "native"]
         assert f["ranks/emulated"][:].tolist() == [False, True, False, False]
