@@ -68,12 +68,15 @@ def plot_batches(runs: list[Run]) -> plt.Figure:
     fig, axes = plt.subplots(1, len(runs) + 1, figsize=(4.6 * (len(runs) + 1), 4.2), squeeze=False)
     maps, total = axes[0][:-1], axes[0][-1]
     scale_ax = None
-    for i, (run, label, ax) in enumerate(zip(runs, labels(runs), maps)):
-        batch = client_grid(run).values["batch"]
+    batches = [client_grid(run).values["batch"] for run in runs]
+    largest = max((np.nanmax(b) for b in batches if np.isfinite(b).any()), default=1.0)
+    for i, (run, label, ax, batch) in enumerate(zip(runs, labels(runs), maps, batches)):
         image = ax.imshow(np.ma.masked_invalid(batch), aspect="auto", interpolation="nearest", origin="lower",
-                          cmap="viridis", extent=(0.5, run.rounds + 0.5, -0.5, batch.shape[0] - 0.5))
+                          cmap="viridis", vmin=0, vmax=largest,  # one colour scale: colours compare across runs
+                          extent=(0.5, run.rounds + 0.5, -0.5, batch.shape[0] - 0.5))
         fig.colorbar(image, ax=ax, label="client batch (samples)")
-        ax.set_title(label, fontsize=10)
+        same = np.unique(batch[np.isfinite(batch)])
+        ax.set_title(label + (f": every batch {same[0]:g}" if len(same) == 1 else ""), fontsize=10)
         ax.set_xlabel("round")
         ax.set_ylabel("client")
         integer_ticks(ax)
