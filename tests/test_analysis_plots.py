@@ -220,7 +220,7 @@ def test_comparison_starts_with_the_settings_that_differ(tmp_path):
     b = write_log(tmp_path / "b" / "run.h5", b_job)
     runs = [load_run(a), load_run(b)]
     assert differing_settings(runs) == [("train.batch", ["32", "-"]), ("optim.lr", ["0.1", "0.05"]),
-                                        ("clients.groups", ["[]", "[{'count': 1, 'profile': 'slow'}]"])]
+                                        ("clients.groups", ["[]", '[{count = 1, profile = "slow"}]'])]
     assert differing_settings(runs[:1]) == [] and differing_settings([runs[0], runs[0]]) == []
     result = CliRunner().invoke(analyze, [str(a), str(b), "--no-plots"])
     assert result.exit_code == 0, result.output

@@ -143,6 +143,11 @@ def test_analyze_tables_compare_runs_side_by_side(logs, tmp_path):
     header, *rows = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if "│" in line]
     assert header == ["", "base", "slow"], result.output
     table = {cells[0]: cells[1:] for cells in rows if len(cells) == 3}
+    # first the settings that differ: the slow profile, which the base job lacks, and who uses it
+    assert [cells[0] for cells in rows[:3]] == ["settings that differ", "clients.groups", "profiles.slow.speed"]
+    assert table["profiles.slow.speed"] == ["-", "0.5"], result.output
+    assert table["clients.groups"] == ["[]", '[{count = 1, profile = "slow"}]'], result.output
+    assert "optim.lr" not in table and "run.name" not in table
     want = [_expected(logs[k]) for k in ("base", "slow")]
     assert table["rounds"] == ["6", "6"]
     assert table["throughput"] == [f"{w['throughput']:,.0f} samples/s" for w in want], result.output

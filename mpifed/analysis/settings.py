@@ -4,6 +4,8 @@ resolved jobs that the logs store; pure functions, no I/O.
 
 from __future__ import annotations
 
+import json
+
 from mpifed.analysis.load import Run
 
 # Fields that name or place a run rather than change what it computes.
@@ -12,11 +14,12 @@ ABSENT = "-"  # how a field one job lacks (an older mpifed wrote it) is shown
 
 
 def flatten(job: dict, prefix: str = "") -> dict[str, object]:
-    """{"optim": {"lr": 0.1}} as {"optim.lr": 0.1}; lists (clients.groups) stay whole values."""
+    """{"optim": {"lr": 0.1}} as {"optim.lr": 0.1}; lists (clients.groups) stay whole values, and an
+    empty table adds nothing (a table one job lacks shows its fields as absent)."""
     out: dict[str, object] = {}
     for key, value in job.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             out.update(flatten(value, f"{name}."))
         else:
             out[name] = value
@@ -41,8 +44,13 @@ def differing_settings(runs: list[Run]) -> list[tuple[str, list[str]]]:
 
 
 def _show(value: object) -> str:
+    """A value as TOML writes it inline, the way `--set` takes it: "topk", true, [{count = 1}]."""
     if isinstance(value, bool):
-        return str(value).lower()  # as TOML writes it
+        return str(value).lower()
     if isinstance(value, str):
-        return repr(value)
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_show, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
     return str(value)
