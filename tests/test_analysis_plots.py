@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import tomli_w
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 
 from mpifed.analysis import load_run, summarize
 from mpifed.analysis.clients import client_grid
+from mpifed.analysis.figure import plt
 from mpifed.analysis.curves import learning_curves
 from mpifed.analysis.plot_clients import client_panel, plot_batches, plot_clients
 from mpifed.analysis.plot_learning import plot_curves
@@ -20,6 +22,11 @@ from mpifed.analysis.plots import FIGURES, plot_breakdown, plot_server, server_s
 from mpifed.analysis.settings import differing_settings
 from mpifed.commands.analyze import analyze
 from mpifed.runlog import CLIENT_FIELDS, ITER_FIELDS, RANK_COLUMNS, RunWriter, column
+
+
+# Seconds of each phase (server, client) in a round of 0.1 s; t_compute is the client's 0.01 * rank.
+PHASE_SECONDS = {"t_down": (0.01, 0.01), "t_encode": (np.nan, 0.005), "t_up": (0.05, 0.03), "t_wait": (0.05, 0.01),
+                 "t_decode": (0.01, np.nan), "t_eval": (0.01, np.nan)}
 
 
 def _job(name: str, **sections) -> dict:
@@ -49,11 +56,9 @@ def write_log(path: Path, job: dict, *, ranks: int = 3, rounds: int = 5, t_iter:
         for r in range(1, ranks):
             table[r, [column("batch"), column("bytes_up"), column("loss")]] = 16 * r, 100 * r, 2 - 0.1 * t
             table[r, [column("grad_norm"), column("t_compute")]] = r, 0.01 * r
-        for name, on_server, on_client in (("t_down", 0.01, 0.01), ("t_encode", np.nan, 0.005), ("t_up", 0.05, 0.03),
-                                           ("t_wait", 0.05, 0.01), ("t_decode", 0.01, np.nan), ("t_eval", 0.01, np.nan)):
-            table[:, column(name)] = [on_server] + [on_client] * (ranks - 1)  # every phase of a round
-        table[:, [column(n) for n in ("t_down", "t_compute", "t_encode", "t_up", "t_wait", "t_decode", "t_eval")]] \
-            *= t_iter / 0.1
+        for name, (on_server, on_client) in PHASE_SECONDS.items():  # every phase of a round
+            table[:, column(name)] = [on_server] + [on_client] * (ranks - 1)
+        table[:, [column(n) for n in (*PHASE_SECONDS, "t_compute")]] *= t_iter / 0.1
         rows = None
         if pooled:
             rows = np.zeros((per_round, len(CLIENT_FIELDS)))
@@ -69,13 +74,19 @@ def write_log(path: Path, job: dict, *, ranks: int = 3, rounds: int = 5, t_iter:
             writer.append_eval(dict(round=t + 1, test_loss=2.5 - 0.2 * t, test_acc=0.1 * t, wall=t + 1.5))
     writer.close()
     if 0 in evals:  # the initial model's evaluation, where a log has one, comes first
-        import h5py
         with h5py.File(path, "r+") as f:
             for name, value in (("round", 0.0), ("test_loss", 2.6), ("test_acc", 0.05), ("wall", 0.2)):
                 old = f[f"eval/{name}"][()]
                 f[f"eval/{name}"].resize(len(old) + 1, axis=0)
                 f[f"eval/{name}"][()] = np.concatenate(([value], old))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """The figure functions return open figures for the tests to inspect: close them after each test."""
+    yield
+    plt.close("all")
 
 
 @pytest.fixture
@@ -131,7 +142,6 @@ def test_loss_and_accuracy_figures_draw_those_curves_per_axis_with_the_legend_in
 def test_bytes_go_on_a_log_axis_when_a_run_sends_far_fewer(tmp_path, one_a_rank):
     job = _job("small")
     small = write_log(tmp_path / "small" / "run.h5", job)
-    import h5py
     with h5py.File(small, "r+") as f:
         f["iter/bytes_up"][...] = f["iter/bytes_up"][()] / 100  # a compressed run: 100x fewer bytes up
     fig = plot_curves([one_a_rank, load_run(small)], "loss")
@@ -230,7 +240,6 @@ def test_comparison_starts_with_the_settings_that_differ(tmp_path):
 
 
 def test_every_figure_is_written_for_an_old_log_without_evaluations_or_bytes(tmp_path):
-    import h5py
     log = write_log(tmp_path / "old" / "run.h5", _job("old"), evals=())
     with h5py.File(log, "r+") as f:
         for name in ("server/wall", "iter/bytes_up", "clients"):
