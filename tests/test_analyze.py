@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import fill, ok, train
 from mpifed.analysis import load_run, summarize
 from mpifed.analysis.load import open_log
-from mpifed.analysis.plots import write_plots
+from mpifed.analysis.plots import FIGURES, write_plots
 from mpifed.commands.analyze import analyze
 from mpifed.commands.watch import watch
 
@@ -113,16 +113,15 @@ def test_analyze_json_matches_the_log_and_shows_the_slow_client(logs, tmp_path):
     assert slow["ranks"][2]["emul_share"] == 0.0
     assert all(r["emul_share"] == 0.0 for r in base["ranks"])
     assert slow["client_emul_share"] > base["client_emul_share"]
-    assert set(summaries[0]["plots"]) == {str(tmp_path / "figs" / n)
-                                          for n in ("breakdown.png", "accuracy.png", "batches.png", "server.png")}
+    assert summaries[0]["plots"] == [str(tmp_path / "figs" / n) for n in FIGURES]
 
 
 @pytest.mark.mpi
 def test_analyze_writes_non_trivial_pngs_next_to_the_log(logs):
     result = _invoke(analyze, logs["slow"].parent)  # a run folder works as well as its run.h5
     assert result.exit_code == 0, result.output
-    for name in ("breakdown", "accuracy", "batches", "server"):
-        png = logs["slow"].parent / f"{name}.png"
+    for name in FIGURES:
+        png = logs["slow"].parent / name
         assert png.read_bytes()[:8] == PNG_MAGIC, name
         assert png.stat().st_size > 8_000, name
         rgb = mpimg.imread(png)[..., :3]
@@ -144,6 +143,11 @@ def test_analyze_tables_compare_runs_side_by_side(logs, tmp_path):
     header, *rows = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if "│" in line]
     assert header == ["", "base", "slow"], result.output
     table = {cells[0]: cells[1:] for cells in rows if len(cells) == 3}
+    # first the settings that differ: the slow profile, which the base job lacks, and who uses it
+    assert [cells[0] for cells in rows[:3]] == ["settings that differ", "clients.groups", "profiles.slow.speed"]
+    assert table["profiles.slow.speed"] == ["-", "0.5"], result.output
+    assert table["clients.groups"] == ["[]", '[{count = 1, profile = "slow"}]'], result.output
+    assert "optim.lr" not in table and "run.name" not in table
     want = [_expected(logs[k]) for k in ("base", "slow")]
     assert table["rounds"] == ["6", "6"]
     assert table["throughput"] == [f"{w['throughput']:,.0f} samples/s" for w in want], result.output
@@ -284,7 +288,7 @@ def test_optional_datasets_are_used_when_present_and_absent_ones_tolerated(tmp_p
     assert np.isnan(s.accuracy.final) and s.accuracy.evals == 0
     assert s.client_emul_share == 0.0 and np.isnan(s.bytes_up_per_round)
     paths = write_plots([run], tmp_path / "figs")
-    assert {p.name for p in paths} == {"breakdown.png", "accuracy.png", "batches.png", "server.png"}
+    assert [p.name for p in paths] == list(FIGURES)
     result = _invoke(analyze, tmp_path / "run.h5", "--json", "--no-plots")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -303,7 +307,7 @@ def test_plots_on_a_full_disk_fail_in_one_line_and_leave_no_partial_png(tmp_path
         proc = subprocess.run([sys.executable, "-m", "mpifed", "analyze", str(log), "--out", str(out)],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        assert proc.stderr.startswith(f"Error: plot breakdown.png could not be written: the disk holding {out} is "
+        assert proc.stderr.startswith(f"Error: plot loss.png could not be written: the disk holding {out} is "
                                       f"full (") and proc.stderr.count("\n") == 1, proc.stderr
         assert "(--out DIR) or not at all (--no-plots)" in proc.stderr
     assert {p.name: p.read_bytes() for p in figs.iterdir()} == before  # the old plots, whole

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from conftest import mpi_run, ok, train
+from mpifed.analysis import load_run
+from mpifed.analysis.clients import client_grid
 from mpifed.commands.analyze import analyze
 from mpifed.config import load_job
 from mpifed.data import ClientSampler, load_dataset, partition
@@ -117,9 +119,20 @@ def test_sampled_fedsgd_is_sgd_on_the_union_and_resumes_bit_for_bit(tmp_path):
     result = CliRunner().invoke(analyze, ["--json", "--no-plots", str(tmp_path / "sgd")])
     assert result.exit_code == 0, result.output
     counts = np.bincount(np.concatenate([ref.sampled(rnd) for rnd in range(rounds)]), minlength=N)
-    seen = json.loads(result.output)["participation"]
+    summary = json.loads(result.output)
+    seen = summary["participation"]
     assert seen["clients"] == N and seen["trained"] == (counts > 0).sum()
     assert (seen["rounds_min"], seen["rounds_max"]) == (counts.min(), counts.max())
+    assert (summary["world_size"], summary["client_ranks"], summary["clients"], summary["clients_per_round"]) \
+        == (3, 2, N, K)
+    # what clients.png and batches.png draw: each client's rounds and values, read back from /clients
+    grid = client_grid(load_run(tmp_path / "sgd"))
+    assert grid.participation.tolist() == counts.tolist()
+    for rnd in range(rounds):
+        ids = ref.sampled(rnd)
+        assert np.flatnonzero(grid.trained[:, rnd]).tolist() == sorted(ids)
+        assert grid.values["loss"][sorted(ids), rnd].tolist() == log["loss"][rnd].tolist()
+        assert grid.values["batch"][sorted(ids), rnd].tolist() == [ref.batches[k] for k in sorted(ids)]
 
     with h5py.File(_died_and_resumed_as(tmp_path, "sgd", [*POOLED, "--set", "optim.nesterov=true"], 2, 3)) as f:
         assert "resumed at round 2" in f.attrs["resumes"][0]

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from mpifed.analysis.clients import client_count
 from mpifed.analysis.load import Run
 from mpifed.perf.round import mdape
 
@@ -181,7 +182,7 @@ def participation(run: Run) -> Participation | None:
     """Participation counts and per-client time, from the log's /clients; None with one client per rank."""
     if not run.pooled:
         return None
-    n = int(run.job.get("clients", {}).get("count") or run.world_size - 1)
+    n = client_count(run)
     ids = run.pooled["id"].astype(np.int64).ravel()
     seconds = run.pooled["t_compute"].ravel()
     counts = np.bincount(ids, minlength=n)
@@ -191,6 +192,13 @@ def participation(run: Run) -> Participation | None:
                          rounds_median=float(np.median(counts)), rounds_max=int(counts.max()),
                          t_compute_median=_median(seconds), t_compute_p95=float(np.percentile(seconds, 95)),
                          slowest=slowest)
+
+
+def clients_per_round(run: Run) -> int:
+    """K: the job's clients.per_round, N where it samples all (0, or K >= N)."""
+    n = client_count(run)
+    k = int(run.job.get("clients", {}).get("per_round") or 0)
+    return k if 0 < k < n else n
 
 
 @dataclass(frozen=True)
@@ -220,7 +228,9 @@ class Summary:
     path: str
     rounds: int
     world_size: int
-    clients: int
+    client_ranks: int               # ranks that train clients (all but the server)
+    clients: int                    # N, the job's clients (several a rank when pooled)
+    clients_per_round: int          # K of them sampled each round (N: all)
     wall_s: float
     samples_per_round: float
     throughput: float               # samples/s, whole run
@@ -257,7 +267,9 @@ def summarize(run: Run) -> Summary:
     mdape, points = perf_model_error(run)
     per_round = samples_per_round(run)
     return Summary(name=run.name, path=str(run.path), rounds=run.rounds, world_size=run.world_size,
-                   clients=len(run.clients), wall_s=wall_time(run),
+                   client_ranks=len(run.clients), clients=client_count(run),
+                   clients_per_round=clients_per_round(run),
+                   wall_s=wall_time(run),
                    samples_per_round=_mean(per_round), throughput=throughput(run),
                    throughput_median=_median(throughput_series(run)),
                    bytes_up_per_round=bytes_per_round(run, "bytes_up"),

@@ -44,7 +44,8 @@ def _bytes(value: float) -> str:
 # (label, how to read it off a Summary): the rows of the run table and of the comparison.
 RUN_ROWS = (
     ("rounds", lambda s: str(s.rounds)),
-    ("ranks (clients)", lambda s: f"{s.world_size} ({s.clients})"),
+    ("ranks", lambda s: f"{s.world_size} (1 server, {s.client_ranks} workers)"),
+    ("clients", lambda s: _clients(s)),
     ("wall time", lambda s: _num(s.wall_s, "{:.2f} s")),
     ("samples / round", lambda s: _num(s.samples_per_round, "{:.0f}")),
     ("throughput", lambda s: _num(s.throughput, "{:,.0f} samples/s")),
@@ -61,6 +62,15 @@ RUN_ROWS = (
      else f"{s.perf_mdape:.1f}% ({s.perf_points} steady rounds)"),
     ("skipped steps", lambda s: _skipped(s)),
 )
+
+
+def _clients(s: Summary) -> str:
+    """N, and how they met the ranks: K sampled a round, all every round on fewer ranks, or one a rank."""
+    if s.clients_per_round < s.clients:
+        return f"{s.clients:,} ({s.clients_per_round:,} sampled a round)"
+    if s.clients > s.client_ranks:
+        return f"{s.clients:,} (all every round, several a rank)"
+    return f"{s.clients:,} (one a rank)"
 
 
 def _skipped(s: Summary) -> str:
@@ -121,11 +131,17 @@ def participation_table(s: Summary) -> Table:
     return table
 
 
-def comparison_table(summaries: list[Summary]) -> Table:
+def comparison_table(summaries: list[Summary], settings: list[tuple[str, list[str]]]) -> Table:
+    """The runs side by side: first the job settings that differ between them (`settings`, from
+    mpifed.analysis.settings.differing_settings), then every row of the run table."""
     table = Table(title="comparison")
     table.add_column("", style="bold")
     for s in summaries:
         table.add_column(s.name, justify="right")
+    table.add_row("settings that differ", *("" for _ in summaries), style="italic")
+    for name, values in settings or [("(none: the same job)", ["" for _ in summaries])]:
+        table.add_row(name, *values)
+    table.add_section()
     for label, read in RUN_ROWS:
         table.add_row(label, *(read(s) for s in summaries))
     return table
@@ -176,7 +192,9 @@ def analyze(paths: tuple[str, ...], out: str | None, as_json: bool, no_plots: bo
         if s.participation is not None:
             console.print(participation_table(s))
     if len(summaries) > 1:
-        console.print(comparison_table(summaries))
+        from mpifed.analysis.settings import differing_settings
+
+        console.print(comparison_table(summaries, differing_settings(runs)))
     for s in summaries:
         warning = skipped_warning(s)
         if warning:
