@@ -102,8 +102,8 @@ class TrainConfig:
     local_steps: int = opt(1, "E: local steps per round. 1 = FedSGD (clients send gradients, the paper's "
                            "frequent synchronization); >1 = FedAvg (clients send model deltas).", minimum=1)
     batch: int = opt(32, "Per-client batch size (samples), unless a client's profile sets its own.", minimum=1)
-    eval_every: int = opt(50, "Evaluate on the test set every this many rounds (and after the last); "
-                          "0 = only after the last round.", minimum=0)
+    eval_every: int = opt(50, "Evaluate on the test set every this many rounds, after the last and before the "
+                          "first (round 0: the initial model); 0 = only after the last round.", minimum=0)
     eval_batch: int = opt(500, "Batch size of the server's evaluation passes.", minimum=1)
     max_skipped: int = opt(5, "Consecutive rounds whose step is skipped (the summed update is not finite, or "
                            "every client's update was refused) after which the run stops as diverged (exit "

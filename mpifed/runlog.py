@@ -119,9 +119,10 @@ SERVER_DOCS = {
     "teacher_std": "the teacher's noise standard deviation per coordinate (0 = no noise added)",
     "skipped": "1 in a round whose step the server skipped (no usable update: mpifed.skipped)",
 }
-# Evaluations (E,): one row each time the server evaluates (train.eval_every, and after the last round).
+# Evaluations (E,): one row each time the server evaluates (train.eval_every: round 0, the initial model, then
+# every eval_every rounds, and after the last round).
 EVAL_DOCS = {
-    "round": "the round after which it evaluated",
+    "round": "the round after which it evaluated (0: the initial model, before the first round)",
     "test_loss": "mean loss on the test set",
     "test_acc": "the task's metric on the test set (accuracy: the share of correct predictions)",
     "wall": "seconds since the start of training",

@@ -86,6 +86,10 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         if controller is not None:
             controller.load_state_dict(s.resumed_from["controller"])
         began -= float(s.resumed_from["wall"])  # the log's wall clock continues where it stopped
+    if s.start_round == 0 and job.train.eval_every:  # the initial model: where every learning curve starts
+        loss, acc = evaluate(model.module, test_x, test_y, job.train.eval_batch, s.device, s.task)
+        last_eval = dict(round=0, test_loss=loss, test_acc=acc, wall=time.perf_counter() - began)
+        writer.append_eval(last_eval)
     for rnd in range(s.start_round, job.train.rounds):
         row[:] = np.nan
         start = time.perf_counter()

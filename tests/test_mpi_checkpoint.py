@@ -60,7 +60,7 @@ def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(full[k], cut[k]) for k in full)
     with h5py.File(log) as f, h5py.File(tmp_path / "full" / "run.h5") as g:
         assert f["iter/t_iter"].shape == (14, 3)
-        assert f["eval/round"][:].tolist() == [7, 14]
+        assert f["eval/round"][:].tolist() == [0, 7, 14]
         assert np.array_equal(f["iter/loss"][:], g["iter/loss"][:])  # the same rounds, once each
         assert np.array_equal(f["iter/batch"][:], g["iter/batch"][:])
         assert f["server/wall"][stopped] >= f["server/wall"][stopped - 1]

@@ -148,7 +148,7 @@ def test_run_log_layout(tmp_path):
         assert (wait >= 0).all() and (wait.min(axis=1) == 0).all()
         for name in SERVER_FIELDS:
             assert f[f"server/{name}"].shape == (6,), name
-        assert f["eval/round"][:].tolist() == [3, 6]
+        assert f["eval/round"][:].tolist() == [0, 3, 6]  # the initial model, then every 3 rounds
         assert set(f["eval"]) == set(EVAL_FIELDS)
         assert ((f["eval/test_acc"][:] >= 0) & (f["eval/test_acc"][:] <= 1)).all()
 

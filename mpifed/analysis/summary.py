@@ -103,7 +103,7 @@ def steady_rounds(run: Run, skip: int = WARMUP_ROUNDS) -> np.ndarray:
     """Indices of the rounds a prediction is judged on: after the first `skip`, without evaluations
     (the model predicts training rounds; evaluation is logged apart as t_eval)."""
     rounds = np.arange(run.rounds)
-    evaluated = np.asarray(run.eval.get("round", []), dtype=float) - 1  # /eval/round is 1-based
+    evaluated = np.asarray(run.eval.get("round", []), dtype=float) - 1  # /eval/round r: after round index r - 1 (0: the initial model)
     return rounds[(rounds >= skip) & ~np.isin(rounds, evaluated)]
 
 
