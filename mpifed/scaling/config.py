@@ -35,14 +35,16 @@ class ScalingConfig:
                            "small-batch baseline trains with.", minimum=0)
     window: int = opt(0, "Detection window, rounds. Accordion compares per-epoch gradient norms; 100 is about "
                       "one CIFAR-10 epoch at B = 512 (50000 / 512). 0 = follow the run's length: train.rounds / "
-                      "50, at least 1, set when the job loads (the job the run stores holds the number). Before "
+                      "50, at least 1, set when the job loads (the job the run stores holds the number; the default "
+                      "was 100 before it followed the run). Before "
                       "two windows close every round is critical, so the step and the teacher wait for them.",
                       minimum=0)
     threshold: float = opt(0.5, "Relative change of the window-mean gradient norm that marks a critical "
                            "phase; 0.5 is Accordion's (Agarwal et al., MLSys 2021) value.", above=0.0)
     warmup: int = opt(-1, "Leading rounds that are always critical. Goyal et al. (2017) warm up for 5 epochs, "
                       "which Accordion also uses: 500 rounds at B = 512 on CIFAR-10. -1 = five windows (with "
-                      "the window's default, a tenth of train.rounds), set when the job loads. A warmup as "
+                      "the window's default, a tenth of train.rounds), set when the job loads (the default was 500 "
+                      "before it followed the run). A warmup as "
                       "long as the run leaves the step and the teacher nothing to act on: the job warns.",
                       minimum=-1)
     only_outside_critical: bool = opt(True, "Teacher noise only outside critical phases, where the large "
