@@ -647,10 +647,11 @@ class ClientProfiles:
         return np.asarray(per_name)[self.codes]
 
 
-def resolve_clients(job: Job, world_size: int, natural: int | None = None) -> ClientProfiles:
+def resolve_clients(job: Job, world_size: int, natural: int | None = None, light: bool = False) -> ClientProfiles:
     """Profile name of each client, for a world of `world_size` ranks (rank 0 is the server).
     `natural`: the clients of the data's natural partition, when data.partition = "natural" (then
-    clients.count = 0 means as many as the data has)."""
+    clients.count = 0 means as many as the data has). `light`: without the codec's limits, which
+    import torch (mpifed.jobcheck)."""
     workers = world_size - 1
     if workers < 1:
         raise JobError(f"mpifed needs at least 2 MPI ranks (1 server + 1 client), got {world_size}; "
@@ -678,7 +679,7 @@ def resolve_clients(job: Job, world_size: int, natural: int | None = None) -> Cl
         if rank >= world_size:
             raise JobError(f"debug.{what}_rank = {rank} but the world has ranks 0..{world_size - 1}")
     if n != workers or job.clients.per_round:
-        problems = pooled_limits(job)
+        problems = pooled_limits(job, light)
         if problems:
             raise JobError(f"with {n} clients on {workers} client ranks, each rank trains several clients a "
                            f"round, which this version supports without: " + "; ".join(problems))
@@ -690,20 +691,28 @@ def resolve_clients(job: Job, world_size: int, natural: int | None = None) -> Cl
     return names
 
 
-def pooled_limits(job: Job) -> list[str]:
-    """What pooled clients (several a rank, placed each round) cannot run yet, each with the fix."""
+def pooled_limits(job: Job, light: bool = False) -> list[str]:
+    """What pooled clients (several a rank, placed each round) cannot run yet, each with the fix;
+    `light`: all but the codec's, which imports torch."""
     out = []
+    if not light:
+        out += _pooled_codec_limits(job)
+    if job.plan.mode not in ("off", "predict"):
+        out.append(f"plan.mode = {job.plan.mode!r}: pooled clients train with their profiles' batches (set "
+                   f"plan.mode = \"predict\" for the round model, or \"off\"; clients.placement = \"balanced\" "
+                   f"balances the round)")
+    return out
+
+
+def _pooled_codec_limits(job: Job) -> list[str]:
     from mpifed.compress import make_codec
 
+    out = []
     codec = make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options)
     if codec.error_feedback and codec.summable:
         out.append(f"error feedback with compress.codec = {job.compress.codec!r}, which is summed: a worker sums "
                    f"its clients' updates before encoding, so no residual would be a client's (set "
                    f"compress.options.error_feedback = false, or use a gathered codec: topk, qsgd, efsign)")
-    if job.plan.mode not in ("off", "predict"):
-        out.append(f"plan.mode = {job.plan.mode!r}: pooled clients train with their profiles' batches (set "
-                   f"plan.mode = \"predict\" for the round model, or \"off\"; clients.placement = \"balanced\" "
-                   f"balances the round)")
     return out
 
 

@@ -7,7 +7,7 @@ only once they pass: a mistake is one message from rank 0 within a second or two
 exit quietly with the same code. What needs torch (the codec's options, the data, the model, the
 checkpoint's contents) is checked after, as before (mpifed.rundir).
 
-    launch = agree(world, lambda: check_launch(job_file, overrides, resume, auto_resume))
+    launch = agree(world, lambda: check_launch(job_file, overrides, resume, auto_resume, world.size))
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 
 from mpifed import runlock
 from mpifed.cluster import World
-from mpifed.config import Job, JobError, load_job
+from mpifed.config import Job, JobError, load_job, resolve_clients
 from mpifed.diskfull import checkpoint_files
 from mpifed.errors import InputError
 from mpifed.jobnotes import job_notes
@@ -46,9 +46,10 @@ class Launch:
 
 
 def check_launch(job_file: str | None, overrides: list[str], resume: str | None = None,
-                 auto_resume: bool = False) -> Launch:
-    """Rank 0, before torch: the job with its --set, or the run to resume and its rules. Prints, once,
-    what the job asks for that would never act (mpifed.jobnotes)."""
+                 auto_resume: bool = False, world_size: int = 0) -> Launch:
+    """Rank 0, before torch: the job with its --set, or the run to resume and its rules, and (given the
+    `world_size`) its clients on the ranks where the job alone says how many. Prints, once, what the
+    job asks for that would never act (mpifed.jobnotes)."""
     if resume and job_file:
         raise JobError("--resume continues the job stored in the run directory; drop --job (use "
                        "--set, e.g. --set train.rounds=600, to change it)")
@@ -58,6 +59,8 @@ def check_launch(job_file: str | None, overrides: list[str], resume: str | None 
         launch = Launch(check_resume(resume, overrides), Path(resume))
     else:
         launch = Launch(load_job(job_file, overrides, light=True), None, job_file, tuple(overrides))
+    if world_size and launch.job.data.partition != "natural":  # else the data says how many clients
+        resolve_clients(launch.job, world_size, light=True)
     for note in job_notes(launch.job):
         print(f"mpifed: warning: {note}", file=sys.stderr, flush=True)
     return launch

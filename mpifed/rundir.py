@@ -1,11 +1,11 @@
 """A launch's run directory: rank 0 creates a new one or resumes a stored one, and every rank gets the job.
 
-    launch = agree(world, lambda: check_launch(job_file, overrides, resume, auto_resume))  # before torch
-    job, start = prepare(world, launch)                                     # every rank
-    write_job(start.run_dir, job, world.size)                               # rank 0, once set-up succeeded
+    launch = agree(world, lambda: check_launch(...))     # rank 0's checks before torch (mpifed.jobcheck)
+    job, start = prepare(world, launch)                  # every rank
+    write_job(start.run_dir, job, world.size)            # rank 0, once set-up succeeded
 
 A new run gets <run.out>/<run.name>[-<timestamp>]/, locked (mpifed.runlock) before anything else is
-written; a resume is checked by mpifed.resume. What needs no torch was checked before (mpifed.jobcheck). job.toml comes last, so a directory whose start-up
+written; a resume is checked by mpifed.resume. job.toml comes last, so a directory whose start-up
 failed holds only its lock, and a launch under the same name may reuse it.
 """
 

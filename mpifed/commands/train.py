@@ -34,7 +34,7 @@ def train(job_file, overrides, name, out, progress, resume, auto_resume, print_j
     world = init_world()
     StopRequest.install()  # from here on a signal asks for a stop (at start-up's next step, or a round's end)
     try:
-        launch = agree(world, lambda: check_launch(job_file, overrides, resume, auto_resume))  # before torch
+        launch = agree(world, lambda: check_launch(job_file, overrides, resume, auto_resume, world.size))  # no torch
         from mpifed.rundir import prepare  # torch, the data and the model from here on
         from mpifed.train import train as run_train
 
