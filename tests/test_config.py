@@ -209,8 +209,9 @@ def test_the_job_checks_import_no_torch_and_know_the_models_torch_builds():
 def test_scaling_window_and_warmup_follow_train_rounds_unless_given():
     """At the defaults a step job of any length leaves critical phases (500 warmup rounds outlasted the
     default 300-round run); given values stay, and the job stores the numbers it ran with."""
-    for rounds in (6, 24, 300, 5000):
+    for rounds, window, warmup in ((6, 1, 5), (24, 1, 5), (300, 6, 30), (5000, 100, 500)):
         job = load_job(overrides=[f"train.rounds={rounds}", 'scaling.method="step"', "scaling.small_batch=8"])
+        assert (job.scaling.window, job.scaling.warmup) == (window, warmup)
         assert job.scaling.first_scaled_round() <= rounds
         assert load_job(text=job.to_toml()) == job
     given = load_job(overrides=["scaling.window=100", "scaling.warmup=500"]).scaling
