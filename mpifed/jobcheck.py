@@ -22,6 +22,7 @@ from typing import Callable, TypeVar
 from mpifed import runlock
 from mpifed.cluster import World
 from mpifed.config import Job, JobError, load_job, resolve_clients
+from mpifed.datasets import files_missing
 from mpifed.diskfull import checkpoint_files
 from mpifed.errors import InputError
 from mpifed.jobnotes import job_notes
@@ -61,6 +62,10 @@ def check_launch(job_file: str | None, overrides: list[str], resume: str | None 
         launch = Launch(load_job(job_file, overrides, light=True), None, job_file, tuple(overrides))
     if world_size and launch.job.data.partition != "natural":  # else the data says how many clients
         resolve_clients(launch.job, world_size, light=True)
+    data = launch.job.data
+    missing = files_missing(data.dataset, data.root, data.download)
+    if missing:
+        raise JobError(missing)
     for note in job_notes(launch.job):
         print(f"mpifed: warning: {note}", file=sys.stderr, flush=True)
     return launch

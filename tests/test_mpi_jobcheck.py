@@ -40,6 +40,10 @@ def test_a_bad_set_and_a_refused_resume_are_said_once_before_torch(without_torch
     assert typo.startswith("mpifed: error: --set train.rouns=3: train.rouns: unknown field (did you mean 'rounds'?)")
     assert "the default job" not in typo
     assert not any(tmp.glob("default*"))
+    nodata = _said_once(mpi_run(4, ["train", "--set", "data.dataset=cifar10", "--set", f'data.root="{tmp / "none"}"',
+                                    "--out", str(tmp)], tmp, timeout=120))
+    assert f"cifar10 (train split) not found or corrupt: {tmp / 'none' / 'cifar-10-batches-py'} is not there" in nodata
+    assert "--set data.root=DIR" in nodata and not any(tmp.glob("default*"))
 
     run = tmp / "stored"  # what a finished 4-round run leaves; its schedule anneals over those 4 rounds
     (run / "checkpoints").mkdir(parents=True)
