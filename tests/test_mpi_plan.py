@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from conftest import mpi_run, ok, train
 from mpifed.cli import main
-from mpifed.commands.profile import _profiled_job
-from mpifed.config import JobError
+from mpifed.commands.profile import _profiled
+from mpifed.config import JobError, load_job
 from mpifed.analysis import load_run
 from mpifed.analysis.prediction import replay_online, startup_error
 from mpifed.analysis.summary import perf_model_error, steady_rounds
@@ -206,7 +206,7 @@ def test_profile_command_writes_the_start_up_model_that_plan_reads(tmp_path):
     assert nodata.returncode != 0 and len(said) == 1, nodata.stderr[-3000:]  # rank 0's, not once per rank
     assert "failed" not in nodata.stderr and not (tmp_path / "q.json").exists()
     with pytest.raises(JobError, match="bound it with --max-batch N"):  # checked before any rank imports torch
-        _profiled_job(str(job), ["memory.size_clients=false"], light=True)
+        _profiled(load_job(job, ["memory.size_clients=false"], light=True))
 
 
 def test_profile_command_ends_every_rank_when_one_client_fails(tmp_path):

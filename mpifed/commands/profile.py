@@ -55,20 +55,20 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
     import dataclasses
 
     from mpifed.cluster import init_world, run_or_abort
-    from mpifed.config import JobError
-    from mpifed.jobcheck import agree
+    from mpifed.config import JobError, load_job
+    from mpifed.jobcheck import agree, check_launch
 
     world = init_world()
     try:  # rank 0 checks the job, before any rank imports torch and then its data and model: one message
-        agree(world, lambda: _profiled_job(job_path, overrides, light=True))
+        agree(world, lambda: _profiled(check_launch(job_path, list(overrides), world_size=world.size).job))
         from mpifed.learn.loading import check_learning  # torch, on every rank at once
 
-        agree(world, lambda: check_learning(_profiled_job(job_path, overrides), world.local_size))
+        agree(world, lambda: check_learning(load_job(job_path, list(overrides)), world.local_size))
     except JobError as err:
         if world.is_server:
             raise click.ClickException(str(err)) from None
         raise SystemExit(1) from None  # the same message once, from rank 0, not once per rank
-    job = _profiled_job(job_path, overrides)  # every rank: the file rank 0 found good
+    job = load_job(job_path, list(overrides))  # every rank: the file rank 0 found good
 
     from mpifed import probes
     from mpifed.client import prepare_client
@@ -103,11 +103,11 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
     return result[0] if result else None
 
 
-def _profiled_job(job_path: str, overrides: Sequence[str], light: bool = False):
-    """The job as `mpifed profile` runs it; `light`: without the checks that import torch (mpifed.jobcheck)."""
-    from mpifed.config import JobError, load_job
 
-    job = load_job(job_path, list(overrides), light=light)
+def _profiled(job):
+    """`job`, if `mpifed profile` can time it (as a launch's checks found it: mpifed.jobcheck)."""
+    from mpifed.config import JobError
+
     if not job.memory.size_clients and not job.plan.profile_max:
         raise JobError("mpifed profile times each client up to its memory cap: turn on "
                        "memory.size_clients or bound it with --max-batch N")
