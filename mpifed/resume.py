@@ -133,13 +133,13 @@ def _stored_job(path: Path, overrides: list[str]) -> dict:
 
 def _ran_with(data: dict) -> dict:
     """A job's TOML data with the defaults that follow train.rounds (scaling.window and warmup) as its
-    run set them, where it leaves them out: a resume with more rounds must not move them. A job that
-    fails its checks alone is left as it is (its --set may fix it)."""
+    run set them, where it leaves them out or to follow: a resume with more rounds must not move them.
+    A job that fails its checks alone is left as it is (its --set may fix it)."""
     try:
         ran = load_job(text=tomli_w.dumps(data), light=True).scaling
     except JobError:
         return data
-    return {**data, "scaling": {"window": ran.window, "warmup": ran.warmup, **data.get("scaling", {})}}
+    return {**data, "scaling": {**data.get("scaling", {}), "window": ran.window, "warmup": ran.warmup}}
 
 
 def _logged_job(path: Path) -> dict | None:
