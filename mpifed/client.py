@@ -134,7 +134,7 @@ def run_client(s: Session, setup: ClientSetup) -> int:
         t_down = time.perf_counter() - start
 
         if job.debug.fail_rank == world.rank and job.debug.fail_round == rnd:
-            raise InjectedFault(f"debug.fail_rank = {world.rank}: failing on purpose in round {rnd}")
+            raise InjectedFault(f"debug.fail_rank = {world.rank}: failing on purpose at debug.fail_round = {rnd} (round {rnd + 1})")
 
         t0 = time.perf_counter()
         if setup.guard is not None:

@@ -1,7 +1,8 @@
 """The MPI world: ranks and roles, node-local rank -> device, thread budget, failing fast.
 
 This is the only module that touches MPI.COMM_WORLD and the process environment; everything else
-receives an explicit communicator. Rank 0 is the server; which client a rank trains is
+receives an explicit communicator. It imports torch only to pick a device, so a launch checks its job
+before any rank pays for torch (mpifed.jobcheck). Rank 0 is the server; which client a rank trains is
 mpifed.placement's to say.
 """
 
@@ -14,14 +15,15 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 from mpi4py import MPI
 
-from mpifed.errors import InputError, StoppedEarly
-from mpifed.exchange import RankTimeout
+from mpifed.errors import InputError, RankTimeout, StoppedEarly
 from mpifed.placement import Placement
+
+if TYPE_CHECKING:
+    import torch
 
 
 ABORT_GRACE_SECONDS = 0.5
@@ -69,6 +71,8 @@ def _cores() -> int:
 def pick_device(world: World, wanted: str) -> torch.device:
     """GPU of the node-local rank when CUDA is present (and wanted); otherwise the CPU, with a
     share of the cores so that co-located ranks do not fight over them."""
+    import torch  # here, not above: the job is checked before any rank imports torch (mpifed.jobcheck)
+
     if wanted != "cpu" and torch.cuda.is_available():
         index = world.local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)

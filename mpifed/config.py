@@ -25,9 +25,7 @@ from mpifed import units
 from mpifed.datasets import DATASETS
 from mpifed.errors import InputError
 from mpifed.fields import opt, value_problem
-from mpifed.memory import DEFAULT_MARGIN
-from mpifed.models import MODELS
-from mpifed.scaling.policy import ScalingConfig, check_scaling
+from mpifed.scaling.config import ScalingConfig, check_scaling
 
 
 class JobError(InputError, ValueError):
@@ -44,6 +42,10 @@ class RunConfig:
                       "else the CPU; cpu: always the CPU; cuda: require a GPU.",
                       choices=("auto", "cpu", "cuda"))
 
+
+BUILTIN_MODELS = ("cnn", "leaf-lstm", "resnet18", "resnet50", "vgg11", "vgg11_bn")
+"""model.name's built-in names (mpifed.models' registry, which imports torch; a test holds the two
+equal); anything else is a user's factory."""
 
 BUILTIN_DATASETS = (*DATASETS, "shakespeare")
 """data.dataset's built-in names; anything else is a user's factory ('module:fn' or 'file.py:fn')."""
@@ -92,7 +94,7 @@ class ModelConfig:
                     "'path/to/file.py:factory' (relative to the job file) returning a torch.nn.Module. The "
                     "factory is given what the data declares, by name where it takes them: input_shape, "
                     "classes (classification) or vocab (next-token). Built-in: "
-                    f"{', '.join(sorted(MODELS))}.")
+                    f"{', '.join(BUILTIN_MODELS)}.")
     options: dict[str, Any] = opt({}, "Keyword arguments of the model factory, e.g. {hidden = 256}.")
 
 
@@ -161,6 +163,14 @@ class CompressConfig:
     options: dict[str, Any] = opt({}, "Codec options as a table, e.g. {density = 0.01} for topk/randomk, "
                                     "{rank = 4} for powersgd, {levels = 7, bucket = 512} for qsgd, "
                                     "{error_feedback = true}; each codec module documents its own.")
+
+
+DEFAULT_MARGIN = 0.05
+"""Fraction of the budget kept free, and the job's memory.margin default. It covers the CUDA caching
+allocator's fragmentation under a memory fraction and the model's own error (the target is <= 5% on
+CUDA); larger margins waste memory, since 1.15x the max batch must not fit. On an H100 with an
+8 GiB budget it held for resnet18 and resnet50; vgg11 and the small CNN need the cuDNN workspace
+the walk does not model (mpifed.memory)."""
 
 
 @dataclass(frozen=True)
@@ -429,11 +439,17 @@ def _where_in_value(err: tomllib.TOMLDecodeError, raw: str) -> str:
     return f"{found['what']} at {f'line {line}, ' if line > 1 else ''}column {column} of {raw!r}"
 
 
+DEFAULT_SOURCE = "the default job"
+
+
 def load_job(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
-             text: str | None = None) -> Job:
-    """Read a job (file, text, or the embedded default), apply --set overrides, validate it all."""
+             text: str | None = None, light: bool = False) -> Job:
+    """Read a job (file, text, or the embedded default), apply --set overrides, validate it all.
+    `light`: all but the checks that build the codec, which import torch (mpifed.jobcheck runs the
+    rest before any rank pays for that import). A problem in a field that a --set gave is said to be
+    the --set's."""
     data: dict = {}
-    source = "the default job"
+    source = DEFAULT_SOURCE
     if text is not None:
         source = "the job text"
     elif path is not None:
@@ -460,13 +476,36 @@ def load_job(path: str | Path | None = None, overrides: tuple[str, ...] | list[s
     job = _build(Job, data, "", errors)
     base = Path(path).parent if path is not None and source == str(path) else Path.cwd()
     job = _absolute_factories(job, base)
+    job = dataclasses.replace(job, scaling=job.scaling.for_rounds(job.train.rounds))  # defaults that follow the run
     errors += name_problems(job)
     if not errors:
-        errors = check_job(job)
+        errors = check_job(job, light)
     if errors:
-        lines = "\n".join(f"  - {e}" for e in errors)
-        raise JobError(f"{source} has {len(errors)} problem(s):\n{lines}")
+        raise JobError(_problems(source, errors, overrides))
     return job
+
+
+def _problems(source: str, errors: list[str], overrides: tuple[str, ...] | list[str]) -> str:
+    """The error of a job with `errors`: a problem in a field a --set gave (or in a table it filled)
+    names that --set, the last one for the field, which is what counted; one problem is one line."""
+    given = {}
+    for item in overrides:
+        given[item.partition("=")[0].strip()] = item
+    shown = []
+    for error in errors:
+        found = re.match(r"[\w.\[\]-]+", error)
+        key = found[0] if found else ""
+        inside = [k for k in given if key == k or key.startswith((k + ".", k + "["))]
+        items = [given[max(inside, key=len)]] if inside else [given[k] for k in given if k.startswith(key + ".")]
+        shown.append(" ".join(f"--set {item}" for item in items) + ": " * bool(items) + error)
+    if all(line.startswith("--set ") for line in shown) and source == DEFAULT_SOURCE:
+        source = "the --set values"  # not the default job's: it has none
+        if len(shown) == 1:
+            return shown[0]
+    if len(shown) == 1:
+        return f"{source}: {shown[0]}"
+    lines = "\n".join(f"  - {line}" for line in shown)
+    return f"{source} {'have' if source.endswith('values') else 'has'} {len(shown)} problems:\n{lines}"
 
 
 def _absolute_factories(job: Job, base: Path) -> Job:
@@ -483,7 +522,7 @@ def name_problems(job: Job) -> list[str]:
     from mpifed.learn.factory import is_factory
 
     errors = []
-    for where, name, builtin, what in (("model.name", job.model.name, sorted(MODELS), "model"),
+    for where, name, builtin, what in (("model.name", job.model.name, BUILTIN_MODELS, "model"),
                                        ("data.dataset", job.data.dataset, BUILTIN_DATASETS, "dataset")):
         if name in builtin or is_factory(name):
             continue
@@ -503,8 +542,9 @@ def known_train_samples(job: Job) -> int:
     return spec.train_samples if spec is not None else 0
 
 
-def check_job(job: Job) -> list[str]:
-    """Cross-field checks; each message names the field to change."""
+def check_job(job: Job, light: bool = False) -> list[str]:
+    """Cross-field checks; each message names the field to change. `light`: all but the codec's, which
+    imports torch."""
     errors = []
     name = job.run.name
     if not name.strip() or name == "." or any(part in name for part in ("/", "\\", "..", "\0")):
@@ -534,15 +574,8 @@ def check_job(job: Job) -> list[str]:
         if p.speed > 1:
             errors.append(f"profiles.{name}.speed = {p.speed}: emulation can only slow a device down; give "
                           f"the fastest profile speed = 1 and the others fractions of it")
-    try:
-        from mpifed.compress import make_codec
-        codec = make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options)
-    except (ValueError, TypeError) as err:
-        errors.append(str(err) if str(err).startswith("compress.") else f"compress: {err}")
-    else:
-        if job.debug.corrupt_rank != -1 and job.debug.corrupt != "nan" and codec.summable:
-            errors.append(f"debug.corrupt = {job.debug.corrupt!r} malforms a gathered payload, but codec "
-                          f"{job.compress.codec!r} is summed by MPI, where only corrupt = \"nan\" can show")
+    if not light:
+        errors += _codec_problems(job)
     if job.plan.min_fraction > 1:
         errors.append(f"plan.min_fraction = {job.plan.min_fraction}: must be at most 1 (a fraction of the best)")
     if job.memory.margin >= 1:
@@ -567,6 +600,20 @@ def check_job(job: Job) -> list[str]:
             errors.append(f"debug.{what}_round = {round_}: the run has rounds 0..{job.train.rounds - 1}, so "
                           f"debug.{what}_rank would never act")
     return errors
+
+
+def _codec_problems(job: Job) -> list[str]:
+    """The codec's options, as make_codec checks them (it imports torch), and what the codec rules out."""
+    from mpifed.compress import make_codec
+
+    try:
+        codec = make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options)
+    except (ValueError, TypeError) as err:
+        return [str(err) if str(err).startswith("compress.") else f"compress: {err}"]
+    if job.debug.corrupt_rank != -1 and job.debug.corrupt != "nan" and codec.summable:
+        return [f"debug.corrupt = {job.debug.corrupt!r} malforms a gathered payload, but codec "
+                f"{job.compress.codec!r} is summed by MPI, where only corrupt = \"nan\" can show"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -600,10 +647,11 @@ class ClientProfiles:
         return np.asarray(per_name)[self.codes]
 
 
-def resolve_clients(job: Job, world_size: int, natural: int | None = None) -> ClientProfiles:
+def resolve_clients(job: Job, world_size: int, natural: int | None = None, light: bool = False) -> ClientProfiles:
     """Profile name of each client, for a world of `world_size` ranks (rank 0 is the server).
     `natural`: the clients of the data's natural partition, when data.partition = "natural" (then
-    clients.count = 0 means as many as the data has)."""
+    clients.count = 0 means as many as the data has). `light`: without the codec's limits, which
+    import torch (mpifed.jobcheck)."""
     workers = world_size - 1
     if workers < 1:
         raise JobError(f"mpifed needs at least 2 MPI ranks (1 server + 1 client), got {world_size}; "
@@ -631,7 +679,7 @@ def resolve_clients(job: Job, world_size: int, natural: int | None = None) -> Cl
         if rank >= world_size:
             raise JobError(f"debug.{what}_rank = {rank} but the world has ranks 0..{world_size - 1}")
     if n != workers or job.clients.per_round:
-        problems = pooled_limits(job)
+        problems = pooled_limits(job, light)
         if problems:
             raise JobError(f"with {n} clients on {workers} client ranks, each rank trains several clients a "
                            f"round, which this version supports without: " + "; ".join(problems))
@@ -643,20 +691,28 @@ def resolve_clients(job: Job, world_size: int, natural: int | None = None) -> Cl
     return names
 
 
-def pooled_limits(job: Job) -> list[str]:
-    """What pooled clients (several a rank, placed each round) cannot run yet, each with the fix."""
+def pooled_limits(job: Job, light: bool = False) -> list[str]:
+    """What pooled clients (several a rank, placed each round) cannot run yet, each with the fix;
+    `light`: all but the codec's, which imports torch."""
     out = []
+    if not light:
+        out += _pooled_codec_limits(job)
+    if job.plan.mode not in ("off", "predict"):
+        out.append(f"plan.mode = {job.plan.mode!r}: pooled clients train with their profiles' batches (set "
+                   f"plan.mode = \"predict\" for the round model, or \"off\"; clients.placement = \"balanced\" "
+                   f"balances the round)")
+    return out
+
+
+def _pooled_codec_limits(job: Job) -> list[str]:
     from mpifed.compress import make_codec
 
+    out = []
     codec = make_codec(job.compress.codec, layers=[("check", (4, 4))], **job.compress.options)
     if codec.error_feedback and codec.summable:
         out.append(f"error feedback with compress.codec = {job.compress.codec!r}, which is summed: a worker sums "
                    f"its clients' updates before encoding, so no residual would be a client's (set "
                    f"compress.options.error_feedback = false, or use a gathered codec: topk, qsgd, efsign)")
-    if job.plan.mode not in ("off", "predict"):
-        out.append(f"plan.mode = {job.plan.mode!r}: pooled clients train with their profiles' batches (set "
-                   f"plan.mode = \"predict\" for the round model, or \"off\"; clients.placement = \"balanced\" "
-                   f"balances the round)")
     return out
 
 

@@ -8,7 +8,6 @@ only its own partition into float tensors.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpifed.datasets import DATASETS
+from mpifed.datasets import DATASETS, DEBIAN_FILES, DEBIAN_PACKAGES, missing_message as _missing_message  # noqa: F401
 from mpifed.errors import InputError
 from mpifed.learn.tasks import Task
 from mpifed.seeding import Purpose, rng, torch_generator
@@ -138,25 +137,6 @@ def _torchvision_class(name: str):
     return getattr(datasets, DATASETS[name].torchvision)
 
 
-# torchvision's advice names its own argument ("You can use download=True to download it"); mpifed's is a job field.
-_TORCHVISION_HINT = re.compile(r"\s*[^.]*\bdownload=True\b[^.]*\.?")
-
-
-def _missing_message(name: str, train: bool, root: str, download: bool, err: Exception) -> str:
-    """Why a dataset did not load, where its files go, and the job fields (data.root, data.download) that fix it."""
-    where = DATASETS[name].files.replace("<root>", str(Path(root)))
-    reason = _TORCHVISION_HINT.sub("", str(err)).strip().rstrip(".") or f"{type(err).__name__} reading the files"
-    if download:
-        fix = "data.download is on, so the download failed or gave bad files: check the network, or put them there"
-    else:
-        fix = ("set data.root to their parent directory (--set data.root=DIR), or data.download = true "
-               "(--set data.download=true) to download them where the network allows")
-    debian = (f" Or install Debian's package: apt-get install {DEBIAN_PACKAGES[name]} (files in "
-              f"{DEBIAN_FILES[name]}, read when {where} is empty)." if name in DEBIAN_PACKAGES else "")
-    return (f"{name} ({'train' if train else 'test'} split) not found or corrupt: {reason}. "
-            f"The files go in {where}; {fix}.{debian}")
-
-
 def _damaged_file(cls, train: bool, root: str) -> tuple[Path, str] | None:
     """The first file of the split that is there but cannot be whole, and why: torchvision reports
     one only as a bad shape or checksum, naming no file. MNIST-style IDX files are read with their
@@ -213,11 +193,6 @@ def load_dataset(name: str, train: bool, root: str = "data", download: bool = Fa
     targets = np.asarray(ds.targets, dtype=np.int64)
     return ImageSet(data, targets, len(ds.classes), name, pad_to)
 
-
-DEBIAN_FILES = {"fashionmnist": "/usr/share/datasets/fashion-mnist"}
-"""Where a Debian package puts a dataset's original files (dataset-fashion-mnist: the gzipped IDX files)."""
-
-DEBIAN_PACKAGES = {"fashionmnist": "dataset-fashion-mnist"}
 
 _IDX_NAMES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}

@@ -1,5 +1,5 @@
-"""The exceptions that end a job with their message alone, without a traceback: bad input a user can fix, and
-a stop asked for during start-up."""
+"""The exceptions that end a job with their message alone, without a traceback: bad input a user can fix, a
+stop asked for during start-up, a rank that stopped answering. Free of torch and MPI, like the job checks."""
 
 
 class InputError(Exception):
@@ -18,3 +18,7 @@ class StoppedEarly(BaseException):
     def __init__(self, why: str, agreed: bool = True):
         super().__init__(why)
         self.agreed = agreed
+
+
+class RankTimeout(RuntimeError):
+    """A collective waited longer than comm.timeout: some rank stopped answering (mpifed.exchange)."""

@@ -394,7 +394,7 @@ class RoundProtocol:
             ex.reduce_tensor(aggregate[lay.tail])
             seconds += time.perf_counter() - t0
         if problem is not None:
-            return Received(False, [], [f"round {rnd}: the summed update is not usable ({problem}); a summable "
+            return Received(False, [], [f"round {rnd + 1}: the summed update is not usable ({problem}); a summable "
                                         f"codec cannot say which client sent it: step skipped"]), seconds
         return Received(True), seconds
 

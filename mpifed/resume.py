@@ -3,7 +3,9 @@
 A resumed run appends to its run.h5 from a checkpoint, so whatever shapes the rounds (data, model,
 batches, optimizer, codec, clients, profiles, scaling) must stay what the log and the checkpoint
 describe. Every check runs before anything in the run directory is changed, and each refusal says
-what to do instead.
+what to do instead. The rules that need only the job, the log and the checkpoints' names
+(`check_resume`) run before any rank imports torch (mpifed.jobcheck); `resume_run` then loads the
+data and the model and reads the checkpoint itself.
 """
 
 from __future__ import annotations
@@ -17,16 +19,15 @@ from pathlib import Path
 import h5py
 import tomli_w
 
-from mpifed import checkpoint, runlock, runlog
+from mpifed import runlock, runlog
 from mpifed.cluster import World
 from mpifed.config import Job, JobError, load_job
-from mpifed.learn.loading import check_learning, job_clients
-from mpifed.diskfull import DiskFullError
+from mpifed.diskfull import DiskFullError, checkpoint_files
 
 
-def resume_run(world: World, resume: str, overrides: list[str]) -> tuple[Job, dict, str]:
-    """Rank 0: lock the run directory `resume`, check its stored job with this resume's --set, and
-    choose the checkpoint; returns the job, the checkpoint and the note the log records."""
+def check_resume(resume: str | Path, overrides: list[str]) -> Job:
+    """Rank 0, before torch: lock the run directory `resume` and check its stored job with this
+    resume's --set (the job's own checks but the codec's, which the full load in `resume_run` adds)."""
     run_dir = Path(resume)
     if not (run_dir / "job.toml").is_file() or not (run_dir / "run.h5").is_file():
         raise JobError(f"--resume {run_dir}: not an mpifed run directory (no job.toml and run.h5); give "
@@ -37,15 +38,15 @@ def resume_run(world: World, resume: str, overrides: list[str]) -> tuple[Job, di
                        f"to the log and writes checkpoints); make it writable, or copy the run directory somewhere "
                        f"writable and resume the copy (nothing was changed)")
     runlock.hold(run_dir)
-    stored = _stored_job(run_dir / "job.toml", overrides)
-    logged_job = _logged_job(run_dir / "run.h5") or stored
+    stored = _ran_with(_stored_job(run_dir / "job.toml", overrides))
+    logged_job = _ran_with(_logged_job(run_dir / "run.h5") or stored)
     edited = [key for key in _changed_fields(logged_job, stored) if not key.startswith(RESUME_MAY_CHANGE)]
     if edited:
         raise JobError(f"{run_dir / 'job.toml'} differs from the job run.h5 records (its root attribute 'job') "
                        f"in {', '.join(edited)}: it was edited after the run started, and the resumed rounds "
                        f"would differ from what run.h5 describes; restore those fields, or start a new run "
                        f"(nothing was changed)")
-    job = load_job(text=tomli_w.dumps(_without_one_shot_faults(stored, overrides)), overrides=overrides)
+    job = load_job(text=tomli_w.dumps(_without_one_shot_faults(stored, overrides)), overrides=overrides, light=True)
     changed = [key for key in _changed_fields(stored, tomllib.loads(job.to_toml()))
                if not key.startswith(RESUME_MAY_CHANGE)]
     if changed:
@@ -60,6 +61,34 @@ def resume_run(world: World, resume: str, overrides: list[str]) -> tuple[Job, di
                        f"the rounds logged and the rounds to come would follow different schedules. Start a "
                        f"new run for more rounds (runs meant to be extended: optim.schedule = \"step\" or "
                        f"\"constant\")")
+    rounds = [_named_round(path) for path in checkpoint_files(run_dir)]
+    if rounds and min(rounds) >= job.train.rounds:  # whichever checkpoint resume_run takes, nothing is left
+        raise JobError(f"{checkpoint_files(run_dir)[0]} is at round {max(rounds)} and the job has train.rounds = "
+                       f"{job.train.rounds}: nothing left; raise it, e.g. --set train.rounds={2 * max(rounds)}")
+    return job
+
+
+def resuming(run_dir: Path) -> str:
+    """What a resume says first: which run, and the round its newest checkpoint goes on from."""
+    found = checkpoint_files(run_dir)
+    if not found:
+        return f"resuming {run_dir}"
+    return f"resuming {run_dir} after round {_named_round(found[0])} (checkpoint {found[0].name}), appending to its run.h5"
+
+
+def _named_round(path: Path) -> int:
+    """The round a checkpoint's name says it resumes at (mpifed.checkpoint refuses one that holds another)."""
+    digits = path.name.removeprefix("round-").split(".")[0]
+    return int(digits) if digits.isdigit() else 0
+
+
+def resume_run(world: World, run_dir: Path, job: Job) -> tuple[Job, dict, str]:
+    """Rank 0, once `check_resume` passed and torch is loaded: check the job in full, load the data and
+    the model, and choose the checkpoint; returns the job, the checkpoint and the note the log records."""
+    from mpifed import checkpoint  # these import torch: after the checks above
+    from mpifed.learn.loading import check_learning, job_clients
+
+    job = load_job(text=job.to_toml())  # the codec's checks too
     check_learning(job, world.local_size)  # the data and the model still load and fit, before anything is changed
     n_clients = len(job_clients(job, world.size))
     path, payload, notes = checkpoint.choose(run_dir, checkpoint.identity(job, n_clients))
@@ -94,12 +123,23 @@ def _stored_job(path: Path, overrides: list[str]) -> dict:
         raise JobError(f"{path} cannot be read ({err}); it is the job this run was started with: restore "
                        f"it from a copy (nothing was changed)") from None
     try:
-        load_job(text=tomli_w.dumps(data), overrides=overrides)
+        load_job(text=tomli_w.dumps(data), overrides=overrides, light=True)
     except JobError as err:
         raise JobError(f"{path}, with this resume's --set, is not a valid job: {err}\nA resume may fix a field "
                        f"with --set FIELD=VALUE when it is one of {', '.join(RESUME_MAY_CHANGE)}; for any other, "
                        f"start a new run") from None
     return data
+
+
+def _ran_with(data: dict) -> dict:
+    """A job's TOML data with the defaults that follow train.rounds (scaling.window and warmup) as its
+    run set them, where it leaves them out or to follow: a resume with more rounds must not move them.
+    A job that fails its checks alone is left as it is (its --set may fix it)."""
+    try:
+        ran = load_job(text=tomli_w.dumps(data), light=True).scaling
+    except JobError:
+        return data
+    return {**data, "scaling": {**data.get("scaling", {}), "window": ran.window, "warmup": ran.warmup}}
 
 
 def _logged_job(path: Path) -> dict | None:

@@ -120,7 +120,7 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
         stats: dict = {}
         tail_ok = bool(torch.isfinite(agg[lay.tail]).all())  # False: a client diverged (summed, so unnamed)
         if received.ok and not tail_ok:
-            progress.warn(f"mpifed: round {rnd}: the clients' BatchNorm statistics or update norms hold a "
+            progress.warn(f"mpifed: round {rnd + 1}: the clients' BatchNorm statistics or update norms hold a "
                           f"non-finite value (a client diverged): the server keeps its own statistics and "
                           f"skips this round's noise estimate")
         if received.ok:

@@ -16,6 +16,7 @@ import torch
 from mpi4py import MPI
 
 import mpifed
+from mpifed import runlock
 from mpifed.client import prepare_client, run_client
 from mpifed.cluster import DIVERGED, EXIT_CODES, STOPPED, World
 from mpifed.config import Job, JobError
@@ -108,6 +109,7 @@ def train(world: World, job: Job, start: Start, progress_mode: str) -> int:
     finally:
         writer.close()
         progress.close()
+    runlock.release(run_dir)  # ended of itself: nothing left to guard
     if "stopped" in final:
         return STOPPED
     if "diverged" in final:

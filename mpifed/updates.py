@@ -166,7 +166,7 @@ class UpdateChannel:
             slots = np.flatnonzero(ranks == rank)
             split = split_payloads(blobs[rank], len(slots))
             if split is None:
-                messages.append(f"round {rnd}: rank {rank} sent {blobs[rank].size} bytes that do not split into "
+                messages.append(f"round {rnd + 1}: rank {rank} sent {blobs[rank].size} bytes that do not split into "
                                 f"its {len(slots)} clients' payloads; all of them are rejected")
                 continue
             for slot, payload in zip(slots, split):
@@ -188,7 +188,7 @@ class UpdateChannel:
                 if total is not out:
                     out[:] = total
             except PayloadError as err:
-                return Received(False, [], [f"round {rnd}: the summed update is not usable ({err}); a summable "
+                return Received(False, [], [f"round {rnd + 1}: the summed update is not usable ({err}); a summable "
                                             f"codec cannot say which client sent it: step skipped"])
             return Received(True)
         payloads = self._gather(np.zeros(0, np.uint8))[1:]
@@ -201,7 +201,7 @@ class UpdateChannel:
                            out=out)
         messages = [*(messages or []), *(str(r) for r in result.rejections)]
         if not result.accepted:
-            messages.append(f"round {rnd}: every client's update was rejected: step skipped")
+            messages.append(f"round {rnd + 1}: every client's update was rejected: step skipped")
         return Received(bool(result.accepted), [r.client for r in result.rejections], messages)
 
 

@@ -166,7 +166,7 @@ def run_worker(s: Session, setup: WorkerSetup) -> int:
         protocol.share_model(model.flat)
         t_down = time.perf_counter() - start
         if job.debug.fail_rank == world.rank and job.debug.fail_round == rnd:
-            raise InjectedFault(f"debug.fail_rank = {world.rank}: failing on purpose in round {rnd}")
+            raise InjectedFault(f"debug.fail_rank = {world.rank}: failing on purpose at debug.fail_round = {rnd} (round {rnd + 1})")
 
         ids, ranks, cursors = assignment[:3]
         mine = np.flatnonzero(ranks == world.rank)

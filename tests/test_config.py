@@ -19,7 +19,7 @@ def test_every_problem_is_listed_with_field_value_and_allowed():
     with pytest.raises(JobError) as err:
         load_job(overrides=["train.rounds=0", "trian.rounds=5", 'data.dataset="imagenet"', 'optim.lr="fast"'])
     text = str(err.value)
-    assert "4 problem(s)" in text
+    assert "4 problems" in text
     assert "train.rounds = 0: must be >= 1" in text
     assert "trian: unknown field (did you mean 'train'?)" in text
     assert "data.dataset = 'imagenet': no such built-in dataset; use one of synthetic, cifar10" in text
@@ -31,7 +31,7 @@ def test_nan_and_infinity_are_refused_not_passed_on():
     with pytest.raises(JobError) as err:
         load_job(overrides=["optim.lr=nan", "memory.margin=inf", "profiles.x.memory=inf", "profiles.x.latency=nan"])
     text = str(err.value)
-    assert "4 problem(s)" in text
+    assert "4 problems" in text
     assert "optim.lr = nan: must be a finite number" in text and "memory.margin = inf: must be a finite" in text
     assert "profiles.x.memory: expected a size" in text and "profiles.x.latency: expected a duration" in text
 
@@ -156,15 +156,65 @@ def test_scaling_bounds_are_stated_once_and_checked_on_load_and_in_code():
     from mpifed.scaling import ScalingConfig, ServerScalingPolicy
 
     bad = {"threshold": (0.0, "must be > 0.0"), "noise_ema": (1.0, "must be in [0.0, 1.0)"),
-           "batch_rate": (0.0, "must be in (0.0, 1.0]"), "window": (0, "must be >= 1"),
+           "batch_rate": (0.0, "must be in (0.0, 1.0]"), "window": (-1, "must be >= 0"),
            "scale": (math.inf, "must be a finite number"), "method": ("scaled", "must be one of none, step")}
     with pytest.raises(JobError) as err:
         load_job(overrides=[f"scaling.{name}={value!r}" if isinstance(value, str) else f"scaling.{name}={value}"
                             for name, (value, _) in bad.items()])
     text = str(err.value)
-    assert f"{len(bad)} problem(s)" in text
+    assert f"{len(bad)} problems" in text
     for name, (value, allowed) in bad.items():
         assert f"scaling.{name} = {value!r}: {allowed}" in text, text
         with pytest.raises(ValueError, match=re.escape(f"scaling.{name} = {value!r}: {allowed}")):
             ServerScalingPolicy(ScalingConfig(**{name: value}), [4], seed=0)
     load_job(overrides=["scaling.batch_rate=1.0", "scaling.noise_ema=0.0"])  # the closed ends are allowed
+
+
+def test_a_set_problem_names_the_set_not_the_default_job(tmp_path):
+    """The value came from the command line: the message says which --set, in one line when it is one."""
+    with pytest.raises(JobError) as err:
+        load_job(overrides=["train.rounds=5", "train.rouns=3"])
+    assert str(err.value) == ("--set train.rouns=3: train.rouns: unknown field (did you mean 'rounds'?); allowed: "
+                              "rounds, local_steps, batch, eval_every, eval_batch, max_skipped")
+    with pytest.raises(JobError) as err:  # a table --set fills, and a later --set of the same field
+        load_job(overrides=["train.batch=4", "train.batch=0", "clients.groups=[{count = 0}]"])
+    assert str(err.value).splitlines() == [
+        "the --set values have 2 problems:", "  - --set train.batch=0: train.batch = 0: must be >= 1",
+        "  - --set clients.groups=[{count = 0}]: clients.groups[0].count = 0: must be >= 1"]
+    job = tmp_path / "job.toml"
+    job.write_text("[train]\nrounds = 0\n")
+    with pytest.raises(JobError) as err:  # the file's own problem stays the file's
+        load_job(job, overrides=["train.batch=0"])
+    assert str(err.value).splitlines() == [f"{job} has 2 problems:", "  - train.rounds = 0: must be >= 1",
+                                           "  - --set train.batch=0: train.batch = 0: must be >= 1"]
+
+
+def test_the_job_checks_import_no_torch_and_know_the_models_torch_builds():
+    """mpifed.jobcheck checks a launch before any rank imports torch (8-25 s): the job's modules must not."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mpifed.jobcheck, mpifed.commands.train, mpifed.commands.profile\n"
+            "from mpifed.config import load_job\n"
+            "load_job(overrides=['scaling.method=\"step\"', 'scaling.small_batch=8'], light=True)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-3000:] + out.stdout
+    from mpifed.config import BUILTIN_MODELS
+    from mpifed.models import MODELS
+
+    assert sorted(BUILTIN_MODELS) == sorted(MODELS)
+
+
+def test_scaling_window_and_warmup_follow_train_rounds_unless_given():
+    """At the defaults a step job of any length leaves critical phases (500 warmup rounds outlasted the
+    default 300-round run); given values stay, and the job stores the numbers it ran with."""
+    for rounds, window, warmup in ((6, 1, 5), (24, 1, 5), (300, 6, 30), (5000, 100, 500)):
+        job = load_job(overrides=[f"train.rounds={rounds}", 'scaling.method="step"', "scaling.small_batch=8"])
+        assert (job.scaling.window, job.scaling.warmup) == (window, warmup)
+        assert job.scaling.first_scaled_round() <= rounds
+        assert load_job(text=job.to_toml()) == job
+    given = load_job(overrides=["scaling.window=100", "scaling.warmup=500"]).scaling
+    assert (given.window, given.warmup) == (100, 500)
+    with pytest.raises(JobError, match="scaling.small_batch is unset but method = 'step' needs it"):
+        load_job(overrides=['scaling.method="step"'])  # the reason the bare default job is refused

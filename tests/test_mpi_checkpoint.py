@@ -241,10 +241,15 @@ def test_a_checkpoint_renamed_to_an_older_round_is_refused_for_what_it_is(tmp_pa
     assert "or the checkpoint comes from another run of this job" in foreign.stderr
     assert (tmp_path / "short" / "run.h5").read_bytes() == log_before
 
+    assert not (tmp_path / "short" / "run.lock").exists()  # a refused resume leaves the directory as it was
+
     (folder / "round-00000006.pt").replace(tmp_path / "aside.pt")  # as both messages say: the one before
-    ok(resume())
+    resumed = ok(resume())
+    assert resumed.stdout.splitlines()[0] == (f"mpifed: resuming {tmp_path / 'short'} after round 2 (checkpoint "
+                                              f"round-00000002.pt), appending to its run.h5"), resumed.stdout
     with h5py.File(tmp_path / "short" / "run.h5") as f:
         assert f["iter/t_iter"].shape == (8, 3) and "resumed at round 2" in f.attrs["resumes"][0]
+    assert not (tmp_path / "short" / "run.lock").exists()  # a clean finish lets go of the run directory
 
 
 def test_a_run_that_died_resumes_from_its_log_and_checkpoint(tmp_path):
@@ -252,7 +257,7 @@ def test_a_run_that_died_resumes_from_its_log_and_checkpoint(tmp_path):
     append to; the resume copies the logged rounds into a fresh file and goes on."""
     crashed = train(3, tmp_path, "died", "--set", "train.rounds=8", "--set", "checkpoint.every=2",
                     "--set", "debug.fail_rank=1", "--set", "debug.fail_round=5", timeout=120)
-    assert crashed.returncode != 0 and "failing on purpose in round 5" in crashed.stderr
+    assert crashed.returncode != 0 and "failing on purpose at debug.fail_round = 5" in crashed.stderr
     with h5py.File(tmp_path / "died" / "run.h5", "r", libver="latest", swmr=True) as f:
         logged = f["iter/loss"][:4]
     longer = mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--set", "debug.fail_rank=-1",

@@ -78,7 +78,7 @@ def _died_and_resumed_as(tmp_path, full: str, args: list[str], fail_rank: int, f
     model, bit for bit. Returns the resumed run's log."""
     died = train(3, tmp_path, "died", *args, "--set", f"debug.fail_rank={fail_rank}", "--set",
                  f"debug.fail_round={fail_round}", timeout=120)
-    assert died.returncode != 0 and f"failing on purpose in round {fail_round}" in died.stderr
+    assert died.returncode != 0 and f"failing on purpose at debug.fail_round = {fail_round}" in died.stderr
     ok(mpi_run(3, ["train", "--resume", str(tmp_path / "died"), "--progress", "log"], tmp_path))
     want, resumed = _state(tmp_path / full / "model.pt"), _state(tmp_path / "died" / "model.pt")
     assert all(torch.equal(want[k], resumed[k]) for k in want)
@@ -202,7 +202,7 @@ def test_error_feedback_residuals_follow_their_clients_and_resume_bit_for_bit(tm
 
     died = train(3, tmp_path, "died", *POOLED, *topk, "--set", "debug.fail_rank=1", "--set", "debug.fail_round=3",
                  timeout=120)
-    assert died.returncode != 0 and "failing on purpose in round 3" in died.stderr
+    assert died.returncode != 0 and "failing on purpose at debug.fail_round = 3" in died.stderr
     state = _state(tmp_path / "died" / "checkpoints" / "round-00000002.pt")
     n_params = sum(p.numel() for p in build_model("cnn", 10).parameters())
     assert state["residuals"].shape == (len(state["residual_clients"]), n_params)
@@ -221,7 +221,7 @@ def test_a_planned_pooled_run_predicts_each_round_from_its_placement_and_resumes
                "--set", "plan.repeats=2"]
     died = train(3, tmp_path, "planned", *POOLED, *planned, "--set", "debug.fail_rank=1", "--set",
                  "debug.fail_round=3", timeout=120)
-    assert died.returncode != 0 and "failing on purpose in round 3" in died.stderr
+    assert died.returncode != 0 and "failing on purpose at debug.fail_round = 3" in died.stderr
     assert "profile big: t(b)" in died.stdout and "the busiest worker's clients" in died.stdout
     resumed = ok(mpi_run(3, ["train", "--resume", str(tmp_path / "planned"), "--progress", "log"], tmp_path))
     assert "profile big: t(b)" in resumed.stdout

@@ -123,6 +123,7 @@ def test_run_log_layout(tmp_path):
     proc = ok(train(4, tmp_path, "log", "--set", "profiles.slow.speed=0.5", "--set", 'profiles.slow.latency="2ms"',
                     "--set", 'clients.groups=[{count = 1, profile = "slow"}]', "--set", "data.augment=true"))
     assert "test accuracy" in proc.stdout
+    assert not (tmp_path / "log" / "run.lock").exists()  # a clean finish lets go of the run directory
     with open_run(tmp_path / "log" / "run.h5") as f:
         assert f.attrs["schema"] == 1 and f.attrs["world_size"] == 4
         assert load_job(text=f.attrs["job"]).train.rounds == 6

@@ -7,7 +7,7 @@ import pytest
 import tomli_w
 
 from mpifed.config import Job, JobError
-from mpifed.resume import _changed_fields, _stored_job
+from mpifed.resume import _changed_fields, _stored_job, check_resume
 
 
 def _stored(tmp_path, **changes):
@@ -43,3 +43,14 @@ def test_a_field_the_stored_job_predates_counts_as_its_default(tmp_path):
     assert _changed_fields(older, {**full, "comm": {**full["comm"], "timeout": 5.0}}) == ["comm.timeout"]
     changed = {**full, "optim": {**full["optim"], "lr": full["optim"]["lr"] * 2}}
     assert _changed_fields(full, changed) == ["optim.lr"]
+
+
+def test_scaling_defaults_that_follow_train_rounds_stay_as_the_run_set_them(tmp_path):
+    """A stored job that leaves scaling.window and warmup to follow train.rounds ran with the numbers of
+    its own length: a resume with more rounds keeps them rather than moving the detector mid-run."""
+    for stored in ("[train]\nrounds = 300\n[optim]\nschedule = \"step\"\n",
+                   "[train]\nrounds = 300\n[optim]\nschedule = \"step\"\n[scaling]\nwindow = 0\nwarmup = -1\n"):
+        (tmp_path / "job.toml").write_text(stored)
+        (tmp_path / "run.h5").write_bytes(b"")
+        job = check_resume(tmp_path, ["train.rounds=600"])
+        assert (job.train.rounds, job.scaling.window, job.scaling.warmup) == (600, 6, 30)

@@ -8,7 +8,7 @@ import pytest
 
 from mpifed import runlock
 from mpifed.config import JobError
-from mpifed.resume import resume_run as _resume
+from mpifed.resume import check_resume
 
 HOLDER = """
 import sys, time
@@ -43,5 +43,22 @@ def test_resume_of_a_run_whose_job_still_runs_changes_nothing(tmp_path, live_job
     (tmp_path / "job.toml").write_text("")
     (tmp_path / "run.h5").write_bytes(b"the live job's log")
     with pytest.raises(JobError, match="in use by a running job"):
-        _resume(None, str(tmp_path), [])
+        check_resume(str(tmp_path), [])
     assert (tmp_path / "run.h5").read_bytes() == b"the live job's log"
+
+
+def test_a_job_that_ends_of_itself_removes_its_lock_and_a_late_opener_locks_anew(tmp_path):
+    """A finished run directory holds the run's files only; a launch that opened run.lock just before
+    the ending job removed it must not lock that removed file (a third launch would lock a new one)."""
+    assert runlock.hold(tmp_path) and (tmp_path / runlock.LOCK_NAME).exists()
+    late = open(tmp_path / runlock.LOCK_NAME, "a+")  # another launch, between its open and its lock
+    runlock.release(tmp_path)
+    assert not (tmp_path / runlock.LOCK_NAME).exists()
+    assert not runlock._still_named(late, tmp_path / runlock.LOCK_NAME)
+    late.close()
+    assert runlock.hold(tmp_path)  # a fresh file, locked again
+    assert runlock._still_named(runlock._held[tmp_path.resolve()], tmp_path / runlock.LOCK_NAME)
+    proc = subprocess.run([sys.executable, "-c", HOLDER, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "in use by a running job" in proc.stderr  # held as before while it lives
+    runlock.release_all()
+    assert not (tmp_path / runlock.LOCK_NAME).exists() and not runlock._held

@@ -298,7 +298,7 @@ def _output_variance(cfg: ScalingConfig, batches: list[int], route: str, seed: i
 @pytest.mark.parametrize("route", ["gradients", "coordinates"])
 def test_teacher_output_has_small_batch_variance(route):
     batches, small = [4, 4, 8, 16], 8
-    cfg = ScalingConfig(method="teacher", small_batch=small, per_layer=False, only_outside_critical=False)
+    cfg = ScalingConfig(method="teacher", small_batch=small, per_layer=False, only_outside_critical=False).for_rounds(100)
     out = _output_variance(cfg, batches, route, seed=5)
     sq_dev = (out - G).square()  # E = Sigma / b when the teacher tops the variance up
     assert_mean(sq_dev, SIGMA / small)
@@ -307,7 +307,7 @@ def test_teacher_output_has_small_batch_variance(route):
 
 def test_teacher_per_layer_uses_layer_mean_variance_from_norms():
     batches, small = [4, 4, 8, 16], 8
-    cfg = ScalingConfig(method="teacher", small_batch=small, per_layer=True, only_outside_critical=False)
+    cfg = ScalingConfig(method="teacher", small_batch=small, per_layer=True, only_outside_critical=False).for_rounds(100)
     out = _output_variance(cfg, batches, "norms", seed=6)
     coef = 1 / small - 1 / sum(batches)
     layer_mean = torch.cat([SIGMA[:2].mean().repeat(2), SIGMA[2:].mean().repeat(4)])
@@ -355,8 +355,8 @@ def test_a_round_with_rejected_payloads_is_left_unscaled_not_fatal(method):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("method", "scaled"), ("scale", -1.0), ("small_batch", -2), ("window", 0), ("threshold", 0.0),
-    ("warmup", -1), ("noise_ema", 1.0), ("batch_rate", 0.0),
+    ("method", "scaled"), ("scale", -1.0), ("small_batch", -2), ("window", -1), ("threshold", 0.0),
+    ("warmup", -2), ("noise_ema", 1.0), ("batch_rate", 0.0),
 ])
 def test_bad_options_raise_naming_the_option(field, value):
     with pytest.raises(ValueError, match=f"scaling.{field}"):
@@ -369,7 +369,21 @@ def test_methods_that_need_small_batch_say_so():
             ServerScalingPolicy(ScalingConfig(method=method), LAYERS, seed=0)
     with pytest.raises(ValueError, match="scaling.small_batch is unset"):
         ServerScalingPolicy(ScalingConfig(method="step"), LAYERS, seed=0)
-    ServerScalingPolicy(ScalingConfig(method="step", scale=2.0), LAYERS, seed=0)
+    ServerScalingPolicy(ScalingConfig(method="step", scale=2.0).for_rounds(300), LAYERS, seed=0)
+
+
+def test_window_and_warmup_follow_the_run_unless_given():
+    """Left unset, the detector's window and warmup scale with train.rounds, so the step can act in a
+    run of any length (before: a warmup of 500 rounds outlasted the default 300-round run)."""
+    cfg = ScalingConfig(method="step", scale=2.0)
+    with pytest.raises(ValueError, match="scaling.window = 0 and scaling.warmup = -1 follow train.rounds"):
+        ServerScalingPolicy(cfg, LAYERS, seed=0)
+    for rounds, window, warmup in ((300, 6, 30), (30, 1, 5), (10, 1, 5), (5000, 100, 500)):
+        resolved = cfg.for_rounds(rounds)
+        assert (resolved.window, resolved.warmup) == (window, warmup)
+        assert resolved.first_scaled_round() <= rounds
+    given = ScalingConfig(method="step", scale=2.0, window=100, warmup=0).for_rounds(30)
+    assert (given.window, given.warmup, given.first_scaled_round()) == (100, 0, 200)
 
 
 # ---------------------------------------------------------------------------- batch controller

@@ -210,9 +210,8 @@ def test_arguments_for_train_are_checked_against_every_sweep_job(tmp_path):
     args = ["--sweep", str(sweep), "--venv", "", "--log-dir", str(tmp_path), "-o", str(tmp_path / "s.sbatch")]
     result = CliRunner().invoke(slurm_command, [*args, "--", "--set", "model.nam=cnn"])
     assert result.exit_code == 2, result.output
-    assert f"{tmp_path / 'a.toml'} has 1 problem(s)" in result.output
-    assert f"{tmp_path / 'b.toml'} has 1 problem(s)" in result.output
-    assert "model.nam: unknown field" in result.output and not (tmp_path / "s.sbatch").exists()
+    assert f"{tmp_path / 'a.toml'}: --set model.nam=cnn: model.nam: unknown field" in result.output
+    assert f"{tmp_path / 'b.toml'}: --set model.nam=cnn: model.nam: unknown field" in result.output and not (tmp_path / "s.sbatch").exists()
     result = CliRunner().invoke(slurm_command, [*args, "--", "--set", "model.name=cnn"])
     assert result.exit_code == 0, result.output
 

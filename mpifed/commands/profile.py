@@ -54,25 +54,29 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
     for it."""
     import dataclasses
 
-    from mpifed import probes
-    from mpifed.client import prepare_client
     from mpifed.cluster import init_world, run_or_abort
     from mpifed.config import JobError, load_job
+    from mpifed.jobcheck import agree, check_launch
+
+    world = init_world()
+    try:  # rank 0 checks the job, before any rank imports torch and then its data and model: one message
+        agree(world, lambda: _profiled(check_launch(job_path, list(overrides), world_size=world.size).job))
+        from mpifed.learn.loading import check_learning  # torch, on every rank at once
+
+        agree(world, lambda: check_learning(load_job(job_path, list(overrides)), world.local_size))
+    except JobError as err:
+        if world.is_server:
+            raise click.ClickException(str(err)) from None
+        raise SystemExit(1) from None  # the same message once, from rank 0, not once per rank
+    job = load_job(job_path, list(overrides))  # every rank: the file rank 0 found good
+
+    from mpifed import probes
+    from mpifed.client import prepare_client
     from mpifed.perf import fit_collective, measure_collectives
     from mpifed.planning import other_sizes, plan_startup
     from mpifed.runlog import ITER_FIELDS
     from mpifed.session import open_session, stop_if_asked
 
-    world = init_world()
-    try:  # every rank reads the same file, so every rank stops with the same message
-        job = load_job(job_path, list(overrides))
-        if not job.memory.size_clients and not job.plan.profile_max:
-            raise JobError("mpifed profile times each client up to its memory cap: turn on "
-                           "memory.size_clients or bound it with --max-batch N")
-    except JobError as err:
-        if world.is_server:
-            raise click.ClickException(str(err)) from None
-        raise SystemExit(1) from None  # the same message once, from rank 0, not once per rank
     result: list[StartupPlan] = []
 
     def body() -> None:
@@ -97,3 +101,14 @@ def profile_job(job_path: str, overrides: Sequence[str]) -> StartupPlan | None:
     if code:  # stopped by a signal during the probes: every rank exits with it, nothing written
         raise SystemExit(code)
     return result[0] if result else None
+
+
+
+def _profiled(job):
+    """`job`, if `mpifed profile` can time it (as a launch's checks found it: mpifed.jobcheck)."""
+    from mpifed.config import JobError
+
+    if not job.memory.size_clients and not job.plan.profile_max:
+        raise JobError("mpifed profile times each client up to its memory cap: turn on "
+                       "memory.size_clients or bound it with --max-batch N")
+    return job

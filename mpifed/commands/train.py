@@ -26,22 +26,26 @@ def train(job_file, overrides, name, out, progress, resume, auto_resume, print_j
             raise click.ClickException(str(err)) from None
         return
 
+    from mpifed import runlock
     from mpifed.cluster import StopRequest, StoppedEarly, abort, init_world, run_or_abort, stop_at_once
-    from mpifed.exchange import RankTimeout
-    from mpifed.rundir import prepare
-    from mpifed.train import train as run_train
+    from mpifed.errors import RankTimeout
+    from mpifed.jobcheck import agree, check_launch
 
     world = init_world()
     StopRequest.install()  # from here on a signal asks for a stop (at start-up's next step, or a round's end)
     try:
-        job, start = prepare(world, job_file, overrides, resume, auto_resume)
+        launch = agree(world, lambda: check_launch(job_file, overrides, resume, auto_resume, world.size))  # no torch
+        from mpifed.rundir import prepare  # torch, the data and the model from here on
+        from mpifed.train import train as run_train
+
+        job, start = prepare(world, launch)
     except JobError as err:
         if world.is_server:
+            runlock.release_all()  # a refused resume leaves its run directory as it was
             click.echo(f"mpifed: error: {err}", err=True)
-        sys.exit(2)
+        sys.exit(2)  # every rank: the launcher reports one exit code
     except RankTimeout as err:
         sys.exit(abort(world, err))
     except StoppedEarly as err:  # a signal while rank 0 read the job (or the others waited for it)
         sys.exit(stop_at_once(world, err))
     sys.exit(run_or_abort(world, lambda: run_train(world, job, start, progress)))
-

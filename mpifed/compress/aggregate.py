@@ -29,14 +29,15 @@ from mpifed.compress.base import (
 
 @dataclass(frozen=True)
 class Rejection:
-    """A client's payload that the server refused, and why."""
+    """A client's payload that the server refused, and why. `round` counts from 0 (its run.h5 row); the
+    message counts from 1, as the progress lines do."""
 
     round: int
     client: int
     reason: str
 
     def __str__(self) -> str:
-        return f"round {self.round}: rejected the update of client {self.client}: {self.reason}"
+        return f"round {self.round + 1}: rejected the update of client {self.client}: {self.reason}"
 
 
 class Aggregate(NamedTuple):

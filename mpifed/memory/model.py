@@ -12,13 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpifed.config import DEFAULT_MARGIN  # noqa: F401 - the job's memory.margin default, the sizing's too
 
-DEFAULT_MARGIN = 0.05
-"""Fraction of the budget kept free, and the job's memory.margin default. It covers the CUDA caching
-allocator's fragmentation under a memory fraction and the model's own error (the target is <= 5% on
-CUDA); larger margins waste memory, since 1.15x the max batch must not fit. On an H100 with an
-8 GiB budget it held for resnet18 and resnet50; vgg11 and the small CNN need the cuDNN workspace
-the walk does not model (mpifed.memory)."""
 
 ANALYTIC_FIT_BATCHES = (16, 32)
 """Batch sizes the analytic walk is fitted at (default 16 and 32). On the meta device a walk costs

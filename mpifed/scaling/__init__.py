@@ -5,18 +5,28 @@ step.py        step-function scaling: factor s outside critical phases, 1 inside
 noisescale.py  unbiased diag(Sigma), tr(Sigma), |G|^2 and the noise scale (McCandlish et al. 2018)
 teacher.py     small-batch noise added to the large-batch gradient
 batch.py       optional controller that grows the global batch towards the noise scale
-policy.py      ScalingConfig ([scaling] in the job) and ServerScalingPolicy, called once per round
+config.py      ScalingConfig ([scaling] in the job) and its checks, free of torch
+policy.py      ServerScalingPolicy, called once per round
 
-All of it is arithmetic on tensors and floats; nothing here touches MPI.
+All of it is arithmetic on tensors and floats; nothing here touches MPI. The names below are
+imported when first used, so a job's [scaling] table (scaling.config) is read without torch.
 """
 
-from mpifed.scaling.batch import BatchController, split_batch
-from mpifed.scaling.detector import CriticalPhaseDetector
-from mpifed.scaling.noisescale import (NoiseEstimate, NoiseScaleTracker, estimate_from_gradients,
-                                       estimate_from_norms)
-from mpifed.scaling.policy import (METHODS, STATS_KEYS, ClientRound, ScalingConfig, ServerScalingPolicy,
-                                   check_scaling)
+import importlib
 
-__all__ = ["BatchController", "ClientRound", "CriticalPhaseDetector", "METHODS", "NoiseEstimate",
-           "NoiseScaleTracker", "STATS_KEYS", "ScalingConfig", "ServerScalingPolicy", "check_scaling",
-           "estimate_from_gradients", "estimate_from_norms", "split_batch"]
+_HOMES = {
+    "batch": ("BatchController", "split_batch"),
+    "detector": ("CriticalPhaseDetector",),
+    "noisescale": ("NoiseEstimate", "NoiseScaleTracker", "estimate_from_gradients", "estimate_from_norms"),
+    "config": ("METHODS", "STATS_KEYS", "ScalingConfig", "check_scaling"),
+    "policy": ("ClientRound", "ServerScalingPolicy"),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

@@ -16,7 +16,8 @@ from typing import Sequence
 
 import torch
 
-from mpifed.fields import field_problems, opt
+from mpifed.fields import field_problems
+from mpifed.scaling.config import METHODS, STATS_KEYS, ScalingConfig, check_scaling  # noqa: F401 - re-exported
 from mpifed.scaling.detector import CriticalPhaseDetector
 from mpifed.scaling.noisescale import (NoiseEstimate, NoiseScaleTracker, estimate_from_coordinate_squares,
                                        estimate_from_gradients, estimate_from_norms,
@@ -24,81 +25,6 @@ from mpifed.scaling.noisescale import (NoiseEstimate, NoiseScaleTracker, estimat
 from mpifed.scaling.step import sqrt_rule, step_scale
 from mpifed.scaling.teacher import (coordinate_variance, teacher_coefficient, teacher_generator,
                                     teacher_noise)
-
-METHODS = ("none", "step", "teacher", "step+teacher")
-STATS_KEYS = ("grad_norm", "rel_change", "critical", "scale", "noise_scale", "sigma_trace", "signal_sq",
-              "teacher_std")
-
-
-@dataclass(frozen=True)
-class ScalingConfig:
-    """The `[scaling]` table of a job. Cross-field checks: `check_scaling`."""
-
-    method: str = opt("none", "none: aggregate used as is (statistics are still logged); step: multiply "
-                      "by `scale` outside critical phases (Tyagi 2025); teacher: add small-batch noise; "
-                      "step+teacher: both, noise first.", choices=METHODS)
-    scale: float = opt(0.0, "Step factor s applied outside critical phases (dimensionless). 0 = the "
-                       "square-root rule sqrt(B / small_batch) of Hoffer et al. (2017), which matches "
-                       "the small batch's step noise.", minimum=0.0)
-    small_batch: int = opt(0, "b, samples: the small batch the teacher imitates and the sqrt rule "
-                           "refers to; must be below the global batch B. 0 = unset, allowed only when "
-                           "neither needs it. No default exists in the literature: use the batch the "
-                           "small-batch baseline trains with.", minimum=0)
-    window: int = opt(100, "Detection window, iterations. Accordion compares per-epoch gradient norms; "
-                      "100 is about one CIFAR-10 epoch at B = 512 (50000 / 512).", minimum=1)
-    threshold: float = opt(0.5, "Relative change of the window-mean gradient norm that marks a critical "
-                           "phase; 0.5 is Accordion's (Agarwal et al., MLSys 2021) value.", above=0.0)
-    warmup: int = opt(500, "Leading iterations that are always critical. 500 is about 5 CIFAR-10 epochs "
-                      "at B = 512, the 5-epoch warmup of Goyal et al. (2017) that Accordion also uses.",
-                      minimum=0)
-    only_outside_critical: bool = opt(True, "Teacher noise only outside critical phases, where the large "
-                                      "batch is otherwise left alone; false = every iteration.")
-    per_layer: bool = opt(True, "Teacher uses each layer's mean variance; false = the per-coordinate "
-                          "diagonal, which needs sum_k b_k g_k^2 per coordinate: gather codecs give it "
-                          "for free (the server decodes every client), summable codecs add one dense "
-                          "float32 vector to each client's upload (2x the uncompressed bytes).")
-    noise_ema: float = opt(0.95, "EMA decay per round of tr(Sigma) and |G|^2 for the logged noise scale; "
-                           "McCandlish et al. (2018) smooth both but give no value; 0.95 (~20 rounds) "
-                           "is this project's choice.", minimum=0.0, below=1.0)
-    grow_batch: bool = opt(False, "Let the batch controller grow the global batch towards the noise "
-                           "scale, within the clients' memory limits (McCandlish et al. 2018).")
-    batch_rate: float = opt(0.1, "Batch controller: fraction of the gap to the noise scale closed per "
-                            "round; 0.1 is this project's choice (slow next to noise_ema).", above=0.0,
-                            maximum=1.0)
-
-    @property
-    def uses_step(self) -> bool:
-        return self.method in ("step", "step+teacher")
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.method in ("teacher", "step+teacher")
-
-    @property
-    def per_coordinate(self) -> bool:
-        """The teacher needs sum_k (b_k / B) g_k^2 per coordinate (the full diagonal)."""
-        return self.uses_teacher and not self.per_layer
-
-
-def check_scaling(cfg: ScalingConfig, global_batch: int | None = None,
-                  clients: int | None = None) -> list[str]:
-    """Problems between `cfg`'s fields, and with B and K when known; messages name the field. Each field's
-    own choices and bounds are its metadata's, checked when a job loads (and by `field_problems`)."""
-    errors = []
-    needs_small = cfg.uses_teacher or (cfg.uses_step and cfg.scale == 0)
-    if needs_small and cfg.small_batch == 0:
-        why = "the teacher imitates it" if cfg.uses_teacher else "scale = 0 selects sqrt(B / small_batch)"
-        errors.append(f"scaling.small_batch is unset but method = {cfg.method!r} needs it ({why}); set it "
-                      f"to the small-batch baseline's batch" + ("" if cfg.uses_teacher else
-                                                                 ", or give scaling.scale"))
-    if needs_small and global_batch is not None and cfg.small_batch >= global_batch:
-        errors.append(f"scaling.small_batch = {cfg.small_batch} must be below the global batch "
-                      f"{global_batch}")
-    if cfg.uses_teacher and clients is not None and clients < 2:
-        errors.append(f"scaling.method = {cfg.method!r} needs >= 2 clients to estimate the gradient "
-                      f"covariance, the job has {clients}")
-    return errors
-
 
 @dataclass(frozen=True)
 class ClientRound:
@@ -136,6 +62,9 @@ class ServerScalingPolicy:
 
     def __init__(self, cfg: ScalingConfig, layer_sizes: Sequence[int], seed: int):
         errors = field_problems(cfg, "scaling") + check_scaling(cfg)
+        if not errors and (cfg.window == 0 or cfg.warmup < 0):
+            errors = [f"scaling.window = {cfg.window} and scaling.warmup = {cfg.warmup} follow train.rounds: give "
+                      f"cfg.for_rounds(rounds) (a loaded job's [scaling] already is)"]
         if errors:
             raise ValueError("; ".join(errors))
         if not layer_sizes or min(layer_sizes) < 1:
