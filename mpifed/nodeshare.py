@@ -28,7 +28,8 @@ caller's `wait(requests)` (Exchange.wait) or polled with Testall and a back-off 
 Errors end every rank the same way: a `make()` that raises on a leader, or a `writer` that raises on
 any rank, is reported to every rank of `comm` (a final allreduce of a flag over `comm`, the messages
 gathered after it); the failing rank re-raises its own exception, every other rank raises
-NodeShareError carrying the failing ranks' messages. No rank is left waiting.
+NodeShareError carrying the failing ranks' messages (NodeInputError, an InputError, when a leader's
+make() failed on the user's input: its message is the whole story). No rank is left waiting.
 """
 
 from __future__ import annotations
