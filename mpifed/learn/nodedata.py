@@ -40,7 +40,7 @@ GENERATE_ROWS = 2048  # synthetic samples generated at a time (about 6 MiB of fl
 @dataclass
 class NodeData:
     """What a rank gets: the train split (the node's copy), the task, the natural clients (0: none), the
-    test split (on the leaders, None elsewhere) and the window (free it at the end)."""
+    test split (on rank 0, the server; None elsewhere) and the window (free it at the end)."""
 
     train: object
     task: Task
@@ -66,7 +66,8 @@ def hold_on_node(comm, job, wait) -> NodeData:
     task = _task(about["task"])
     if bundle is None and about["own_functions"]:  # the user's loss or metric: from their factory's Data
         task = load_data(job).task
-    return NodeData(_rebuild(shared, about), task, about["natural_clients"], bundle.test if bundle else None, shared)
+    test = bundle.test if bundle is not None and comm.rank == 0 else None  # the server's; other leaders drop theirs
+    return NodeData(_rebuild(shared, about), task, about["natural_clients"], test, shared)
 
 
 def _shared_arrays(train, task: Task) -> tuple[dict, dict]:
