@@ -88,7 +88,7 @@ class Window:
 
 
 def test_made_on_demand_generates_only_what_is_read_with_the_bytes_of_the_whole_set():
-    whole = SyntheticSet(True, 3000, 2.5)
+    whole = SyntheticSet(True, 1000, 2.5)
     expect = whole.images(np.arange(len(whole)))
     data, made = np.zeros((len(whole), 32, 32, 3), np.uint8), np.zeros(len(whole), np.uint8)
     source = SyntheticSet.of_labels(1, 2.5, 1.2, whole.targets, whole.which, whole.num_classes)
@@ -97,7 +97,7 @@ def test_made_on_demand_generates_only_what_is_read_with_the_bytes_of_the_whole_
     picked = draw.choice(len(whole), 40, replace=False)
     assert np.array_equal(lazy.images(picked), expect[picked]) and made.sum() == 40
     assert lazy.prepare(picked) == 0  # made once: read again, not generated again
-    again = np.concatenate([picked[:5], draw.choice(len(whole), 3000)])  # repeats, made and not made
+    again = np.concatenate([picked[:5], draw.choice(len(whole), 600)])  # repeats, made and not made
     assert np.array_equal(lazy.images(again), expect[again])
     left = len(whole) - int(made.sum())
     assert left > 0 and lazy.prepare(np.arange(len(whole))) == left
