@@ -21,8 +21,8 @@ import torch
 from mpifed import memory as mem
 from mpifed import profiles
 from mpifed.memory import BudgetGuard
-from mpifed.data import ClientSampler, augment, partition
-from mpifed.learn.loading import natural_partition
+from mpifed.data import ClientSampler, augment
+from mpifed.learn.partition import Partition, split_clients
 from mpifed.learn.samples import DeviceSamples
 from mpifed.optimizers import local_optimizer
 from mpifed.protocol import STOP_ASKED, payload_size
@@ -35,14 +35,10 @@ class InjectedFault(RuntimeError):
     """Raised on purpose by debug.fail_rank, to test that one failing rank ends the whole job."""
 
 
-def partitions(s: Session) -> list[np.ndarray]:
-    """Every client's sample indices into the train split: the data's natural clients, or a split by the
-    job's scheme (weighted by the profiles' data volumes)."""
-    d = s.job.data
-    if d.partition == "natural":
-        return natural_partition(s.dataset.clients, s.n_clients)
-    weights = np.array([s.profile(k).data for k in range(s.n_clients)])
-    return partition(s.dataset.labels, weights, d.partition, s.job.run.seed, d.alpha, d.volume_sigma)
+def partitions(s: Session) -> Partition:
+    """Every client's sample indices into the train split: the node's shared copy when the session has
+    one, else split here (mpifed.learn.partition)."""
+    return s.parts if s.parts is not None else split_clients(s.job, s.dataset, s.profile_names)
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from mpifed.datasets import DATASETS, DEBIAN_FILES, DEBIAN_PACKAGES, missing_message as _missing_message  # noqa: F401
 from mpifed.errors import InputError
+from mpifed.learn.partition import Partition
 from mpifed.learn.tasks import Task
 from mpifed.seeding import Purpose, rng, torch_generator
 
@@ -67,9 +68,6 @@ class ImageSet:
     def arrays(self) -> dict[str, np.ndarray]:
         return dict(data=self.data, targets=self.targets)
 
-    def with_arrays(self, arrays: dict[str, np.ndarray]) -> ImageSet:
-        return ImageSet(arrays["data"], arrays["targets"], self.num_classes, self.name, self.pad_to)
-
     def tensors(self, indices: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized float32 (n, C, side, side) images and int64 labels of `indices` (all if None)."""
         if indices is None:
@@ -101,9 +99,23 @@ class SyntheticSet(ImageSet):
         labels = rng(_SYNTHETIC_DATA_SEED, Purpose.SYNTHETIC, self.split)
         targets = labels.integers(classes, size=size)
         self.which = targets * self.MODES + labels.integers(self.MODES, size=size)
-        protos = rng(_SYNTHETIC_DATA_SEED, Purpose.SYNTHETIC, 0).standard_normal((classes * self.MODES, 3, 4, 4))
-        self.protos = _smooth(protos.astype(np.float32))
+        self.protos = self._prototypes(classes)
         super().__init__(np.empty((0, 32, 32, 3), np.uint8), targets.astype(np.int64), classes, "synthetic")
+
+    @classmethod
+    def of_labels(cls, split: int, noise: float, distort: float, targets: np.ndarray, which: np.ndarray,
+                  classes: int, pad_to: int = 0) -> SyntheticSet:
+        """The set whose labels another rank drew (`targets`, `which`: its arrays, e.g. in a node's window)."""
+        self = cls.__new__(cls)
+        self.split, self.noise, self.distort, self.which = split, noise, distort, which
+        self.protos = cls._prototypes(classes)
+        ImageSet.__init__(self, np.empty((0, 32, 32, 3), np.uint8), targets, classes, "synthetic", pad_to)
+        return self
+
+    @classmethod
+    def _prototypes(cls, classes: int) -> np.ndarray:
+        protos = rng(_SYNTHETIC_DATA_SEED, Purpose.SYNTHETIC, 0).standard_normal((classes * cls.MODES, 3, 4, 4))
+        return _smooth(protos.astype(np.float32))
 
     def images(self, indices: np.ndarray) -> np.ndarray:
         n = len(indices)
@@ -116,10 +128,6 @@ class SyntheticSet(ImageSet):
         x = self.protos[self.which[indices]] + self.distort * _smooth(coarse) + self.noise * pixels
         return np.clip(128 + 40 * x, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
-
-    def with_arrays(self, arrays: dict[str, np.ndarray]) -> ImageSet:
-        """The generated images held as data (mpifed.learn.nodedata generates them into shared memory)."""
-        return ImageSet(arrays["data"], arrays["targets"], self.num_classes, self.name, self.pad_to)
 
 
 def synthetic(train: bool, size: int, noise: float, classes: int = DATASETS["synthetic"].classes) -> ImageSet:
@@ -252,13 +260,13 @@ def read_idx(path: str | Path) -> np.ndarray:
 # --------------------------------------------------------------------------- partitions
 
 def partition(labels: np.ndarray, weights: np.ndarray, scheme: str, seed: int,
-              alpha: float = 0.5, volume_sigma: float = 1.0) -> list[np.ndarray]:
+              alpha: float = 0.5, volume_sigma: float = 1.0) -> Partition:
     """Split sample indices among len(weights) clients; reproducible from `seed`.
 
     weights: relative data volume of each client (its profile's `data`).
     iid: a shuffled split in proportion to weights. volume: the same, with weights further drawn
     from log-normal(volume_sigma). dirichlet: per class, shares drawn from Dirichlet(alpha) and
-    scaled by weights (label skew).
+    scaled by weights (label skew). Every client's indices ascending, as one flat array (Partition).
     """
     gen = rng(seed, Purpose.PARTITION)
     weights = np.asarray(weights, dtype=np.float64)
@@ -269,14 +277,16 @@ def partition(labels: np.ndarray, weights: np.ndarray, scheme: str, seed: int,
     if scheme == "volume":
         weights = weights * gen.lognormal(0.0, volume_sigma, size=len(weights))
     if scheme in ("iid", "volume"):
-        return [np.sort(p) for p in np.split(gen.permutation(n), _cuts(n, weights))]
+        owner = np.empty(n, dtype=np.int64)
+        owner[gen.permutation(n)] = np.repeat(np.arange(len(weights)), _sizes(n, weights))
+        return Partition.of_owners(owner, len(weights))
     if scheme == "dirichlet":
         return _dirichlet(labels, weights, alpha, gen)
     raise ValueError(f"unknown partition scheme {scheme!r}; use iid, dirichlet or volume")
 
 
-def _cuts(n: int, weights: np.ndarray) -> np.ndarray:
-    """Split points with sizes proportional to weights (largest remainder), every client >= 1 sample."""
+def _sizes(n: int, weights: np.ndarray) -> np.ndarray:
+    """Client sizes proportional to weights (largest remainder), every client >= 1 sample."""
     shares = weights / weights.sum() * n
     sizes = np.floor(shares).astype(np.int64)
     order = np.argsort(-(shares - sizes), kind="stable")
@@ -284,27 +294,46 @@ def _cuts(n: int, weights: np.ndarray) -> np.ndarray:
     for client in np.flatnonzero(sizes == 0):
         sizes[np.argmax(sizes)] -= 1
         sizes[client] = 1
-    return np.cumsum(sizes)[:-1]
+    return sizes
 
 
-def _dirichlet(labels: np.ndarray, weights: np.ndarray, alpha: float,
-               gen: np.random.Generator) -> list[np.ndarray]:
+def _dirichlet(labels: np.ndarray, weights: np.ndarray, alpha: float, gen: np.random.Generator) -> Partition:
     k = len(weights)
-    parts: list[list[np.ndarray]] = [[] for _ in range(k)]
+    owner = np.empty(len(labels), dtype=np.int64)
     for cls in np.unique(labels):
         idx = gen.permutation(np.flatnonzero(labels == cls))
         shares = gen.dirichlet(np.full(k, alpha)) * weights
         cuts = np.floor(np.cumsum(shares / shares.sum())[:-1] * len(idx)).astype(np.int64)
-        for client, piece in enumerate(np.split(idx, cuts)):
-            parts[client].append(piece)
-    out = [np.sort(np.concatenate(p)) for p in parts]
-    # A client left empty by the draw takes one sample from the largest partition, so every
-    # client can train; the label skew is unchanged in any way that matters.
-    for client in range(k):
-        if len(out[client]) == 0:
-            donor = int(np.argmax([len(p) for p in out]))
-            out[client], out[donor] = out[donor][-1:], out[donor][:-1]
-    return out
+        bounds = np.concatenate([[0], np.clip(cuts, 0, len(idx)), [len(idx)]])
+        owner[idx] = np.repeat(np.arange(k), np.diff(np.maximum.accumulate(bounds)))
+    return _fill_empty(owner, k)
+
+
+def _fill_empty(owner: np.ndarray, k: int) -> Partition:
+    """A client left empty by the draw takes the last (largest) sample of the largest partition, so
+    every client can train; the label skew is unchanged in any way that matters. Clients in id order,
+    each seen once: one emptied as a donor after its turn stays empty (only when no client has two)."""
+    parts = Partition.of_owners(owner, k)
+    sizes = parts.sizes.copy()
+    empty = np.flatnonzero(sizes == 0)
+    if not len(empty):
+        return parts
+    held: dict[int, list[int]] = {}  # the clients touched: their samples now, ascending
+    pending, done = list(empty), 0
+    while done < len(pending):
+        client = int(pending[done])
+        done += 1
+        if sizes[client]:
+            continue
+        donor = int(np.argmax(sizes))
+        mine = held.setdefault(donor, parts[donor].tolist())
+        held[client] = [mine.pop()]
+        owner[held[client][0]] = client
+        sizes[donor] -= 1
+        sizes[client] = 1
+        if not sizes[donor] and donor > client:
+            pending.insert(done + int(np.searchsorted(pending[done:], donor)), donor)
+    return Partition.of_owners(owner, k)
 
 
 class ClientSampler:

@@ -6,7 +6,14 @@ aligned to 64 bytes; the other ranks allocate 0 bytes and map the leader's segme
 So every rank of a node reads the same physical pages: the kernel's proportional set size (PSS)
 counts them once, split among the ranks, and the node's memory no longer grows with its ranks.
 The arrays come either from `make()`, called on the leader alone (its private copies are dropped once
-copied in), or from `fill=(spec, writer)`, where every node rank writes its own share of the rows.
+copied in; a `Blank` is only allocated, for rows written later), or from `fill=(spec, writer)`, where
+every node rank writes its own share of the rows. `make()` may also return a small JSON-able `about`
+dict that reaches every rank with the layout (what the other ranks need to know of the arrays).
+
+Arrays named in `writable` stay writable after the set-up, for data made on demand: the window then
+keeps its passive epoch open until `free()`, and `NodeArrays.sync()` (MPI_Win_sync) is the memory
+barrier a writer calls between writing rows and publishing them (setting a flag), and a reader between
+seeing the flag and reading the rows.
 
 Why a window and not a memory-mapped file: no file is left to clean up after a crash, nothing here
 assumes a shared filesystem or a path (the MPI library picks its own backing), and the MPI library maps
@@ -21,7 +28,8 @@ caller's `wait(requests)` (Exchange.wait) or polled with Testall and a back-off 
 Errors end every rank the same way: a `make()` that raises on a leader, or a `writer` that raises on
 any rank, is reported to every rank of `comm` (a final allreduce of a flag over `comm`, the messages
 gathered after it); the failing rank re-raises its own exception, every other rank raises
-NodeShareError carrying the failing ranks' messages. No rank is left waiting.
+NodeShareError carrying the failing ranks' messages (NodeInputError, an InputError, when a leader's
+make() failed on the user's input: its message is the whole story). No rank is left waiting.
 """
 
 from __future__ import annotations
@@ -30,10 +38,12 @@ import json
 import time
 from collections.abc import Callable, Mapping
 
+from dataclasses import dataclass
+
 import numpy as np
 from mpi4py import MPI
 
-from mpifed.errors import StoppedEarly
+from mpifed.errors import InputError, StoppedEarly
 
 ALIGN = 64  # bytes: each array's offset in the window (a cache line, and any dtype's alignment)
 MAX_SLEEP = 5e-3  # seconds: the default wait's longest back-off sleep
@@ -46,14 +56,27 @@ class NodeShareError(RuntimeError):
     """Another rank failed to make or fill the shared arrays; the message is that rank's error."""
 
 
+class NodeInputError(NodeShareError, InputError):
+    """Another rank's failure was the user's input (a dataset, a factory): its message says it all."""
+
+
+@dataclass(frozen=True)
+class Blank:
+    """An array `make()` asks for but does not fill: allocated in the window (pages untouched until
+    written, so they cost no memory), its rows written later through a writable view."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype | str | type
+
+
 class NodeArrays:
     """Named numpy arrays held once per node in MPI shared memory; every rank of the node reads the
     same pages. `arrays` are read-only views into the window, valid until `free()`."""
 
     def __init__(self, arrays: dict[str, np.ndarray], win: MPI.Win | None, node: MPI.Intracomm | None,
-                 owns_node: bool):
-        self.arrays = arrays
-        self._win, self._node, self._owns_node = win, node, owns_node
+                 owns_node: bool, about: dict | None = None, locked: bool = False):
+        self.arrays, self.about = arrays, about or {}
+        self._win, self._node, self._owns_node, self._locked = win, node, owns_node, locked
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
@@ -63,10 +86,19 @@ class NodeArrays:
         """The node communicator the window lives on (None once freed)."""
         return self._node
 
+    def sync(self) -> None:
+        """A memory barrier on the window (MPI_Win_sync), for writable arrays: after writing rows and
+        before publishing them; after seeing them published and before reading them."""
+        if self._win is not None and self._locked:
+            self._win.Sync()
+
     def free(self) -> None:
         """Free the window (collective on the node communicator); idempotent. Drop every view first."""
         self.arrays = {}
         if self._win is not None:
+            if self._locked:
+                self._win.Unlock_all()
+                self._locked = False
             self._win.Free()
             self._win = None
         if self._node is not None:
@@ -77,16 +109,18 @@ class NodeArrays:
 
 def share_on_node(comm: MPI.Intracomm, make: Callable[[], Mapping[str, np.ndarray]] | None = None,
                   wait: Callable[[list], None] | None = None, fill: tuple[Spec, Writer] | None = None,
-                  node: MPI.Intracomm | None = None) -> NodeArrays:
+                  node: MPI.Intracomm | None = None, writable: tuple[str, ...] = ()) -> NodeArrays:
     """Arrays held once per node; collective over `comm` (every rank calls it).
 
-    make: called on the node's first rank only; returns {name: array} (numeric dtypes, any shapes).
+    make: called on the node's first rank only; returns {name: array or Blank} (numeric dtypes, any
+        shapes), or ({name: array or Blank}, about) with `about` a JSON-able dict every rank receives.
     fill: (spec, writer) instead of make: spec {name: (shape, dtype)}, the same on every rank;
         `writer(name, view, start, stop)` writes rows [start, stop) (first axis) of the whole writable
         array `view`; each node rank writes its contiguous share of every array's rows.
     wait: waits for a list of MPI requests (e.g. Exchange.wait); default: Testall with a back-off sleep.
     node: the node communicator when the caller already has one (kept, not freed); default: split
         from `comm` with COMM_TYPE_SHARED, and freed by `NodeArrays.free()`.
+    writable: names of arrays whose views stay writable (rows made on demand; see NodeArrays.sync).
     """
     if (make is None) == (fill is None):
         raise TypeError("share_on_node: give exactly one of make and fill")
@@ -94,10 +128,10 @@ def share_on_node(comm: MPI.Intracomm, make: Callable[[], Mapping[str, np.ndarra
     owns_node = node is None
     if node is None:
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
-    win, locked, failed, mine = None, False, None, None  # failed: own exception; mine: the message it reports
+    win, locked, failed, mine, about = None, False, None, None, {}  # failed: own exception; mine: its message
     try:
         if make is not None:
-            layout, mine, failed, arrays = _agree_on_made(node, make, wait)
+            layout, mine, failed, arrays, about = _agree_on_made(node, make, wait)
         else:
             spec, writer = fill
             layout, arrays = _layout(spec), None
@@ -109,7 +143,8 @@ def share_on_node(comm: MPI.Intracomm, make: Callable[[], Mapping[str, np.ndarra
             mem = np.frombuffer(win.Shared_query(0)[0], dtype=np.uint8)
             if arrays is not None:  # the leader copies its arrays in, dropping each once copied
                 for name, dtype, shape, offset in layout:
-                    _view(mem, dtype, shape, offset)[...] = arrays.pop(name)
+                    if not isinstance(made := arrays.pop(name), Blank):
+                        _view(mem, dtype, shape, offset)[...] = made
                 arrays = None
             elif make is None:
                 try:
@@ -121,8 +156,9 @@ def share_on_node(comm: MPI.Intracomm, make: Callable[[], Mapping[str, np.ndarra
         _agree(comm, mine, failed, wait)  # also the sync: no rank reads before every write is done
         if locked:
             win.Sync()
-            win.Unlock_all()
-            locked = False
+            if not writable:  # else the epoch stays open for NodeArrays.sync, until free()
+                win.Unlock_all()
+                locked = False
     except StoppedEarly:  # a signal ends the job at once: freeing the window would wait for the node's ranks
         raise
     except BaseException:
@@ -133,30 +169,37 @@ def share_on_node(comm: MPI.Intracomm, make: Callable[[], Mapping[str, np.ndarra
         if owns_node:
             node.Free()
         raise
-    mem = np.frombuffer(memoryview(win.Shared_query(0)[0]).toreadonly(), dtype=np.uint8)
+    buffer = win.Shared_query(0)[0]
+    mem = np.frombuffer(memoryview(buffer).toreadonly(), dtype=np.uint8)
     views = {}
     for name, dtype, shape, offset in layout:
-        views[name] = view = _view(mem, dtype, shape, offset)
-        view.flags.writeable = False
-    return NodeArrays(views, win, node, owns_node)
+        if name in writable:
+            views[name] = _view(np.frombuffer(buffer, dtype=np.uint8), dtype, shape, offset)
+        else:
+            views[name] = view = _view(mem, dtype, shape, offset)
+            view.flags.writeable = False
+    return NodeArrays(views, win, node, owns_node, about, locked)
 
 
 def _agree_on_made(node, make, wait):
     """The leader calls make() and sends the layout (or its failure) to the node's other ranks.
-    Returns (layout, message or None, own exception or None, the leader's arrays or None)."""
+    Returns (layout, message or None, own exception or None, the leader's arrays or None, about)."""
     arrays, failed, mine = None, None, None
     if node.rank == 0:
         try:
-            arrays = {str(name): np.asarray(a) for name, a in dict(make()).items()}
+            made = make()
+            made, about = made if isinstance(made, tuple) else (made, {})
+            arrays = {str(name): a if isinstance(a, Blank) else np.asarray(a) for name, a in dict(made).items()}
             for name, a in arrays.items():
-                if a.dtype.hasobject:
+                if np.dtype(a.dtype).hasobject:
                     raise TypeError(f"share_on_node: array {name!r} holds Python objects ({a.dtype}); "
                                     f"only plain data can live in shared memory")
-            header = {"layout": _plain(_layout({name: (a.shape, a.dtype) for name, a in arrays.items()}))}
+            header = {"layout": _plain(_layout({name: (a.shape, a.dtype) for name, a in arrays.items()})),
+                      "about": dict(about)}
         except Exception as err:  # noqa: BLE001 - sent to the node, re-raised here
             failed, arrays = err, None
             mine = f"{type(err).__name__}: {err}"
-            header = {"error": mine}
+            header = {"error": mine, "input": isinstance(err, InputError)}
         payload = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         size = np.array([payload.size], dtype=np.int64)
     else:
@@ -167,8 +210,10 @@ def _agree_on_made(node, make, wait):
     wait([node.Ibcast(payload, root=0)])
     header = json.loads(payload.tobytes())  # names, dtypes, shapes: text, never unpickled
     if "error" in header:
-        return None, (mine if node.rank == 0 else ""), failed, None  # "": known, the leader reports it
-    return _unplain(header["layout"]), None, None, arrays
+        if node.rank and header["input"]:  # the leader's message says it all: the others show no traceback
+            failed = NodeInputError
+        return None, (mine if node.rank == 0 else ""), failed, None, {}  # "": known, the leader reports it
+    return _unplain(header["layout"]), None, None, arrays, header["about"]
 
 
 def _layout(spec: Spec) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
@@ -225,16 +270,17 @@ def _fill(node, layout, mem, writer) -> None:
 
 def _agree(comm, mine, failed, wait) -> None:
     """Every rank of comm learns whether any rank failed (and after the copy or fill: the final sync,
-    so that no rank reads the window before it is whole); every rank then raises."""
+    so that no rank reads the window before it is whole); every rank then raises (`failed`: its own
+    exception, or the class of NodeShareError to raise)."""
     flag = np.array([0 if mine is None else 1], dtype=np.int64)
     total = np.zeros(1, dtype=np.int64)
     wait([comm.Iallreduce(flag, total, op=MPI.MAX)])
     if not total[0]:
         return
     said = [(r, m) for r, m in enumerate(comm.allgather(mine)) if m]  # all are here now: no long wait
-    if failed is not None:
+    if isinstance(failed, BaseException):
         raise failed
-    raise NodeShareError("; ".join(f"rank {r}: {m}" for r, m in said) or "another rank failed")
+    raise (failed or NodeShareError)("; ".join(f"rank {r}: {m}" for r, m in said) or "another rank failed")
 
 
 def _poll(requests: list) -> None:

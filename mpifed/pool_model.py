@@ -181,8 +181,9 @@ def start_pool_model(s: Session, setup) -> PoolModel | None:
         medians = tuple((int(b), float(np.median(mine[mine[:, 1] == b, 2]))) for b in np.unique(mine[:, 1]))
         curves.append(ComputeCurve.fit(medians))
         samples.append(medians)
-    links = np.array([profiles.link_seconds(s.profile(k), model_bytes) + profiles.link_seconds(s.profile(k), up_bytes)
-                      for k in range(s.n_clients)])
+    links = s.profile_names.per_client(np.array([  # per profile, spread to its clients
+        profiles.link_seconds(s.job.profile(name), model_bytes) + profiles.link_seconds(s.job.profile(name), up_bytes)
+        for name in names], dtype=np.float64))
     t_bcast, t_up = (next(c.seconds for c in bare if c.kind == kind) for kind in ("bcast", up))
     return PoolModel(names, curves, samples, profile_of, np.asarray(s.batches, dtype=np.int64), links, t_bcast, t_up,
                      float(np.median(gathered[0])), time.perf_counter() - start)

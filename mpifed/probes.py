@@ -28,12 +28,14 @@ import torch
 from mpifed import profiles
 from mpifed.client import ClientSetup, local_steps
 from mpifed.config import DeviceProfile
+from mpifed.learn.samples import LazySamples
 from mpifed.optimizers import local_optimizer, server_optimizer
 from mpifed.scaling import ClientRound, ServerScalingPolicy
 from mpifed.seeding import Purpose, rng, torch_generator
 from mpifed.session import Session, stop_if_asked
 
 PROBE_SAMPLES, PROBE_SERVER_GRADIENT, PROBE_UPDATE = 1, 2, 3
+PROBE_POOL = 1024  # samples a pooled worker's timed steps draw from: made once, not inside the timings
 """The first key of each probe stream (Purpose.PROBE, apart from training's): which draw it feeds."""
 
 
@@ -55,8 +57,13 @@ def profile_step(s: Session, profile: DeviceProfile, samples, key: int) -> Calla
     update = torch.zeros(s.model.n_params, dtype=torch.float32, device=s.device)
     on_gpu = s.device.type == "cuda"
 
+    pool = len(samples)
+    if isinstance(samples, LazySamples):  # timed steps read samples already made (the node's are made on demand)
+        pool = min(pool, PROBE_POOL)
+        samples.prepare(np.arange(pool))
+
     def draw(b: int) -> torch.Tensor:
-        return torch.randint(len(samples), (b,), generator=gen).to(s.device)
+        return torch.randint(pool, (b,), generator=gen).to(s.device)
 
     def step(batch: int) -> None:
         start = profiles.native_start()

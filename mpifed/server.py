@@ -203,7 +203,8 @@ def _client_seconds(s: Session, plan) -> np.ndarray:
     if isinstance(plan, PoolModel):
         plan.rebatch(s.batches)
         return plan.client_seconds()
-    speeds = [s.profile(k).speed for k in range(s.n_clients)]
+    names = s.profile_names  # a speed per profile, spread to the clients: O(profiles) lookups, not O(clients)
+    speeds = names.per_client(np.array([s.job.profile(name).speed for name in names.names], dtype=np.float64))
     return predicted_seconds(s.batches, speeds, s.job.train.local_steps)
 
 

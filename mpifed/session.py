@@ -19,7 +19,9 @@ from mpifed.datasets import DATASETS
 from mpifed.exchange import Exchange
 from mpifed.flat import FlatModel
 from mpifed.learn.loading import forget_data, load_data, make_model
+from mpifed.learn.partition import Partition, split_clients
 from mpifed.learn.tasks import Task
+from mpifed.nodeshare import share_on_node
 from mpifed.placement import Placement
 from mpifed.protocol import STOP_ASKED, STOP_DIVERGED, RoundProtocol, round_protocol
 from mpifed.seeding import Purpose, forked_torch_rng
@@ -37,7 +39,8 @@ class Session:
     dataset: object                # a sample set (mpifed.learn.samples): train on clients, test on the server
     placement: Placement           # which rank trains which client
     task: Task = None              # the data's shapes, loss and metric (mpifed.learn.tasks)
-    shared: object = None          # the node's shared copy of the train split (mpifed.nodeshare), if any
+    shared: list = field(default_factory=list)  # the node's windows (mpifed.nodeshare): the train split, the partition
+    parts: Partition | None = None  # every client's samples, the node's shared copy (None: clients split it)
     stop: StopRequest = field(default_factory=StopRequest.install)  # SIGTERM/SIGUSR1/SIGINT seen by this rank
     start_round: int = 0           # > 0 when resuming
     resumed_from: dict | None = None  # the checkpoint being resumed (server only)
@@ -92,8 +95,8 @@ def open_session(world: World, job: Job) -> Session:
     polite = job.comm.wait == "sleep" or (job.comm.wait == "auto" and world.oversubscribed)
     chunk = int(job.comm.chunk_mib * 2**20)
     timeout = job.comm.timeout
-    bundle = _load_data(world, job, Exchange(world.comm, polite, chunk, timeout=timeout))  # before the placement
-    natural = bundle.natural_clients if job.data.partition == "natural" else None
+    train, test, task, natural, shared = _load_data(world, job, Exchange(world.comm, polite, chunk, timeout=timeout))
+    natural = natural if job.data.partition == "natural" else None  # before the placement
     names = resolve_clients(job, world.size, natural)
     placement = Placement.of_job(len(names), world.size, job.clients.per_round)
     plane, plane_name, plane_reason = open_plane(job.comm.data, world.comm, device, timeout,
@@ -102,19 +105,18 @@ def open_session(world: World, job: Job) -> Session:
     exchange.data_plane = (plane_name, plane_reason)
     if plane is None:
         exchange.agree_pieces(device)
-    dataset, shared = (bundle.test, None) if world.is_server else (bundle.train, None)
-    if job.data.share == "node" and world.local_size > 1:  # one copy per node, which the server's rank maps too
-        from mpifed.learn.nodedata import hold_on_node
-
-        train, shared = hold_on_node(world.comm, bundle.train, exchange.wait)
-        dataset = bundle.test if world.is_server else train
+    dataset = test if world.is_server else train
+    parts, windows = None, []
+    if shared is not None:
+        parts, held = _node_partition(world, job, train, names, shared, exchange.wait)
+        windows = [shared, held]
     forget_data()  # the cache held both splits: this rank keeps the one it uses
     with forked_torch_rng(job.run.seed, Purpose.INIT):  # same init on every rank, global RNG untouched
-        module = make_model(job, bundle.task)
+        module = make_model(job, task)
     model = FlatModel(module, device)
     batches = client_batches(job, names)
-    return Session(world, job, device, model, exchange, names, batches, dataset, placement, task=bundle.task,
-                   shared=shared)
+    return Session(world, job, device, model, exchange, names, batches, dataset, placement, task=task,
+                   shared=windows, parts=parts)
 
 
 def all_batches(s: Session, mine: int) -> np.ndarray:
@@ -155,12 +157,28 @@ def restore_batches(s: Session, state: dict | None) -> None:
     s.batches = batches
 
 
+def _node_partition(world: World, job: Job, train, names: ClientProfiles, shared, wait):
+    """Every client's samples, split by each node's leader into a window of the node (the node's ranks
+    read them; O(samples) once a node, not once a rank), and that window."""
+    held = share_on_node(world.comm, make=lambda: split_clients(job, train, names).arrays(), wait=wait,
+                         node=shared.node)
+    return Partition(held["indices"], held["offsets"]), held
+
+
 def _load_data(world: World, job: Job, exchange: Exchange):
-    """Both splits (mpifed.learn.loading), after rank 0 downloaded what data.download asks for."""
+    """(train, test, task, natural clients, the node's window or None), after rank 0 downloaded what
+    data.download asks for. data.share = "node": each node's leader loads, the node shares its train
+    split (mpifed.learn.nodedata), and test is None on the other ranks; else every rank loads both."""
     d = job.data
     if d.download and d.dataset in DATASETS and d.dataset != "synthetic":
         if world.is_server:  # one download per job, before anyone reads the files
             for split in (True, False):
                 load_dataset(d.dataset, split, d.root, download=True)
         exchange.arrive()  # the clients wait politely, and no longer than comm.timeout
-    return load_data(job)
+    if d.share == "node" and world.local_size > 1:  # one copy per node, which the server's rank maps too
+        from mpifed.learn.nodedata import hold_on_node
+
+        held = hold_on_node(world.comm, job, exchange.wait)
+        return held.train, held.test, held.task, held.natural_clients, held.shared
+    bundle = load_data(job)
+    return bundle.train, bundle.test, bundle.task, bundle.natural_clients, None

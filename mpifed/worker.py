@@ -29,6 +29,7 @@ from mpifed.compress import ErrorFeedback, make_codec
 from mpifed.config import Job, JobError
 from mpifed.data import ClientSampler
 from mpifed.learn.loading import job_clients, load_data, make_model
+from mpifed.learn.partition import Partition
 from mpifed.learn.samples import DeviceSamples, LazySamples
 from mpifed.optimizers import local_optimizer
 from mpifed.placement import Placement
@@ -44,7 +45,7 @@ class WorkerSetup:
     """What a worker prepares once: every client's partition, the whole train split on the device, and
     the memory model's cap per profile (sized once per profile, not per client)."""
 
-    parts: list[np.ndarray]
+    parts: Partition            # every client's sample indices (the node's shared copy, where there is one)
     samples: LazySamples | DeviceSamples  # the whole train split: node-shared and converted batch by batch,
                                           # or (data.share = "rank") converted once onto the device
     caps: np.ndarray            # per profile name (sorted), largest batch; 0 = not sized
@@ -172,6 +173,8 @@ def run_worker(s: Session, setup: WorkerSetup) -> int:
         mine = np.flatnonzero(ranks == world.rank)
         round_batch = int(s.batches[ids].sum())
         lr = learning_rate(job.optim, rnd, job.train.rounds, round_batch)
+        if isinstance(setup.samples, LazySamples) and len(mine):
+            setup.samples.prepare(np.concatenate([setup.parts[int(ids[slot])] for slot in mine]))
         total.zero_()
         t0, emul, link, t_compute, samples, losses, payloads = time.perf_counter(), 0.0, 0.0, 0.0, 0, [], []
         if len(mine) > 1:
@@ -243,5 +246,5 @@ def _report_setup(s: Session, setup: WorkerSetup) -> None:
                  requested_batch=0, max_batch=int(setup.caps.max(initial=0)), batch=0, memory_model={},
                  message="; ".join(setup.messages), **budget_facts(setup.budget))
     if s.world.rank == 1:
-        facts.update(data_sizes=[len(p) for p in setup.parts], memory_models=setup.memory)
+        facts.update(data_sizes=setup.parts.sizes.tolist(), memory_models=setup.memory)
     gather_rank_facts(s, facts)

@@ -28,15 +28,28 @@ def test_own_model_and_data_named_in_the_job_file_train_with_fedsgd_equal_to_sgd
     """examples/my_job.toml names a model file and a dataset file outside the package (relative to the job
     file, which is copied elsewhere with them); the natural partition gives 12 clients (clients.count = 0),
     pooled on 2 ranks; with every client in every round, the server's model equals single-process SGD
-    (momentum, cosine lr) on the union of the clients' batches."""
+    (momentum, cosine lr) on the union of the clients' batches. The node's three ranks share the data, which
+    one rank alone (rank 0, the node's leader) makes: the dataset factory, counting its calls in a file,
+    is called once in the whole job."""
     for name in ("my_job.toml", "my_model.py", "my_data.py"):
         shutil.copy(EXAMPLES / name, tmp_path / name)
+    calls = tmp_path / "factory-calls"
+    (tmp_path / "counted.py").write_text((EXAMPLES / "my_data.py").read_text() + f"""
+
+def counted(seed, root=None, **options):
+    import os
+    with open({str(calls)!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    return sites(seed, **options)
+""")
     proc = ok(mpi_run(3, ["train", "--job", "my_job.toml", *QUICK, "--set", "clients.per_round=0",
-                          "--out", str(tmp_path), "--name", "own"], tmp_path))
+                          "--set", 'data.dataset="counted.py:counted"', "--out", str(tmp_path), "--name", "own"],
+                      tmp_path))
     assert "12 clients" in proc.stdout
+    assert len(calls.read_text().splitlines()) == 1, calls.read_text()  # not once per rank
     run = tmp_path / "own"
     job = load_job(run / "job.toml")
-    assert job.model.name == f"{tmp_path / 'my_model.py'}:mlp"  # stored absolute: --resume finds it from anywhere
+    assert job.data.share == "node" and job.model.name == f"{tmp_path / 'my_model.py'}:mlp"  # stored absolute: --resume finds it from anywhere
     bundle = load_data(job)
     parts = natural_partition(bundle.train.clients, 12)
     samplers = [ClientSampler(p, job.run.seed, k) for k, p in enumerate(parts)]

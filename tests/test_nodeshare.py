@@ -14,12 +14,13 @@ from conftest import MPIRUN
 pytestmark = pytest.mark.mpi
 
 BIG = 200 * 2**20  # bytes: the PSS check's array
+BLANK_ROWS = 50_000  # rows of 4 KiB: a 200 MiB Blank, of which 30 rows are written
 
 COMMON = """
 import sys, time
 import numpy as np
 from mpi4py import MPI
-from mpifed.nodeshare import NodeShareError, share_on_node
+from mpifed.nodeshare import Blank, NodeInputError, NodeShareError, share_on_node
 
 world = MPI.COMM_WORLD
 rank = world.rank
@@ -96,6 +97,32 @@ assert calls and sorted(rows) == ["x", "y"], (calls, rows)
 print(f"rank {rank} fill ok, rows {rows['x']}, waits {calls}", flush=True)
 filled.free()
 
+# -- made on demand: make() gives an about dict and a Blank (allocated, untouched: no memory); writable
+# arrays take rows later, each rank writing its own, published by a flag after NodeArrays.sync()
+world.Barrier()
+before = pss_kib()
+lazy = share_on_node(world, make=lambda: ({"rows": Blank((BLANK_ROWS, 4096), np.uint8),
+                                           "flags": np.zeros(BLANK_ROWS, np.uint8)}, {"kind": "rows", "n": 7}),
+                     writable=("rows", "flags"))
+assert lazy.about == {"kind": "rows", "n": 7}, lazy.about
+rows, flags = lazy["rows"], lazy["flags"]
+assert rows.flags.writeable and flags.flags.writeable and not flags.any()
+world.Barrier()
+blank_growth = world.gather(pss_kib() - before, root=0)
+mine = np.arange(rank, 30, world.size)
+rows[mine] = (mine + 1)[:, None]
+lazy.sync()  # the rows are in memory before their flags
+flags[mine] = 1
+world.Barrier()
+lazy.sync()  # the flags seen before the rows are read
+assert flags[:30].all() and not flags[30:].any() and (rows[:30, 0] == np.arange(1, 31)).all()
+assert (rows[:30] == rows[:30, :1]).all()
+if rank == 0:
+    print(f"blank pages KiB per rank {blank_growth}", flush=True)
+    assert sum(blank_growth) < 0.05 * BLANK_ROWS * 4, blank_growth
+lazy.free()
+print(f"rank {rank} on demand ok", flush=True)
+
 # -- a single-rank node
 alone = share_on_node(MPI.COMM_SELF, make=small)
 assert all(np.array_equal(alone[k], v) for k, v in small().items())
@@ -126,7 +153,7 @@ if rank == 0:
     assert sum(growth) < 1.5 * BIG / 1024, growth
 big.free()
 print(f"rank {rank} done", flush=True)
-""".replace("BIG", str(BIG))
+""".replace("BIG", str(BIG)).replace("BLANK_ROWS", str(BLANK_ROWS))
 
 FAIL = COMMON + """
 # -- a writer raises on rank 2 alone: every rank raises
@@ -151,6 +178,18 @@ except (NodeShareError, OSError) as err:
     print(f"rank {rank} other node raised {type(err).__name__}: {err}", flush=True)
 pretend.Free()
 
+# -- the leader's failure is the user's input (mpifed.errors.InputError): the others raise NodeInputError,
+# an InputError too, so the job ends with the leader's line and no rank prints a traceback
+from mpifed.errors import InputError
+class BadData(InputError, ValueError):
+    pass
+def refused():
+    raise BadData("data.options = {sites = 0}: give at least one site")
+try:
+    share_on_node(world, make=refused)
+except (BadData, NodeInputError) as err:
+    print(f"rank {rank} input raised {type(err).__name__} {isinstance(err, InputError)}: {err}", flush=True)
+
 # -- the leader's make() raises, uncaught: every rank raises, and the job ends
 def broken():
     time.sleep(0.5)
@@ -174,10 +213,10 @@ def test_arrays_are_held_once_per_node_read_only_shared_and_waited_for_politely(
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr[-4000:]}"
     for rank in range(3):
-        for said in ("make ok", "fill ok", "single ok", "polite poll", "polite exchange", "done"):
+        for said in ("make ok", "fill ok", "on demand ok", "single ok", "polite poll", "polite exchange", "done"):
             assert f"rank {rank} {said}" in out, out
     assert "pss growth" in out, out
-    growth = eval(out.split("per rank ")[1].split(" sum")[0])
+    growth = eval(out.split("pss growth KiB per rank ")[1].split(" sum")[0])
     third = BIG / 1024 / 3
     assert all(0.5 * third < g < 1.5 * third for g in growth), out  # each about a third, not the whole
 
@@ -195,6 +234,10 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank_without_a_hang(tmp_path):
     for rank in (1, 2):
         assert (f"rank {rank} other node raised NodeShareError: rank 0: OSError: dataset half-node missing"
                 in out), out
+    assert "rank 0 input raised BadData True: data.options = {sites = 0}: give at least one site" in out, out
+    for rank in (1, 2):
+        assert (f"rank {rank} input raised NodeInputError True: rank 0: BadData: data.options = {{sites = 0}}: give "
+                f"at least one site") in out, out
     assert "not raised" not in out, out
     last = [line for line in err.splitlines() if "no such file" in line]  # each rank's traceback ends so
     assert last.count("ValueError: no such file: train.h5") == 1, err

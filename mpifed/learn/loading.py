@@ -18,6 +18,7 @@ from torch import nn
 
 from mpifed.data import DatasetError, load_dataset
 from mpifed.learn.datamemory import check_data_memory
+from mpifed.learn.partition import Partition
 from mpifed.learn.factory import FactoryError, call_factory, described, is_factory, load_factory
 from mpifed.learn.samples import ArraySet, WindowSet
 from mpifed.learn.tasks import Task
@@ -239,7 +240,7 @@ def job_clients(job, world_size: int) -> list[str]:
     return resolve_clients(job, world_size, bundle.natural_clients if job.data.partition == "natural" else None)
 
 
-def natural_partition(ids: np.ndarray, n: int) -> list[np.ndarray]:
+def natural_partition(ids: np.ndarray, n: int) -> Partition:
     """The natural clients' sample indices; with n below their number, the n with the most samples
     (ties to the lower id), kept in id order."""
     sizes = np.bincount(ids)
@@ -251,7 +252,6 @@ def natural_partition(ids: np.ndarray, n: int) -> list[np.ndarray]:
         raise DatasetError(f"clients.count = {n} takes natural clients with no training sample (client ids "
                            f"{np.flatnonzero(sizes == 0).tolist()} have none); set clients.count to at most "
                            f"{int(np.count_nonzero(sizes))}")
-    order = np.argsort(ids, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    return [np.sort(order[bounds[c]: bounds[c + 1]]) for c in chosen]
-
+    client = np.full(len(sizes), -1, dtype=np.int64)
+    client[chosen] = np.arange(n)
+    return Partition.of_owners(client[ids], n)

@@ -50,9 +50,6 @@ class ArraySet:
     def arrays(self) -> dict[str, np.ndarray]:
         return _with_clients(dict(inputs=self.inputs, targets=self.targets), self.clients)
 
-    def with_arrays(self, arrays: dict[str, np.ndarray]) -> ArraySet:
-        return ArraySet(arrays["inputs"], arrays["targets"], self.task, arrays.get("clients"))
-
 
 @dataclass
 class WindowSet:
@@ -87,9 +84,6 @@ class WindowSet:
 
     def arrays(self) -> dict[str, np.ndarray]:
         return _with_clients(dict(text=self.text, starts=self.starts), self.clients)
-
-    def with_arrays(self, arrays: dict[str, np.ndarray]) -> WindowSet:
-        return WindowSet(arrays["text"], arrays["starts"], self.task, arrays.get("clients"))
 
 
 def _with_clients(arrays: dict[str, np.ndarray], clients: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -129,6 +123,13 @@ class LazySamples:
     @property
     def nbytes(self) -> int:
         return 0  # the raw arrays are the node's, not this rank's
+
+    def prepare(self, indices: np.ndarray) -> None:
+        """Make the samples a round will read, before its timers start: a set made on demand
+        (mpifed.learn.nodedata.MadeOnDemand) generates them now, not inside the measured steps."""
+        prepare = getattr(self.dataset, "prepare", None)
+        if prepare is not None:
+            prepare(indices)
 
     def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.dataset.tensors(positions.cpu().numpy())

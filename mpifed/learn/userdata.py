@@ -9,8 +9,9 @@ A dataset factory named in the job (`data.dataset = "my_data.py:make"`) returns 
         return Data(train=(x[:900], y[:900]), test=(x[900:], y[900:]), classes=10,
                     clients=writer[:900])                 # optional: the natural partition
 
-Every rank calls the factory (a node's ranks then share one copy), so it must be deterministic:
-draw any randomness from `seed`.
+With data.share = "node" (the default) one rank per node calls the factory and the node's ranks share
+what it returns; with several nodes, or data.share = "rank", or a Data that brings its own loss or
+metric, more ranks call it, so keep it deterministic: draw any randomness from `seed`.
 """
 
 from __future__ import annotations
