@@ -9,6 +9,7 @@ code, then compare. Each argument is a run directory, or a folder of run directo
     python analysis/same_results.py runs/before runs/after        # every run, by name
     python analysis/same_results.py runs/before/topk runs/after/topk
     python analysis/same_results.py runs/before runs/after --added "attrs['data_plane']"   # a new attribute
+    python analysis/same_results.py runs/before runs/after --added iter/acc                # a new dataset
 
 Compared: run.h5's datasets (dtype, shape, bytes: NaN matches NaN at the same place), root and /models
 attributes; model.pt and every checkpoints/round-*.pt (same names; tensors bitwise, dicts, lists).
@@ -137,17 +138,18 @@ def main() -> int:
     parser.add_argument("first", type=Path, help="a run directory, or a folder of run directories")
     parser.add_argument("second", type=Path, help="the same from the other code")
     parser.add_argument("--added", action="append", default=[], metavar="WHERE",
-                        help="a run.h5 attribute (e.g. \"attrs['data_plane']\") or job field (\"attrs['job']['comm']"
-                             "['data']\") the second code adds: present in the second run only, it is listed, "
-                             "not counted as a difference (repeatable)")
+                        help="a run.h5 attribute (e.g. \"attrs['data_plane']\"), job field (\"attrs['job']['comm']"
+                             "['data']\") or dataset (iter/acc) the second code adds: present in the second run "
+                             "only, it is listed, not counted as a difference (repeatable)")
     args, failed = parser.parse_args(), 0
-    added = {f"run.h5 {where}: only in second" for where in args.added}
+    added = {line: where for where in args.added  # an attribute or job field, or a dataset
+             for line in (f"run.h5 {where}: only in second", f"run.h5[{where!r}]: only in second")}
     for a, b in run_pairs(args.first, args.second):
         missing = [str(run) for run in (a, b) if not (run / "run.h5").exists()]
         found = [f"no run.h5 in {', '.join(missing)}"] if missing else compare_runs(a, b)
         differences = [line for line in found if line not in added]
         print(f"{a.name}: {f'{len(differences)} difference(s)' if differences else 'identical'}"
-              + "".join(f"; added: {line.split(': only')[0][7:]}" for line in found if line in added))
+              + "".join(f"; added: {added[line]}" for line in found if line in added))
         for line in differences:
             print(f"  {line}")
         failed += bool(differences)

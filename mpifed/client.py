@@ -137,7 +137,7 @@ def run_client(s: Session, setup: ClientSetup) -> int:
             setup.guard.check(batch)
         lr = learning_rate(job.optim, rnd, job.train.rounds, s.global_batch)
         native = profiles.native_start()
-        loss = local_steps(s, local_opt, lr, draw, setup.samples, batch, rnd * job.train.local_steps, update)
+        loss, acc = local_steps(s, local_opt, lr, draw, setup.samples, batch, rnd * job.train.local_steps, update)
         if s.device.type == "cuda":
             torch.cuda.synchronize(s.device)
         measured = profiles.native_seconds(native, s.device.type == "cuda")
@@ -156,7 +156,7 @@ def run_client(s: Session, setup: ClientSetup) -> int:
 
         values = dict(t_down=t_down, t_compute=t_compute, t_encode=t_encode, t_up=t_up, t_emul=emul,
                       t_iter=time.perf_counter() - start, batch=batch * job.train.local_steps,
-                      bytes_up=nbytes_up, bytes_down=nbytes, loss=loss, grad_norm=sent.grad_norm)
+                      bytes_up=nbytes_up, bytes_down=nbytes, loss=loss, grad_norm=sent.grad_norm, acc=acc)
         for key, value in values.items():
             row[column(key)] = value
         protocol.gather_rows(row)
@@ -169,7 +169,7 @@ def run_client(s: Session, setup: ClientSetup) -> int:
 
 
 def local_steps(s: Session, local_opt, lr: float, draw: Callable[[int], torch.Tensor], samples, batch: int,
-                key: int, update: torch.Tensor, client: int | None = None) -> float:
+                key: int, update: torch.Tensor, client: int | None = None) -> tuple[float, float]:
     """E=1: the gradient of one batch into `update`. E>1: E SGD steps, the model delta into `update`.
 
     `draw(b)` gives the positions in `samples` (mpifed.learn.samples) of b samples, and local step e
@@ -177,7 +177,8 @@ def local_steps(s: Session, local_opt, lr: float, draw: Callable[[int], torch.Te
     Training draws from the client's sampler; the start-up probes (mpifed.probes) run this same
     function with draws of their own, so what they time is the step that training runs.
     `client` (default: this rank's own) keys the augmentation; a pooled worker passes each client it trains.
-    Returns the mean loss over the local steps."""
+    Returns the mean loss over the local steps and the task's metric on their batches (accuracy: correct
+    over counted), scored on the same forward output outside autograd, so training is what it was."""
     job, model = s.job, s.model
     client = s.client if client is None else client
     steps = job.train.local_steps
@@ -187,13 +188,18 @@ def local_steps(s: Session, local_opt, lr: float, draw: Callable[[int], torch.Te
         update[: model.n_params].copy_(model.flat[: model.n_params])
     for group in local_opt.param_groups:
         group["lr"] = lr
-    losses = []
+    losses, correct, counted = [], 0, 0
     for step in range(steps):
         x, y = samples.batch(draw(batch))
         if job.data.augment:
             x = augment(x, job.run.seed, client, key + step)
         module.zero_grad(set_to_none=False)
-        loss = s.task.loss(module(x), y)
+        output = module(x)
+        loss = s.task.loss(output, y)
+        with torch.no_grad():  # scored outside autograd: the gradient is the same as without it
+            hits, n = s.task.metric(output, y)
+        del output  # gone before backward, as it was: a next-token output is batch x positions x vocabulary
+        correct, counted = correct + hits, counted + n
         loss.backward()
         losses.append(loss.detach())
         if steps > 1:
@@ -205,7 +211,7 @@ def local_steps(s: Session, local_opt, lr: float, draw: Callable[[int], torch.Te
         model.attach_grads(update)
     else:
         update[: model.n_params].sub_(model.flat[: model.n_params])
-    return float(torch.stack(losses).mean())
+    return float(torch.stack(losses).mean()), float(correct) / counted if counted else float("nan")
 
 
 def _report_setup(s: Session, setup: ClientSetup) -> None:

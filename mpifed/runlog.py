@@ -90,6 +90,8 @@ ITER_DOCS = {
     "loss": "client: loss of its batch (before the update); server: batch-weighted mean",
     "grad_norm": "L2 norm of this rank's update as the server decodes it (server: of the aggregate)",
     "rejected": "1 when the server refused this client's payload this round (server: how many)",
+    "acc": "client: the task's metric on its batch, scored with the loss (before the update; accuracy: the "
+           "share correct); server: batch-weighted mean",
 }
 # Pooled clients only (more clients than client ranks, or sampled): per round the K clients that trained,
 # in id order (T, K).
@@ -102,6 +104,7 @@ CLIENT_DOCS = {
     "grad_norm": "L2 norm of its (unweighted) update, as the server decodes it",
     "bytes_up": "its own payload (gathered codecs); 0 where it travels inside its worker's sum",
     "rejected": "1 when the server refused its payload this round",
+    "acc": "the task's metric on the batches of its local steps (accuracy: the share correct)",
 }
 # Server series (T,): the scaling policy's statistics are mpifed.scaling.STATS_KEYS.
 SERVER_DOCS = {
@@ -118,6 +121,7 @@ SERVER_DOCS = {
     "signal_sq": "|G|^2, the squared norm of the true gradient, estimated",
     "teacher_std": "the teacher's noise standard deviation per coordinate (0 = no noise added)",
     "skipped": "1 in a round whose step the server skipped (no usable update: mpifed.skipped)",
+    "train_acc": "batch-weighted mean of the clients' metric on their batches (accuracy), beside train_loss",
 }
 # Evaluations (E,): one row each time the server evaluates (train.eval_every: round 0, the initial model, then
 # every eval_every rounds, and after the last round).
@@ -201,9 +205,11 @@ class RunWriter:
             series = (*(f"iter/{f}" for f in ITER_FIELDS), *(f"server/{f}" for f in SERVER_FIELDS),
                       *(f"clients/{f}" for f in CLIENT_FIELDS if "clients" in dst))
             for name in series:
-                if name not in dst:  # a series this log predates: NaN for its rounds (SWMR cannot add one later)
-                    dst.create_dataset(name, shape=(rounds,), maxshape=(None,), dtype="f8", chunks=(64,),
-                                       fillvalue=np.nan)
+                if name not in dst:  # a series this log predates: NaN for its rounds (SWMR cannot add one later),
+                    group = dst[name.split("/")[0]]  # one column per rank or client, as its group's others
+                    row = next(iter(group.values())).shape[1:]
+                    dst.create_dataset(name, shape=(rounds, *row), maxshape=(None, *row), dtype="f8",
+                                       chunks=(64, *row), fillvalue=np.nan)
                 dst[name].resize(min(rounds, dst[name].shape[0]), axis=0)
             for name in EVAL_FIELDS:
                 dst[f"eval/{name}"].resize(evals, axis=0)

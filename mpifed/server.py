@@ -152,10 +152,11 @@ def run_server(s: Session, writer: RunWriter, run_dir: Path, progress: Progress,
             protocol.reduce_client_rows(clients)
             _complete_clients(s, clients, assignment, received.rejected)
         protocol.gather_rows(row, table)
-        train_loss = _complete_table(s, table, received.rejected, clients if pool is not None else None)
+        train_loss, train_acc = _complete_table(s, table, received.rejected, clients if pool is not None else None)
         skips.observe(done, received.ok, train_loss)
         writer.append_round(table, dict(stats, lr=lr, global_batch=round_batch, train_loss=train_loss,
-                                        skipped=float(not received.ok), wall=time.perf_counter() - began),
+                                        skipped=float(not received.ok), wall=time.perf_counter() - began,
+                                        train_acc=train_acc),
                             clients if pool is not None else None)
         if due:  # after its round's row: a crash in between leaves no evaluation of an unlogged round
             writer.append_eval(last_eval)
@@ -218,11 +219,12 @@ def _complete_clients(s: Session, clients: np.ndarray, assignment: np.ndarray, r
     clients[:, CLIENT_FIELDS.index("rejected")] = np.isin(ids, rejected)
 
 
-def _complete_table(s: Session, table: np.ndarray, rejected: list[int], clients: np.ndarray | None) -> float:
+def _complete_table(s: Session, table: np.ndarray, rejected: list[int],
+                    clients: np.ndarray | None) -> tuple[float, float]:
     """What only the server knows, into the gathered round table: the prediction (on every rank's row,
     since a client's round spans the same interval), each client rank's wait for the slowest, which
-    clients were rejected, and the batch-weighted training loss (returned; pooled: over the round's
-    clients, whose table is `clients`)."""
+    clients were rejected, and the batch-weighted training loss and metric (returned; pooled: over the
+    round's clients, whose table is `clients`)."""
     ranks = s.placement.worker_ranks
     table[:, column("t_iter_pred")] = s.t_iter_pred
     table[ranks, column("t_wait")] = straggler_wait(table[ranks, column("t_up")])
@@ -234,12 +236,12 @@ def _complete_table(s: Session, table: np.ndarray, rejected: list[int], clients:
         table[ranks, column("rejected")] = np.bincount(on, clients[:, CLIENT_FIELDS.index("rejected")],
                                                       minlength=len(ranks) + 1)[ranks]
     if clients is None:
-        batches, losses = table[ranks, column("batch")], table[ranks, column("loss")]
+        batches, losses, accs = (table[ranks, column(f)] for f in ("batch", "loss", "acc"))
     else:
-        batches, losses = clients[:, CLIENT_FIELDS.index("batch")], clients[:, CLIENT_FIELDS.index("loss")]
-    train_loss = float(np.dot(batches, losses) / batches.sum())
-    table[SERVER, column("loss")] = train_loss
-    return train_loss
+        batches, losses, accs = (clients[:, CLIENT_FIELDS.index(f)] for f in ("batch", "loss", "acc"))
+    train_loss, train_acc = (float(np.dot(batches, values) / batches.sum()) for values in (losses, accs))
+    table[SERVER, column("loss")], table[SERVER, column("acc")] = train_loss, train_acc
+    return train_loss, train_acc
 
 
 def _next_batches(s: Session, done: int, stats: dict, controller: BatchController | None, caps: list[int],

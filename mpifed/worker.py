@@ -55,7 +55,7 @@ class WorkerSetup:
     guards: dict = field(default_factory=dict)  # profile name -> mem.BudgetGuard, where its memory is emulated
 
 
-WORKER_FIELDS = [CLIENT_FIELDS.index(f) for f in ("loss", "t_compute", "grad_norm", "bytes_up")]
+WORKER_FIELDS = [CLIENT_FIELDS.index(f) for f in ("loss", "t_compute", "grad_norm", "bytes_up", "acc")]
 """The columns of /clients a worker fills; the server adds id, rank, batch and rejected."""
 
 RESIDUAL_SHARE = 0.5
@@ -176,7 +176,7 @@ def run_worker(s: Session, setup: WorkerSetup) -> int:
         if isinstance(setup.samples, LazySamples) and len(mine):
             setup.samples.prepare(np.concatenate([setup.parts[int(ids[slot])] for slot in mine]))
         total.zero_()
-        t0, emul, link, t_compute, samples, losses, payloads = time.perf_counter(), 0.0, 0.0, 0.0, 0, [], []
+        t0, emul, link, t_compute, samples, losses, accs, payloads = time.perf_counter(), 0.0, 0.0, 0.0, 0, [], [], []
         if len(mine) > 1:
             broadcast.copy_(model.flat)
         for j, slot in enumerate(mine):
@@ -195,7 +195,7 @@ def run_worker(s: Session, setup: WorkerSetup) -> int:
             if guard is not None:
                 guard.check(batch, f"client {client} (rank {world.rank}, profile {s.profile_names[client]})")
             began = profiles.native_start()
-            loss = local_steps(s, local_opt, lr, draw, setup.samples, batch, rnd * steps, update, client)
+            loss, acc = local_steps(s, local_opt, lr, draw, setup.samples, batch, rnd * steps, update, client)
             if on_gpu:
                 torch.cuda.synchronize(s.device)
             slowed = job.debug.slow_rank == world.rank and rnd >= job.debug.slow_round
@@ -214,7 +214,8 @@ def run_worker(s: Session, setup: WorkerSetup) -> int:
             t_compute += seconds
             samples += batch * steps
             losses.append(loss * batch)
-            clients[slot, WORKER_FIELDS] = loss, seconds, norm, payload.nbytes if payload is not None else 0
+            accs.append(acc * batch)
+            clients[slot, WORKER_FIELDS] = loss, seconds, norm, payload.nbytes if payload is not None else 0, acc
         t_encode = time.perf_counter() - t0 - t_compute - link
 
         t0 = time.perf_counter()
@@ -222,8 +223,9 @@ def run_worker(s: Session, setup: WorkerSetup) -> int:
         t_encode += time.perf_counter() - t0 - t_up
         protocol.reduce_client_rows(clients)
         loss = sum(losses) / (samples / steps) if samples else np.nan
+        acc = sum(accs) / (samples / steps) if samples else np.nan
         values = dict(t_down=t_down, t_compute=t_compute, t_encode=t_encode, t_up=t_up + link, t_emul=emul + link,
-                      t_iter=time.perf_counter() - start, batch=samples, loss=loss, grad_norm=np.nan,
+                      t_iter=time.perf_counter() - start, batch=samples, loss=loss, acc=acc, grad_norm=np.nan,
                       bytes_up=sum(p.nbytes for p in payloads) + tail_bytes if gathered else nbytes_up,
                       bytes_down=nbytes)
         for key, value in values.items():

@@ -67,8 +67,8 @@ def write_log(path: Path, job: dict, *, ranks: int = 3, rounds: int = 5, t_iter:
                                  ("batch", 8 + ids), ("loss", 3 + ids + t / 10), ("t_compute", 0.01 * (1 + ids)),
                                  ("grad_norm", 1 + ids)):
                 rows[:, CLIENT_FIELDS.index(name)] = values
-        series = {**dict(lr=0.1, train_loss=2.3 - 0.1 * t, wall=t + 1.0, global_batch=48.0, scale=1.0,
-                         critical=1.0, teacher_std=0.0), **(server or {})}
+        series = {**dict(lr=0.1, train_loss=2.3 - 0.1 * t, train_acc=0.15 + 0.1 * t, wall=t + 1.0,
+                         global_batch=48.0, scale=1.0, critical=1.0, teacher_std=0.0), **(server or {})}
         writer.append_round(table, {k: v[t] if isinstance(v, list) else v for k, v in series.items()}, rows)
         if t + 1 in evals:
             writer.append_eval(dict(round=t + 1, test_loss=2.5 - 0.2 * t, test_acc=0.1 * t, wall=t + 1.5))
@@ -111,6 +111,9 @@ def test_learning_curves_sit_at_the_models_they_measure(one_a_rank):
     assert c.train_loss.x["samples"].tolist() == [0, 48, 96, 144, 192]  # 16 + 32 a round, before it
     assert c.train_loss.x["bytes"].tolist() == [0, 300, 600, 900, 1200]  # the clients' bytes up
     assert c.train_loss.x["wall"].tolist() == [0, 1, 2, 3, 4]  # the round began when the last one ended
+    # the train accuracy too: scored on the same batches, before the same update
+    assert {k: v.tolist() for k, v in c.train_acc.x.items()} == {k: v.tolist() for k, v in c.train_loss.x.items()}
+    assert c.train_acc.y == pytest.approx([0.15, 0.25, 0.35, 0.45, 0.55])
     # evaluations after 0 (the initial model), 3 and 5 updates; wall time as the evaluation logged it
     assert c.test_acc.x["round"].tolist() == [0, 3, 5] and c.test_acc.y == pytest.approx([0.05, 0.2, 0.4])
     assert c.test_loss.x["samples"].tolist() == [0, 144, 240] and c.test_loss.y == pytest.approx([2.6, 2.1, 1.7])
@@ -135,8 +138,13 @@ def test_loss_and_accuracy_figures_draw_those_curves_per_axis_with_the_legend_in
     legend = axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["a", "b", "train (clients' batches)", "test"]
     assert _inside(legend.get_window_extent(), axes[0].get_window_extent())
-    accuracy = plot_curves([one_a_rank], "accuracy").axes[3]
-    assert _lines(accuracy)[0][1].tolist() == want.test_acc.y.tolist()
+    accuracy = plot_curves([one_a_rank, other], "accuracy")
+    for ax, axis in zip(accuracy.axes, ("round", "samples", "bytes", "wall")):
+        (train_x, train_y), (test_x, test_y), *_ = _lines(ax)  # as loss.png: train, then test, per run
+        assert train_x.tolist() == want.train_acc.x[axis].tolist() and train_y.tolist() == want.train_acc.y.tolist()
+        assert test_x.tolist() == want.test_acc.x[axis].tolist() and test_y.tolist() == want.test_acc.y.tolist()
+    assert [t.get_text() for t in accuracy.axes[0].get_legend().get_texts()] == ["a", "b", "train (clients' batches)",
+                                                                                 "test"]
 
 
 def test_bytes_go_on_a_log_axis_when_a_run_sends_far_fewer(tmp_path, one_a_rank):
@@ -242,11 +250,13 @@ def test_comparison_starts_with_the_settings_that_differ(tmp_path):
 def test_every_figure_is_written_for_an_old_log_without_evaluations_or_bytes(tmp_path):
     log = write_log(tmp_path / "old" / "run.h5", _job("old"), evals=())
     with h5py.File(log, "r+") as f:
-        for name in ("server/wall", "iter/bytes_up", "clients"):
+        for name in ("server/wall", "server/train_acc", "iter/bytes_up", "iter/acc", "clients"):
             if name in f:
                 del f[name]
     run = load_run(log)
     c = learning_curves(run)
     assert c.train_loss.x["wall"].tolist() == pytest.approx([0, 0.1, 0.2, 0.3, 0.4])  # summed round times
     assert np.isnan(c.train_loss.x["bytes"][1:]).all() and len(c.test_acc) == 0
+    assert len(c.train_acc) == run.rounds and np.isnan(c.train_acc.y).all()  # logged before train accuracy was
+    assert [len(ax.lines) for ax in plot_curves([run], "accuracy").axes] == [0, 0, 0, 0]
     assert [p.name for p in write_plots([run], tmp_path / "figs")] == list(FIGURES)

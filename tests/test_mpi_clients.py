@@ -95,9 +95,12 @@ def test_sampled_fedsgd_is_sgd_on_the_union_and_resumes_bit_for_bit(tmp_path):
     opt = torch.optim.SGD(ref.model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True,
                           weight_decay=o.weight_decay)
     rounds = ref.job.train.rounds
+    accs = []  # each sampled client's accuracy on its batch, before the round's step
     for rnd in range(rounds):
         ids = ref.sampled(rnd)
         xs, ys = zip(*[ref.draw(k) for k in ids])
+        with torch.no_grad():
+            accs.append([float((ref.model(x).argmax(-1) == y).double().mean()) for x, y in zip(xs, ys)])
         for group in opt.param_groups:
             group["lr"] = ref.lr(rnd, ids)
         opt.zero_grad()
@@ -110,12 +113,22 @@ def test_sampled_fedsgd_is_sgd_on_the_union_and_resumes_bit_for_bit(tmp_path):
         assert f["iter/t_iter"].shape == (rounds, 3)
         assert [r.decode() for r in f["ranks/role"][:]] == ["server", "worker", "worker"]
         assert f["iter/batch"][:, 1:].sum(axis=1).tolist() == f["server/global_batch"][:].tolist()
+        train_acc, rank_acc, rank_batch = f["server/train_acc"][:], f["iter/acc"][:], f["iter/batch"][:]
     for name in CLIENT_FIELDS:
         assert log[name].shape == (rounds, K), name
     assert log["id"].tolist() == [ref.sampled(rnd) for rnd in range(rounds)]
     assert set(np.unique(log["rank"])) <= {1, 2} and (log["rank"] == 1).any() and (log["rank"] == 2).any()
     assert log["batch"].tolist() == [[ref.batches[k] for k in ref.sampled(rnd)] for rnd in range(rounds)]
     assert np.isfinite(log["loss"]).all() and (log["t_compute"] > 0).all() and (log["grad_norm"] > 0).all()
+    # train accuracy: each client's on its own batch (a model a rounding apart may flip one sample), the
+    # workers' and the server's the batch-weighted means of their clients'
+    assert (np.abs(log["acc"] - np.array(accs)) * log["batch"]).sum() <= 1 + 1e-9, (log["acc"], accs)
+    assert train_acc == pytest.approx((log["acc"] * log["batch"]).sum(axis=1) / log["batch"].sum(axis=1))
+    assert ((train_acc >= 0) & (train_acc <= 1)).all() and rank_acc[:, 0] == pytest.approx(train_acc)
+    for worker in (1, 2):
+        mine = log["rank"] == worker
+        assert rank_acc[:, worker] == pytest.approx((log["acc"] * log["batch"] * mine).sum(axis=1)
+                                                    / rank_batch[:, worker], nan_ok=True)
     result = CliRunner().invoke(analyze, ["--json", "--no-plots", str(tmp_path / "sgd")])
     assert result.exit_code == 0, result.output
     counts = np.bincount(np.concatenate([ref.sampled(rnd) for rnd in range(rounds)]), minlength=N)
@@ -136,7 +149,7 @@ def test_sampled_fedsgd_is_sgd_on_the_union_and_resumes_bit_for_bit(tmp_path):
 
     with h5py.File(_died_and_resumed_as(tmp_path, "sgd", [*POOLED, "--set", "optim.nesterov=true"], 2, 3)) as f:
         assert "resumed at round 2" in f.attrs["resumes"][0]
-        for name in ("id", "rank", "batch", "loss", "grad_norm"):
+        for name in ("id", "rank", "batch", "loss", "grad_norm", "acc"):
             assert np.array_equal(f[f"clients/{name}"][:], log[name]), name
 
 

@@ -145,6 +145,11 @@ def test_run_log_layout(tmp_path):
         assert np.isnan(f["iter/t_compute"][:, 0]).all() and (f["iter/t_compute"][:, 1:] > 0).all()
         assert (f["iter/batch"][:, 1:] == 32).all() and (f["iter/batch"][:, 0] == 96).all()
         assert np.isfinite(f["iter/loss"][:]).all()
+        # train accuracy: each client's on its batch, the server's the batch-weighted mean of theirs
+        acc, batch, train_acc = f["iter/acc"][:], f["iter/batch"][:], f["server/train_acc"][:]
+        assert ((acc >= 0) & (acc <= 1)).all() and (acc[:, 1:] * 32 == np.round(acc[:, 1:] * 32)).all()
+        assert train_acc == pytest.approx((acc[:, 1:] * batch[:, 1:]).sum(axis=1) / batch[:, 1:].sum(axis=1))
+        assert acc[:, 0].tolist() == train_acc.tolist()
         wait = f["iter/t_wait"][:, 1:]
         assert (wait >= 0).all() and (wait.min(axis=1) == 0).all()
         for name in SERVER_FIELDS:

@@ -89,3 +89,9 @@ def test_what_the_new_code_adds_is_listed_only_when_named(tmp_path):
     assert "run.h5 attrs['data_plane']: only in second" in same_results(a, b).stdout
     assert same_results(b, a, *added).returncode == 1  # what the first run has alone is no addition
     assert same_results(a, b, "--added", "attrs['data_plane']").returncode == 1  # the job field unnamed
+    with h5py.File(b / "run.h5", "a") as f:
+        f["server/train_acc"] = np.zeros(3)  # a new dataset
+    assert same_results(a, b, *added).returncode == 1
+    done = same_results(a, b, *added, "--added", "server/train_acc")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith("; added: attrs['job']['comm']; added: server/train_acc")

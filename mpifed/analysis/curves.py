@@ -1,10 +1,10 @@
-"""Learning curves: train and test loss and test accuracy against rounds, samples seen, bytes sent and wall
+"""Learning curves: train and test loss and accuracy against rounds, samples seen, bytes sent and wall
 time, as the arrays the plots draw. Pure functions of a loaded Run; no I/O, no matplotlib.
 
 Every point sits at the model it measures, counted in server updates (round 0 = the initial model):
-- the train loss logged in round r (1-based) is the clients' loss on their batches *before* that round's
-  update, so it measures the model after r - 1 updates and is drawn at x = r - 1; the log's first train
-  loss is the initial model's;
+- the train loss and accuracy logged in round r (1-based) are the clients' on their batches *before* that
+  round's update, so they measure the model after r - 1 updates and are drawn at x = r - 1; the log's
+  first train loss is the initial model's (a log written before train accuracy was logged has none);
 - an evaluation logged at round e measures the model after e updates and is drawn at x = e (a log with an
   evaluation at round 0 shows the initial model's test loss and accuracy).
 The other x axes are read at the same model: the samples the clients had trained on, the bytes they had
@@ -42,6 +42,7 @@ class Curves:
     train_loss: Curve
     test_loss: Curve
     test_acc: Curve
+    train_acc: Curve
 
 
 def progress(run: Run) -> dict[str, np.ndarray]:
@@ -62,17 +63,17 @@ def _from_zero(after: np.ndarray) -> np.ndarray:
 
 
 def learning_curves(run: Run) -> Curves:
-    """The train loss of every round and each evaluation's test loss and accuracy (see the module's
-    docstring for where each point sits)."""
+    """The train loss and accuracy of every round and each evaluation's test loss and accuracy (see the
+    module's docstring for where each point sits)."""
     at = progress(run)
-    loss = run.server.get("train_loss", np.full(run.rounds, np.nan))
-    updates = np.arange(run.rounds)
-    train = Curve({k: v[updates] for k, v in at.items()}, np.asarray(loss, dtype=float))
+    before = {k: v[np.arange(run.rounds)] for k, v in at.items()}  # round r's batches: the model after r - 1
+    train = {name: Curve(before, np.asarray(run.server.get(name, np.full(run.rounds, np.nan)), dtype=float))
+             for name in ("train_loss", "train_acc")}
     logged = np.asarray(run.eval.get("round", []), dtype=float)
     kept = logged <= run.rounds  # a live log's evaluation may be a round ahead of its cut series
     x = {k: v[logged[kept].astype(int)] for k, v in at.items()}
     if "wall" in run.eval:
         x["wall"] = run.eval["wall"][kept]  # measured after the evaluation itself
     empty = np.full(len(logged), np.nan)
-    return Curves(train_loss=train, test_loss=Curve(x, run.eval.get("test_loss", empty)[kept]),
-                  test_acc=Curve(x, run.eval.get("test_acc", empty)[kept]))
+    return Curves(test_loss=Curve(x, run.eval.get("test_loss", empty)[kept]),
+                  test_acc=Curve(x, run.eval.get("test_acc", empty)[kept]), **train)

@@ -13,9 +13,9 @@ from mpifed.analysis.load import Run
 
 # What each figure draws: (Curves attribute, line style, marker, what the legend calls it).
 SERIES = {"loss": (("train_loss", "-", None, "train (clients' batches)"), ("test_loss", "--", "o", "test")),
-          "accuracy": (("test_acc", "-", "o", "test"),)}
+          "accuracy": (("train_acc", "-", None, "train (clients' batches)"), ("test_acc", "--", "o", "test"))}
 LOG_BYTES = 20  # runs whose bytes sent differ more than this many times: bytes on a log axis
-YLABEL = {"loss": "loss", "accuracy": "test accuracy"}
+YLABEL = {"loss": "loss", "accuracy": "accuracy"}
 
 
 def _draw(ax: plt.Axes, curve: Curve, axis: str, style: str, marker: str | None, colour: tuple) -> None:
@@ -34,7 +34,7 @@ def log_bytes(curves: list[Curves]) -> bool:
 
 
 def plot_curves(runs: list[Run], metric: str) -> plt.Figure:
-    """metric "loss": train and test loss; "accuracy": test accuracy (the log holds no train accuracy)."""
+    """metric "loss": train and test loss; "accuracy": train and test accuracy (the task's metric)."""
     curves = [learning_curves(run) for run in runs]
     fig, axes = plt.subplots(1, len(AXES), figsize=(4.0 * len(AXES), 3.8), sharey=True)
     logarithmic = log_bytes(curves)

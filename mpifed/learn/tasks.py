@@ -64,10 +64,17 @@ class Task:
                                              reduction="sum"))
         else:
             loss_sum = float(F.cross_entropy(output, target, reduction="sum"))
+        correct, counted = self.metric(output, target)
+        return loss_sum, float(correct), counted
+
+    def metric(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor | float, int]:
+        """(correct, counted) of a batch: the user's metric_fn, else accuracy (per token where each position
+        has a target). The built-in correct stays a tensor on the output's device, so a training step
+        can sum it over its local steps without waiting for the device."""
         if self.metric_fn is not None:
             correct, counted = self.metric_fn(output, target)
-            return loss_sum, float(correct), int(counted)
-        return loss_sum, float((output.argmax(-1) == target).sum()), counted
+            return correct, int(counted)
+        return (output.argmax(-1) == target).sum(), target.numel()
 
     def output_problem(self, shape: tuple[int, ...]) -> str:
         """Why a model's output of `shape` (for a batch of one) cannot be scored, or ''."""
