@@ -25,7 +25,7 @@ from mpifed.commands.watch import watch
 def main():
     """mpifed: federated learning over MPI, with large batches made to generalize.
 
-    Launch training with `mpirun -n 4 mpifed train`; see README.md."""
+    Launch training with `mpirun -n 4 mpifed train`; see README.md and docs/."""
 
 
 @main.command("job-reference")

@@ -206,7 +206,7 @@ PLAN_MODES = ("off", "predict", "balance", "maximize")
 
 @dataclass(frozen=True)
 class PlanConfig:
-    mode: str = opt("off", "Start-up performance model (README: Performance model). off: none. predict: probe rounds "
+    mode: str = opt("off", "Start-up performance model (docs: Measured > Performance model). off: none. predict: probe rounds "
                     "of the job's real path at start-up time every client at a few batch sizes and the round's "
                     "other terms, and every round logs the predicted round time t_iter_pred (kept calibrated by "
                     "the rounds before it) beside t_iter; batches as the job asks. balance: "
@@ -272,8 +272,8 @@ class ClientGroup:
 @dataclass(frozen=True)
 class ClientsConfig:
     count: int = opt(0, "Number of clients N; 0 = world size - 1, one per client rank, so `mpirun -n N` works for "
-                     "any N >= 2. More clients than client ranks: each rank trains several (README: Many clients "
-                     "per rank).", minimum=0)
+                     "any N >= 2. More clients than client ranks: each rank trains several (docs: guide, Many "
+                     "clients per rank).", minimum=0)
     per_round: int = opt(0, "Clients K sampled each round (FedAvg's client fraction C = K / N), without "
                          "replacement, seeded by (run.seed, round); 0 = all N every round.", minimum=0)
     sampling: str = opt("uniform", "How the K clients are drawn: uniform, or data (probability proportional to a "
