@@ -54,12 +54,10 @@ def hold(run_dir: Path) -> bool:
         f.close()
         return hold(run_dir)
     _held[run_dir] = f  # locked: kept open from here on, whatever the note below does
-    try:
-        f.seek(0)
-        f.truncate()
+    try:  # straight to the file, no buffer: a note a full disk refused must not fail again at close
+        os.ftruncate(f.fileno(), 0)
         since = datetime.datetime.now().isoformat(timespec="seconds")
-        f.write(f"{socket.gethostname()} pid {os.getpid()} since {since}\n")
-        f.flush()
+        os.write(f.fileno(), f"{socket.gethostname()} pid {os.getpid()} since {since}\n".encode())
     except OSError as err:
         raise _unwritable(err, run_dir) from err
     return True

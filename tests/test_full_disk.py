@@ -85,6 +85,8 @@ def test_a_run_directory_on_a_full_disk_is_refused_in_one_line(disk):
         runlock.hold(run)
     assert_says_disk_full(failed.value, run)
     assert "run.lock could not be written" in str(failed.value)
+    runlock.release(run)  # the launch ends: the note the disk refused is not tried again when the file closes
+    assert not (run / runlock.LOCK_NAME).exists()
 
 
 def test_a_resume_on_a_full_disk_leaves_the_log_as_it_was(disk):

@@ -313,7 +313,7 @@ def test_a_client_that_raises_mid_run_ends_the_whole_job(tmp_path):
     proc = train(4, tmp_path, "fault", "--set", "train.rounds=100000", "--set", "debug.fail_rank=2",
                  "--set", "debug.fail_round=3", timeout=120)
     assert proc.returncode != 0
-    assert "rank 2 (client 1)" in proc.stderr and "InjectedFault" in proc.stderr and "round 3" in proc.stderr
+    assert "rank 2 (client 1)" in proc.stderr and "InjectedFault" in proc.stderr and "debug.fail_round = 3 (round 4)" in proc.stderr
     assert time.monotonic() - began < 110
     with open_run(tmp_path / "fault" / "run.h5") as f:  # flushed rounds survive the crash
         assert f["iter/t_iter"].shape[0] == 3
