@@ -23,8 +23,10 @@ def test_bench_data_measures_both_layouts():
             assert math.isfinite(value) and value > 0, r
         assert r.pss <= r.rss < 24 * GIB and r.startup < r.wall, r
     by = {(r.clients, r.layout): r for r in runs}
-    for n in (20, 40):  # tiny splits: the layouts hold about the same, the window adds no copy
-        assert by[n, "node"].pss <= 1.05 * by[n, "rank"].pss, (by[n, "node"], by[n, "rank"])
+    # tiny splits: the layouts hold about the same, the window adds no copy; the ranks' ~1.6 GiB of PSS
+    # (torch mostly) moves by ~0.1 GiB between launches (1.00x on one run, 1.06x on another)
+    for n in (20, 40):
+        assert by[n, "node"].pss <= 1.15 * by[n, "rank"].pss, (by[n, "node"], by[n, "rank"])
     console = Console(width=170, record=True)
     console.print(results_table(runs, 3, 10))
     assert "node/rank" in console.export_text()
