@@ -13,7 +13,6 @@ checkpoint's contents) is checked after, as before (mpifed.rundir).
 from __future__ import annotations
 
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,11 @@ from mpifed.datasets import files_missing
 from mpifed.diskfull import checkpoint_files
 from mpifed.errors import InputError
 from mpifed.jobnotes import job_notes
+from mpifed.nodeshare import poll_politely
 from mpifed.resume import check_resume, resuming
 
 T = TypeVar("T")
 
-WAIT_SLEEP = 0.005
-"""Seconds a rank sleeps between two looks at whether rank 0 is done: the others must leave the cores
-to rank 0's checks (4 ranks on 2 cores), and a check takes well over this."""
 
 
 @dataclass
@@ -100,9 +97,7 @@ def agree(world: World, check: Callable[[], T]) -> T | None:
         except Exception as err:  # anything else must reach the other ranks too, not leave them waiting
             traceback.print_exc()
             error = f"rank 0 failed while checking the job: {type(err).__name__}: {err}"
-    request = world.comm.Ibarrier()
-    while not request.Test():
-        time.sleep(WAIT_SLEEP)
+    poll_politely([world.comm.Ibarrier()])  # the other ranks wait without taking rank 0's core
     error = world.comm.bcast(error, root=0)
     if error:
         raise JobError(error)

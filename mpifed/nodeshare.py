@@ -124,7 +124,7 @@ def share_on_node(comm: MPI.Intracomm, make: Callable[[], Mapping[str, np.ndarra
     """
     if (make is None) == (fill is None):
         raise TypeError("share_on_node: give exactly one of make and fill")
-    wait = wait or _poll
+    wait = wait or poll_politely
     owns_node = node is None
     if node is None:
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
@@ -283,7 +283,7 @@ def _agree(comm, mine, failed, wait) -> None:
     raise (failed or NodeShareError)("; ".join(f"rank {r}: {m}" for r, m in said) or "another rank failed")
 
 
-def _poll(requests: list) -> None:
+def poll_politely(requests: list) -> None:
     """Testall with a back-off sleep growing to MAX_SLEEP: a waiting rank leaves its core to others."""
     pause = 5e-5
     while not MPI.Request.Testall(requests):
